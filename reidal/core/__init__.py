@@ -1,0 +1,1 @@
+"""Core algorithms of reidal: vectors and labels in, pairs and labels out. No gRPC here."""

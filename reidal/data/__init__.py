@@ -1,0 +1,1 @@
+"""Datasets: the procedural re-ID image generator and the WildlifeDatasets CSV loader."""

@@ -1,0 +1,1 @@
+"""Embedding: the default backbone, its Triton model repository and server, and the Triton client."""
