@@ -1,7 +1,7 @@
 """Domain errors shared by the store and the services.
 
 The core and the store raise these; the gRPC layer maps each to one status code in one
-place (``reidal.grpc_status``), so no servicer invents its own status handling.
+place (``reidal.grpc_server.status_for``), so no servicer invents its own status handling.
 """
 
 from __future__ import annotations

@@ -1,0 +1,295 @@
+"""The two complementary clusterings of Ambiguity-Aware Sampling (method.md, step 1).
+
+A = DBSCAN on SpCL's k-reciprocal Jaccard distance (density based, -1 = outlier);
+B = FINCH's first partition on cosine distance (first-neighbour chains, no outliers).
+Each is a callable class (wildlife-tools style): configure once, call on embeddings.
+
+FINCH route: the installed ``finch-clust`` (0.2.3) computes correct partitions and
+accepts a precomputed first neighbour (``initial_rank``), but only for level 0: it then
+builds the whole hierarchy regardless of the level wanted, with dense (C, C) pairwise
+distances up to 20k clusters and pynndescent (not installed) beyond, so at n = 100k it
+raises or needs many GiB to return the level we already had; it also warns on import and
+prints. FINCH's partitions are short to state, so they are implemented here on faiss
+neighbours (level 0 costs one 2-NN search and one connected-components pass);
+``tests/test_clustering.py`` checks every level against the package where its exact path
+runs, and level 0 against the paper's adjacency.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import faiss
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
+from sklearn.cluster import DBSCAN
+from sklearn.neighbors import sort_graph_by_row_values
+
+from reidal.core.neighbors import (
+    GpuChoice,
+    IndexKind,
+    check_knn_result,
+    jaccard_distance,
+    knn,
+)
+from reidal.core.validation import check_embeddings
+
+__all__ = ["DBSCANJaccard", "FinchFirstPartition", "finch_partitions", "first_neighbours"]
+
+
+def _positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _first_occurrence_labels(labels: np.ndarray) -> np.ndarray:
+    """Relabel so clusters are numbered 0..C-1 in order of their first member (-1 kept)."""
+    out = np.full(labels.shape, -1, dtype=np.int64)
+    inliers = labels >= 0
+    if inliers.any():
+        uniq, first, inverse = np.unique(
+            labels[inliers], return_index=True, return_inverse=True
+        )
+        rank = np.empty(uniq.size, dtype=np.int64)
+        rank[np.argsort(first, kind="stable")] = np.arange(uniq.size)
+        out[inliers] = rank[inverse]
+    return out
+
+
+class DBSCANJaccard:
+    """DBSCAN (``metric="precomputed"``) on the sparse k-reciprocal Jaccard distance.
+
+    Defaults are SpCL's (eps 0.6, min_samples 4, k1 30, k2 6). eps must be < 1: absent
+    entries of the sparse matrix mean distance 1, which DBSCAN then never sees as
+    neighbours, exactly as SpCL's dense matrix with eps < 1. When the distance is computed
+    here it keeps only pairs within eps (``max_distance=eps``), which changes nothing for
+    DBSCAN and saves most of the memory.
+    """
+
+    def __init__(
+        self,
+        eps: float = 0.6,
+        min_samples: int = 4,
+        k1: int = 30,
+        k2: int = 6,
+        index: IndexKind = "flat",
+        use_gpu: GpuChoice = "auto",
+    ) -> None:
+        eps = float(eps)
+        if not 0.0 < eps < 1.0:
+            raise ValueError(f"eps must be in (0, 1) for a Jaccard distance, got {eps}")
+        self.eps = eps
+        self.min_samples = _positive_int(min_samples, "min_samples")
+        self.k1 = _positive_int(k1, "k1")
+        self.k2 = _positive_int(k2, "k2")
+        self.index = index
+        self.use_gpu = use_gpu
+
+    def __call__(
+        self,
+        X: object,
+        *,
+        distance: sp.spmatrix | np.ndarray | None = None,
+        knn_result: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Labels int64 (n,), clusters numbered 0..C-1, -1 for outliers.
+
+        ``distance``: a precomputed Jaccard matrix (from :func:`jaccard_distance`, with
+        ``max_distance >= eps``) to skip recomputing it; ``knn_result`` feeds the
+        computation otherwise.
+        """
+        X = check_embeddings(X)
+        n = X.shape[0]
+        if distance is None:
+            D = jaccard_distance(
+                X, k1=self.k1, k2=self.k2, knn_result=knn_result, index=self.index,
+                use_gpu=self.use_gpu, max_distance=self.eps,
+            )
+        else:
+            D = self._check_distance(distance, n)
+        if sp.issparse(D):
+            D = self._within_eps(D.tocsr())
+            D = sort_graph_by_row_values(D, copy=False, warn_when_not_sorted=False)
+        labels = DBSCAN(eps=self.eps, min_samples=self.min_samples, metric="precomputed").fit(
+            D
+        ).labels_
+        return _first_occurrence_labels(np.asarray(labels))
+
+    def _within_eps(self, D: sp.csr_matrix) -> sp.csr_matrix:
+        """Drop the entries DBSCAN can never use (distance > eps), keeping stored zeros.
+
+        sklearn copies, sorts and expands the whole matrix: at n = 100k a full Jaccard
+        matrix (~4000 entries a row) costs it some 20 GiB, the pruned one well under 1.
+        Built from index arrays (no arithmetic, no eliminate_zeros) and without a copy of D.
+        """
+        kept = np.flatnonzero(D.data <= self.eps)  # positions; few, since eps < 1
+        rows = np.searchsorted(D.indptr, kept, side="right") - 1
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=D.shape[0]))])
+        return sp.csr_matrix((D.data[kept], D.indices[kept], indptr), shape=D.shape)
+
+    @staticmethod
+    def _check_distance(D: object, n: int) -> sp.spmatrix | np.ndarray:
+        if not sp.issparse(D):
+            D = np.asarray(D, dtype=np.float64)
+        if D.ndim != 2 or D.shape != (n, n):
+            raise ValueError(f"distance must have shape ({n}, {n}), got {D.shape}")
+        values = D.data if sp.issparse(D) else D
+        if values.size:
+            if not np.isfinite(values).all():
+                raise ValueError("distance contains NaN or inf")
+            if values.min() < 0 or values.max() > 1:
+                raise ValueError(
+                    f"distance values must lie in [0, 1], got [{values.min()}, {values.max()}]"
+                )
+        return D
+
+
+# --------------------------------------------------------------------------- FINCH
+
+
+def first_neighbours(
+    X: np.ndarray,
+    *,
+    knn_result: tuple[np.ndarray, np.ndarray] | None = None,
+    index: IndexKind = "flat",
+    use_gpu: GpuChoice = "auto",
+) -> np.ndarray:
+    """Each row's nearest other row (FINCH's kappa); a lone item points to itself."""
+    n = X.shape[0]
+    if knn_result is None:
+        _, idx = knn(X, 2, index=index, use_gpu=use_gpu)
+    else:
+        _, idx = check_knn_result(knn_result, n, min(2, n))
+    other = idx != np.arange(n)[:, None]
+    first = idx[np.arange(n), np.argmax(other, axis=1)]
+    return np.where(other.any(axis=1), first, np.arange(n))
+
+
+def _link_components(kappa: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+    """Components of the graph i -> kappa_i. Weak connectivity of these edges is FINCH's
+    adjacency (j = kappa_i, i = kappa_j or kappa_i = kappa_j) closed transitively."""
+    n = kappa.size
+    rows = np.arange(n)
+    if keep is not None:
+        rows, kappa = rows[keep], kappa[keep]
+    graph = sp.csr_matrix((np.ones(rows.size, dtype=np.int8), (rows, kappa)), shape=(n, n))
+    _, labels = connected_components(graph, directed=True, connection="weak")
+    return _first_occurrence_labels(labels)
+
+
+def _pair_distance(a: np.ndarray, b: np.ndarray, distance: str) -> np.ndarray:
+    if distance == "cosine":
+        na = np.linalg.norm(a, axis=1)
+        nb = np.linalg.norm(b, axis=1)
+        cos = np.einsum("ij,ij->i", a, b) / np.maximum(na * nb, 1e-30)
+        return 1.0 - cos
+    return np.linalg.norm(a - b, axis=1)
+
+
+def _means_first_neighbours(means: np.ndarray, distance: str) -> np.ndarray:
+    """Exact 1-NN among cluster means (cosine: inner product of normalised means)."""
+    c = means.shape[0]
+    if distance == "cosine":
+        norms = np.linalg.norm(means, axis=1, keepdims=True)
+        vecs = (means / np.maximum(norms, 1e-30)).astype(np.float32)
+        flat = faiss.IndexFlatIP(means.shape[1])
+    else:
+        vecs = np.ascontiguousarray(means, dtype=np.float32)
+        flat = faiss.IndexFlatL2(means.shape[1])
+    flat.add(vecs)
+    _, idx = flat.search(vecs, min(2, c))
+    other = idx != np.arange(c)[:, None]
+    first = idx[np.arange(c), np.argmax(other, axis=1)]
+    return np.where(other.any(axis=1) & (idx >= 0).all(axis=1), first, np.arange(c))
+
+
+def finch_partitions(
+    X: np.ndarray,
+    kappa: np.ndarray,
+    *,
+    distance: Literal["cosine", "euclidean"] = "cosine",
+    ensure_early_exit: bool = False,
+    max_level: int | None = None,
+) -> list[np.ndarray]:
+    """FINCH's partitions (Sarfraz et al. CVPR 2019), finest first, up to ``max_level``.
+
+    Level 0 links each item to its first neighbour ``kappa``; each further level does the
+    same on the previous level's cluster means (of the original vectors). As in the
+    reference code, a level that leaves one cluster or merges fewer than two clusters ends
+    the hierarchy. ``ensure_early_exit`` cuts links between means farther apart than the
+    longest level-0 link, which is what the reference code means to do; there it is a no-op
+    (it zeroes the links in a CSR matrix, and csgraph counts stored zeros as edges), so the
+    default False reproduces the reference's partitions.
+    """
+    n = X.shape[0]
+    labels = _link_components(kappa)
+    levels = [labels]
+    min_sim = None
+    if ensure_early_exit:
+        min_sim = float(_pair_distance(X, X[kappa], distance).max()) if n > 1 else 0.0
+    count = int(labels.max()) + 1
+    while max_level is None or len(levels) <= max_level:
+        if count <= 1:
+            break
+        member = sp.csr_matrix(
+            (np.ones(n, dtype=np.float64), (labels, np.arange(n))), shape=(count, n)
+        )
+        means = (member @ X.astype(np.float64)) / np.bincount(labels, minlength=count)[:, None]
+        link = _means_first_neighbours(means, distance)
+        keep = None
+        if min_sim is not None:
+            keep = _pair_distance(means, means[link], distance) <= min_sim
+        merged = _link_components(link, keep)
+        new_count = int(merged.max()) + 1
+        if new_count == 1 or count - new_count <= 1:
+            break
+        labels = merged[labels]
+        levels.append(labels)
+        count = new_count
+    return levels
+
+
+class FinchFirstPartition:
+    """FINCH clustering, one partition of its hierarchy (default 0, the finest: method.md).
+
+    ``distance``: "cosine" (default) or "euclidean"; on L2-normalised embeddings both give
+    the same level 0, they differ on the unnormalised cluster means of later levels.
+    ``partition``: which level; a data set with fewer levels gets its coarsest one.
+    ``ensure_early_exit``: see :func:`finch_partitions` (level 0 never depends on it).
+    Every item gets a cluster (FINCH has no outliers); labels 0..C-1 in order of first member.
+    """
+
+    def __init__(
+        self,
+        distance: Literal["cosine", "euclidean"] = "cosine",
+        partition: int = 0,
+        ensure_early_exit: bool = False,
+        index: IndexKind = "flat",
+        use_gpu: GpuChoice = "auto",
+    ) -> None:
+        if distance not in ("cosine", "euclidean"):
+            raise ValueError(f"distance must be 'cosine' or 'euclidean', got {distance!r}")
+        if isinstance(partition, bool) or not isinstance(partition, (int, np.integer)):
+            raise ValueError(f"partition must be an integer >= 0, got {partition!r}")
+        if partition < 0:
+            raise ValueError(f"partition must be >= 0, got {partition}")
+        self.distance = distance
+        self.partition = int(partition)
+        self.ensure_early_exit = bool(ensure_early_exit)
+        self.index = index
+        self.use_gpu = use_gpu
+
+    def __call__(
+        self, X: object, *, knn_result: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> np.ndarray:
+        """Labels int64 (n,), never -1. ``knn_result`` (from :func:`knn`, k >= 2) reuses
+        neighbours already computed, e.g. those of the Jaccard distance."""
+        X = check_embeddings(X)
+        kappa = first_neighbours(X, knn_result=knn_result, index=self.index, use_gpu=self.use_gpu)
+        levels = finch_partitions(
+            X, kappa, distance=self.distance, ensure_early_exit=self.ensure_early_exit,
+            max_level=self.partition,
+        )
+        return levels[min(self.partition, len(levels) - 1)]

@@ -1,0 +1,457 @@
+"""One way to run any reidal gRPC service: health, reflection, metrics, logs, clean shutdown.
+
+Every reidal process serves through :func:`build_server`: ``--service embedding`` passes one
+:class:`ServiceBinding`, ``--service all`` passes several on one port. What every server
+gets, so that no servicer re-implements it:
+
+- ``grpc.health.v1.Health`` with a status per registered service name and the overall
+  ``""`` status (SERVING only when every service is). A binding may give a ``readiness``
+  probe (e.g. "Triton reports the default model READY"); a background thread polls it every
+  ``health_interval_s`` seconds, so Kubernetes readiness probes follow the backend.
+- Server reflection (``grpc.reflection.v1alpha``) for every service, so grpcurl works.
+- An interceptor that times every RPC into ``reidal_rpc_seconds`` / ``reidal_rpc_total``
+  (:mod:`reidal.metrics`), logs one structured line per call, turns reidal's domain errors
+  (:mod:`reidal.errors`) into their status codes in this one place, turns any other
+  exception into INTERNAL with its message logged, and refuses calls whose deadline is
+  already over.
+- Graceful stop: health goes NOT_SERVING first (load balancers stop routing), new calls
+  are refused, calls in flight get ``grace`` seconds to finish.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from reidal import errors
+from reidal.metrics import RpcMetrics
+
+log = logging.getLogger("reidal.server")
+rpc_log = logging.getLogger("reidal.rpc")
+
+#: Domain error -> status code: the only place this mapping lives.
+ERROR_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+#: Services whose calls are logged at DEBUG only (probes every few seconds would drown the
+#: log); they are still counted in the metrics.
+QUIET_SERVICES = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME})
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode | None:
+    """The status code of a reidal domain error, or None when ``exc`` is not one."""
+    for kind, code in ERROR_CODES:
+        if isinstance(exc, kind):
+            return code
+    return None
+
+
+@dataclass
+class ServiceBinding:
+    """One gRPC service to serve.
+
+    name: the full proto service name (``"reidal.v1.EmbeddingService"``), used for health
+        and reflection. servicer / add_to_server: the generated ``add_*_to_server`` and the
+        object it registers. readiness: optional probe, True when the service can answer
+        (called from the health thread; it should return within a few seconds and may
+        raise, which counts as not ready). close: optional hook run after the server stopped.
+    """
+
+    name: str
+    servicer: Any
+    add_to_server: Callable[[Any, grpc.Server], None]
+    readiness: Callable[[], bool] | None = None
+    close: Callable[[], None] | None = None
+
+
+# ---------------------------------------------------------------------------------- logs
+
+
+def _kv_value(value: object) -> str:
+    if isinstance(value, list | tuple | set | frozenset):
+        text = ",".join(str(v) for v in value)
+    else:
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if text == "" or any(c in text for c in ' "=\n\t'):
+        return json.dumps(text)
+    return text
+
+
+def log_kv(logger: logging.Logger, level: int, event: str, **fields: object) -> None:
+    """Log ``event k=v k=v ...`` (values quoted when needed) with the fields attached.
+
+    The fields also travel as ``record.fields`` so :class:`JsonFormatter` can emit them as
+    JSON keys: one call, readable in a terminal and parseable by a log pipeline.
+    """
+    if logger.isEnabledFor(level):
+        text = " ".join([event, *(f"{k}={_kv_value(v)}" for k, v in fields.items())])
+        logger.log(level, text, extra={"fields": {"event": event, **fields}}, stacklevel=2)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the structured fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        else:
+            out["msg"] = record.getMessage()
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(level: str | int = "INFO", *, json_lines: bool = False) -> None:
+    """Root logging for a reidal process: key=value lines (default) or JSON lines on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    if json_lines:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(
+            "time=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level if isinstance(level, int) else level.upper())
+
+
+# --------------------------------------------------------------------------- interceptor
+
+
+def _split_method(full: str) -> tuple[str, str]:
+    service, _, method = full.lstrip("/").rpartition("/")
+    return service or "unknown", method or full
+
+
+class _RpcObserver(grpc.ServerInterceptor):
+    """Times, counts and logs every call; maps exceptions to status codes."""
+
+    def __init__(self, metrics: RpcMetrics) -> None:
+        self._metrics = metrics
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, method = _split_method(handler_call_details.method)
+        if handler.unary_unary is not None:
+            kind, behavior = "unary_unary", handler.unary_unary
+        elif handler.unary_stream is not None:
+            kind, behavior = "unary_stream", handler.unary_stream
+        elif handler.stream_unary is not None:
+            kind, behavior = "stream_unary", handler.stream_unary
+        else:
+            kind, behavior = "stream_stream", handler.stream_stream
+        if getattr(behavior, "experimental_non_blocking", False):
+            return handler  # callback-style handlers (health Watch) keep their own machinery
+        wrap = self._wrap_stream if kind.endswith("_stream") else self._wrap_unary
+        new_behavior = wrap(behavior, service, method)
+        factory = getattr(grpc, f"{kind}_rpc_method_handler")
+        return factory(
+            new_behavior,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap_unary(self, behavior, service: str, method: str):
+        def call(request_or_iterator, context):
+            start = self._begin(service, method, context)
+            error: BaseException | None = None
+            try:
+                return behavior(request_or_iterator, context)
+            except BaseException as exc:
+                error = exc
+                self._map_exception(exc, context, service, method)
+                raise
+            finally:
+                self._end(service, method, context, start, error)
+
+        return call
+
+    def _wrap_stream(self, behavior, service: str, method: str):
+        def call(request_or_iterator, context) -> Iterator[Any]:
+            start = self._begin(service, method, context)
+            error: BaseException | None = None
+            try:
+                yield from behavior(request_or_iterator, context)
+            except GeneratorExit:  # the client went away before the stream ended
+                error = None
+                raise
+            except BaseException as exc:
+                error = exc
+                self._map_exception(exc, context, service, method)
+                raise
+            finally:
+                self._end(service, method, context, start, error)
+
+        return call
+
+    def _begin(self, service: str, method: str, context: grpc.ServicerContext) -> float:
+        self._metrics.in_flight.labels(service, method).inc()
+        start = time.perf_counter()
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            self._metrics.in_flight.labels(service, method).dec()
+            self._end(service, method, context, start, None, count_in_flight=False,
+                      code="DEADLINE_EXCEEDED")
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          "the call's deadline had passed before it started")
+        return start
+
+    def _map_exception(self, exc: BaseException, context: grpc.ServicerContext,
+                       service: str, method: str) -> None:
+        """Abort with the right status unless the handler already chose one (raises)."""
+        if isinstance(exc, grpc.RpcError) or not isinstance(exc, Exception):
+            return
+        if context.code() not in (None, grpc.StatusCode.OK):
+            return  # context.abort() was called: its code and message stand
+        code = status_for(exc)
+        if code is not None:
+            context.abort(code, str(exc))
+        log_kv(rpc_log, logging.ERROR, "rpc_exception", service=service, method=method,
+               error=type(exc).__name__, detail=str(exc))
+        rpc_log.error("unhandled exception in %s/%s", service, method, exc_info=exc)
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _end(self, service: str, method: str, context: grpc.ServicerContext, start: float,
+             error: BaseException | None, *, count_in_flight: bool = True,
+             code: str | None = None) -> None:
+        seconds = time.perf_counter() - start
+        if count_in_flight:
+            self._metrics.in_flight.labels(service, method).dec()
+        if code is None:
+            status = context.code()
+            if status is not None and status != grpc.StatusCode.OK:
+                code = status.name
+            elif error is not None:
+                code = "UNKNOWN"
+            elif not context.is_active():
+                code = "DEADLINE_EXCEEDED" if context.time_remaining() <= 0 else "CANCELLED"
+            else:
+                code = "OK"
+        self._metrics.observe(service, method, code, seconds)
+        level = logging.DEBUG if service in QUIET_SERVICES else logging.INFO
+        if code in ("INTERNAL", "UNKNOWN", "DATA_LOSS"):
+            level = logging.ERROR
+        fields: dict[str, object] = {"service": service, "method": method, "code": code,
+                                     "ms": round(seconds * 1000.0, 2), "peer": context.peer()}
+        if code != "OK":
+            details = context.details()
+            if details:
+                fields["detail"] = details.decode("utf-8", "replace")[:500]
+        log_kv(rpc_log, level, "rpc", **fields)
+
+
+# -------------------------------------------------------------------------------- server
+
+
+class RunningServer:
+    """A started gRPC server and its health state. Use as a context manager or call stop()."""
+
+    def __init__(self, server: grpc.Server, port: int, host: str,
+                 bindings: Sequence[ServiceBinding], health_servicer: health.HealthServicer,
+                 health_interval_s: float) -> None:
+        self.server = server
+        self.port = port
+        self.address = f"{host}:{port}"
+        self.bindings = tuple(bindings)
+        self.health = health_servicer
+        self._serving: dict[str, bool] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._interval = health_interval_s
+        self._poller = threading.Thread(target=self._poll_health, name="reidal-health",
+                                        daemon=True)
+
+    def _start(self) -> None:
+        for b in self.bindings:
+            self.set_serving(b.name, b.readiness is None)
+        self._poller.start()
+
+    def set_serving(self, service: str, serving: bool) -> None:
+        """Set one service's health status; the overall ``""`` status follows all of them."""
+        with self._lock:
+            previous = self._serving.get(service)
+            self._serving[service] = serving
+            overall = all(self._serving.values())
+            enum = health_pb2.HealthCheckResponse
+            self.health.set(service, enum.SERVING if serving else enum.NOT_SERVING)
+            self.health.set("", enum.SERVING if overall else enum.NOT_SERVING)
+        if previous is not serving:  # log changes only; the first status is no alarm
+            level = logging.INFO if serving or previous is None else logging.WARNING
+            log_kv(log, level, "health", service=service,
+                   status="SERVING" if serving else "NOT_SERVING")
+
+    def is_serving(self, service: str = "") -> bool:
+        with self._lock:
+            if service == "":
+                return all(self._serving.values())
+            return self._serving.get(service, False)
+
+    def check_health_now(self) -> None:
+        """Run every readiness probe once, now, and publish the results."""
+        for b in self.bindings:
+            if b.readiness is None or self._stopping.is_set():
+                continue
+            try:
+                ready = bool(b.readiness())
+            except Exception as exc:  # a failing probe means "not ready", never a crash
+                log_kv(log, logging.DEBUG, "readiness_error", service=b.name,
+                       error=f"{type(exc).__name__}: {exc}")
+                ready = False
+            if not self._stopping.is_set():
+                self.set_serving(b.name, ready)
+
+    def _poll_health(self) -> None:
+        while not self._stopping.is_set():
+            self.check_health_now()
+            self._stopping.wait(self._interval)
+
+    def stop(self, grace: float | None = 10.0) -> None:
+        """Stop gracefully: NOT_SERVING, refuse new calls, let calls in flight finish.
+
+        Calls still running after ``grace`` seconds are cancelled. Idempotent; safe to call
+        from a signal-handling thread.
+        """
+        with self._lock:
+            if self._stopping.is_set():
+                first = False
+            else:
+                first = True
+                self._stopping.set()
+        if not first:
+            self._stopped.wait()
+            return
+        log_kv(log, logging.INFO, "server_stopping", address=self.address, grace_s=grace)
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self._poller.join(timeout=max(self._interval, 1.0) + 5.0)
+        for b in self.bindings:
+            if b.close is not None:
+                try:
+                    b.close()
+                except Exception:
+                    log.exception("closing service %s failed", b.name)
+        log_kv(log, logging.INFO, "server_stopped", address=self.address)
+        self._stopped.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server has stopped (e.g. by SIGTERM); True when it has."""
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(grace=1.0)
+
+
+def build_server(
+    bindings: Sequence[ServiceBinding],
+    *,
+    address: str = "127.0.0.1:0",
+    max_workers: int = 16,
+    max_message_mb: int = 64,
+    max_concurrent_rpcs: int | None = None,
+    metrics: RpcMetrics | None = None,
+    health_interval_s: float = 3.0,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+) -> RunningServer:
+    """Create, bind and start a server for ``bindings`` on ``address`` (``host:0``: any port).
+
+    max_workers: handler threads; each running call (a whole stream for streaming calls)
+    holds one. max_concurrent_rpcs: beyond it new calls get RESOURCE_EXHAUSTED instead of
+    queueing without bound (None: no limit). max_message_mb: largest request and response
+    message. metrics: where RPC metrics go (default: the process-wide Prometheus registry).
+    Binding an address already in use raises RuntimeError (SO_REUSEPORT is off, so two
+    servers never silently share a port).
+    """
+    if not bindings:
+        raise ValueError("build_server needs at least one ServiceBinding")
+    names = [b.name for b in bindings]
+    if len(set(names)) != len(names):
+        raise ValueError(f"service names must be unique, got {names}")
+    if max_workers < 1:
+        raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+    if health_interval_s <= 0:
+        raise ValueError(f"health_interval_s must be > 0, got {health_interval_s}")
+    limit = int(max_message_mb * 1024 * 1024)
+    options = [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="reidal-rpc"),
+        interceptors=[_RpcObserver(metrics or RpcMetrics.create()), *interceptors],
+        options=options,
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
+    )
+    for b in bindings:
+        b.add_to_server(b.servicer, server)
+    health_servicer = health.HealthServicer(
+        experimental_non_blocking=True,
+        experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2,
+                                                            thread_name_prefix="reidal-health"),
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise RuntimeError(f"cannot bind gRPC server to {address}: {exc}") from None
+    if port == 0:
+        raise RuntimeError(f"cannot bind gRPC server to {address}")
+    host = address.rsplit(":", 1)[0]
+    running = RunningServer(server, port, host, bindings, health_servicer, health_interval_s)
+    server.start()
+    running._start()
+    log_kv(log, logging.INFO, "server_started", address=running.address, services=names)
+    return running
+
+
+def install_signal_handlers(running: RunningServer, grace: float = 30.0) -> None:
+    """Stop ``running`` gracefully on SIGTERM (Kubernetes) and SIGINT (Ctrl-C).
+
+    Call from the main thread, then block in ``running.wait()``. The stop runs in its own
+    thread so the handler returns at once and in-flight calls keep their threads.
+    """
+
+    def handler(signum: int, _frame: object) -> None:
+        log_kv(log, logging.INFO, "signal", signal=signal.Signals(signum).name, grace_s=grace)
+        threading.Thread(target=running.stop, args=(grace,), name="reidal-stop",
+                         daemon=False).start()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def deadline_left(context: grpc.ServicerContext) -> float | None:
+    """Seconds until the caller's deadline, or None when the call has no deadline."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > 1e8:  # grpc reports "no deadline" as a huge number
+        return None
+    return max(float(remaining), 0.0)

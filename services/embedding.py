@@ -1,0 +1,372 @@
+"""EmbeddingService: images (bytes or URIs) -> L2-normalised vectors from a Triton model.
+
+A thin layer: validate the request, decode images (:mod:`reidal.embedding.images`),
+preprocess them as the model's spec says (:mod:`reidal.embedding.preprocess`), send
+batches to Triton (:mod:`reidal.embedding.triton_client`), answer. Nothing is stored.
+
+Choices (the published contract is in protos/reidal/v1/embedding.proto):
+
+- All-or-nothing per request: every image is decoded before a bad one fails the call, so
+  the INVALID_ARGUMENT message lists every offending id, not only the first; Triton is not
+  called again once a bad image is seen.
+- One model version per response: after the first Triton batch answers with version v,
+  the remaining batches of the request ask for v explicitly, so a new version loaded
+  mid-request never mixes two embedding spaces in one answer.
+- Memory stays bounded by ``batch_size`` decoded images at a time, whatever the request size.
+- The spec (input size, normalisation) of a model comes from ``spec_overrides`` when given,
+  else from the model's Triton config (:meth:`TritonEmbedder.spec_from_triton`), cached per
+  model name.
+- Health: :meth:`is_ready` (Triton reports the default model ready) is the readiness probe
+  the server polls, so grpc.health.v1 follows Triton.
+- The Python API (:meth:`EmbeddingServicer.embed`) has no gRPC in it, so a process that
+  runs ``--service all`` can embed in-process with the same checks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from reidal import errors
+from reidal.embedding.images import DEFAULT_LIMITS, ImageError, ImageLimits, decode_image
+from reidal.embedding.preprocess import preprocess
+from reidal.embedding.spec import DEFAULT_MODEL_NAME, ModelSpec
+from reidal.embedding.triton_client import (
+    ModelInfo,
+    ModelNotFound,
+    TritonEmbedder,
+    TritonError,
+    TritonTimeout,
+    TritonUnavailable,
+)
+from reidal.grpc_server import ServiceBinding, deadline_left, log_kv, status_for
+from reidal.metrics import counter, histogram
+from reidal.v1 import embedding_pb2, embedding_pb2_grpc
+
+log = logging.getLogger("reidal.embedding")
+
+SERVICE_NAME: str = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+#: Most images one EmbedRequest may carry (documented in embedding.proto).
+MAX_IMAGES_PER_REQUEST = 1024
+#: How many offending images an INVALID_ARGUMENT message lists by name.
+MAX_LISTED_ERRORS = 20
+
+_IMAGES = counter("reidal_embedding_images", "Images embedded, per model", ("model",))
+_REJECTED = counter("reidal_embedding_rejected_images",
+                    "Images refused as invalid (the whole request failed)")
+_TRITON_SECONDS = histogram("reidal_embedding_triton_seconds",
+                            "Time of one Triton embedding call (one batch), per model",
+                            ("model",))
+
+
+class DeadlineExceeded(errors.ReidalError):
+    """The caller's deadline ran out before every image was embedded."""
+
+
+class Cancelled(errors.ReidalError):
+    """The caller went away; the rest of the work was skipped."""
+
+
+class BadImages(errors.InvalidArgument):
+    """One or more images of a request are unusable; lists all of them (all-or-nothing)."""
+
+    def __init__(self, problems: Sequence[ImageError], total: int) -> None:
+        self.problems = list(problems)
+        listed = "; ".join(str(p) for p in self.problems[:MAX_LISTED_ERRORS])
+        more = len(self.problems) - MAX_LISTED_ERRORS
+        tail = f"; and {more} more" if more > 0 else ""
+        super().__init__(
+            f"{len(self.problems)} of {total} image(s) rejected, nothing was embedded: "
+            f"{listed}{tail}"
+        )
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image to embed: the caller's id and exactly one of encoded bytes or a URI."""
+
+    id: str
+    data: bytes | None = None
+    uri: str | None = None
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """The answer to one request: ids in request order, unit vectors (n, d), the model."""
+
+    ids: list[str]
+    vectors: np.ndarray
+    model_name: str
+    model_version: str
+
+
+class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
+    """The EmbeddingService over one Triton server.
+
+    triton_url: ``host:port`` of Triton's gRPC endpoint. default_model: the model used when a
+    request names none. spec_overrides: model name -> :class:`ModelSpec` to use instead of
+    the one in the model's Triton config. batch_size: images decoded, preprocessed and sent
+    to Triton at a time (the client splits further if the model's max_batch_size is smaller).
+    limits: what an image may be. decode_workers: threads decoding images in parallel (Pillow
+    releases the GIL while decoding). triton_timeout_s: bound of one Triton call.
+    max_images: most images per request.
+    """
+
+    def __init__(
+        self,
+        triton_url: str,
+        default_model: str = DEFAULT_MODEL_NAME,
+        spec_overrides: Mapping[str, ModelSpec] | None = None,
+        batch_size: int = 32,
+        *,
+        limits: ImageLimits = DEFAULT_LIMITS,
+        decode_workers: int = 2,
+        triton_timeout_s: float = 30.0,
+        probe_timeout_s: float = 2.0,
+        max_images: int = MAX_IMAGES_PER_REQUEST,
+    ) -> None:
+        if not default_model:
+            raise ValueError("default_model must be a non-empty Triton model name")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if decode_workers < 1:
+            raise ValueError(f"decode_workers must be >= 1, got {decode_workers}")
+        if max_images < 1:
+            raise ValueError(f"max_images must be >= 1, got {max_images}")
+        overrides = dict(spec_overrides or {})
+        for name, spec in overrides.items():
+            if not isinstance(spec, ModelSpec) or spec.name != name:
+                raise ValueError(f"spec_overrides[{name!r}] must be a ModelSpec named {name!r}")
+        self.triton_url = triton_url
+        self.default_model = default_model
+        self.batch_size = batch_size
+        self.limits = limits
+        self.max_images = max_images
+        self._overrides = overrides
+        self._specs: dict[str, ModelSpec] = {}
+        self._specs_lock = threading.Lock()
+        self._triton = TritonEmbedder(triton_url, overrides.get(default_model),
+                                      timeout_s=triton_timeout_s)
+        # A short timeout for health probes: a blackholed Triton must not stall the prober.
+        self._probe = TritonEmbedder(triton_url, timeout_s=probe_timeout_s)
+        self._pool = futures.ThreadPoolExecutor(decode_workers, thread_name_prefix="reidal-decode")
+
+    # ------------------------------------------------------------------ lifecycle
+    def binding(self) -> ServiceBinding:
+        """How :func:`reidal.grpc_server.build_server` serves this servicer."""
+        return ServiceBinding(
+            name=SERVICE_NAME,
+            servicer=self,
+            add_to_server=embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server,
+            readiness=self.is_ready,
+            close=self.close,
+        )
+
+    def is_ready(self) -> bool:
+        """True when Triton answers and reports the default model ready; never raises."""
+        try:
+            return self._probe.is_ready(self.default_model)
+        except TritonError:
+            return False
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._triton.close()
+        self._probe.close()
+
+    # ------------------------------------------------------------------ Python API
+    def embed(self, items: Sequence[ImageItem], model: str = "", version: str = "",
+              *, deadline: float | None = None,
+              is_active: Callable[[], bool] | None = None) -> Embedded:
+        """Embed ``items`` with ``model`` (default model when empty) at ``version``.
+
+        ``deadline`` is a ``time.monotonic()`` instant; ``is_active`` (e.g. the gRPC
+        context's) is asked between batches, so work stops when the caller hangs up.
+        Raises :class:`BadImages` / :class:`reidal.errors.InvalidArgument` (bad request),
+        ``ModelNotFound``, ``TritonUnavailable``, :class:`DeadlineExceeded`,
+        :class:`Cancelled`, :class:`reidal.errors.FailedPrecondition` (no usable spec).
+        """
+        _check_items(items, self.max_images)
+        name = model or self.default_model
+        spec = self._spec(name)
+        ids = [it.id for it in items]
+        parts: list[np.ndarray] = []
+        problems: list[ImageError] = []
+        served_version = version
+        for start in range(0, len(items), self.batch_size):
+            _check_deadline(deadline, f"after {start} of {len(items)} images")
+            if is_active is not None and not is_active():
+                raise Cancelled(f"the caller cancelled after {start} of {len(items)} images")
+            chunk = items[start:start + self.batch_size]
+            decoded = list(self._pool.map(self._decode, chunk))
+            bad = [d for d in decoded if isinstance(d, ImageError)]
+            if bad or problems:
+                problems.extend(bad)  # keep decoding: the error must name every bad image
+                continue
+            batch = preprocess(decoded, spec)
+            del decoded
+            _check_deadline(deadline, f"after {start} of {len(items)} images")
+            tic = time.perf_counter()
+            try:
+                result = self._triton.embed(batch, model=name, version=served_version)
+            except ValueError as exc:  # the spec's tensor shape disagrees with the model
+                raise errors.FailedPrecondition(
+                    f"model {name!r}: the preprocessing spec does not fit the model in "
+                    f"Triton: {exc}") from None
+            _TRITON_SECONDS.labels(name).observe(time.perf_counter() - tic)
+            served_version = result.model_version
+            parts.append(result.vectors)
+        if problems:
+            _REJECTED.inc(len(problems))
+            raise BadImages(problems, len(items))
+        vectors = np.concatenate(parts, axis=0)
+        _IMAGES.labels(name).inc(len(items))
+        return Embedded(ids, vectors, name, served_version)
+
+    def models(self) -> list[ModelInfo]:
+        return self._triton.list_models()
+
+    def model(self, name: str = "", version: str = "") -> ModelInfo:
+        return self._triton.model_info(name or self.default_model, version)
+
+    # ------------------------------------------------------------------ gRPC
+    def Embed(self, request, context):  # noqa: N802 - gRPC method name
+        try:
+            return self._respond(request, context)
+        except Exception as exc:
+            _abort(context, exc, self.triton_url)
+
+    def EmbedStream(self, request_iterator, context):  # noqa: N802
+        for index, request in enumerate(request_iterator):
+            try:
+                response = self._respond(request, context)
+            except Exception as exc:
+                _abort(context, exc, self.triton_url, prefix=f"request {index}: ")
+            yield response
+
+    def ListModels(self, request, context):  # noqa: N802
+        try:
+            infos = self.models()
+        except Exception as exc:
+            _abort(context, exc, self.triton_url)
+        return embedding_pb2.ListModelsResponse(
+            models=[self._info_pb(i) for i in infos], default_model=self.default_model)
+
+    def GetModel(self, request, context):  # noqa: N802
+        try:
+            info = self.model(request.model.name, request.model.version)
+        except Exception as exc:
+            _abort(context, exc, self.triton_url)
+        return self._info_pb(info)
+
+    # ------------------------------------------------------------------ internals
+    def _respond(self, request: embedding_pb2.EmbedRequest,
+                 context: grpc.ServicerContext) -> embedding_pb2.EmbedResponse:
+        items = [
+            ImageItem(img.id,
+                      data=img.data if img.WhichOneof("source") == "data" else None,
+                      uri=img.uri if img.WhichOneof("source") == "uri" else None)
+            for img in request.images
+        ]
+        left = deadline_left(context)
+        deadline = None if left is None else time.monotonic() + left
+        out = self.embed(items, request.model.name, request.model.version, deadline=deadline,
+                         is_active=context.is_active)
+        response = embedding_pb2.EmbedResponse(
+            model_name=out.model_name, model_version=out.model_version,
+            dim=int(out.vectors.shape[1]))
+        response.embeddings.extend(
+            embedding_pb2.Embedding(id=i, vector=v) for i, v in zip(out.ids, out.vectors,
+                                                                    strict=True))
+        return response
+
+    def _decode(self, item: ImageItem) -> object:
+        try:
+            return decode_image(item.data, item.uri, item_id=item.id, limits=self.limits)
+        except ImageError as exc:
+            return exc
+
+    def _spec(self, name: str) -> ModelSpec:
+        spec = self._overrides.get(name)
+        if spec is not None:
+            return spec
+        with self._specs_lock:
+            spec = self._specs.get(name)
+        if spec is None:
+            try:
+                spec = self._triton.spec_from_triton(name)
+            except (TritonUnavailable, ModelNotFound):
+                raise
+            except TritonError as exc:
+                raise errors.FailedPrecondition(
+                    f"no preprocessing spec for model {name!r}: {exc}") from None
+            with self._specs_lock:
+                self._specs[name] = spec
+        return spec
+
+    def _info_pb(self, info: ModelInfo) -> embedding_pb2.ModelInfo:
+        height, width = info.input_size or (0, 0)
+        return embedding_pb2.ModelInfo(
+            name=info.name, version=info.version, state=info.state, ready=info.ready,
+            dim=info.dim or 0, input_height=height, input_width=width,
+            max_batch_size=info.max_batch_size or 0, is_default=info.name == self.default_model)
+
+
+def _check_items(items: Sequence[ImageItem], max_images: int) -> None:
+    if not items:
+        raise errors.InvalidArgument("the request has no images")
+    if len(items) > max_images:
+        raise errors.InvalidArgument(
+            f"the request has {len(items)} images, at most {max_images} are allowed per "
+            "request: split it or use EmbedStream")
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        if not item.id:
+            raise errors.InvalidArgument(f"image at position {index} has an empty id")
+        if item.id in seen:
+            raise errors.InvalidArgument(
+                f"image id {item.id!r} appears more than once (again at position {index}); "
+                "ids must be unique within a request")
+        seen.add(item.id)
+        if (item.data is None) == (item.uri is None):
+            raise errors.InvalidArgument(
+                f"image {item.id!r} must set exactly one of data or uri")
+
+
+def _check_deadline(deadline: float | None, progress: str) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceeded(f"the deadline ran out {progress}; nothing was returned")
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception, triton_url: str,
+           prefix: str = "") -> None:
+    """Turn an exception into the call's status (raises), or re-raise an unexpected one."""
+    if isinstance(exc, TritonTimeout):
+        code, message = grpc.StatusCode.UNAVAILABLE, f"{exc}; retry later"
+    elif isinstance(exc, TritonUnavailable):
+        detail = str(exc).removeprefix(f"Triton at {triton_url} is unavailable: ")
+        code = grpc.StatusCode.UNAVAILABLE
+        message = f"Triton at {triton_url} is unreachable: {detail}; retry later"
+    elif isinstance(exc, ModelNotFound):
+        code, message = grpc.StatusCode.NOT_FOUND, str(exc)
+    elif isinstance(exc, DeadlineExceeded):
+        code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+    elif isinstance(exc, Cancelled):
+        code, message = grpc.StatusCode.CANCELLED, str(exc)
+    elif isinstance(exc, TritonError):
+        code, message = grpc.StatusCode.INTERNAL, str(exc)
+    else:
+        mapped = status_for(exc)
+        if mapped is None:
+            raise exc
+        code, message = mapped, str(exc)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
+        log_kv(log, logging.WARNING, "embedding_failed", code=code.name, detail=message)
+    context.abort(code, prefix + message)

@@ -1,0 +1,99 @@
+"""Shared fixtures. ``triton`` starts the real Triton server bundled in nvidia-pytriton once per
+test session (about 5-10 s), serving the default embedding model; no fake Triton anywhere.
+
+Heavy imports (torch, tritonclient) happen inside the fixtures, so test files that use none
+of them do not pay for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pytest
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from reidal.embedding.model import EmbeddingNet
+    from reidal.embedding.spec import ModelSpec
+    from reidal.embedding.triton_server import TritonServer
+
+#: max_batch_size of the test model: small, so tests of batch splitting stay cheap.
+TEST_MAX_BATCH_SIZE = 8
+
+
+@dataclass
+class TritonFixture:
+    """A running Triton serving ``model_name`` version 1 = ``model`` (the torch reference).
+
+    ``server.stop()`` / ``server.start()`` restart it on the same ports; a test that changes
+    the repository or the server must put them back as it found them.
+    """
+
+    server: TritonServer
+    repo: Path
+    model_name: str
+    spec: ModelSpec
+    model: EmbeddingNet
+    max_batch_size: int
+
+    @property
+    def grpc_url(self) -> str:
+        return self.server.grpc_url
+
+    @property
+    def http_url(self) -> str:
+        return self.server.http_url
+
+    def reference(self, batch: np.ndarray, model: Any = None) -> np.ndarray:
+        """Plain-torch embeddings of a preprocessed batch (the served model by default)."""
+        import torch
+
+        with torch.inference_mode():
+            return (model or self.model)(torch.from_numpy(batch)).numpy()
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonFixture]:
+    from reidal.embedding.model import build_default_model
+    from reidal.embedding.spec import default_spec
+    from reidal.embedding.triton_repo import write_model_repository
+    from reidal.embedding.triton_server import TritonServer
+
+    base = tmp_path_factory.mktemp("triton")
+    repo = base / "model_repository"
+    spec = default_spec()
+    model = build_default_model(seed=0, input_size=spec.input_size)
+    write_model_repository(
+        repo, model_name=spec.name, version=1, model=model, spec=spec,
+        max_batch_size=TEST_MAX_BATCH_SIZE,
+    )
+    server = TritonServer(repo, models=[spec.name], workdir=base / "server")
+    server.start()
+    try:
+        yield TritonFixture(server, repo, spec.name, spec, model, TEST_MAX_BATCH_SIZE)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def sample_images() -> list[Image.Image]:
+    """24 varied real-photo crops (scikit-learn's two bundled sample photos), seeded."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    rng = np.random.default_rng(1234)
+    crops = []
+    for name in ("china.jpg", "flower.jpg"):
+        photo = load_sample_image(name)
+        for _ in range(12):
+            h = int(rng.integers(48, 300))
+            w = int(rng.integers(48, 300))
+            y = int(rng.integers(0, photo.shape[0] - h))
+            x = int(rng.integers(0, photo.shape[1] - w))
+            crops.append(Image.fromarray(photo[y : y + h, x : x + w]))
+    return crops

@@ -1,0 +1,210 @@
+"""The default embedding model, its spec, preprocessing and repository config (no Triton here)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reidal.embedding.model import (
+    build_default_model,
+    default_weights_path,
+    load_model,
+    load_spec,
+    save_model,
+)
+from reidal.embedding.preprocess import preprocess
+from reidal.embedding.spec import IMAGENET_MEAN, LITE_MEAN, LITE_STD, ModelSpec, default_spec
+from reidal.embedding.triton_repo import (
+    next_version,
+    parse_config,
+    render_config,
+    spec_from_config,
+    write_model_repository,
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_default_model()
+
+
+# ----------------------------------------------------------------------------- spec
+def test_spec_round_trips_through_dict_json_and_toml(tmp_path):
+    spec = ModelSpec(name="megadescriptor", input_size=(224, 224), mean=IMAGENET_MEAN)
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    (tmp_path / "m.json").write_text(json.dumps(spec.to_dict()))
+    assert ModelSpec.from_file(tmp_path / "m.json") == spec
+    (tmp_path / "m.toml").write_text(
+        '[model]\nname = "megadescriptor"\ninput_size = [224, 224]\n'
+        "mean = [0.485, 0.456, 0.406]\nstd = [0.229, 0.224, 0.225]\n"
+    )
+    assert ModelSpec.from_file(tmp_path / "m.toml", table="model") == spec
+    assert spec.input_shape == (3, 224, 224)
+    assert ModelSpec(layout="NHWC", input_size=(32, 48)).input_shape == (32, 48, 3)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"nmae": "x"}, "unknown model spec key"),
+        ({"input_size": [128]}, "input_size"),
+        ({"input_size": [0, 128]}, "positive"),
+        ({"std": [0.2, 0.0, 0.2]}, "std"),
+        ({"mean": [0.1, 0.2]}, "mean"),
+        ({"layout": "CHW"}, "layout"),
+        ({"dtype": "INT8"}, "dtype"),
+        ({"name": ""}, "name"),
+    ],
+)
+def test_spec_rejects_bad_values(bad, match):
+    with pytest.raises(ValueError, match=match):
+        ModelSpec.from_dict(bad)
+
+
+# ----------------------------------------------------------------------------- preprocess
+def test_preprocess_normalises_resizes_and_converts_modes():
+    spec = ModelSpec(input_size=(20, 30), mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 0.2))
+    colour = (200, 10, 77)
+    images = [
+        Image.new("RGB", (64, 48), colour),
+        Image.new("RGBA", (7, 9), (*colour, 3)),  # alpha is dropped, not blended
+        Image.new("L", (30, 20), 128),
+    ]
+    out = preprocess(images, spec)
+    assert out.shape == (3, 3, 20, 30) and out.dtype == np.float32 and out.flags.c_contiguous
+    want = (np.array(colour) / 255.0 - spec.mean) / spec.std
+    np.testing.assert_allclose(out[0].reshape(3, -1).T, np.tile(want, (600, 1)), atol=1e-5)
+    np.testing.assert_allclose(out[1].reshape(3, -1).T, np.tile(want, (600, 1)), atol=1e-5)
+    grey = (128 / 255.0 - np.array(spec.mean)) / np.array(spec.std)
+    np.testing.assert_allclose(out[2].reshape(3, -1).T, np.tile(grey, (600, 1)), atol=1e-5)
+
+
+def test_preprocess_layout_dtype_and_bilinear_resize():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    nchw = preprocess([img], ModelSpec(input_size=(16, 24)))
+    nhwc = preprocess([img], ModelSpec(input_size=(16, 24), layout="NHWC"))
+    np.testing.assert_array_equal(nchw.transpose(0, 2, 3, 1), nhwc)
+    ref = np.asarray(img.resize((24, 16), Image.Resampling.BILINEAR), dtype=np.float64)
+    ref = (ref / 255.0 - np.array(IMAGENET_MEAN)) / np.array((0.229, 0.224, 0.225))
+    np.testing.assert_allclose(nhwc[0], ref, atol=1e-5)
+    assert preprocess([img], ModelSpec(dtype="FP16")).dtype == np.float16
+    with pytest.raises(ValueError, match="sequence"):
+        preprocess(img, ModelSpec())
+    with pytest.raises(ValueError, match="not a PIL image"):
+        preprocess([np.zeros((4, 4, 3))], ModelSpec())
+
+
+# ----------------------------------------------------------------------------- model
+def test_default_spec_is_the_lite_normalisation_the_weights_were_trained_with():
+    """EfficientNet-Lite (TF) was trained on (x - 127) / 128: with it the bundled ImageNet
+    classifier calls scikit-learn's flower photo a daisy; with ImageNet statistics it does not."""
+    from efficientnet_lite_pytorch import EfficientNet
+    from sklearn.datasets import load_sample_image
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    net.load_state_dict(torch.load(default_weights_path(), weights_only=True))
+    net.eval()
+    photo = Image.fromarray(load_sample_image("flower.jpg"))
+    top1 = {}
+    for label, spec in {
+        "lite": ModelSpec(input_size=(224, 224), mean=LITE_MEAN, std=LITE_STD),
+        "imagenet": ModelSpec(input_size=(224, 224)),
+    }.items():
+        with torch.inference_mode():
+            top1[label] = int(net(torch.from_numpy(preprocess([photo], spec))).argmax())
+    assert top1["lite"] == 985  # ImageNet class 985: daisy
+    assert top1["imagenet"] != 985
+    assert default_spec().mean == LITE_MEAN and default_spec().std == LITE_STD
+
+
+def test_model_shapes_norms_and_the_two_halves(model, sample_images):
+    x = torch.from_numpy(preprocess(sample_images[:5], default_spec()))
+    with torch.inference_mode():
+        out = model(x)
+        feats = model.backbone_features(x)
+        halves = model.embed_features(feats)
+    assert out.shape == (5, 256) and feats.shape == (5, 1280)
+    np.testing.assert_allclose(out.norm(dim=1).numpy(), 1.0, atol=1e-5)
+    np.testing.assert_allclose(halves.numpy(), out.numpy(), atol=1e-6)
+    assert (feats >= 0).all()  # pooled ReLU6 activations: the pretrained trunk is loaded
+
+
+def test_backbone_is_the_pretrained_lite0(model, sample_images):
+    from efficientnet_lite_pytorch import EfficientNet
+
+    ref = EfficientNet.from_name("efficientnet-lite0", image_size=(128, 128))
+    ref.load_state_dict(torch.load(default_weights_path(), weights_only=True))
+    ref.eval()
+    x = torch.from_numpy(preprocess(sample_images[:3], default_spec()))
+    with torch.inference_mode():
+        want = ref.extract_features(x).mean(dim=(2, 3))
+        got = model.backbone_features(x)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
+
+
+def test_head_is_a_seeded_orthogonal_projection_keeping_geometry(model, sample_images):
+    w = model.head.proj.weight.detach().double()
+    np.testing.assert_allclose((w @ w.T).numpy(), np.eye(256), atol=1e-5)
+    again = build_default_model(seed=0)
+    other = build_default_model(seed=1)
+    assert torch.equal(again.head.proj.weight, model.head.proj.weight)
+    assert not torch.allclose(other.head.proj.weight, model.head.proj.weight)
+    # The untrained embedding ranks pairs as the pooled pretrained features do.
+    x = torch.from_numpy(preprocess(sample_images, default_spec()))
+    with torch.inference_mode():
+        feats = model.backbone_features(x)
+        emb = model.embed_features(feats)
+    f = torch.nn.functional.normalize(feats, dim=1)
+    iu = np.triu_indices(len(sample_images), 1)
+    before, after = (f @ f.T).numpy()[iu], (emb @ emb.T).numpy()[iu]
+    assert np.corrcoef(before, after)[0, 1] > 0.9
+
+
+def test_save_and_load_round_trip(tmp_path, model, sample_images):
+    trained = build_default_model(dim=64, seed=5)
+    with torch.no_grad():
+        trained.head.bn.running_mean.add_(0.3)  # state a fresh build would not have
+    save_model(trained, tmp_path)
+    loaded = load_model(tmp_path)
+    x = torch.from_numpy(preprocess(sample_images[:2], default_spec()))
+    with torch.inference_mode():
+        np.testing.assert_array_equal(loaded(x).numpy(), trained(x).numpy())
+    assert loaded.dim == 64 and load_spec(tmp_path) == default_spec()
+    with pytest.raises(ValueError, match="no saved model"):
+        load_model(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------- repository
+def test_config_round_trip_and_missing_preprocessing():
+    spec = ModelSpec(name="dino", input_size=(224, 224), layout="NHWC", dtype="FP16")
+    cfg = parse_config(render_config(spec, dim=384, backend="python"))
+    assert spec_from_config(cfg) == spec
+    assert cfg["max_batch_size"] == 64 and cfg["output"][0]["dims"] == ["384"]
+    del cfg["parameters"]
+    with pytest.raises(ValueError, match="preprocess_mean"):
+        spec_from_config(cfg)
+
+
+def test_write_model_repository_versions(tmp_path, model):
+    model_dir = write_model_repository(tmp_path, model=model, max_batch_size=4, num_threads=1)
+    assert sorted(p.name for p in (model_dir / "1").iterdir()) == [
+        "__pycache__", "model.json", "model.pt", "model.py"
+    ]
+    cfg = parse_config((model_dir / "config.pbtxt").read_text())
+    assert cfg["backend"] == "python" and cfg["max_batch_size"] == 4
+    assert cfg["instance_group"] == [{"count": 1, "kind": "KIND_CPU"}]
+    assert "dynamic_batching" in cfg
+    assert cfg["parameters"]["torch_num_threads"]["string_value"] == "1"
+    assert spec_from_config(cfg) == default_spec()
+    assert next_version(tmp_path) == 2
+    with pytest.raises(FileExistsError):
+        write_model_repository(tmp_path, model=model)
+    with pytest.raises(ValueError, match="new model name"):
+        write_model_repository(tmp_path, version=2, model=build_default_model(dim=32))
+    assert next_version(tmp_path) == 2  # nothing half-written was left behind
+    assert [p.name for p in model_dir.iterdir() if p.name.startswith(".")] == []
