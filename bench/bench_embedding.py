@@ -14,6 +14,10 @@ Same model object, same preprocessed input, same image size. Fairness:
   ``--seconds`` each, ``--rounds`` times per batch size, and the median of each is reported,
   so a burst of foreign load hits both sides alike. Triton sits idle while torch runs.
 
+The last columns measure the product path end to end: JPEG bytes sent to reidal's gRPC
+EmbeddingService (which decodes, preprocesses and batches them to Triton), beside plain
+torch doing the same work in process (decode + preprocess + forward) on the same JPEGs.
+
 Target (issue): reidal+Triton >= 0.8x plain torch at batch 32 on CPU.
 """
 
@@ -43,14 +47,20 @@ def images_per_second(fn: Callable[[], object], batch: int, seconds: float) -> f
             return n * batch / elapsed
 
 
-def bench_service(batch: np.ndarray) -> float | None:
-    """HOOK: reidal's gRPC embedding service.
+def encoded_images(n: int, size: int) -> list[bytes]:
+    """``n`` JPEG-encoded images of the synthetic re-ID generator, as a client would send."""
+    import io
 
-    When the embedding service exists, measure images/s through it here (its client call on
-    the same preprocessed batch, or on encoded images) and return it; main() prints it beside
-    the direct Triton number. Returns None until then.
-    """
-    return None
+    from reidal.data.synthetic_images import SyntheticConfig, iter_images
+
+    out: list[bytes] = []
+    for _, _, img in iter_images(SyntheticConfig(image_size=size, n_individuals=max(4, n // 4))):
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+        if len(out) == n:
+            return out
+    raise ValueError(f"the generator made fewer than {n} images")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,13 +72,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args(argv)
 
+    import io
+
+    import grpc
     import torch
+    from PIL import Image
 
     from reidal.embedding.model import build_default_model
+    from reidal.embedding.preprocess import preprocess
     from reidal.embedding.spec import default_spec
     from reidal.embedding.triton_client import TritonEmbedder
     from reidal.embedding.triton_repo import write_model_repository
     from reidal.embedding.triton_server import TritonServer
+    from reidal.grpc_server import build_server
+    from reidal.services.embedding import EmbeddingServicer
+    from reidal.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
 
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
@@ -78,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     max_bs = max(args.batch_sizes)
     data = rng.standard_normal((max_bs, 3, *size)).astype(np.float32)
+    jpegs = encoded_images(max_bs, args.image_size)
 
     with tempfile.TemporaryDirectory(prefix="reidal-bench-") as tmp:
         write_model_repository(
@@ -88,12 +107,17 @@ def main(argv: list[str] | None = None) -> int:
         with TritonServer(Path(tmp) / "repo", workdir=Path(tmp) / "server") as server:
             started = time.perf_counter() - t0
             client = TritonEmbedder(server.grpc_url, spec, timeout_s=120)
+            servicer = EmbeddingServicer(server.grpc_url, spec.name, batch_size=max_bs)
+            service = build_server([servicer.binding()], address="127.0.0.1:0")
+            channel = grpc.insecure_channel(service.address)
+            stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
             print(
                 f"# Triton {server.grpc_url} ready in {started:.1f} s; threads={args.threads} "
                 f"(torch here and torch_num_threads in Triton), image {size[0]}x{size[1]}, "
                 f"{args.rounds} rounds x {args.seconds:g} s, median"
             )
-            print(f"{'batch':>5} {'torch img/s':>12} {'triton img/s':>13} {'ratio':>6} {'service':>8}")
+            print(f"{'batch':>5} {'torch img/s':>12} {'triton img/s':>13} {'ratio':>6} "
+                  f"{'torch+decode':>13} {'reidal img/s':>13} {'ratio':>6}")
             for bs in args.batch_sizes:
                 x = data[:bs]
                 xt = torch.from_numpy(x)
@@ -105,17 +129,34 @@ def main(argv: list[str] | None = None) -> int:
                 def run_triton(x: np.ndarray = x) -> object:
                     return client.embed(x)
 
+                request = embedding_pb2.EmbedRequest(images=[
+                    common_pb2.Image(id=f"img{i}", data=b) for i, b in enumerate(jpegs[:bs])])
+
+                def run_torch_full(blobs: list[bytes] = jpegs[:bs]) -> object:
+                    imgs = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
+                    with torch.inference_mode():
+                        return model(torch.from_numpy(preprocess(imgs, spec)))
+
+                def run_service(request: embedding_pb2.EmbedRequest = request) -> object:
+                    return stub.Embed(request, timeout=120)
+
                 # Same vectors first: the comparison is only meaningful for the same model.
                 diff = np.abs(client.embed(x).vectors - run_torch().numpy()).max()
                 assert diff < 1e-4, f"Triton and torch disagree by {diff}"
-                t_torch, t_triton = [], []
+                got = np.array([e.vector for e in run_service().embeddings], dtype=np.float32)
+                diff = np.abs(got - run_torch_full().numpy()).max()
+                assert diff < 1e-4, f"reidal's service and torch disagree by {diff}"
+                runs: dict[str, list[float]] = {"torch": [], "triton": [], "full": [], "svc": []}
                 for _ in range(args.rounds):
-                    t_torch.append(images_per_second(run_torch, bs, args.seconds))
-                    t_triton.append(images_per_second(run_triton, bs, args.seconds))
-                a, b = statistics.median(t_torch), statistics.median(t_triton)
-                svc = bench_service(x)
-                svc_text = f"{svc:8.1f}" if svc is not None else f"{'hook':>8}"
-                print(f"{bs:>5} {a:12.1f} {b:13.1f} {b / a:6.2f} {svc_text}", flush=True)
+                    for key, fn in (("torch", run_torch), ("triton", run_triton),
+                                    ("full", run_torch_full), ("svc", run_service)):
+                        runs[key].append(images_per_second(fn, bs, args.seconds))
+                a, b, c, d = (statistics.median(runs[k]) for k in ("torch", "triton", "full", "svc"))
+                print(f"{bs:>5} {a:12.1f} {b:13.1f} {b / a:6.2f} {c:13.1f} {d:13.1f} {d / c:6.2f}",
+                      flush=True)
+            channel.close()
+            service.stop(grace=1)
+            servicer.close()
             client.close()
     return 0
 

@@ -506,28 +506,19 @@ def test_full_sampler_with_constraints_never_reasks(reid_world):
 
 def test_closed_loop_raises_f1_and_asks_less_later(reid_world):
     from reidal.core.clustering import DBSCANJaccard
-    from reidal.core.evaluation import pairwise_scores
-    from reidal.core.np3 import NP3
+    from reidal.core.loop import ActiveLearningLoop
     from reidal.core.oracle import SimulatedOracle
 
     X, truth = reid_world
-    n = X.shape[0]
     dbscan = DBSCANJaccard(k1=20)
-    aas = AmbiguityAwareSampler(dbscan=dbscan)
-    oracle = SimulatedOracle(truth, seed=0)
-    base = dbscan(X)
-    f1 = [pairwise_scores(base, truth)["f1"]]
-    asked, answers, counts = np.empty((0, 2), np.int64), np.empty(0, bool), []
-    cs = ConstraintSet(n)
-    for cycle in range(5):
-        batch = aas.sample(X, cs, 80, seed=cycle).as_array()
-        # Never the same pair twice over the whole run.
-        assert not ({tuple(p) for p in batch.tolist()} & {tuple(p) for p in asked.tolist()})
-        asked = np.concatenate([asked, batch])
-        answers = np.concatenate([answers, oracle(batch)])
-        counts.append(len(batch))
-        cs = ConstraintSet.from_pairs(n, asked[answers], asked[~answers])
-        f1.append(pairwise_scores(NP3()(base, X, cs).labels, truth)["f1"])
+    loop = ActiveLearningLoop(AmbiguityAwareSampler(dbscan=dbscan), clustering=dbscan,
+                              budget_per_cycle=80, cycles=5, seed=0)
+    result = loop.run(X, SimulatedOracle(truth, seed=0), true_labels=truth)
+    asked = np.concatenate([r.pairs for r in result.reports])
+    # Never the same pair twice over the whole run.
+    assert len({tuple(p) for p in asked.tolist()}) == len(asked)
+    counts = [r.pairs_asked for r in result.reports]
+    f1 = [result.initial_quality["f1"]] + [r.quality["f1"] for r in result.reports]
     assert counts[0] == 80
     assert counts[-1] < counts[0] and sum(counts[2:]) < counts[0]
     assert f1[-1] > f1[0] + 0.01, f1

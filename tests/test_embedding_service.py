@@ -20,6 +20,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 from prometheus_client import REGISTRY, CollectorRegistry
+
+from reidal.embedding.preprocess import preprocess
+from reidal.grpc_server import RunningServer, build_server
+from reidal.metrics import RpcMetrics
 from reidal.services.embedding import (
     SERVICE_NAME,
     Cancelled,
@@ -27,10 +31,6 @@ from reidal.services.embedding import (
     EmbeddingServicer,
     ImageItem,
 )
-
-from reidal.embedding.preprocess import preprocess
-from reidal.grpc_server import RunningServer, build_server
-from reidal.metrics import RpcMetrics
 from reidal.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
 
 

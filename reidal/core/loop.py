@@ -39,6 +39,18 @@ class CycleReport:
     seconds: float
     quality: dict[str, float] = field(default_factory=dict)  # vs ground truth, when known
     stats: dict[str, Any] = field(default_factory=dict)  # the sampler's own counts
+    pairs: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.int64))  # asked
+
+
+@dataclass
+class LoopResult:
+    """Every cycle's report, plus the state the loop ends in and the state it started from."""
+
+    reports: list[CycleReport]
+    constraints: ConstraintSet
+    labels: np.ndarray  # NP3-refined pseudo-labels after the last cycle
+    initial_labels: np.ndarray  # the clustering before any answer of this run
+    initial_quality: dict[str, float]  # its quality vs ground truth, when known
 
 
 class ActiveLearningLoop:
@@ -81,9 +93,11 @@ class ActiveLearningLoop:
         *,
         true_labels: np.ndarray | None = None,
         constraints: ConstraintSet | None = None,
+        on_start: Callable[[dict[str, float]], None] | None = None,
         on_cycle: Callable[[CycleReport], None] | None = None,
-    ) -> tuple[list[CycleReport], ConstraintSet, np.ndarray]:
-        """Returns the per-cycle reports, the final constraint set and the refined labels."""
+    ) -> LoopResult:
+        """Run every cycle. ``on_start`` sees the initial clustering's quality (empty without
+        ground truth) before the first cycle; ``on_cycle`` each report as its cycle ends."""
         X = check_embeddings(X, min_rows=2)
         n = X.shape[0]
         truth = None if true_labels is None else check_labels(true_labels, n, name="true_labels")
@@ -92,6 +106,9 @@ class ActiveLearningLoop:
         cs = constraints if constraints is not None else ConstraintSet(n)
         base_labels = np.asarray(clustering(X), dtype=np.int64)
         labels = base_labels
+        initial_quality = clustering_quality(base_labels, truth) if truth is not None else {}
+        if on_start is not None:
+            on_start(initial_quality)
         next_id = max((a.answer_id for a in cs.answers), default=-1) + 1
         reports: list[CycleReport] = []
         asked = 0
@@ -120,8 +137,9 @@ class ActiveLearningLoop:
                 seconds=time.perf_counter() - t0,
                 quality=clustering_quality(labels, truth) if truth is not None else {},
                 stats=batch.stats,
+                pairs=pairs,
             )
             reports.append(report)
             if on_cycle is not None:
                 on_cycle(report)
-        return reports, cs, labels
+        return LoopResult(reports, cs, labels, base_labels, initial_quality)

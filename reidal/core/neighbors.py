@@ -62,7 +62,9 @@ class KNNIndex:
     ``index``: "flat" is exact (``IndexFlatIP``); "hnsw" (``IndexHNSWFlat``) and "ivf"
     (``IndexIVFFlat``, trained on a seeded sample) are approximate, measure them with
     :func:`approximate_recall`. A query row for which an approximate index returns fewer
-    than k hits is searched again exactly, so results never hold -1.
+    than k hits is searched again exactly, so results never hold -1. Flat search is
+    deterministic; faiss builds HNSW graphs with several threads, so "hnsw" may differ
+    slightly between runs.
 
     ``use_gpu``: "auto" moves flat / ivf indexes to the GPU when faiss has GPU support and a
     GPU is present; ``True`` requires it (``ValueError`` otherwise); ``False`` never does.
