@@ -11,7 +11,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     budget: float | int = float(args.budget) if "." in args.budget else int(args.budget)
     run_demo(args.out, cycles=args.cycles, budget_per_cycle=budget, seed=args.seed,
-             n_individuals=args.individuals)
+             n_individuals=args.individuals, dataset_csv=args.dataset)
     return 0
 
 
@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--individuals", type=int, default=None,
                       help="individuals in the generated collection (default: the generator's)")
+    demo.add_argument("--dataset", default=None, metavar="CSV",
+                      help="run on a WildlifeDatasets metadata CSV (image_id, identity, path) "
+                           "instead of the generated collection")
     demo.set_defaults(func=_demo)
     return parser
 

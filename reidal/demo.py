@@ -104,7 +104,10 @@ def embed_over_grpc(address: str, ids: Sequence[str], paths: Sequence[Path],
 
 def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
              budget_per_cycle: float | int = DEMO_BUDGET_PER_CYCLE, seed: int = 0,
-             n_individuals: int | None = None) -> DemoResult:
+             n_individuals: int | None = None, dataset_csv: str | Path | None = None
+             ) -> DemoResult:
+    """Run the demo; with ``dataset_csv`` (WildlifeDatasets layout) on that data instead of
+    the generated collection. Output lands in ``out_dir``."""
     from reidal.core.aas import AmbiguityAwareSampler
     from reidal.core.clustering import DBSCANJaccard, FinchFirstPartition
     from reidal.core.evaluation import evaluate_open_set, open_set_split
@@ -120,10 +123,14 @@ def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
     config = SyntheticConfig(seed=seed) if n_individuals is None else SyntheticConfig(
         seed=seed, n_individuals=n_individuals)
 
-    _say(f"[1/5] generating the synthetic collection ({config.n_individuals} individuals) "
-         f"in {out / 'collection'}")
     t = time.perf_counter()
-    dataset = load_wildlife_csv(generate_dataset(config, out / "collection"))
+    if dataset_csv is not None:
+        _say(f"[1/5] loading the collection {dataset_csv}")
+        dataset = load_wildlife_csv(dataset_csv)
+    else:
+        _say(f"[1/5] generating the synthetic collection ({config.n_individuals} individuals) "
+             f"in {out / 'collection'}")
+        dataset = load_wildlife_csv(generate_dataset(config, out / "collection"))
     _say(f"  {len(dataset)} images of {len(dataset.identity_names)} individuals "
          f"({time.perf_counter() - t:.1f} s)")
 
