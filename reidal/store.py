@@ -1,7 +1,9 @@
 """The durable store: SQLite in WAL mode, one file in the data directory.
 
-Everything a restart needs lives here: collections, images, vectors, query batches,
-answers (with their full history) and idempotency records. Every answer a person gave is
+Everything a restart needs lives here: collections, images (and where their pixels are),
+vectors, query batches and their pairs, answers (with their full history), idempotency
+records, the last identity assignment and long-running operations. Image bytes themselves
+live beside the database (:mod:`reidal.blobs`), named by their SHA-256. Every answer a person gave is
 precious, so writes commit with ``synchronous=FULL`` before the call returns: once
 :meth:`Store.submit_answers` has returned, the answer survives a crash or power cut.
 
@@ -15,7 +17,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from reidal.errors import AlreadyExists, InvalidArgument, NotFound
+from reidal.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LABELS = ("SAME", "DIFFERENT", "UNSURE")
 
 _SCHEMA = """
@@ -95,6 +97,86 @@ CREATE TABLE IF NOT EXISTS audit (
     detail TEXT NOT NULL DEFAULT '{}',
     at REAL NOT NULL
 );
+-- Schema 2 (tables only added, so a schema-1 file upgrades in place).
+-- Where an image's pixels are: bytes kept as a blob (kind 'data', sha256 of the bytes) or
+-- a URI the server reads (kind 'uri', sha256 of the URI text). Lets AddImages tell a
+-- resent image from a changed one, and EmbedCollection re-embed a collection.
+CREATE TABLE IF NOT EXISTS image_sources (
+    collection_id TEXT NOT NULL,
+    image_id TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('data', 'uri')),
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (collection_id, image_id),
+    FOREIGN KEY (collection_id, image_id) REFERENCES images (collection_id, image_id)
+        ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS batches (
+    collection_id TEXT NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
+    batch_id TEXT NOT NULL,
+    cycle INTEGER NOT NULL,
+    budget INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    finished INTEGER NOT NULL,
+    model_name TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    filter TEXT NOT NULL DEFAULT '{}',
+    n_items INTEGER NOT NULL,
+    stats TEXT NOT NULL DEFAULT '{}',
+    request_id TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    PRIMARY KEY (collection_id, batch_id)
+);
+CREATE INDEX IF NOT EXISTS batches_by_cycle ON batches (collection_id, cycle);
+CREATE UNIQUE INDEX IF NOT EXISTS batches_by_request ON batches (collection_id, request_id)
+    WHERE request_id != '';
+CREATE TABLE IF NOT EXISTS batch_pairs (
+    collection_id TEXT NOT NULL,
+    pair_id TEXT NOT NULL,
+    batch_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    image_a TEXT NOT NULL,
+    image_b TEXT NOT NULL,
+    pool TEXT NOT NULL,
+    region INTEGER NOT NULL,
+    probability REAL NOT NULL,
+    similarity REAL NOT NULL,
+    PRIMARY KEY (collection_id, pair_id),
+    FOREIGN KEY (collection_id, batch_id) REFERENCES batches (collection_id, batch_id)
+        ON DELETE CASCADE,
+    CHECK (image_a < image_b)
+);
+CREATE INDEX IF NOT EXISTS batch_pairs_by_batch ON batch_pairs (collection_id, batch_id, position);
+CREATE INDEX IF NOT EXISTS batch_pairs_by_images ON batch_pairs (collection_id, image_a, image_b);
+-- The identity of every image at the last GetIdentities, so ids stay stable across calls.
+CREATE TABLE IF NOT EXISTS identities (
+    collection_id TEXT NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
+    image_id TEXT NOT NULL,
+    identity_id TEXT NOT NULL,
+    PRIMARY KEY (collection_id, image_id)
+);
+-- Per-collection counters (e.g. the next identity number: identity ids are never reused).
+CREATE TABLE IF NOT EXISTS counters (
+    collection_id TEXT NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    value INTEGER NOT NULL,
+    PRIMARY KEY (collection_id, name)
+);
+CREATE TABLE IF NOT EXISTS operations (
+    operation_id TEXT PRIMARY KEY,
+    collection_id TEXT NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('PENDING', 'RUNNING', 'SUCCEEDED', 'FAILED')),
+    done INTEGER NOT NULL DEFAULT 0,
+    total INTEGER NOT NULL DEFAULT 0,
+    stage TEXT NOT NULL DEFAULT '',
+    error_code TEXT NOT NULL DEFAULT '',
+    error_message TEXT NOT NULL DEFAULT '',
+    result TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS operations_by_collection ON operations (collection_id, created_at);
 """
 
 
@@ -148,6 +230,86 @@ class StoredAnswer:
     request_id: str
     superseded_by: int | None
     deleted: bool
+    started_at: float | None = None
+    ended_at: float | None = None
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where an image's pixels are: a blob named by ``sha256`` (kind ``data``) or ``uri``."""
+
+    kind: str  # 'data' or 'uri'
+    sha256: str  # of the bytes (data) or of the URI text (uri)
+    size: int = 0  # bytes of a data image
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    """An image as listed: ingest position, ids, metadata and exclusion."""
+
+    seq: int
+    image_id: str
+    uri: str
+    name: str
+    metadata: dict[str, str]
+    excluded_reason: str | None
+    added_at: float
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """One pair of a stored query batch; ``image_a < image_b``."""
+
+    pair_id: str
+    image_a: str
+    image_b: str
+    pool: str
+    region: int
+    probability: float
+    similarity: float
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """A stored query batch (its pairs are read with :meth:`Store.batch_pairs`)."""
+
+    batch_id: str
+    cycle: int
+    budget: int
+    reason: str
+    finished: bool
+    model_name: str
+    model_version: str
+    filter: dict[str, Any]
+    n_items: int
+    stats: dict[str, Any]
+    request_id: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class OperationRecord:
+    """A long-running operation's durable state."""
+
+    operation_id: str
+    collection_id: str
+    kind: str
+    state: str  # PENDING, RUNNING, SUCCEEDED, FAILED
+    done: int
+    total: int
+    stage: str
+    error_code: str
+    error_message: str
+    result: dict[str, Any]
+    created_at: float
+    updated_at: float
+
+    @property
+    def final(self) -> bool:
+        return self.state in ("SUCCEEDED", "FAILED")
+
+
+OPERATION_STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED")
 
 
 def _now() -> float:
@@ -171,7 +333,7 @@ class Store:
         self._db.row_factory = sqlite3.Row
         self._db.executescript(_SCHEMA)
         self._db.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
         )
 
@@ -347,6 +509,53 @@ class Store:
         row is kept for the audit history. With a ``request_id`` the (caller-built) response is
         stored in the same transaction, so a retried request can be replayed exactly.
         """
+        self._check_answers(collection_id, answers)
+        with self._tx() as db:
+            seqs = self._insert_answers(db, collection_id, answers, request_id)
+            if request_id:
+                db.execute(
+                    "INSERT INTO requests (collection_id, request_id, response, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (collection_id, request_id, json.dumps(response or {"seqs": seqs}), _now()),
+                )
+        return seqs
+
+    def submit_answers_once(
+        self,
+        collection_id: str,
+        answers: Sequence[AnswerIn],
+        *,
+        request_id: str = "",
+        respond: Callable[[list[int]], dict[str, Any]] | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """Store answers unless ``request_id`` was seen; returns ``(response, replayed)``.
+
+        The replay check, the inserts and the stored response share one transaction, so two
+        concurrent retries of one request store it once. ``respond(seqs)`` builds the response
+        inside that transaction, after the inserts: it may read the store (same connection)
+        and sees the new answers, so contradiction checks cover exactly what was committed.
+        The default response is ``{"seqs": seqs}``.
+        """
+        self._check_answers(collection_id, answers)
+        with self._tx() as db:
+            if request_id:
+                row = db.execute(
+                    "SELECT response FROM requests WHERE collection_id = ? AND request_id = ?",
+                    (collection_id, request_id),
+                ).fetchone()
+                if row is not None:
+                    return json.loads(row["response"]), True
+            seqs = self._insert_answers(db, collection_id, answers, request_id)
+            response = respond(seqs) if respond is not None else {"seqs": seqs}
+            if request_id:
+                db.execute(
+                    "INSERT INTO requests (collection_id, request_id, response, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (collection_id, request_id, json.dumps(response), _now()),
+                )
+        return response, False
+
+    def _check_answers(self, collection_id: str, answers: Sequence[AnswerIn]) -> None:
         self.get_collection(collection_id)
         known = {r.image_id for r in self.images(collection_id)}
         for a in answers:
@@ -357,31 +566,27 @@ class Store:
                     raise NotFound(f"image {iid!r} is not in collection {collection_id!r}")
             if a.image_a == a.image_b:
                 raise InvalidArgument(f"an answer pairs image {a.image_a!r} with itself")
+
+    def _insert_answers(self, db: sqlite3.Connection, collection_id: str,
+                        answers: Sequence[AnswerIn], request_id: str) -> list[int]:
         seqs: list[int] = []
-        with self._tx() as db:
-            for a in answers:
-                lo, hi = sorted((a.image_a, a.image_b))
-                cur = db.execute(
-                    "INSERT INTO answers (collection_id, image_a, image_b, label, annotator, confidence,"
-                    " tags, note, started_at, ended_at, received_at, batch_id, pair_id, request_id)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (collection_id, lo, hi, a.label, a.annotator, a.confidence,
-                     json.dumps(list(a.tags)), a.note, a.started_at, a.ended_at, _now(),
-                     a.batch_id, a.pair_id, request_id),
-                )
-                seq = int(cur.lastrowid)
-                db.execute(
-                    "UPDATE answers SET superseded_by = ? WHERE collection_id = ? AND image_a = ?"
-                    " AND image_b = ? AND seq < ? AND superseded_by IS NULL AND deleted_at IS NULL",
-                    (seq, collection_id, lo, hi, seq),
-                )
-                seqs.append(seq)
-            if request_id:
-                db.execute(
-                    "INSERT INTO requests (collection_id, request_id, response, created_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    (collection_id, request_id, json.dumps(response or {"seqs": seqs}), _now()),
-                )
+        for a in answers:
+            lo, hi = sorted((a.image_a, a.image_b))
+            cur = db.execute(
+                "INSERT INTO answers (collection_id, image_a, image_b, label, annotator, confidence,"
+                " tags, note, started_at, ended_at, received_at, batch_id, pair_id, request_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (collection_id, lo, hi, a.label, a.annotator, a.confidence,
+                 json.dumps(list(a.tags)), a.note, a.started_at, a.ended_at, _now(),
+                 a.batch_id, a.pair_id, request_id),
+            )
+            seq = int(cur.lastrowid)
+            db.execute(
+                "UPDATE answers SET superseded_by = ? WHERE collection_id = ? AND image_a = ?"
+                " AND image_b = ? AND seq < ? AND superseded_by IS NULL AND deleted_at IS NULL",
+                (seq, collection_id, lo, hi, seq),
+            )
+            seqs.append(seq)
         return seqs
 
     def answers(self, collection_id: str, *, current_only: bool = True) -> list[StoredAnswer]:
@@ -391,9 +596,11 @@ class Store:
             sql += " AND superseded_by IS NULL AND deleted_at IS NULL"
         return [_answer(r) for r in self._query(sql + " ORDER BY seq", (collection_id,))]
 
-    def delete_answer(self, collection_id: str, seq: int, *, actor: str = "", reason: str = "") -> None:
+    def delete_answer(self, collection_id: str, seq: int, *, actor: str = "",
+                      reason: str = "") -> int | None:
         """Soft-delete (audited): the row stays, marked deleted; the previous answer on the pair,
-        if any, becomes current again."""
+        if any, becomes current again. Returns the seq of the answer made current again, if
+        deleting made one current (None when the deleted answer was not the current one)."""
         with self._tx() as db:
             row = db.execute(
                 "SELECT image_a, image_b, deleted_at FROM answers WHERE collection_id = ? AND seq = ?",
@@ -408,9 +615,443 @@ class Store:
                 " AND deleted_at IS NULL",
                 (collection_id, row["image_a"], row["image_b"]),
             ).fetchone()[0]
+            restored = None
             if prev is not None:
-                db.execute("UPDATE answers SET superseded_by = NULL WHERE seq = ?", (prev,))
+                cur = db.execute("UPDATE answers SET superseded_by = NULL WHERE seq = ?"
+                                 " AND superseded_by IS NOT NULL", (prev,))
+                restored = int(prev) if cur.rowcount else None
             self._audit(db, collection_id, "delete_answer", actor, {"seq": seq, "reason": reason})
+        return restored
+
+    # -- schema 2: image sources, ingest, counts --------------------------------------------
+    def ping(self) -> bool:
+        """True when the database answers (the readiness probe of the stateful services)."""
+        return self._query("SELECT 1")[0][0] == 1
+
+    def set_model(self, collection_id: str, model_name: str, model_version: str, *,
+                  actor: str = "") -> None:
+        """Switch the collection to another model version (audited)."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE collections SET model_name = ?, model_version = ? WHERE id = ?",
+                             (model_name, model_version, collection_id))
+            if cur.rowcount == 0:
+                raise NotFound(f"collection {collection_id!r} does not exist")
+            self._audit(db, collection_id, "set_model", actor,
+                        {"model_name": model_name, "model_version": model_version})
+
+    def image_sources(self, collection_id: str,
+                      image_ids: Iterable[str] | None = None) -> dict[str, ImageSource]:
+        """Where the pixels of (some of) a collection's images are, by image id."""
+        rows = self._query(
+            "SELECT image_id, kind, sha256, size FROM image_sources WHERE collection_id = ?",
+            (collection_id,),
+        )
+        wanted = None if image_ids is None else set(image_ids)
+        return {r["image_id"]: ImageSource(r["kind"], r["sha256"], r["size"]) for r in rows
+                if wanted is None or r["image_id"] in wanted}
+
+    def referenced_blobs(self) -> set[str]:
+        """SHA-256 of every blob some image of some collection still uses."""
+        return {r[0] for r in self._query("SELECT DISTINCT sha256 FROM image_sources"
+                                          " WHERE kind = 'data'")}
+
+    def present_image_ids(self, collection_id: str, image_ids: Iterable[str]) -> set[str]:
+        """The ids among ``image_ids`` that are images of the collection."""
+        wanted = sorted(set(image_ids))
+        out: set[str] = set()
+        for start in range(0, len(wanted), 500):  # SQLite's bound-parameter limit
+            chunk = wanted[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            out.update(r[0] for r in self._query(
+                f"SELECT image_id FROM images WHERE collection_id = ? AND image_id IN ({marks})",
+                (collection_id, *chunk)))
+        return out
+
+    def vector_ids(self, collection_id: str, model_name: str, model_version: str) -> set[str]:
+        """Ids of the images that have a vector of this model version."""
+        rows = self._query(
+            "SELECT image_id FROM vectors WHERE collection_id = ? AND model_name = ?"
+            " AND model_version = ?", (collection_id, model_name, model_version))
+        return {r["image_id"] for r in rows}
+
+    def ingest(
+        self,
+        collection_id: str,
+        images: Sequence[ImageRecord],
+        sources: Mapping[str, ImageSource],
+        *,
+        model_name: str = "",
+        model_version: str = "",
+        vector_ids: Sequence[str] = (),
+        vectors: np.ndarray | None = None,
+    ) -> tuple[int, int]:
+        """Add images with their sources and vectors in one transaction: all or nothing.
+
+        Idempotent per image id like :meth:`add_images` (an id already present keeps its
+        record and source). Vectors are stored for ``vector_ids`` under the model version;
+        a collection whose model version is still empty is pinned to ``model_version``,
+        and vectors of any other version than the collection's are refused.
+        Returns (added, already_present).
+        """
+        vecs = None
+        if vectors is not None or len(vector_ids):
+            vecs = np.ascontiguousarray(vectors, dtype=np.float32)
+            if vecs.ndim != 2 or vecs.shape[0] != len(vector_ids):
+                raise InvalidArgument(
+                    f"got {len(vector_ids)} image ids but vectors of shape {vecs.shape}")
+            if not model_name or not model_version:
+                raise InvalidArgument("vectors need a model name and version")
+        added = present = 0
+        with self._tx() as db:
+            col = db.execute("SELECT model_name, model_version FROM collections WHERE id = ?",
+                             (collection_id,)).fetchone()
+            if col is None:
+                raise NotFound(f"collection {collection_id!r} does not exist")
+            if vecs is not None:
+                if col["model_version"] == "":
+                    db.execute("UPDATE collections SET model_name = ?, model_version = ?"
+                               " WHERE id = ?", (model_name, model_version, collection_id))
+                elif (col["model_name"], col["model_version"]) != (model_name, model_version):
+                    raise FailedPrecondition(
+                        f"collection {collection_id!r} uses model {col['model_name']} version "
+                        f"{col['model_version']}, not {model_name} version {model_version}")
+            (seq,) = db.execute(
+                "SELECT COALESCE(MAX(seq) + 1, 0) FROM images WHERE collection_id = ?",
+                (collection_id,),
+            ).fetchone()
+            now = _now()
+            for img in images:
+                if not img.image_id:
+                    raise InvalidArgument("image id must be a non-empty string")
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO images (collection_id, image_id, seq, uri, name, metadata,"
+                    " added_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (collection_id, img.image_id, seq, img.uri, img.name,
+                     json.dumps(img.metadata, sort_keys=True), now),
+                )
+                if cur.rowcount:
+                    added += 1
+                    seq += 1
+                    src = sources.get(img.image_id)
+                    if src is not None:
+                        db.execute(
+                            "INSERT OR REPLACE INTO image_sources (collection_id, image_id, kind,"
+                            " sha256, size) VALUES (?, ?, ?, ?, ?)",
+                            (collection_id, img.image_id, src.kind, src.sha256, src.size))
+                else:
+                    present += 1
+            if vecs is not None and len(vector_ids):
+                db.executemany(
+                    "INSERT OR REPLACE INTO vectors (collection_id, model_name, model_version,"
+                    " image_id, vector) VALUES (?, ?, ?, ?, ?)",
+                    [(collection_id, model_name, model_version, iid, v.tobytes())
+                     for iid, v in zip(vector_ids, vecs, strict=True)],
+                )
+        return added, present
+
+    def list_images(self, collection_id: str, *, after_seq: int = -1,
+                    limit: int | None = None) -> list[ImageRow]:
+        """Images in ingest order after position ``after_seq`` (for paging)."""
+        sql = "SELECT * FROM images WHERE collection_id = ? AND seq > ? ORDER BY seq"
+        args: list[Any] = [collection_id, after_seq]
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(int(limit))
+        return [ImageRow(r["seq"], r["image_id"], r["uri"], r["name"], json.loads(r["metadata"]),
+                         r["excluded_reason"], r["added_at"]) for r in self._query(sql, args)]
+
+    def restore_image(self, collection_id: str, image_id: str, *, actor: str = "") -> None:
+        """Undo :meth:`exclude_image` (audited)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE images SET excluded_reason = NULL WHERE collection_id = ? AND image_id = ?",
+                (collection_id, image_id),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"image {image_id!r} is not in collection {collection_id!r}")
+            self._audit(db, collection_id, "restore_image", actor, {"image_id": image_id})
+
+    def counts(self, collection_id: str) -> dict[str, int]:
+        """Images, excluded images, images with a vector of the collection's model, current
+        answers and pairs asked so far."""
+        col = self.get_collection(collection_id)
+        q = self._query(
+            "SELECT"
+            " (SELECT COUNT(*) FROM images WHERE collection_id = :c) AS images,"
+            " (SELECT COUNT(*) FROM images WHERE collection_id = :c"
+            "   AND excluded_reason IS NOT NULL) AS excluded,"
+            " (SELECT COUNT(*) FROM vectors v JOIN images i ON i.collection_id = v.collection_id"
+            "   AND i.image_id = v.image_id WHERE v.collection_id = :c AND v.model_name = :m"
+            "   AND v.model_version = :v) AS embedded,"
+            " (SELECT COUNT(*) FROM answers WHERE collection_id = :c AND superseded_by IS NULL"
+            "   AND deleted_at IS NULL) AS answers,"
+            " (SELECT COUNT(*) FROM batch_pairs WHERE collection_id = :c) AS pairs_asked",
+            {"c": collection_id, "m": col.model_name, "v": col.model_version},
+        )[0]
+        return {k: int(q[k]) for k in ("images", "excluded", "embedded", "answers", "pairs_asked")}
+
+    # -- answers: lookups and paging ----------------------------------------------------------
+    def answer(self, collection_id: str, seq: int) -> StoredAnswer:
+        rows = self._query("SELECT * FROM answers WHERE collection_id = ? AND seq = ?",
+                           (collection_id, int(seq)))
+        if not rows:
+            raise NotFound(f"answer {seq} does not exist in collection {collection_id!r}")
+        return _answer(rows[0])
+
+    def answers_by_seq(self, collection_id: str, seqs: Iterable[int]) -> dict[int, StoredAnswer]:
+        wanted = sorted({int(s) for s in seqs})
+        out: dict[int, StoredAnswer] = {}
+        for start in range(0, len(wanted), 500):  # SQLite's bound-parameter limit
+            chunk = wanted[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for r in self._query(f"SELECT * FROM answers WHERE collection_id = ? AND seq IN ({marks})",
+                                 (collection_id, *chunk)):
+                out[r["seq"]] = _answer(r)
+        return out
+
+    def list_answers(
+        self,
+        collection_id: str,
+        *,
+        image_id: str = "",
+        annotator: str = "",
+        label: str = "",
+        batch_id: str = "",
+        include_history: bool = False,
+        before_seq: int | None = None,
+        limit: int = 100,
+    ) -> list[StoredAnswer]:
+        """Answers newest first, filtered; page with ``before_seq`` = last seq of a page."""
+        sql = "SELECT * FROM answers WHERE collection_id = ?"
+        args: list[Any] = [collection_id]
+        if not include_history:
+            sql += " AND superseded_by IS NULL AND deleted_at IS NULL"
+        if image_id:
+            sql += " AND (image_a = ? OR image_b = ?)"
+            args += [image_id, image_id]
+        for column, value in (("annotator", annotator), ("label", label), ("batch_id", batch_id)):
+            if value:
+                sql += f" AND {column} = ?"
+                args.append(value)
+        if before_seq is not None:
+            sql += " AND seq < ?"
+            args.append(int(before_seq))
+        sql += " ORDER BY seq DESC LIMIT ?"
+        args.append(int(limit))
+        return [_answer(r) for r in self._query(sql, args)]
+
+    def count_superseded_by(self, collection_id: str, seqs: Sequence[int]) -> int:
+        """How many answers the answers ``seqs`` superseded."""
+        total = 0
+        for start in range(0, len(seqs), 500):
+            chunk = [int(s) for s in seqs[start:start + 500]]
+            marks = ",".join("?" * len(chunk))
+            total += int(self._query(
+                f"SELECT COUNT(*) FROM answers WHERE collection_id = ? AND superseded_by IN ({marks})",
+                (collection_id, *chunk))[0][0])
+        return total
+
+    # -- query batches --------------------------------------------------------------------
+    def create_batch(
+        self,
+        collection_id: str,
+        make_id: Callable[[int], str],
+        pairs: Sequence[PairRecord],
+        *,
+        budget: int,
+        reason: str,
+        finished: bool,
+        model_name: str,
+        model_version: str,
+        filter: Mapping[str, Any] | None = None,
+        n_items: int = 0,
+        stats: Mapping[str, Any] | None = None,
+        request_id: str = "",
+    ) -> tuple[BatchRecord, bool]:
+        """Store a batch as the collection's next cycle; returns ``(batch, created)``.
+
+        One transaction: the cycle counter moves to the new cycle, ``make_id(cycle)`` names
+        the batch, and its pairs are stored, so a batch id and its pair ids are resolvable
+        the moment a client sees them. Pair ids are assigned here as ``"<batch id>/<k>"``
+        (k = draw position); the ``pair_id`` of the records passed in is ignored. With a
+        ``request_id`` already used by a batch of this collection, that batch is returned
+        instead (``created`` False) and nothing changes.
+        """
+        with self._tx() as db:
+            if request_id:
+                row = db.execute("SELECT * FROM batches WHERE collection_id = ? AND request_id = ?",
+                                 (collection_id, request_id)).fetchone()
+                if row is not None:
+                    return _batch(row), False
+            col = db.execute("SELECT cycle FROM collections WHERE id = ?",
+                             (collection_id,)).fetchone()
+            if col is None:
+                raise NotFound(f"collection {collection_id!r} does not exist")
+            cycle = int(col["cycle"]) + 1
+            batch_id = make_id(cycle)
+            now = _now()
+            db.execute(
+                "INSERT INTO batches (collection_id, batch_id, cycle, budget, reason, finished,"
+                " model_name, model_version, filter, n_items, stats, request_id, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (collection_id, batch_id, cycle, int(budget), reason, int(bool(finished)),
+                 model_name, model_version, json.dumps(dict(filter or {}), sort_keys=True),
+                 int(n_items), json.dumps(dict(stats or {}), sort_keys=True, default=float),
+                 request_id, now),
+            )
+            db.executemany(
+                "INSERT INTO batch_pairs (collection_id, pair_id, batch_id, position, image_a,"
+                " image_b, pool, region, probability, similarity)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(collection_id, f"{batch_id}/{k}", batch_id, k, p.image_a, p.image_b,
+                  p.pool, int(p.region), float(p.probability), float(p.similarity))
+                 for k, p in enumerate(pairs)],
+            )
+            db.execute("UPDATE collections SET cycle = ? WHERE id = ?", (cycle, collection_id))
+            row = db.execute("SELECT * FROM batches WHERE collection_id = ? AND batch_id = ?",
+                             (collection_id, batch_id)).fetchone()
+        return _batch(row), True
+
+    def batch(self, collection_id: str, batch_id: str) -> BatchRecord:
+        rows = self._query("SELECT * FROM batches WHERE collection_id = ? AND batch_id = ?",
+                           (collection_id, batch_id))
+        if not rows:
+            self.get_collection(collection_id)
+            raise NotFound(f"batch {batch_id!r} does not exist in collection {collection_id!r}")
+        return _batch(rows[0])
+
+    def batch_by_request(self, collection_id: str, request_id: str) -> BatchRecord | None:
+        if not request_id:
+            return None
+        rows = self._query("SELECT * FROM batches WHERE collection_id = ? AND request_id = ?",
+                           (collection_id, request_id))
+        return _batch(rows[0]) if rows else None
+
+    def batches(self, collection_id: str, *, after_cycle: int = 0) -> list[BatchRecord]:
+        """Batches with a cycle above ``after_cycle``, oldest first."""
+        rows = self._query("SELECT * FROM batches WHERE collection_id = ? AND cycle > ?"
+                           " ORDER BY cycle", (collection_id, int(after_cycle)))
+        return [_batch(r) for r in rows]
+
+    def batch_pairs(self, collection_id: str, batch_id: str) -> list[tuple[PairRecord, bool]]:
+        """The batch's pairs in draw order, each with whether it has a current answer now."""
+        rows = self._query(
+            "SELECT p.*, EXISTS (SELECT 1 FROM answers a WHERE a.collection_id = p.collection_id"
+            " AND a.image_a = p.image_a AND a.image_b = p.image_b AND a.superseded_by IS NULL"
+            " AND a.deleted_at IS NULL) AS answered"
+            " FROM batch_pairs p WHERE p.collection_id = ? AND p.batch_id = ? ORDER BY p.position",
+            (collection_id, batch_id),
+        )
+        return [(_pair(r), bool(r["answered"])) for r in rows]
+
+    def pairs_by_id(self, collection_id: str,
+                    pair_ids: Iterable[str]) -> dict[str, tuple[str, PairRecord]]:
+        """pair id -> (batch id, pair) for the ids that exist."""
+        wanted = sorted(set(pair_ids))
+        out: dict[str, tuple[str, PairRecord]] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._query(f"SELECT * FROM batch_pairs WHERE collection_id = ?"
+                               f" AND pair_id IN ({marks})", (collection_id, *chunk))
+            for r in rows:
+                out[r["pair_id"]] = (r["batch_id"], _pair(r))
+        return out
+
+    def pending_pairs(self, collection_id: str) -> list[tuple[str, str]]:
+        """Pairs asked in some batch that have no non-deleted answer yet."""
+        rows = self._query(
+            "SELECT DISTINCT p.image_a, p.image_b FROM batch_pairs p WHERE p.collection_id = ?"
+            " AND NOT EXISTS (SELECT 1 FROM answers a WHERE a.collection_id = p.collection_id"
+            " AND a.image_a = p.image_a AND a.image_b = p.image_b AND a.deleted_at IS NULL)",
+            (collection_id,),
+        )
+        return [(r["image_a"], r["image_b"]) for r in rows]
+
+    # -- identities -----------------------------------------------------------------------
+    def identity_assignment(self, collection_id: str) -> dict[str, str]:
+        """image id -> identity id of the last saved assignment."""
+        rows = self._query("SELECT image_id, identity_id FROM identities WHERE collection_id = ?",
+                           (collection_id,))
+        return {r["image_id"]: r["identity_id"] for r in rows}
+
+    def counter(self, collection_id: str, name: str, default: int = 0) -> int:
+        rows = self._query("SELECT value FROM counters WHERE collection_id = ? AND name = ?",
+                           (collection_id, name))
+        return int(rows[0]["value"]) if rows else default
+
+    def save_identities(self, collection_id: str, assignment: Mapping[str, str], *,
+                        counter_name: str, counter_value: int) -> None:
+        """Replace the saved assignment and move the id counter, in one transaction."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM collections WHERE id = ?", (collection_id,)).fetchone() is None:
+                raise NotFound(f"collection {collection_id!r} does not exist")
+            db.execute("DELETE FROM identities WHERE collection_id = ?", (collection_id,))
+            db.executemany(
+                "INSERT INTO identities (collection_id, image_id, identity_id) VALUES (?, ?, ?)",
+                [(collection_id, i, k) for i, k in assignment.items()],
+            )
+            db.execute("INSERT OR REPLACE INTO counters (collection_id, name, value) VALUES (?, ?, ?)",
+                       (collection_id, counter_name, int(counter_value)))
+
+    # -- operations -----------------------------------------------------------------------
+    def create_operation(self, operation_id: str, collection_id: str, kind: str, *,
+                         total: int = 0, result: Mapping[str, Any] | None = None) -> OperationRecord:
+        now = _now()
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM collections WHERE id = ?", (collection_id,)).fetchone() is None:
+                raise NotFound(f"collection {collection_id!r} does not exist")
+            db.execute(
+                "INSERT INTO operations (operation_id, collection_id, kind, state, total, result,"
+                " created_at, updated_at) VALUES (?, ?, ?, 'PENDING', ?, ?, ?, ?)",
+                (operation_id, collection_id, kind, int(total), json.dumps(dict(result or {})),
+                 now, now),
+            )
+        return self.operation(operation_id)
+
+    def update_operation(self, operation_id: str, *, state: str | None = None,
+                         done: int | None = None, total: int | None = None,
+                         stage: str | None = None, error_code: str | None = None,
+                         error_message: str | None = None,
+                         result: Mapping[str, Any] | None = None) -> None:
+        """Change some fields of an operation (a no-op when its collection is gone)."""
+        if state is not None and state not in OPERATION_STATES:
+            raise InvalidArgument(f"operation state must be one of {OPERATION_STATES}, got {state!r}")
+        sets, args = ["updated_at = ?"], [_now()]
+        for column, value in (("state", state), ("done", done), ("total", total),
+                              ("stage", stage), ("error_code", error_code),
+                              ("error_message", error_message)):
+            if value is not None:
+                sets.append(f"{column} = ?")
+                args.append(value)
+        if result is not None:
+            sets.append("result = ?")
+            args.append(json.dumps(dict(result)))
+        with self._tx() as db:
+            db.execute(f"UPDATE operations SET {', '.join(sets)} WHERE operation_id = ?",
+                       (*args, operation_id))
+
+    def operation(self, operation_id: str) -> OperationRecord:
+        rows = self._query("SELECT * FROM operations WHERE operation_id = ?", (operation_id,))
+        if not rows:
+            raise NotFound(f"operation {operation_id!r} does not exist")
+        return _operation(rows[0])
+
+    def operations(self, collection_id: str, *, unfinished_only: bool = False) -> list[OperationRecord]:
+        sql = "SELECT * FROM operations WHERE collection_id = ?"
+        if unfinished_only:
+            sql += " AND state IN ('PENDING', 'RUNNING')"
+        return [_operation(r) for r in self._query(sql + " ORDER BY created_at", (collection_id,))]
+
+    def fail_unfinished_operations(self, message: str) -> int:
+        """Mark every PENDING or RUNNING operation FAILED (ABORTED): call once at start-up,
+        when no worker of this data directory can still be running them."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE operations SET state = 'FAILED', error_code = 'ABORTED', error_message = ?,"
+                " updated_at = ? WHERE state IN ('PENDING', 'RUNNING')", (message, _now()))
+            return int(cur.rowcount)
+
 
     def audit_log(self, collection_id: str) -> list[dict[str, Any]]:
         rows = self._query("SELECT * FROM audit WHERE collection_id = ? ORDER BY seq", (collection_id,))
@@ -427,4 +1068,21 @@ def _answer(r: sqlite3.Row) -> StoredAnswer:
     return StoredAnswer(r["seq"], r["image_a"], r["image_b"], r["label"], r["annotator"],
                         r["confidence"], tuple(json.loads(r["tags"])), r["note"], r["received_at"],
                         r["batch_id"], r["pair_id"], r["request_id"], r["superseded_by"],
-                        r["deleted_at"] is not None)
+                        r["deleted_at"] is not None, r["started_at"], r["ended_at"])
+
+
+def _batch(r: sqlite3.Row) -> BatchRecord:
+    return BatchRecord(r["batch_id"], r["cycle"], r["budget"], r["reason"], bool(r["finished"]),
+                       r["model_name"], r["model_version"], json.loads(r["filter"]),
+                       r["n_items"], json.loads(r["stats"]), r["request_id"], r["created_at"])
+
+
+def _pair(r: sqlite3.Row) -> PairRecord:
+    return PairRecord(r["pair_id"], r["image_a"], r["image_b"], r["pool"], r["region"],
+                      r["probability"], r["similarity"])
+
+
+def _operation(r: sqlite3.Row) -> OperationRecord:
+    return OperationRecord(r["operation_id"], r["collection_id"], r["kind"], r["state"], r["done"],
+                           r["total"], r["stage"], r["error_code"], r["error_message"],
+                           json.loads(r["result"]), r["created_at"], r["updated_at"])

@@ -1,0 +1,207 @@
+"""Submitting answers: resolve pair ids, store durably once, report contradictions.
+
+The rules (constraints.proto has the contract):
+
+- An answer names a pair id of a stored batch or two image ids. With a batch id, every pair
+  id must belong to that batch (a stale UI answering another batch is caught).
+- All answers of a request are stored in one transaction, or none (every check runs first).
+- A request id makes a retry safe: the response of the first call is stored in the same
+  transaction as the answers and returned again; the same request id with other answers is
+  refused (AlreadyExists) instead of silently answering with the first call's result.
+- Contradictions are found among the current answers right after the insert (inside the same
+  transaction, so concurrent submitters each see exactly the answers committed before them)
+  by :class:`~reidal.core.constraints.ConstraintSet`: the newer answer wins, the oldest
+  answer of the contradicting set is not applied, every answer stays stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from reidal.collection_state import constraints_from_answers
+from reidal.errors import AlreadyExists, InvalidArgument, NotFound
+from reidal.grpc_server import log_kv
+from reidal.metrics import counter
+from reidal.store import LABELS, AnswerIn, Store, StoredAnswer
+
+log = logging.getLogger("reidal.constraints")
+
+#: Most answers per request.
+MAX_ANSWERS_PER_REQUEST = 10_000
+MAX_NOTE_LENGTH = 4096
+MAX_LISTED = 20
+#: Tags an answer may carry (AnswerTag in constraints.proto, lower case).
+TAGS = ("photobomb", "scenery_match", "poor_quality")
+
+_STORED = counter("reidal_answers_stored", "Answers stored, per label", ("label",))
+
+_ANSWER_ID = re.compile(r"answer-(\d{1,18})")
+
+
+def answer_id(seq: int) -> str:
+    """The wire id of a stored answer."""
+    return f"answer-{int(seq)}"
+
+
+def parse_answer_id(text: str, collection_id: str) -> int:
+    """The store's seq of an answer id; NotFound for anything that is not one."""
+    match = _ANSWER_ID.fullmatch(text or "")
+    if match is None:
+        raise NotFound(f"answer {text!r} does not exist in collection {collection_id!r}")
+    return int(match.group(1))
+
+
+@dataclass(frozen=True)
+class AnswerSubmission:
+    """One answer as a client sent it (a pair id, or two image ids)."""
+
+    label: str
+    pair_id: str = ""
+    image_a: str = ""
+    image_b: str = ""
+    annotator: str = ""
+    tags: tuple[str, ...] = ()
+    confidence: float | None = None
+    note: str = ""
+    started_at: float | None = None
+    ended_at: float | None = None
+
+
+@dataclass(frozen=True)
+class ContradictionReport:
+    """Answers (store seqs) that cannot all hold, and the one not applied."""
+
+    answer_seqs: tuple[int, ...]
+    dropped_seq: int
+
+
+@dataclass
+class SubmitOutcome:
+    seqs: list[int]
+    stored: int
+    replayed: int
+    superseded: int
+    contradictions: list[ContradictionReport] = field(default_factory=list)
+
+
+def _check(submissions: Sequence[AnswerSubmission]) -> None:
+    if not submissions:
+        raise InvalidArgument("the request has no answers")
+    if len(submissions) > MAX_ANSWERS_PER_REQUEST:
+        raise InvalidArgument(f"the request has {len(submissions)} answers, at most "
+                              f"{MAX_ANSWERS_PER_REQUEST} are allowed: split it")
+    for k, s in enumerate(submissions):
+        if s.label not in LABELS:
+            raise InvalidArgument(f"answer {k}: label {s.label!r} is not one of {list(LABELS)}")
+        if bool(s.pair_id) == bool(s.image_a or s.image_b):
+            raise InvalidArgument(f"answer {k}: give either a pair id or two image ids")
+        if not s.pair_id and not (s.image_a and s.image_b):
+            raise InvalidArgument(f"answer {k}: both image ids of the pair must be set")
+        if s.image_a and s.image_a == s.image_b:
+            raise InvalidArgument(f"answer {k} pairs image {s.image_a!r} with itself")
+        bad_tags = [t for t in s.tags if t not in TAGS]
+        if bad_tags:
+            raise InvalidArgument(f"answer {k}: unknown tag(s) {bad_tags}, known: {list(TAGS)}")
+        if s.confidence is not None and not (math.isfinite(s.confidence)
+                                             and 0.0 <= s.confidence <= 1.0):
+            raise InvalidArgument(f"answer {k}: confidence must be in [0, 1], got {s.confidence}")
+        if len(s.note) > MAX_NOTE_LENGTH:
+            raise InvalidArgument(f"answer {k}: note is longer than {MAX_NOTE_LENGTH} characters")
+        if s.started_at is not None and s.ended_at is not None and s.ended_at < s.started_at:
+            raise InvalidArgument(f"answer {k}: ended_at is before started_at")
+
+
+def _resolve(store: Store, collection_id: str, submissions: Sequence[AnswerSubmission],
+             batch_id: str) -> list[AnswerIn]:
+    if batch_id:
+        store.batch(collection_id, batch_id)  # NotFound names it
+    pair_ids = [s.pair_id for s in submissions if s.pair_id]
+    pairs = store.pairs_by_id(collection_id, pair_ids) if pair_ids else {}
+    missing = sorted({p for p in pair_ids if p not in pairs})
+    if missing:
+        raise NotFound(f"{len(missing)} pair id(s) are not in collection {collection_id!r}: "
+                       f"{missing[:MAX_LISTED]}")
+    out = []
+    for k, s in enumerate(submissions):
+        if s.pair_id:
+            owner, pair = pairs[s.pair_id]
+            if batch_id and owner != batch_id:
+                raise InvalidArgument(f"answer {k}: pair {s.pair_id!r} belongs to batch "
+                                      f"{owner!r}, not to batch {batch_id!r}")
+            a, b, bid = pair.image_a, pair.image_b, owner
+        else:
+            a, b, bid = s.image_a, s.image_b, batch_id
+        out.append(AnswerIn(a, b, s.label, annotator=s.annotator, confidence=s.confidence,
+                            tags=tuple(s.tags), note=s.note, started_at=s.started_at,
+                            ended_at=s.ended_at, batch_id=bid, pair_id=s.pair_id))
+    return out
+
+
+def fingerprint(batch_id: str, submissions: Sequence[AnswerSubmission]) -> str:
+    text = json.dumps([batch_id, [asdict(s) for s in submissions]], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def current_contradictions(store: Store, collection_id: str) -> list[ContradictionReport]:
+    """Every contradiction among the current answers between images not excluded."""
+    rows = [img.image_id for img in store.images(collection_id, include_excluded=False)]
+    found = constraints_from_answers(rows, store.answers(collection_id)).contradictions()
+    return [ContradictionReport(tuple(c.answer_ids), c.dropped_answer_id) for c in found]
+
+
+def submit(store: Store, collection_id: str, submissions: Sequence[AnswerSubmission], *,
+           batch_id: str = "", request_id: str = "") -> SubmitOutcome:
+    """Check, resolve and store ``submissions`` (see the module docstring)."""
+    _check(submissions)
+    store.get_collection(collection_id)
+    answers = _resolve(store, collection_id, submissions, batch_id)
+    print_ = fingerprint(batch_id, submissions)
+
+    def respond(seqs: list[int]) -> dict[str, Any]:
+        mine = set(seqs)
+        found = [c for c in current_contradictions(store, collection_id)
+                 if mine.intersection(c.answer_seqs)]
+        return {"fingerprint": print_, "seqs": seqs,
+                "superseded": store.count_superseded_by(collection_id, seqs),
+                "contradictions": [{"answers": list(c.answer_seqs), "dropped": c.dropped_seq}
+                                   for c in found]}
+
+    response, replayed = store.submit_answers_once(collection_id, answers,
+                                                   request_id=request_id, respond=respond)
+    if replayed and response.get("fingerprint") != print_:
+        raise AlreadyExists(
+            f"request id {request_id!r} was already used for other answers in collection "
+            f"{collection_id!r}; use a new request id for a new submission")
+    if not replayed:
+        for a in answers:
+            _STORED.labels(a.label).inc()
+    log_kv(log, logging.INFO, "answers", collection=collection_id, stored=0 if replayed else
+           len(answers), replayed=replayed, request_id=request_id,
+           contradictions=len(response.get("contradictions", [])))
+    return SubmitOutcome(
+        seqs=[int(s) for s in response["seqs"]],
+        stored=0 if replayed else len(answers),
+        replayed=len(answers) if replayed else 0,
+        superseded=int(response.get("superseded", 0)),
+        contradictions=[ContradictionReport(tuple(c["answers"]), int(c["dropped"]))
+                        for c in response.get("contradictions", [])],
+    )
+
+
+def explain(report: ContradictionReport, answers: dict[int, StoredAnswer]) -> str:
+    """The contradiction in words, with image ids and answer ids."""
+    parts = []
+    for seq in report.answer_seqs:
+        a = answers.get(seq)
+        if a is not None:
+            parts.append(f"{answer_id(seq)} {a.label} ({a.image_a}, {a.image_b})")
+    return (f"answers {', '.join(parts)} cannot all hold; the newer answers win, so "
+            f"{answer_id(report.dropped_seq)} (the oldest) is not applied until one of them is "
+            "revised or deleted")

@@ -1,0 +1,344 @@
+"""A collection's state as the algorithms see it: rows, vectors, constraints, parameters.
+
+The store speaks in the caller's string ids; the core speaks in row indices 0..n-1. This
+module is the one place that translates: it picks the rows (images not excluded, optionally
+filtered by metadata), gathers their vectors of the collection's model version, and turns
+the current answers into a :class:`~reidal.core.constraints.ConstraintSet` over those rows.
+No gRPC here; the services call it.
+
+Answers -> constraints: SAME = must-link, DIFFERENT = cannot-link, UNSURE = never a
+constraint, but that pair is never asked again (it goes to ``exclude_pairs``). The current
+answer of a pair is its newest non-deleted one (the store's supersession). An answer whose
+image is outside the rows (excluded, or filtered out) takes no part. Contradictions among
+current answers are settled by ConstraintSet's rule, the newer answer wins: the answer id
+given to the core is the store's sequence number, which grows with time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time
+from typing import Any
+
+import numpy as np
+
+from reidal.core.aas import AmbiguityAwareSampler
+from reidal.core.clustering import DBSCANJaccard
+from reidal.core.constraints import Answer, ConstraintSet, Contradiction
+from reidal.core.validation import resolve_budget
+from reidal.errors import FailedPrecondition, InvalidArgument, NotFound
+from reidal.store import Collection, ImageRecord, Store, StoredAnswer
+
+#: Longest caller id (collection, image) accepted.
+MAX_ID_LENGTH = 256
+
+#: Clustering defaults: SpCL's (method.md step 1).
+DEFAULT_CLUSTERING: dict[str, Any] = {"dbscan_eps": 0.6, "min_samples": 4, "k1": 30, "k2": 6}
+#: Sampling defaults: the paper's values and our documented choices (method.md step 1.5).
+DEFAULT_SAMPLING: dict[str, Any] = {
+    "mixture_eps": 0.6, "k_max": 5, "s_min": 0.3, "type_weights": "uniform",
+    "region_weights": "disagreement", "pair_weights": "uniform", "seed": 0,
+    "default_budget": {"fraction": 0.0002},
+}
+
+
+def check_id(value: str, what: str) -> str:
+    """A caller id: non-empty, at most MAX_ID_LENGTH characters, no control characters."""
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(f"{what} must be a non-empty string")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidArgument(f"{what} {value[:40]!r}... is longer than {MAX_ID_LENGTH} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise InvalidArgument(f"{what} {value!r} contains control characters")
+    return value
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def _budget_dict(budget: Mapping[str, Any] | None) -> dict[str, Any]:
+    if not budget:
+        return {}
+    if set(budget) - {"count", "fraction"} or len(budget) != 1:
+        raise InvalidArgument(f"a budget is either a count or a fraction, got {dict(budget)}")
+    return dict(budget)
+
+
+def effective_params(clustering: Mapping[str, Any] | None = None,
+                     sampling: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Defaults filled in and every value checked by building the objects that use it.
+
+    Returns ``{"clustering": {...}, "sampling": {...}}``, the form stored with the
+    collection. Unknown keys and out-of-range values raise InvalidArgument naming them.
+    """
+    c = dict(DEFAULT_CLUSTERING)
+    s = dict(DEFAULT_SAMPLING)
+    for given, base, what in ((clustering, c, "clustering"), (sampling, s, "sampling")):
+        unknown = set(given or {}) - set(base)
+        if unknown:
+            raise InvalidArgument(f"unknown {what} parameter(s): {sorted(unknown)}")
+        base.update({k: v for k, v in (given or {}).items() if v is not None and v != ""})
+    s["default_budget"] = _budget_dict(s["default_budget"]) or dict(DEFAULT_SAMPLING["default_budget"])
+    params = {"clustering": c, "sampling": s}
+    try:
+        make_dbscan(params)
+        make_sampler(params)
+        budget_value(s["default_budget"], 2)
+        if int(s["seed"]) < 0:
+            raise ValueError(f"seed must be >= 0, got {s['seed']}")
+    except ValueError as exc:
+        raise InvalidArgument(f"bad collection parameter: {exc}") from None
+    return params
+
+
+def make_dbscan(params: Mapping[str, Any]) -> DBSCANJaccard:
+    """The density clustering of a collection's (stored) parameters, defaults filled in."""
+    c = {**DEFAULT_CLUSTERING, **params.get("clustering", {})}
+    return DBSCANJaccard(eps=float(c["dbscan_eps"]), min_samples=int(c["min_samples"]),
+                         k1=int(c["k1"]), k2=int(c["k2"]), use_gpu=False)
+
+
+def make_sampler(params: Mapping[str, Any]) -> AmbiguityAwareSampler:
+    """The AAS sampler of a collection's (stored) parameters, defaults filled in."""
+    s = {**DEFAULT_SAMPLING, **params.get("sampling", {})}
+    return AmbiguityAwareSampler(
+        eps=float(s["mixture_eps"]), k_max=int(s["k_max"]), s_min=float(s["s_min"]),
+        dbscan=make_dbscan(params), type_weights=s["type_weights"],
+        region_weights=s["region_weights"], pair_weights=s["pair_weights"],
+    )
+
+
+def sampling_param(params: Mapping[str, Any], name: str) -> Any:
+    return {**DEFAULT_SAMPLING, **params.get("sampling", {})}[name]
+
+
+def budget_value(budget: Mapping[str, Any] | None, n: int) -> int:
+    """A budget dict (``{"count": k}`` or ``{"fraction": f}``) as a pair count for n images."""
+    b = _budget_dict(budget)
+    try:
+        if "count" in b:
+            count = b["count"]
+            if isinstance(count, float) and not count.is_integer():
+                raise ValueError(f"a budget count must be a whole number, got {count}")
+            return resolve_budget(int(count), n)
+        if "fraction" in b:
+            return resolve_budget(float(b["fraction"]), n)
+    except ValueError as exc:
+        raise InvalidArgument(f"bad budget: {exc}") from None
+    raise InvalidArgument("a budget needs a count or a fraction")
+
+
+# --------------------------------------------------------------------------- filters
+
+
+def _parse_instant(text: str, *, end_of_day: bool, what: str) -> datetime:
+    """ISO 8601 date or date-time as an aware UTC datetime (naive = UTC)."""
+    try:
+        if len(text) == 10:  # a date only: the whole day
+            d = date.fromisoformat(text)
+            moment = datetime.combine(d, time.max if end_of_day else time.min)
+        else:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidArgument(f"{what} {text!r} is not an ISO 8601 date or date-time") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class ImageFilter:
+    """A subset of a collection's images by metadata (see ImageFilter in collections.proto)."""
+
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    date_key: str = ""
+    date_from: str = ""
+    date_to: str = ""
+    image_ids: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.date_from:
+            lo = _parse_instant(self.date_from, end_of_day=False, what="filter date_from")
+        if self.date_to:
+            hi = _parse_instant(self.date_to, end_of_day=True, what="filter date_to")
+        if self.date_from and self.date_to and lo > hi:
+            raise InvalidArgument(
+                f"filter date_from {self.date_from!r} is after date_to {self.date_to!r}")
+        if any(not k for k in self.metadata):
+            raise InvalidArgument("filter metadata keys must be non-empty")
+
+    @property
+    def empty(self) -> bool:
+        return not (self.metadata or self.date_from or self.date_to or self.image_ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The non-empty fields (what a batch stores and echoes)."""
+        out: dict[str, Any] = {}
+        if self.metadata:
+            out["metadata"] = dict(sorted(self.metadata.items()))
+        for name in ("date_key", "date_from", "date_to"):
+            if getattr(self, name):
+                out[name] = getattr(self, name)
+        if self.image_ids:
+            out["image_ids"] = list(self.image_ids)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ImageFilter:
+        return cls(metadata=dict(data.get("metadata", {})), date_key=data.get("date_key", ""),
+                   date_from=data.get("date_from", ""), date_to=data.get("date_to", ""),
+                   image_ids=tuple(data.get("image_ids", ())))
+
+    def mask(self, images: Sequence[ImageRecord], *, all_images: bool = True) -> np.ndarray:
+        """Bool per image: kept by the filter.
+
+        With ``all_images`` (``images`` is the whole collection) an ``image_ids`` entry that
+        is not among them raises NotFound; pass False when masking one page of images.
+        """
+        keep = np.ones(len(images), dtype=bool)
+        if self.image_ids:
+            wanted = set(self.image_ids)
+            missing = sorted(wanted - {img.image_id for img in images}) if all_images else []
+            if missing:
+                raise NotFound(f"filter names image(s) not in the collection: {missing[:20]}")
+            keep &= np.array([img.image_id in wanted for img in images], dtype=bool)
+        for key, value in self.metadata.items():
+            keep &= np.array([img.metadata.get(key) == value for img in images], dtype=bool)
+        if self.date_from or self.date_to:
+            lo = _parse_instant(self.date_from, end_of_day=False, what="date_from") \
+                if self.date_from else None
+            hi = _parse_instant(self.date_to, end_of_day=True, what="date_to") \
+                if self.date_to else None
+            key = self.date_key or "date"
+            keep &= np.array([_in_range(img.metadata.get(key), lo, hi) for img in images],
+                             dtype=bool)
+        return keep
+
+
+def _in_range(text: str | None, lo: datetime | None, hi: datetime | None) -> bool:
+    if not text:
+        return False
+    try:
+        moment = _parse_instant(text, end_of_day=False, what="date")
+    except InvalidArgument:
+        return False
+    return (lo is None or moment >= lo) and (hi is None or moment <= hi)
+
+
+# --------------------------------------------------------------------------- answers
+
+
+@dataclass
+class AnswerConstraints:
+    """Current answers over a set of rows, as the core wants them."""
+
+    constraints: ConstraintSet
+    unsure_pairs: np.ndarray  # int64 (m, 2) rows answered UNSURE
+    used: dict[int, StoredAnswer]  # seq -> answer, every answer whose two images are rows
+    ignored: int  # current answers with an image outside the rows
+
+    def contradictions(self) -> list[Contradiction]:
+        return list(self.constraints.contradictions)
+
+
+def rows_of(row_ids: Sequence[str], ids: Sequence[str]) -> np.ndarray:
+    """Row index of each id in ``row_ids`` (-1 when absent): one sort and a binary search."""
+    if not len(ids) or not len(row_ids):
+        return np.full(len(ids), -1, dtype=np.int64)
+    table = np.asarray(row_ids, dtype=object)
+    order = np.argsort(table, kind="stable")
+    sorted_ids = table[order]
+    query = np.asarray(ids, dtype=object)
+    pos = np.minimum(np.searchsorted(sorted_ids, query), len(table) - 1)
+    return np.where(sorted_ids[pos] == query, order[pos], -1).astype(np.int64)
+
+
+def constraints_from_answers(row_ids: Sequence[str],
+                             answers: Iterable[StoredAnswer]) -> AnswerConstraints:
+    """SAME / DIFFERENT answers between rows as a ConstraintSet (answer id = seq); UNSURE
+    pairs as exclude pairs. ``answers`` must be current ones (``Store.answers()``)."""
+    current = [a for a in answers if a.superseded_by is None and not a.deleted]
+    a_rows = rows_of(row_ids, [a.image_a for a in current])
+    b_rows = rows_of(row_ids, [a.image_b for a in current])
+    inside = (a_rows >= 0) & (b_rows >= 0)
+    core: list[Answer] = []
+    unsure: list[tuple[int, int]] = []
+    used: dict[int, StoredAnswer] = {}
+    for k in np.flatnonzero(inside).tolist():  # one step per answer, not per pair of images
+        a = current[k]
+        i, j = int(a_rows[k]), int(b_rows[k])
+        used[a.seq] = a
+        if a.label == "UNSURE":
+            unsure.append((min(i, j), max(i, j)))
+        else:
+            core.append(Answer(i, j, a.label == "SAME", a.seq))
+    cs = ConstraintSet.from_answers(len(row_ids), core)
+    pairs = np.array(unsure, dtype=np.int64).reshape(-1, 2)
+    return AnswerConstraints(cs, pairs, used, int((~inside).sum()))
+
+
+# --------------------------------------------------------------------------- a view
+
+
+@dataclass
+class CollectionView:
+    """The rows of one computation (sampling cycle or identity export) and their data."""
+
+    collection: Collection
+    images: list[ImageRecord]  # the rows, in ingest order
+    X: np.ndarray  # float32 (n, d), row k = images[k]
+    answers: AnswerConstraints
+
+    @property
+    def image_ids(self) -> list[str]:
+        return [img.image_id for img in self.images]
+
+    @property
+    def n(self) -> int:
+        return len(self.images)
+
+
+def load_view(store: Store, collection_id: str,
+              image_filter: ImageFilter | None = None) -> CollectionView:
+    """Rows = images not excluded (and kept by the filter), with vectors and constraints.
+
+    FailedPrecondition when a row has no vector of the collection's model version: vectors
+    of two versions are never mixed, and sampling part of the images silently would hide
+    the rest from the annotator.
+    """
+    col = store.get_collection(collection_id)
+    images = store.images(collection_id, include_excluded=False)
+    if image_filter is not None and not image_filter.empty:
+        keep = image_filter.mask(images)
+        images = [img for img, k in zip(images, keep.tolist(), strict=True) if k]
+    ids = [img.image_id for img in images]
+    if not col.model_version:
+        if ids:
+            raise FailedPrecondition(
+                f"collection {collection_id!r} has no embedded image yet: add images with "
+                "embedding, or run EmbedCollection")
+        X = np.empty((0, 0), dtype=np.float32)
+    else:
+        vec_ids, mat = store.get_vectors(collection_id, col.model_name, col.model_version)
+        rows = rows_of(vec_ids, ids)
+        missing = [ids[k] for k in np.flatnonzero(rows < 0).tolist()]
+        if missing:
+            raise FailedPrecondition(
+                f"{len(missing)} of {len(ids)} image(s) of collection {collection_id!r} have no "
+                f"vector of model {col.model_name} version {col.model_version} yet (e.g. "
+                f"{missing[:5]}): run EmbedCollection, or wait for the one running")
+        X = mat[rows] if len(ids) else np.empty((0, mat.shape[1] if mat.size else 0), np.float32)
+    answers = constraints_from_answers(ids, store.answers(collection_id))
+    return CollectionView(col, images, X, answers)
+
+
+def pair_rows_of(row_ids: Sequence[str], pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+    """(m, 2) row pairs of id pairs whose both ids are rows (others dropped)."""
+    if not pairs:
+        return np.empty((0, 2), dtype=np.int64)
+    a = rows_of(row_ids, [p[0] for p in pairs])
+    b = rows_of(row_ids, [p[1] for p in pairs])
+    keep = (a >= 0) & (b >= 0) & (a != b)
+    out = np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1)[keep]
+    return out.astype(np.int64)

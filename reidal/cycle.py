@@ -1,0 +1,147 @@
+"""One sampling cycle of a collection: AAS on its current state, stored as a query batch.
+
+The rows are the images not excluded (and kept by the filter), the vectors those of the
+collection's model version, the constraints its current answers (collection_state).
+UNSURE pairs are never asked again; with ``skip_pending`` neither are pairs of earlier
+batches still waiting for an answer. The batch and its pairs are stored in one transaction
+that also moves the collection's cycle counter, so a batch id is resolvable as soon as a
+client sees it. Cycle c draws with seed ``sampling.seed + c``: a cycle is reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from reidal.collection_state import (
+    ImageFilter,
+    budget_value,
+    load_view,
+    make_sampler,
+    pair_rows_of,
+    sampling_param,
+)
+from reidal.core.aas import REASON_AGREE
+from reidal.core.sampling import REASON_ALL_RESOLVED, REASON_FULL, REASON_SMALL_POOL
+from reidal.errors import InvalidArgument
+from reidal.grpc_server import log_kv
+from reidal.metrics import counter, histogram
+from reidal.runtime import Progress
+from reidal.store import BatchRecord, PairRecord, Store
+
+log = logging.getLogger("reidal.sampling")
+
+REASON_NO_CANDIDATES = "the regions of uncertainty hold no candidate pair"
+
+#: Sampler reason sentence -> BatchReason name (sampling.proto).
+REASON_CODES: dict[str, str] = {
+    REASON_FULL: "BUDGET_FILLED",
+    REASON_SMALL_POOL: "POOL_SMALLER_THAN_BUDGET",
+    REASON_AGREE: "NO_DISAGREEMENT",
+    REASON_ALL_RESOLVED: "ALL_RESOLVED",
+    REASON_NO_CANDIDATES: "NO_CANDIDATES",
+}
+_FINISHED = {REASON_AGREE, REASON_ALL_RESOLVED, REASON_NO_CANDIDATES}
+
+_PAIRS = counter("reidal_pairs_asked", "Pairs put into query batches, per AAS pool", ("pool",))
+_CYCLE_SECONDS = histogram("reidal_cycle_seconds",
+                           "Wall time of one sampling cycle (load, cluster, sample, store)")
+
+
+def new_batch_id(cycle: int) -> str:
+    """``c<cycle>-<random>``: readable, and unique even across a deleted and re-created
+    collection of the same id (stale pair ids then resolve to nothing)."""
+    return f"c{cycle}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class CycleRequest:
+    budget: dict[str, Any] | None = None  # {"count": k} or {"fraction": f}; None = default
+    image_filter: ImageFilter | None = None
+    skip_pending: bool = False
+    request_id: str = ""
+
+
+STAGES = ("loading vectors and answers", "clustering and sampling", "storing the batch")
+
+
+def run_cycle(store: Store, collection_id: str, request: CycleRequest,
+              progress: Progress | None = None) -> tuple[BatchRecord, bool]:
+    """Run one cycle and store its batch; returns ``(batch, created)``.
+
+    With a request id already used, the stored batch comes back (``created`` False) and
+    nothing runs. The caller serialises cycles of one collection.
+    """
+    if request.request_id:
+        earlier = store.batch_by_request(collection_id, request.request_id)
+        if earlier is not None:
+            return earlier, False
+    tic = time.perf_counter()
+
+    def stage(k: int) -> None:
+        if progress is not None:
+            progress.update(done=k, total=len(STAGES), stage=STAGES[k] if k < len(STAGES)
+                            else "done")
+
+    stage(0)
+    view = load_view(store, collection_id, request.image_filter)
+    if view.n < 2:
+        raise InvalidArgument(
+            f"only {view.n} image(s) of collection {collection_id!r} are left to sample from "
+            "after exclusion and filtering; a pair needs 2")
+    params = view.collection.params
+    budget = budget_value(request.budget or sampling_param(params, "default_budget"), view.n)
+    exclude = view.answers.unsure_pairs
+    pending = 0
+    if request.skip_pending:
+        pend = pair_rows_of(view.image_ids, store.pending_pairs(collection_id))
+        pending = len(pend)
+        exclude = np.concatenate([exclude, pend]) if pending else exclude
+    cycle = view.collection.cycle + 1
+
+    stage(1)
+    sampler = make_sampler(params)
+    result = sampler.sample(view.X, view.answers.constraints, budget,
+                            seed=int(sampling_param(params, "seed")) + cycle,
+                            exclude_pairs=exclude)
+    ids = view.image_ids
+    pairs = [
+        PairRecord("", *sorted((ids[p.i], ids[p.j])), p.pool, p.region, p.probability,
+                   p.similarity)
+        for p in result.pairs
+    ]
+    finished = not pairs and result.reason in _FINISHED and not (
+        request.skip_pending and pending and result.reason == REASON_ALL_RESOLVED)
+    st = result.stats
+    seconds = time.perf_counter() - tic
+    stats = {
+        "clusters_a": st.get("n_clusters_a", 0), "outliers_a": st.get("n_outliers_a", 0),
+        "clusters_b": st.get("n_clusters_b", 0), "regions": st.get("n_regions", 0),
+        "images_in_regions": st.get("n_items_in_regions", 0),
+        "pool_oversegmentation": st.get("U_os", 0), "pool_undersegmentation": st.get("U_us", 0),
+        "resolved": st.get("U_os_resolved", 0) + st.get("U_us_resolved", 0),
+        "seconds": seconds, "pending_skipped": pending,
+    }
+
+    stage(2)
+    batch, created = store.create_batch(
+        collection_id, new_batch_id, pairs, budget=budget, reason=result.reason,
+        finished=finished, model_name=view.collection.model_name,
+        model_version=view.collection.model_version,
+        filter=request.image_filter.to_dict() if request.image_filter else {},
+        n_items=view.n, stats=stats, request_id=request.request_id,
+    )
+    if created:
+        for p in pairs:
+            _PAIRS.labels(p.pool).inc()
+        _CYCLE_SECONDS.observe(time.perf_counter() - tic)
+        log_kv(log, logging.INFO, "cycle", collection=collection_id, cycle=batch.cycle,
+               batch=batch.batch_id, images=view.n, pairs=len(pairs), budget=budget,
+               reason=result.reason, finished=finished, ms=round(seconds * 1000.0, 1))
+    stage(3)
+    return batch, created

@@ -1,0 +1,251 @@
+"""What the collection, sampling and constraint services share inside one process.
+
+A :class:`Runtime` holds the durable store, the blob store, the embedder, one lock per
+collection (sampling cycles and identity exports of one collection run one at a time, so
+cycle numbers and identity ids never race), a :class:`Notifier` that wakes streaming calls
+(WatchQueue, WatchOperation) when something they watch changed, and an
+:class:`OperationRunner` for long work a client polls or watches.
+
+The store is the source of truth: a notification only says "look again". A streaming call
+re-reads the store when woken and also every ``poll_s`` seconds, so it never misses a change
+made by another process on the same data directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Hashable, Iterator
+from concurrent import futures
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from reidal.blobs import BlobStore
+from reidal.errors import FailedPrecondition, ReidalError
+from reidal.grpc_server import log_kv, status_for
+from reidal.store import OperationRecord, Store
+
+log = logging.getLogger("reidal.runtime")
+
+
+class Embedder(Protocol):
+    """What ingest needs from an embedding service (in-process servicer or remote client)."""
+
+    default_model: str
+
+    def embed(self, items: Any, model: str = "", version: str = "", *,
+              deadline: float | None = None,
+              is_active: Callable[[], bool] | None = None) -> Any: ...
+
+    def model(self, name: str = "", version: str = "") -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class Notifier:
+    """Version counters per key with a condition to wait on; ``close`` wakes everybody."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._versions: dict[Hashable, int] = {}
+        self.closed = False
+
+    def version(self, key: Hashable) -> int:
+        with self._cond:
+            return self._versions.get(key, 0)
+
+    def bump(self, key: Hashable) -> None:
+        with self._cond:
+            self._versions[key] = self._versions.get(key, 0) + 1
+            self._cond.notify_all()
+
+    def wait(self, key: Hashable, seen: int, timeout: float) -> int:
+        """Block until ``key`` moves past ``seen``, the notifier closes, or ``timeout``."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.closed or self._versions.get(key, 0) != seen,
+                                timeout=timeout)
+            return self._versions.get(key, 0)
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+
+def queue_key(collection_id: str) -> tuple[str, str]:
+    return ("queue", collection_id)
+
+
+def operation_key(operation_id: str) -> tuple[str, str]:
+    return ("operation", operation_id)
+
+
+class OperationAborted(ReidalError):
+    """The server is stopping: the operation ends (FAILED, ABORTED) at its next update."""
+
+
+class Progress:
+    """Handed to a running operation: records progress in the store and wakes watchers.
+
+    Every update is also where a long operation learns that the server is stopping: it
+    raises :class:`OperationAborted` then, so a graceful stop never waits for a whole
+    collection to be embedded.
+    """
+
+    def __init__(self, store: Store, notifier: Notifier, operation_id: str,
+                 stopping: threading.Event | None = None) -> None:
+        self._store = store
+        self._notifier = notifier
+        self._stopping = stopping or threading.Event()
+        self.operation_id = operation_id
+
+    def update(self, *, done: int | None = None, total: int | None = None,
+               stage: str | None = None) -> None:
+        if self._stopping.is_set():
+            raise OperationAborted("the server stopped during the operation; start it again")
+        self._store.update_operation(self.operation_id, done=done, total=total, stage=stage)
+        self._notifier.bump(operation_key(self.operation_id))
+
+
+Classifier = Callable[[BaseException], "tuple[str, str] | None"]
+
+
+class OperationRunner:
+    """Runs operations on a small thread pool, their state durable in the store.
+
+    ``classify(exc)`` names the status code and message of a failure; when it returns None
+    a domain error (:mod:`reidal.errors`) gets its usual code and anything else is logged
+    with its traceback and reported as INTERNAL.
+    """
+
+    def __init__(self, store: Store, notifier: Notifier, *, workers: int = 1,
+                 classify: Classifier | None = None) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.store = store
+        self.notifier = notifier
+        self._classify = classify
+        self._pool = futures.ThreadPoolExecutor(workers, thread_name_prefix="reidal-op")
+        self._running: dict[tuple[str, str], str] = {}  # (collection, kind) -> operation id
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    def start(self, collection_id: str, kind: str, work: Callable[[Progress], dict[str, Any]],
+              *, total: int = 0, exclusive: bool = True) -> OperationRecord:
+        """Record a PENDING operation and queue ``work``; its dict result is stored.
+
+        ``exclusive``: refuse (FailedPrecondition) while an operation of the same kind runs
+        on the same collection in this process.
+        """
+        op_id = f"op-{uuid.uuid4().hex[:16]}"
+        key = (collection_id, kind)
+        with self._lock:
+            if exclusive and key in self._running:
+                raise FailedPrecondition(
+                    f"operation {self._running[key]} ({kind}) is still running on collection "
+                    f"{collection_id!r}; watch it or wait for it to finish")
+            record = self.store.create_operation(op_id, collection_id, kind, total=total)
+            if exclusive:
+                self._running[key] = op_id
+        self._pool.submit(self._run, op_id, key if exclusive else None, work)
+        return record
+
+    def _run(self, op_id: str, key: tuple[str, str] | None,
+             work: Callable[[Progress], dict[str, Any]]) -> None:
+        progress = Progress(self.store, self.notifier, op_id, self._stopping)
+        try:
+            self.store.update_operation(op_id, state="RUNNING")
+            self.notifier.bump(operation_key(op_id))
+            result = work(progress)
+            self.store.update_operation(op_id, state="SUCCEEDED", result=result or {})
+            log_kv(log, logging.INFO, "operation_succeeded", operation=op_id)
+        except BaseException as exc:  # the worker must record every failure
+            named = self._classify(exc) if self._classify is not None else None
+            if isinstance(exc, OperationAborted):
+                named = ("ABORTED", str(exc))
+            if named is None:
+                code = status_for(exc)
+                if code is not None:
+                    named = (code.name, str(exc))
+                else:
+                    log.error("operation %s failed", op_id, exc_info=exc)
+                    named = ("INTERNAL", f"{type(exc).__name__}: {exc}")
+            code, message = named
+            log_kv(log, logging.WARNING, "operation_failed", operation=op_id, code=code,
+                   detail=message)
+            try:
+                self.store.update_operation(op_id, state="FAILED", error_code=code,
+                                            error_message=message)
+            except Exception:  # the store may be closing: the restart marks it ABORTED
+                log.exception("could not record the failure of operation %s", op_id)
+        finally:
+            if key is not None:
+                with self._lock:
+                    self._running.pop(key, None)
+            self.notifier.bump(operation_key(op_id))
+
+    def watch(self, operation_id: str, is_active: Callable[[], bool], *,
+              poll_s: float = 2.0) -> Iterator[OperationRecord]:
+        """The operation now, then at every change, until a final state (or the caller
+        leaves, or the notifier closes)."""
+        key = operation_key(operation_id)
+        last: OperationRecord | None = None
+        while True:
+            seen = self.notifier.version(key)
+            record = self.store.operation(operation_id)
+            if last is None or record != last:
+                yield record
+                last = record
+            if record.final or not is_active() or self.notifier.closed:
+                return
+            self.notifier.wait(key, seen, poll_s)
+
+    def close(self, wait: bool = True) -> None:
+        """Stop: queued operations never start (the next start-up marks them ABORTED),
+        running ones end at their next progress update."""
+        self._stopping.set()
+        self._pool.shutdown(wait=wait, cancel_futures=True)
+
+
+@dataclass
+class Runtime:
+    """Shared state of the stateful services in one process (see the module docstring)."""
+
+    store: Store
+    blobs: BlobStore
+    embedder: Embedder | None = None
+    notifier: Notifier = field(default_factory=Notifier)
+    operations: OperationRunner | None = None
+    embed_chunk: int = 64  # images per embedding call of EmbedCollection
+    _locks: dict[str, threading.RLock] = field(default_factory=dict)
+    _locks_guard: threading.Lock = field(default_factory=threading.Lock)
+    blob_lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def __post_init__(self) -> None:
+        if self.operations is None:
+            self.operations = OperationRunner(self.store, self.notifier)
+
+    @contextmanager
+    def lock(self, collection_id: str) -> Iterator[None]:
+        """Serialise the cycle / identity work of one collection."""
+        with self._locks_guard:
+            lock = self._locks.setdefault(collection_id, threading.RLock())
+        with lock:
+            yield
+
+    def require_embedder(self) -> Embedder:
+        if self.embedder is None:
+            raise FailedPrecondition("this server has no embedding service configured")
+        return self.embedder
+
+    def gc_blobs(self) -> int:
+        """Remove the blobs no image references any more (after a collection is deleted)."""
+        with self.blob_lock:
+            return self.blobs.remove_except(self.store.referenced_blobs())
+
+    def close(self) -> None:
+        self.notifier.close()
+        if self.operations is not None:
+            self.operations.close(wait=True)

@@ -1,0 +1,306 @@
+"""Serve any set of reidal services on one port: ``serve(["sampling"])`` or ``serve("all")``.
+
+Every service runs through the same code path, alone or together: one
+:class:`~reidal.runtime.Runtime` (store, blobs, embedder, locks, operations) per process,
+one :class:`~reidal.grpc_server.ServiceBinding` per service name, one
+:func:`~reidal.grpc_server.build_server` call (health per service, reflection, metrics,
+interceptor, graceful stop).
+
+Embedding for ingest, in this order of preference:
+
+1. ``embedding_url``: a separate EmbeddingService (``--service embedding`` elsewhere);
+2. ``triton_url``: Triton's gRPC endpoint; the EmbeddingServicer runs in this process (and
+   is served too when "embedding" is among the services);
+3. ``start_triton``: the model repository is written into ``data_dir/model_repository``
+   (the default model, once) and the Triton server bundled with nvidia-pytriton is started
+   on free ports, with its log in ``data_dir/triton``; it stops with the server.
+
+Everything durable is in ``data_dir``: ``reidal.sqlite3`` (SQLite, WAL), ``blobs/`` (the
+image bytes) and, with ``start_triton``, the model repository.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reidal.blobs import BlobStore
+from reidal.embedding.spec import DEFAULT_MODEL_NAME
+from reidal.grpc_server import RunningServer, ServiceBinding, build_server, log_kv
+from reidal.metrics import MetricsHTTP, RpcMetrics, start_metrics_http
+from reidal.runtime import Notifier, OperationRunner, Runtime
+from reidal.store import Store
+
+log = logging.getLogger("reidal.serve")
+
+#: Every service name ``serve`` knows, in the order "all" registers them.
+SERVICES: tuple[str, ...] = ("embedding", "collections", "sampling", "constraints")
+#: Services that need the durable store (a data directory).
+STATEFUL = frozenset({"collections", "sampling", "constraints"})
+
+
+def resolve_services(services: str | Sequence[str]) -> list[str]:
+    """``"all"`` -> every service; a name or names -> checked, deduplicated, in SERVICES order."""
+    names = [services] if isinstance(services, str) else list(services)
+    if "all" in names:
+        return list(SERVICES)
+    unknown = sorted(set(names) - set(SERVICES))
+    if unknown or not names:
+        raise ValueError(f"unknown service(s) {unknown or names}: choose from "
+                         f"{', '.join(SERVICES)} or 'all'")
+    return [s for s in SERVICES if s in names]
+
+
+@dataclass
+class Started:
+    """What :func:`serve` started (and :meth:`ReidalServer.stop` stops)."""
+
+    runtime: Runtime | None
+    embedder: Any
+    triton: Any  # reidal.embedding.triton_server.TritonServer or None
+    metrics_http: MetricsHTTP | None
+
+
+class ReidalServer:
+    """A running reidal process: the gRPC server and what it owns.
+
+    ``address`` / ``port``: where it listens. ``triton_url``: the Triton it embeds with
+    (None without embedding). ``stop()`` ends streams, stops the server gracefully, then
+    operations, the store, the metrics endpoint and a Triton it started. Use as a context
+    manager, or :meth:`serve_forever` in a CLI.
+    """
+
+    def __init__(self, running: RunningServer, started: Started, services: list[str],
+                 data_dir: Path | None, triton_url: str | None) -> None:
+        self.running = running
+        self.services = services
+        self.data_dir = data_dir
+        self.triton_url = triton_url
+        self._started = started
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._stopping = False
+
+    @property
+    def address(self) -> str:
+        return self.running.address
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    @property
+    def runtime(self) -> Runtime | None:
+        return self._started.runtime
+
+    @property
+    def metrics_port(self) -> int | None:
+        m = self._started.metrics_http
+        return m.port if m is not None else None
+
+    def stop(self, grace: float | None = 10.0) -> None:
+        """Graceful stop (idempotent, callable from any thread)."""
+        with self._lock:
+            if self._stopping:
+                first = False
+            else:
+                self._stopping = first = True
+        if not first:
+            self._stopped.wait()
+            return
+        s = self._started
+        try:
+            if s.runtime is not None:
+                s.runtime.notifier.close()  # watch streams end now instead of at the grace
+            self.running.stop(grace)
+            if s.runtime is not None:
+                s.runtime.close()
+                s.runtime.store.close()
+            if s.embedder is not None:
+                s.embedder.close()
+            if s.metrics_http is not None:
+                s.metrics_http.close()
+            if s.triton is not None:
+                s.triton.stop()
+        finally:
+            self._stopped.set()
+            log_kv(log, logging.INFO, "reidal_stopped", address=self.address)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until stopped; True when it has."""
+        return self._stopped.wait(timeout)
+
+    def serve_forever(self, grace: float = 30.0) -> None:
+        """Stop gracefully on SIGTERM / SIGINT and block until stopped (main thread only)."""
+
+        def handler(signum: int, _frame: object) -> None:
+            log_kv(log, logging.INFO, "signal", signal=signal.Signals(signum).name, grace_s=grace)
+            threading.Thread(target=self.stop, args=(grace,), name="reidal-stop").start()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+        while not self.wait(1.0):
+            pass
+
+    def __enter__(self) -> ReidalServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(grace=1.0)
+
+
+def _start_triton(data_dir: Path, model_name: str, startup_timeout_s: float) -> Any:
+    from reidal.embedding.triton_repo import write_model_repository
+    from reidal.embedding.triton_server import TritonServer
+
+    repo = data_dir / "model_repository"
+    if not (repo / model_name / "config.pbtxt").exists():
+        log_kv(log, logging.INFO, "writing_model_repository", path=str(repo), model=model_name)
+        write_model_repository(repo, model_name=model_name)
+    server = TritonServer(repo, models=[model_name], workdir=data_dir / "triton",
+                          startup_timeout_s=startup_timeout_s)
+    server.start()
+    log_kv(log, logging.INFO, "triton_started", grpc=server.grpc_url, repo=str(repo))
+    return server
+
+
+def build_bindings(names: Sequence[str], runtime: Runtime | None,
+                   embedding_servicer: Any = None) -> list[ServiceBinding]:
+    """One binding per service name, all sharing ``runtime``."""
+    from reidal.services.collections import CollectionsServicer
+    from reidal.services.constraints import ConstraintsServicer
+    from reidal.services.sampling import SamplingServicer
+
+    makers: dict[str, Callable[[], ServiceBinding]] = {
+        "collections": lambda: CollectionsServicer(runtime).binding(),
+        "sampling": lambda: SamplingServicer(runtime).binding(),
+        "constraints": lambda: ConstraintsServicer(runtime).binding(),
+    }
+    out = []
+    for name in names:
+        if name == "embedding":
+            binding = embedding_servicer.binding()
+            binding.close = None  # the embedder is shared; ReidalServer.stop closes it
+            out.append(binding)
+        else:
+            out.append(makers[name]())
+    return out
+
+
+def serve(
+    services: str | Sequence[str] = "all",
+    *,
+    address: str = "127.0.0.1:0",
+    data_dir: str | Path | None = None,
+    triton_url: str | None = None,
+    start_triton: bool = True,
+    embedding_url: str | None = None,
+    model_name: str = DEFAULT_MODEL_NAME,
+    metrics_port: int | None = None,
+    metrics_addr: str = "0.0.0.0",
+    max_workers: int = 16,
+    max_message_mb: int = 64,
+    max_concurrent_rpcs: int | None = None,
+    health_interval_s: float = 3.0,
+    embed_batch_size: int = 32,
+    operation_workers: int = 1,
+    triton_startup_timeout_s: float = 180.0,
+    rpc_metrics: RpcMetrics | None = None,
+) -> ReidalServer:
+    """Start ``services`` (names, or "all") on ``address`` and return the running server.
+
+    data_dir: the durable state (required by collections, sampling, constraints; with
+    ``start_triton`` also by embedding). triton_url / start_triton / embedding_url: how
+    images are embedded (module docstring); ignored when no served service embeds.
+    model_name: the default embedding model. metrics_port: serve Prometheus ``/metrics``
+    there (0: any free port, read ``.metrics_port``; None: no endpoint). max_message_mb:
+    largest gRPC message either way (RESOURCE_EXHAUSTED beyond). The rest tune the server
+    (see :func:`reidal.grpc_server.build_server`). Raises ValueError for a bad combination,
+    RuntimeError when the address cannot be bound; nothing is left running on failure.
+    """
+    names = resolve_services(services)
+    stateful = [n for n in names if n in STATEFUL]
+    needs_embedding = "embedding" in names or "collections" in names
+    root = Path(data_dir) if data_dir is not None else None
+    if stateful and root is None:
+        raise ValueError(f"service(s) {stateful} keep state: pass data_dir")
+    if "embedding" in names and embedding_url is not None:
+        raise ValueError("the embedding service embeds with Triton: pass triton_url or "
+                         "start_triton, not embedding_url")
+    if needs_embedding and embedding_url is None and triton_url is None and not start_triton:
+        raise ValueError("embedding needs triton_url, embedding_url or start_triton=True")
+    if needs_embedding and embedding_url is None and triton_url is None and root is None:
+        raise ValueError("start_triton writes its model repository into data_dir: pass data_dir")
+
+    started = Started(None, None, None, None)
+    try:
+        embedding_servicer = None
+        if needs_embedding:
+            if embedding_url is not None:
+                from reidal.services.collections import RemoteEmbedder
+
+                started.embedder = RemoteEmbedder(embedding_url, model_name,
+                                                  max_message_mb=max_message_mb)
+            else:
+                from reidal.services.embedding import EmbeddingServicer
+
+                if triton_url is None:
+                    assert root is not None
+                    started.triton = _start_triton(root, model_name, triton_startup_timeout_s)
+                    triton_url = started.triton.grpc_url
+                embedding_servicer = EmbeddingServicer(triton_url, model_name,
+                                                       batch_size=embed_batch_size)
+                started.embedder = embedding_servicer
+        if stateful:
+            from reidal.services.collections import classify
+
+            assert root is not None
+            store = Store(root)
+            aborted = store.fail_unfinished_operations(
+                "the server stopped while the operation ran; start it again")
+            if aborted:
+                log_kv(log, logging.WARNING, "operations_aborted", count=aborted)
+            notifier = Notifier()
+            operations = OperationRunner(store, notifier, workers=operation_workers,
+                                         classify=classify)
+            started.runtime = Runtime(store, BlobStore(root / "blobs"), started.embedder,
+                                      notifier, operations)
+        bindings = build_bindings(names, started.runtime, embedding_servicer)
+        running = build_server(bindings, address=address, max_workers=max_workers,
+                               max_message_mb=max_message_mb,
+                               max_concurrent_rpcs=max_concurrent_rpcs, metrics=rpc_metrics,
+                               health_interval_s=health_interval_s)
+        if metrics_port is not None:
+            try:
+                started.metrics_http = start_metrics_http(metrics_port, metrics_addr)
+            except BaseException:
+                running.stop(grace=0)
+                raise
+    except BaseException:
+        _cleanup(started)
+        raise
+    running.check_health_now()  # health answers the probes' result from the first call on
+    log_kv(log, logging.INFO, "reidal_serving", address=running.address, services=names,
+           data_dir=str(root) if root else "", triton=triton_url or "",
+           embedding=embedding_url or "")
+    return ReidalServer(running, started, names, root,
+                        triton_url if needs_embedding and embedding_url is None else None)
+
+
+def _cleanup(started: Started) -> None:
+    for step in (
+        lambda: started.runtime and started.runtime.close(),
+        lambda: started.runtime and started.runtime.store.close(),
+        lambda: started.embedder and started.embedder.close(),
+        lambda: started.metrics_http and started.metrics_http.close(),
+        lambda: started.triton and started.triton.stop(),
+    ):
+        try:
+            step()
+        except Exception:
+            log.exception("cleanup after a failed start")

@@ -1,0 +1,420 @@
+"""CollectionService: collections, image ingest, embedding operations (collections.proto).
+
+A thin layer over :mod:`reidal.ingest`, :mod:`reidal.collection_state` and the store:
+translate messages, call, translate back. Domain errors travel to the server's interceptor,
+which maps them to status codes; embedding failures (Triton down, unknown model) are mapped
+here by :func:`status_of`, which the operation runner also uses for background work.
+
+Embedding goes through an :class:`reidal.runtime.Embedder`: the in-process
+EmbeddingServicer when the embedding service runs in the same process (``--service all``)
+or Triton is reachable, else :class:`RemoteEmbedder`, a client of a separate embedding
+service.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from reidal import errors
+from reidal.collection_state import ImageFilter, check_id, effective_params
+from reidal.embedding.triton_client import (
+    ModelInfo,
+    ModelNotFound,
+    TritonError,
+    TritonTimeout,
+    TritonUnavailable,
+)
+from reidal.grpc_server import ServiceBinding, deadline_left, status_for
+from reidal.ingest import IngestItem, IngestOutcome, embed_missing, ingest, resolve_model
+from reidal.runtime import Runtime
+from reidal.services.embedding import Cancelled, DeadlineExceeded, Embedded, ImageItem
+from reidal.store import Collection, ImageRecord, ImageRow, OperationRecord, Store
+from reidal.v1 import (
+    collections_pb2,
+    collections_pb2_grpc,
+    common_pb2,
+    embedding_pb2,
+    embedding_pb2_grpc,
+)
+
+log = logging.getLogger("reidal.collections")
+
+SERVICE_NAME: str = collections_pb2.DESCRIPTOR.services_by_name["CollectionService"].full_name
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+
+_CLUSTERING_FIELDS = ("dbscan_eps", "min_samples", "k1", "k2")
+_SAMPLING_SCALARS = ("mixture_eps", "k_max", "s_min", "seed")
+_SAMPLING_STRINGS = ("type_weights", "region_weights", "pair_weights")
+
+
+# ------------------------------------------------------------------------ errors
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """Status code and message of a failure, or None for an unexpected exception.
+
+    Embedding failures first (their classes are not domain errors), then the domain errors'
+    usual mapping. A status from a remote embedding service keeps its code.
+    """
+    if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
+        return exc.code(), f"embedding service: {exc.details()}"
+    if isinstance(exc, TritonTimeout):
+        return grpc.StatusCode.UNAVAILABLE, f"{exc}; retry later"
+    if isinstance(exc, TritonUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, f"{exc}; retry later"
+    if isinstance(exc, ModelNotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+    if isinstance(exc, Cancelled):
+        return grpc.StatusCode.CANCELLED, str(exc)
+    if isinstance(exc, TritonError):
+        return grpc.StatusCode.INTERNAL, str(exc)
+    code = status_for(exc)
+    return (code, str(exc)) if code is not None else None
+
+
+def classify(exc: BaseException) -> tuple[str, str] | None:
+    """:func:`status_of` with the code's name: what an Operation records."""
+    found = status_of(exc)
+    return (found[0].name, found[1]) if found is not None else None
+
+
+def abort_for(context: grpc.ServicerContext, exc: Exception, prefix: str = "") -> None:
+    """Abort the call with the status of ``exc`` (raises); re-raise an unexpected one."""
+    found = status_of(exc)
+    if found is None:
+        raise exc
+    context.abort(found[0], prefix + found[1])
+
+
+# ------------------------------------------------------------------------ conversions
+
+
+def timestamp(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(round(seconds * 1e9)))
+    return ts
+
+
+def seconds_of(ts: Timestamp) -> float:
+    return ts.ToNanoseconds() / 1e9
+
+
+def budget_dict(msg: collections_pb2.Budget) -> dict[str, Any] | None:
+    which = msg.WhichOneof("amount")
+    return None if which is None else {which: getattr(msg, which)}
+
+
+def budget_pb(budget: dict[str, Any] | None) -> collections_pb2.Budget:
+    if not budget:
+        return collections_pb2.Budget()
+    if "count" in budget:
+        return collections_pb2.Budget(count=int(budget["count"]))
+    return collections_pb2.Budget(fraction=float(budget["fraction"]))
+
+
+def params_from_request(request: collections_pb2.CreateCollectionRequest) -> dict[str, Any]:
+    clustering = {f: getattr(request.clustering, f) for f in _CLUSTERING_FIELDS
+                  if request.clustering.HasField(f)}
+    sampling: dict[str, Any] = {f: getattr(request.sampling, f) for f in _SAMPLING_SCALARS
+                                if request.sampling.HasField(f)}
+    sampling.update({f: getattr(request.sampling, f) for f in _SAMPLING_STRINGS
+                     if getattr(request.sampling, f)})
+    if request.sampling.HasField("default_budget"):
+        sampling["default_budget"] = budget_dict(request.sampling.default_budget)
+    return effective_params(clustering, sampling)
+
+
+def filter_from_pb(msg: collections_pb2.ImageFilter) -> ImageFilter:
+    return ImageFilter(metadata=dict(msg.metadata), date_key=msg.date_key,
+                       date_from=msg.date_from, date_to=msg.date_to,
+                       image_ids=tuple(msg.image_ids))
+
+
+def filter_pb(data: dict[str, Any]) -> collections_pb2.ImageFilter:
+    f = ImageFilter.from_dict(data)
+    return collections_pb2.ImageFilter(metadata=dict(f.metadata), date_key=f.date_key,
+                                       date_from=f.date_from, date_to=f.date_to,
+                                       image_ids=list(f.image_ids))
+
+
+def collection_pb(runtime: Runtime, col: Collection) -> collections_pb2.Collection:
+    counts = runtime.store.counts(col.id)
+    params = effective_params(col.params.get("clustering"), col.params.get("sampling"))
+    c, s = params["clustering"], params["sampling"]
+    n = counts["images"] - counts["excluded"]
+    total = n * (n - 1) // 2
+    return collections_pb2.Collection(
+        collection_id=col.id,
+        species=col.species,
+        model=common_pb2.ModelRef(name=col.model_name, version=col.model_version),
+        clustering=collections_pb2.ClusteringParams(**c),
+        sampling=collections_pb2.SamplingParams(
+            **{k: s[k] for k in (*_SAMPLING_SCALARS, *_SAMPLING_STRINGS)},
+            default_budget=budget_pb(s["default_budget"])),
+        image_count=counts["images"],
+        excluded_image_count=counts["excluded"],
+        embedded_image_count=counts["embedded"],
+        answer_count=counts["answers"],
+        cycle=col.cycle,
+        pairs_asked=counts["pairs_asked"],
+        total_pairs=total,
+        budget_used=counts["pairs_asked"] / total if total else 0.0,
+        created_at=timestamp(col.created_at),
+    )
+
+
+_STATES = {name: collections_pb2.OperationState.Value(f"OPERATION_STATE_{name}")
+           for name in ("PENDING", "RUNNING", "SUCCEEDED", "FAILED")}
+
+
+def operation_pb(op: OperationRecord) -> collections_pb2.Operation:
+    r = op.result
+    return collections_pb2.Operation(
+        operation_id=op.operation_id, collection_id=op.collection_id, kind=op.kind,
+        state=_STATES[op.state], done=op.done, total=op.total, stage=op.stage,
+        error_code=op.error_code, error_message=op.error_message,
+        batch_id=r.get("batch_id", ""),
+        model=common_pb2.ModelRef(name=r.get("model_name", ""),
+                                  version=r.get("model_version", "")),
+        created_at=timestamp(op.created_at), updated_at=timestamp(op.updated_at),
+    )
+
+
+def _items(msg: collections_pb2.AddImagesRequest) -> list[IngestItem]:
+    out = []
+    for img in msg.images:
+        source = img.image.WhichOneof("source")
+        out.append(IngestItem(
+            img.image.id,
+            data=img.image.data if source == "data" else None,
+            uri=img.image.uri if source == "uri" else None,
+            name=img.name, metadata=dict(img.metadata)))
+    return out
+
+
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    left = deadline_left(context)
+    return None if left is None else time.monotonic() + left
+
+
+# ------------------------------------------------------------------------ servicer
+
+
+class CollectionsServicer(collections_pb2_grpc.CollectionServiceServicer):
+    """CollectionService over a :class:`reidal.runtime.Runtime`."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def binding(self) -> ServiceBinding:
+        return ServiceBinding(
+            name=SERVICE_NAME, servicer=self,
+            add_to_server=collections_pb2_grpc.add_CollectionServiceServicer_to_server,
+            readiness=self.runtime.store.ping)
+
+    @property
+    def store(self) -> Store:
+        return self.runtime.store
+
+    def CreateCollection(self, request, context):  # noqa: N802 - gRPC method name
+        cid = check_id(request.collection_id, "collection id")
+        params = params_from_request(request)
+        model_name = request.model.name
+        if not model_name:
+            embedder = self.runtime.embedder
+            model_name = embedder.default_model if embedder is not None else ""
+        col = self.store.create_collection(cid, species=request.species, model_name=model_name,
+                                           model_version=request.model.version, params=params)
+        return collection_pb(self.runtime, col)
+
+    def GetCollection(self, request, context):  # noqa: N802
+        return collection_pb(self.runtime, self.store.get_collection(request.collection_id))
+
+    def ListCollections(self, request, context):  # noqa: N802
+        return collections_pb2.ListCollectionsResponse(
+            collections=[collection_pb(self.runtime, c) for c in self.store.list_collections()])
+
+    def DeleteCollection(self, request, context):  # noqa: N802
+        self.store.delete_collection(request.collection_id, actor=request.actor)
+        self.runtime.notifier.bump(("queue", request.collection_id))
+        self.runtime.gc_blobs()
+        return collections_pb2.DeleteCollectionResponse(collection_id=request.collection_id)
+
+    def AddImages(self, request_iterator, context):  # noqa: N802
+        total = IngestOutcome()
+        cid: str | None = None
+        for k, msg in enumerate(request_iterator):
+            if cid is None:
+                if not msg.collection_id:
+                    raise errors.InvalidArgument("the first message must name the collection")
+                cid = msg.collection_id
+                self.store.get_collection(cid)
+            elif msg.collection_id and msg.collection_id != cid:
+                raise errors.InvalidArgument(
+                    f"message {k} names collection {msg.collection_id!r} but the stream "
+                    f"started with {cid!r}")
+            if not msg.images:
+                continue
+            try:
+                part = ingest(self.runtime, cid, _items(msg),
+                              defer_embedding=msg.defer_embedding,
+                              deadline=_deadline(context), is_active=context.is_active)
+            except Exception as exc:
+                abort_for(context, exc, prefix=f"message {k}: ")
+            total.merge(part)
+        if total.received == 0:
+            raise errors.InvalidArgument("the stream carried no images")
+        return collections_pb2.AddImagesResponse(
+            collection_id=cid, received=total.received, added=total.added,
+            already_present=total.already_present, embedded=total.embedded,
+            changed_ids=total.changed_ids,
+            model=common_pb2.ModelRef(name=total.model_name, version=total.model_version))
+
+    def ListImages(self, request, context):  # noqa: N802
+        col = self.store.get_collection(request.collection_id)
+        size = _page_size(request.page_size)
+        after = _page_token(request.page_token)
+        image_filter = filter_from_pb(request.filter)
+        missing = sorted(set(image_filter.image_ids)
+                         - self.store.present_image_ids(col.id, image_filter.image_ids))
+        if missing:
+            raise errors.NotFound(f"filter names image(s) not in collection {col.id!r}: "
+                                  f"{missing[:20]}")
+        embedded = self.store.vector_ids(col.id, col.model_name, col.model_version)
+        out: list[collections_pb2.ImageInfo] = []
+        next_token = ""
+        while len(out) < size:
+            rows = self.store.list_images(col.id, after_seq=after, limit=1000)
+            if not rows:
+                break
+            keep = image_filter.mask(_records(rows), all_images=False)
+            for row, ok in zip(rows, keep.tolist(), strict=True):
+                after = row.seq
+                if ok:
+                    out.append(_image_pb(row, row.image_id in embedded))
+                    if len(out) == size:
+                        break
+        if len(out) == size and self.store.list_images(col.id, after_seq=after, limit=1):
+            next_token = str(after)
+        return collections_pb2.ListImagesResponse(images=out, next_page_token=next_token)
+
+    def EmbedCollection(self, request, context):  # noqa: N802
+        col = self.store.get_collection(request.collection_id)
+        try:
+            name, version = resolve_model(self.runtime, request.model.name or col.model_name,
+                                          request.model.version)
+        except Exception as exc:
+            abort_for(context, exc)
+        runtime = self.runtime
+        ops = runtime.operations
+        assert ops is not None
+        op = ops.start(col.id, "embed_collection",
+                       lambda progress: embed_missing(runtime, col.id, name, version, progress))
+        runtime.store.update_operation(op.operation_id, result={"model_name": name,
+                                                               "model_version": version})
+        return operation_pb(runtime.store.operation(op.operation_id))
+
+    def GetOperation(self, request, context):  # noqa: N802
+        return operation_pb(self.store.operation(request.operation_id))
+
+    def WatchOperation(self, request, context):  # noqa: N802
+        ops = self.runtime.operations
+        assert ops is not None
+        last = None
+        for record in ops.watch(request.operation_id, context.is_active):
+            last = record
+            yield operation_pb(record)
+        if last is not None and not last.final and self.runtime.notifier.closed:
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          "the server is shutting down; watch the operation again after it "
+                          "restarts")
+
+
+def _page_size(value: int) -> int:
+    if value > MAX_PAGE_SIZE:
+        raise errors.InvalidArgument(f"page_size must be at most {MAX_PAGE_SIZE}, got {value}")
+    return value or DEFAULT_PAGE_SIZE
+
+
+def _page_token(token: str) -> int:
+    if not token:
+        return -1
+    if not token.isdigit():
+        raise errors.InvalidArgument(f"malformed page_token {token!r}: pass next_page_token "
+                                     "of the previous page unchanged")
+    return int(token)
+
+
+def _records(rows: Sequence[ImageRow]) -> list[ImageRecord]:
+    return [ImageRecord(r.image_id, r.uri, r.name, r.metadata) for r in rows]
+
+
+def _image_pb(row: ImageRow, embedded: bool) -> collections_pb2.ImageInfo:
+    return collections_pb2.ImageInfo(
+        image_id=row.image_id, name=row.name, metadata=row.metadata, uri=row.uri,
+        excluded=row.excluded_reason is not None, excluded_reason=row.excluded_reason or "",
+        embedded=embedded, added_at=timestamp(row.added_at))
+
+
+# ------------------------------------------------------------------------ remote embedder
+
+
+class RemoteEmbedder:
+    """A client of an EmbeddingService in another process, with the in-process API."""
+
+    def __init__(self, address: str, default_model: str = "", *, timeout_s: float = 120.0,
+                 max_message_mb: int = 64) -> None:
+        limit = int(max_message_mb * 1024 * 1024)
+        self.address = address
+        self._channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+        self._stub = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
+        self._timeout = timeout_s
+        self._default = default_model
+
+    @property
+    def default_model(self) -> str:
+        if not self._default:
+            self._default = self._stub.ListModels(embedding_pb2.ListModelsRequest(),
+                                                  timeout=self._timeout).default_model
+        return self._default
+
+    def embed(self, items: Sequence[ImageItem], model: str = "", version: str = "", *,
+              deadline: float | None = None,
+              is_active: Callable[[], bool] | None = None) -> Embedded:
+        timeout = self._timeout if deadline is None else max(deadline - time.monotonic(), 0.0)
+        request = embedding_pb2.EmbedRequest(
+            model=common_pb2.ModelRef(name=model, version=version),
+            images=[common_pb2.Image(id=i.id, data=i.data) if i.data is not None
+                    else common_pb2.Image(id=i.id, uri=i.uri) for i in items])
+        resp = self._stub.Embed(request, timeout=timeout)
+        vectors = np.array([list(e.vector) for e in resp.embeddings], dtype=np.float32)
+        return Embedded([e.id for e in resp.embeddings], vectors.reshape(len(items), -1),
+                        resp.model_name, resp.model_version)
+
+    def model(self, name: str = "", version: str = "") -> ModelInfo:
+        info = self._stub.GetModel(embedding_pb2.GetModelRequest(
+            model=common_pb2.ModelRef(name=name, version=version)), timeout=self._timeout)
+        return ModelInfo(info.name, info.version, info.state, info.ready, info.dim or None)
+
+    def is_ready(self) -> bool:
+        try:
+            self.model()
+            return True
+        except grpc.RpcError:
+            return False
+
+    def close(self) -> None:
+        self._channel.close()

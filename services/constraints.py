@@ -1,0 +1,193 @@
+"""ConstraintService: answers, exclusions and identities (constraints.proto).
+
+A thin layer over :mod:`reidal.answers`, :mod:`reidal.identities` and the store. Enum
+values are checked here (a proto3 enum field accepts any number on the wire, so an unknown
+value is refused by name and number, never stored).
+"""
+
+from __future__ import annotations
+
+from reidal import errors
+from reidal.answers import (
+    TAGS,
+    AnswerSubmission,
+    ContradictionReport,
+    answer_id,
+    explain,
+    parse_answer_id,
+    submit,
+)
+from reidal.grpc_server import ServiceBinding
+from reidal.identities import compute_identities
+from reidal.runtime import Runtime
+from reidal.services.collections import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, seconds_of, timestamp
+from reidal.store import StoredAnswer
+from reidal.v1 import common_pb2, constraints_pb2, constraints_pb2_grpc
+
+SERVICE_NAME: str = constraints_pb2.DESCRIPTOR.services_by_name["ConstraintService"].full_name
+
+_LABEL_OF = {constraints_pb2.ANSWER_LABEL_SAME: "SAME",
+             constraints_pb2.ANSWER_LABEL_DIFFERENT: "DIFFERENT",
+             constraints_pb2.ANSWER_LABEL_UNSURE: "UNSURE"}
+_LABEL_PB = {v: k for k, v in _LABEL_OF.items()}
+_TAG_OF = {constraints_pb2.AnswerTag.Value(f"ANSWER_TAG_{t.upper()}"): t for t in TAGS}
+_TAG_PB = {v: k for k, v in _TAG_OF.items()}
+
+
+def _label(value: int, where: str) -> str:
+    if value not in _LABEL_OF:
+        name = constraints_pb2.AnswerLabel.Name(value) if value in \
+            constraints_pb2.AnswerLabel.values() else "unknown"
+        raise errors.InvalidArgument(
+            f"{where}: label {value} ({name}) is not SAME, DIFFERENT or UNSURE")
+    return _LABEL_OF[value]
+
+
+def submission(k: int, msg: constraints_pb2.AnswerInput) -> AnswerSubmission:
+    target = msg.WhichOneof("target")
+    if target is None:
+        raise errors.InvalidArgument(f"answer {k} names no pair: set pair_id or images")
+    if target == "pair_id" and not msg.pair_id:
+        raise errors.InvalidArgument(f"answer {k} has an empty pair_id")
+    tags = []
+    for value in msg.tags:
+        if value not in _TAG_OF:
+            raise errors.InvalidArgument(
+                f"answer {k}: tag {value} is not one of {sorted(_TAG_PB)} (AnswerTag)")
+        tags.append(_TAG_OF[value])
+    return AnswerSubmission(
+        label=_label(msg.label, f"answer {k}"),
+        pair_id=msg.pair_id if target == "pair_id" else "",
+        image_a=msg.images.image_a if target == "images" else "",
+        image_b=msg.images.image_b if target == "images" else "",
+        annotator=msg.annotator_id, tags=tuple(tags),
+        confidence=msg.confidence if msg.HasField("confidence") else None,
+        note=msg.note,
+        started_at=seconds_of(msg.started_at) if msg.HasField("started_at") else None,
+        ended_at=seconds_of(msg.ended_at) if msg.HasField("ended_at") else None,
+    )
+
+
+def constraint_pb(a: StoredAnswer) -> constraints_pb2.StoredConstraint:
+    if a.deleted:
+        status = constraints_pb2.CONSTRAINT_STATUS_DELETED
+    elif a.superseded_by is not None:
+        status = constraints_pb2.CONSTRAINT_STATUS_SUPERSEDED
+    else:
+        status = constraints_pb2.CONSTRAINT_STATUS_CURRENT
+    out = constraints_pb2.StoredConstraint(
+        answer_id=answer_id(a.seq), image_a=a.image_a, image_b=a.image_b,
+        label=_LABEL_PB[a.label], annotator_id=a.annotator,
+        tags=[_TAG_PB[t] for t in a.tags if t in _TAG_PB], note=a.note,
+        started_at=timestamp(a.started_at), ended_at=timestamp(a.ended_at),
+        received_at=timestamp(a.received_at), batch_id=a.batch_id, pair_id=a.pair_id,
+        request_id=a.request_id, status=status,
+        superseded_by=answer_id(a.superseded_by) if a.superseded_by is not None else "",
+    )
+    if a.confidence is not None:
+        out.confidence = a.confidence
+    return out
+
+
+class ConstraintsServicer(constraints_pb2_grpc.ConstraintServiceServicer):
+    """ConstraintService over a :class:`reidal.runtime.Runtime`."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def binding(self) -> ServiceBinding:
+        return ServiceBinding(
+            name=SERVICE_NAME, servicer=self,
+            add_to_server=constraints_pb2_grpc.add_ConstraintServiceServicer_to_server,
+            readiness=self.runtime.store.ping)
+
+    def _contradictions(self, collection_id: str,
+                        reports: list[ContradictionReport]) -> list[constraints_pb2.Contradiction]:
+        seqs = {s for r in reports for s in r.answer_seqs}
+        answers = self.runtime.store.answers_by_seq(collection_id, seqs)
+        return [constraints_pb2.Contradiction(
+            answers=[constraint_pb(answers[s]) for s in r.answer_seqs if s in answers],
+            dropped_answer_id=answer_id(r.dropped_seq), explanation=explain(r, answers))
+            for r in reports]
+
+    def SubmitConstraints(self, request, context):  # noqa: N802 - gRPC method name
+        subs = [submission(k, a) for k, a in enumerate(request.answers)]
+        out = submit(self.runtime.store, request.collection_id, subs,
+                     batch_id=request.batch_id, request_id=request.request_id)
+        return constraints_pb2.SubmitConstraintsResponse(
+            stored_count=out.stored, replayed_count=out.replayed,
+            answer_ids=[answer_id(s) for s in out.seqs],
+            contradictions=self._contradictions(request.collection_id, out.contradictions),
+            superseded_count=out.superseded)
+
+    def ListConstraints(self, request, context):  # noqa: N802
+        store = self.runtime.store
+        store.get_collection(request.collection_id)
+        if request.page_size > MAX_PAGE_SIZE:
+            raise errors.InvalidArgument(
+                f"page_size must be at most {MAX_PAGE_SIZE}, got {request.page_size}")
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        before = None
+        if request.page_token:
+            if not request.page_token.isdigit():
+                raise errors.InvalidArgument(
+                    f"malformed page_token {request.page_token!r}: pass next_page_token of the "
+                    "previous page unchanged")
+            before = int(request.page_token)
+        label = _label(request.label, "filter") if request.label else ""
+        rows = store.list_answers(
+            request.collection_id, image_id=request.image_id, annotator=request.annotator_id,
+            label=label, batch_id=request.batch_id, include_history=request.include_history,
+            before_seq=before, limit=size + 1)
+        more = len(rows) > size
+        rows = rows[:size]
+        return constraints_pb2.ListConstraintsResponse(
+            constraints=[constraint_pb(a) for a in rows],
+            next_page_token=str(rows[-1].seq) if more else "")
+
+    def DeleteConstraint(self, request, context):  # noqa: N802
+        store = self.runtime.store
+        cid = request.collection_id
+        store.get_collection(cid)
+        seq = parse_answer_id(request.answer_id, cid)
+        try:
+            restored = store.delete_answer(cid, seq, actor=request.actor, reason=request.reason)
+        except errors.NotFound:
+            raise errors.NotFound(f"answer {request.answer_id!r} does not exist in collection "
+                                  f"{cid!r} (or is already deleted)") from None
+        out = constraints_pb2.DeleteConstraintResponse(deleted=constraint_pb(store.answer(cid, seq)))
+        if restored is not None:
+            out.restored.CopyFrom(constraint_pb(store.answer(cid, restored)))
+        return out
+
+    def ExcludeImage(self, request, context):  # noqa: N802
+        store = self.runtime.store
+        store.get_collection(request.collection_id)
+        reason = request.reason or "excluded"
+        store.exclude_image(request.collection_id, request.image_id, reason, actor=request.actor)
+        return constraints_pb2.ExcludeImageResponse(image_id=request.image_id, excluded=True,
+                                                    reason=reason)
+
+    def RestoreImage(self, request, context):  # noqa: N802
+        store = self.runtime.store
+        store.get_collection(request.collection_id)
+        store.restore_image(request.collection_id, request.image_id, actor=request.actor)
+        return constraints_pb2.ExcludeImageResponse(image_id=request.image_id, excluded=False)
+
+    def GetIdentities(self, request, context):  # noqa: N802
+        cid = request.collection_id
+        with self.runtime.lock(cid):
+            result = compute_identities(self.runtime.store, cid)
+        reports = [ContradictionReport(ids, dropped) for ids, dropped in result.contradictions]
+        return constraints_pb2.GetIdentitiesResponse(
+            collection_id=cid,
+            identities=[constraints_pb2.Identity(
+                identity_id=s.identity_id, image_ids=list(s.image_ids), size=s.size,
+                same_answers=s.same_answers, different_answers=s.different_answers,
+                names=list(s.names), new_individual=s.new_individual,
+                name_conflict=s.name_conflict) for s in result.identities],
+            excluded_image_ids=result.excluded_ids,
+            model=common_pb2.ModelRef(name=result.model_name, version=result.model_version),
+            applied_answers=result.applied_answers,
+            contradictions=self._contradictions(cid, reports),
+            cycle=result.cycle)

@@ -1,0 +1,157 @@
+"""reidal.serve: services alone or together, metrics, graceful stop, the bundled Triton."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from _services_support import (
+    Stubs,
+    by_images,
+    create_and_fill,
+    in_flight,
+    ingest_message,
+    oracle_answers,
+    pictures,
+    wait_in_flight,
+)
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
+
+from reidal.embedding.preprocess import preprocess
+from reidal.serve import SERVICES, resolve_services, serve
+from reidal.store import ImageRecord, Store
+from reidal.v1 import collections_pb2, constraints_pb2, sampling_pb2
+
+C, S, K = collections_pb2, sampling_pb2, constraints_pb2
+
+
+def _listed_services(address: str) -> set[str]:
+    with grpc.insecure_channel(address) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        [answer] = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+            list_services="")]), timeout=10)
+        return {s.name for s in answer.list_services_response.service if s.name.startswith("reidal")}
+
+
+def test_service_names_and_bad_combinations(tmp_path):
+    assert resolve_services("all") == list(SERVICES)
+    assert resolve_services(["constraints", "sampling"]) == ["sampling", "constraints"]
+    with pytest.raises(ValueError, match="unknown service.*'nope'"):
+        resolve_services(["nope"])
+    with pytest.raises(ValueError, match="data_dir"):
+        serve(["sampling"])
+    with pytest.raises(ValueError, match="triton_url, embedding_url or start_triton"):
+        serve(["collections"], data_dir=tmp_path, start_triton=False)
+    with pytest.raises(ValueError, match="not embedding_url"):
+        serve(["embedding"], embedding_url="127.0.0.1:1")
+
+
+def test_each_service_alone_on_one_data_directory(triton, tmp_path):
+    """Four processes' worth of servers, one service each: collections embeds through the
+    separate embedding server, the others share its data directory."""
+    kw = dict(data_dir=tmp_path, health_interval_s=60)
+    embedding = serve(["embedding"], triton_url=triton.grpc_url, health_interval_s=60)
+    servers = [embedding, serve(["collections"], embedding_url=embedding.address, **kw),
+               serve(["sampling"], **kw), serve(["constraints"], **kw)]
+    try:
+        assert [_listed_services(s.address) for s in servers] == [
+            {"reidal.v1.EmbeddingService"}, {"reidal.v1.CollectionService"},
+            {"reidal.v1.SamplingService"}, {"reidal.v1.ConstraintService"}]
+        col, samp, cons = (Stubs.connect(s.address) for s in servers[1:])
+        pics = pictures()[:16]
+        truth = {p.image_id: p.identity for p in pics}
+        create_and_fill(col, "shared", pics)
+        batch = samp.sampling.GetQueryPairs(S.GetQueryPairsRequest(
+            collection_id="shared", budget=C.Budget(count=4)))
+        out = cons.constraints.SubmitConstraints(K.SubmitConstraintsRequest(
+            collection_id="shared", batch_id=batch.batch_id, answers=oracle_answers(batch, truth)))
+        assert out.stored_count == len(batch.pairs)
+        got = col.collections.GetCollection(C.GetCollectionRequest(collection_id="shared"))
+        assert (got.image_count, got.cycle, got.answer_count) == (16, 1, len(batch.pairs))
+        assert (got.model.name, got.model.version) == (triton.model_name, "1")
+        # Vectors through the remote embedding service are the served model's.
+        ids, X = servers[1].runtime.store.get_vectors("shared", triton.model_name, "1")
+        ref = triton.reference(preprocess([Image.open(io.BytesIO(p.png)).convert("RGB")
+                                           for p in pics[:4]], triton.spec))
+        assert ids == [p.image_id for p in pics]
+        np.testing.assert_allclose(X[:4], ref, atol=1e-4)
+        err = None
+        try:
+            col.sampling.GetQueryPairs(S.GetQueryPairsRequest(collection_id="shared"))
+        except grpc.RpcError as exc:
+            err = exc
+        assert err is not None and err.code() == grpc.StatusCode.UNIMPLEMENTED
+        for s in (col, samp, cons):
+            s.close()
+    finally:
+        for s in servers:
+            s.stop(grace=1)
+
+
+def test_metrics_endpoint_and_graceful_stop_with_open_watchers(tmp_path):
+    store = Store(tmp_path)  # a collection made by an earlier process
+    store.create_collection("w")
+    store.add_images("w", [ImageRecord(f"i{k}") for k in range(3)])
+    store.create_operation("op-interrupted", "w", "sample")
+    store.close()
+    srv = serve(["sampling", "constraints"], data_dir=tmp_path, metrics_port=0,
+                metrics_addr="127.0.0.1", health_interval_s=60)
+    s = Stubs.connect(srv.address)
+    try:
+        s.constraints.SubmitConstraints(K.SubmitConstraintsRequest(
+            collection_id="w", answers=[by_images("i0", "i1", True)]))
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics",
+                                    timeout=10) as resp:
+            text = resp.read().decode()
+        for name in ("reidal_rpc_total", "reidal_answers_stored_total", "reidal_pairs_asked",
+                     "reidal_cycle_seconds"):
+            assert name in text, name
+        # The operation that was running when the earlier process died is failed, not lost.
+        record = srv.runtime.store.operation("op-interrupted")
+        assert (record.state, record.error_code) == ("FAILED", "ABORTED")
+
+        errors: list[grpc.RpcError] = []
+
+        def watch() -> None:
+            try:
+                list(s.sampling.WatchQueue(S.WatchQueueRequest(collection_id="w"), timeout=60))
+            except grpc.RpcError as exc:
+                errors.append(exc)
+
+        watching = in_flight("reidal.v1.SamplingService", "WatchQueue")
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        wait_in_flight("reidal.v1.SamplingService", "WatchQueue", watching + 1)
+        tic = time.perf_counter()
+        srv.stop(grace=20)
+        watcher.join(timeout=30)
+        assert time.perf_counter() - tic < 10, "an open WatchQueue held the stop for its grace"
+        assert errors and errors[0].code() == grpc.StatusCode.UNAVAILABLE
+        assert "after_cycle=0" in errors[0].details()
+    finally:
+        s.close()
+        srv.stop(grace=1)
+
+
+@pytest.mark.slow
+def test_start_triton_writes_the_model_repository_and_stops_it(tmp_path):
+    srv = serve(["embedding", "collections"], data_dir=tmp_path, health_interval_s=60)
+    triton = srv._started.triton
+    try:
+        assert (tmp_path / "model_repository" / "reidal_embedder" / "config.pbtxt").exists()
+        assert triton is not None and triton.running and srv.triton_url == triton.grpc_url
+        s = Stubs.connect(srv.address)
+        s.collections.CreateCollection(C.CreateCollectionRequest(collection_id="t"))
+        added = s.collections.AddImages(iter([ingest_message("t", pictures()[:4])]), timeout=120)
+        assert (added.embedded, added.model.name, added.model.version) == (
+            4, "reidal_embedder", "1")
+        s.close()
+    finally:
+        srv.stop(grace=1)
+    assert not triton.running

@@ -1,0 +1,258 @@
+"""Schema-2 store features and the runtime's operations: real SQLite in a temp directory."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from reidal.blobs import BlobStore, sha256_hex
+from reidal.errors import FailedPrecondition, NotFound
+from reidal.runtime import Notifier, OperationRunner, operation_key
+from reidal.store import AnswerIn, ImageRecord, ImageSource, PairRecord, Store
+
+
+@pytest.fixture()
+def store(tmp_path):
+    s = Store(tmp_path)
+    s.create_collection("c", model_name="m")
+    s.add_images("c", [ImageRecord(f"i{k}") for k in range(6)])
+    yield s
+    s.close()
+
+
+def _pairs(*pairs):
+    return [PairRecord("", a, b, "U_us", 0, 0.5, 0.9) for a, b in pairs]
+
+
+def test_batches_pairs_pending_and_request_replay(store):
+    batch, created = store.create_batch(
+        "c", lambda cycle: f"b{cycle}", _pairs(("i0", "i1"), ("i2", "i3")), budget=2,
+        reason="budget filled", finished=False, model_name="m", model_version="1",
+        filter={"metadata": {"site": "n"}}, n_items=6, stats={"regions": 2}, request_id="r")
+    assert created and (batch.batch_id, batch.cycle) == ("b1", 1)
+    assert store.get_collection("c").cycle == 1
+    again, created = store.create_batch("c", lambda cycle: f"b{cycle}", _pairs(("i4", "i5")),
+                                        budget=1, reason="x", finished=False, model_name="m",
+                                        model_version="1", request_id="r")
+    assert not created and again == batch and store.get_collection("c").cycle == 1
+    pairs = store.batch_pairs("c", "b1")
+    assert [(p.pair_id, answered) for p, answered in pairs] == [("b1/0", False), ("b1/1", False)]
+    assert store.pairs_by_id("c", ["b1/1", "nope"]) == {"b1/1": ("b1", pairs[1][0])}
+    store.submit_answers("c", [AnswerIn("i1", "i0", "UNSURE")])
+    assert [answered for _, answered in store.batch_pairs("c", "b1")] == [True, False]
+    assert store.pending_pairs("c") == [("i2", "i3")]
+    assert store.counts("c")["pairs_asked"] == 2
+    assert store.batch_by_request("c", "r") == batch and store.batch_by_request("c", "q") is None
+    assert [b.batch_id for b in store.batches("c", after_cycle=0)] == ["b1"]
+    with pytest.raises(NotFound, match="b9"):
+        store.batch("c", "b9")
+
+
+def test_ingest_is_all_or_nothing_and_pins_the_model(store):
+    vecs = np.eye(2, 3, dtype=np.float32)
+    sources = {"n0": ImageSource("data", "0" * 64, 3), "n1": ImageSource("uri", "1" * 64)}
+    added, present = store.ingest("c", [ImageRecord("n0"), ImageRecord("n1", uri="/x.png"),
+                                        ImageRecord("i0")], sources, model_name="m",
+                                  model_version="4", vector_ids=["n0", "n1"], vectors=vecs)
+    assert (added, present) == (2, 1)
+    assert store.get_collection("c").model_version == "4"
+    assert store.image_sources("c", ["n0", "n1", "i0"]) == sources
+    assert store.vector_ids("c", "m", "4") == {"n0", "n1"}
+    with pytest.raises(FailedPrecondition, match="version 4"):
+        store.ingest("c", [ImageRecord("n2")], {}, model_name="m", model_version="5",
+                     vector_ids=["n2"], vectors=vecs[:1])
+    assert store.present_image_ids("c", ["n2", "n0"]) == {"n0"}  # nothing of the failure
+    assert store.referenced_blobs() == {"0" * 64}
+
+
+def test_submit_once_replays_and_builds_the_response_inside_the_transaction(store):
+    seen = []
+
+    def respond(seqs):
+        seen.append(len(store.answers("c")))  # sees its own answers (same transaction)
+        return {"seqs": seqs, "n": len(seqs)}
+
+    first, replayed = store.submit_answers_once("c", [AnswerIn("i0", "i1", "SAME")],
+                                                request_id="r1", respond=respond)
+    assert not replayed and first["n"] == 1 and seen == [1]
+    again, replayed = store.submit_answers_once("c", [AnswerIn("i0", "i1", "SAME")],
+                                                request_id="r1", respond=respond)
+    assert replayed and again == first and seen == [1]
+    results = []
+
+    def racer():
+        results.append(store.submit_answers_once("c", [AnswerIn("i2", "i3", "DIFFERENT")],
+                                                 request_id="r2")[1])
+
+    threads = [threading.Thread(target=racer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False] + [True] * 7
+    assert len(store.answers("c", current_only=False)) == 2
+
+
+def test_listing_answers_and_deletion_restores(store):
+    seqs = store.submit_answers("c", [AnswerIn("i0", "i1", "SAME", annotator="a"),
+                                      AnswerIn("i0", "i1", "DIFFERENT", annotator="b"),
+                                      AnswerIn("i2", "i3", "UNSURE", annotator="a")])
+    assert store.count_superseded_by("c", seqs[1:2]) == 1
+    assert [a.seq for a in store.list_answers("c")] == [seqs[2], seqs[1]]
+    assert [a.seq for a in store.list_answers("c", include_history=True, limit=2)] == seqs[:0:-1]
+    assert [a.seq for a in store.list_answers("c", include_history=True,
+                                              before_seq=seqs[1])] == [seqs[0]]
+    assert [a.seq for a in store.list_answers("c", annotator="a", include_history=True)] == [
+        seqs[2], seqs[0]]
+    assert [a.seq for a in store.list_answers("c", image_id="i3")] == [seqs[2]]
+    assert [a.seq for a in store.list_answers("c", label="SAME")] == []
+    assert store.delete_answer("c", seqs[0]) is None  # not current: nothing comes back
+    assert store.delete_answer("c", seqs[2]) is None
+    assert store.delete_answer("c", seqs[1]) is None  # the older one is deleted too
+    store.submit_answers("c", [AnswerIn("i4", "i5", "SAME")])
+    newer = store.submit_answers("c", [AnswerIn("i4", "i5", "DIFFERENT")])[0]
+    restored = store.delete_answer("c", newer)
+    assert store.answer("c", restored).label == "SAME"
+    assert store.answers_by_seq("c", [restored, 999])[restored].seq == restored
+
+
+def test_identities_counters_exclusion_and_model_switch(store):
+    store.save_identities("c", {"i0": "id-000001", "i1": "id-000001"}, counter_name="identity",
+                          counter_value=2)
+    assert store.identity_assignment("c") == {"i0": "id-000001", "i1": "id-000001"}
+    assert store.counter("c", "identity") == 2 and store.counter("c", "other", 7) == 7
+    store.exclude_image("c", "i2", "blurred", actor="qa")
+    assert store.counts("c")["excluded"] == 1
+    store.restore_image("c", "i2", actor="qa")
+    assert store.excluded_images("c") == {}
+    assert [e["action"] for e in store.audit_log("c")][-2:] == ["exclude_image", "restore_image"]
+    store.set_model("c", "m", "7")
+    assert store.get_collection("c").model_version == "7"
+    rows = store.list_images("c", after_seq=2, limit=2)
+    assert [r.image_id for r in rows] == ["i3", "i4"] and rows[0].seq == 3
+
+
+def test_delete_collection_cascades(store):
+    store.create_batch("c", lambda k: f"b{k}", _pairs(("i0", "i1")), budget=1, reason="",
+                       finished=False, model_name="m", model_version="1")
+    store.create_operation("op-1", "c", "sample")
+    store.save_identities("c", {"i0": "id-000001"}, counter_name="identity", counter_value=2)
+    store.delete_collection("c")
+    for table in ("images", "batches", "batch_pairs", "identities", "counters", "operations",
+                  "image_sources"):
+        assert store._query(f"SELECT COUNT(*) FROM {table}")[0][0] == 0, table
+
+
+def test_schema_1_file_upgrades_in_place(tmp_path):
+    s = Store(tmp_path)
+    s.create_collection("old")
+    s.close()
+    db = sqlite3.connect(tmp_path / "reidal.sqlite3")
+    for table in ("batch_pairs", "batches", "identities", "counters", "operations",
+                  "image_sources"):
+        db.execute(f"DROP TABLE {table}")
+    db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    s = Store(tmp_path)
+    try:
+        assert s.counts("old")["pairs_asked"] == 0
+        assert s._query("SELECT value FROM meta WHERE key = 'schema_version'")[0][0] == "2"
+    finally:
+        s.close()
+
+
+def test_blob_store(tmp_path):
+    blobs = BlobStore(tmp_path / "blobs")
+    sha = blobs.put(b"pixels")
+    assert sha == sha256_hex(b"pixels") and blobs.put(b"pixels") == sha
+    assert blobs.get(sha) == b"pixels" and blobs.all() == {sha}
+    other = blobs.put(b"more")
+    assert blobs.remove_except({other}) == 1 and blobs.all() == {other}
+    with pytest.raises(FileNotFoundError, match=sha):
+        blobs.get(sha)
+    with pytest.raises(ValueError, match="SHA-256"):
+        blobs.path("../etc/passwd")
+
+
+def test_operation_runner_records_progress_failure_and_exclusivity(store):
+    notifier = Notifier()
+    runner = OperationRunner(store, notifier, workers=2)
+    gate = threading.Event()
+
+    def slow(progress):
+        progress.update(total=2, done=1, stage="half")
+        gate.wait(10)
+        progress.update(done=2)
+        return {"batch_id": "b1"}
+
+    op = runner.start("c", "embed", slow)
+    with pytest.raises(FailedPrecondition, match=op.operation_id):
+        runner.start("c", "embed", slow)
+    seen = []
+    watcher = threading.Thread(target=lambda: seen.extend(
+        runner.watch(op.operation_id, lambda: True, poll_s=5)))
+    watcher.start()
+    deadline = time.time() + 10
+    while store.operation(op.operation_id).done < 1 and time.time() < deadline:
+        time.sleep(0.01)
+    gate.set()
+    watcher.join(10)
+    final = seen[-1]
+    assert (final.state, final.done, final.total, final.result) == ("SUCCEEDED", 2, 2,
+                                                                    {"batch_id": "b1"})
+    assert [r.done for r in seen] == sorted(r.done for r in seen)
+
+    def broken(progress):
+        raise NotFound("image 'x' vanished")
+
+    failed = runner.start("c", "embed", broken)
+    last = list(runner.watch(failed.operation_id, lambda: True, poll_s=5))[-1]
+    assert (last.state, last.error_code, last.error_message) == (
+        "FAILED", "NOT_FOUND", "image 'x' vanished")
+
+    def crash(progress):
+        raise RuntimeError("bug")
+
+    crashed = runner.start("c", "sample", crash, exclusive=False)
+    last = list(runner.watch(crashed.operation_id, lambda: True, poll_s=5))[-1]
+    assert (last.state, last.error_code) == ("FAILED", "INTERNAL") and "bug" in last.error_message
+    runner.close()
+    assert notifier.version(operation_key(op.operation_id)) >= 3
+
+
+def test_unfinished_operations_are_failed_at_start(tmp_path):
+    s = Store(tmp_path)
+    s.create_collection("c")
+    s.create_operation("op-a", "c", "embed")
+    s.create_operation("op-b", "c", "embed")
+    s.update_operation("op-b", state="SUCCEEDED")
+    assert s.fail_unfinished_operations("restarted") == 1
+    assert (s.operation("op-a").state, s.operation("op-a").error_code) == ("FAILED", "ABORTED")
+    assert s.operation("op-b").state == "SUCCEEDED"
+    s.close()
+
+
+def test_closing_the_runner_aborts_a_running_operation(store):
+    runner = OperationRunner(store, Notifier())
+
+    def endless(progress):
+        for k in range(100_000):
+            progress.update(done=k)
+            time.sleep(0.005)
+        return {}
+
+    op = runner.start("c", "embed", endless)
+    deadline = time.time() + 10
+    while store.operation(op.operation_id).done < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    tic = time.perf_counter()
+    runner.close(wait=True)
+    assert time.perf_counter() - tic < 5
+    record = store.operation(op.operation_id)
+    assert (record.state, record.error_code) == ("FAILED", "ABORTED")
+    assert "start it again" in record.error_message
