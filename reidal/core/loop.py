@@ -17,10 +17,46 @@ import numpy as np
 
 from reidal.core.constraints import Answer, ConstraintSet
 from reidal.core.evaluation import clustering_quality
-from reidal.core.sampling import Sampler
+from reidal.core.sampling import Sampler, SampleResult
 from reidal.core.validation import check_embeddings, check_labels, resolve_budget, total_pairs
 
 Oracle = Callable[[np.ndarray], np.ndarray]
+
+
+def next_answer_id(constraints: ConstraintSet) -> int:
+    """The id the next answer gets: one above every answer so far (ids order answers in time)."""
+    return max((a.answer_id for a in constraints.answers), default=-1) + 1
+
+
+def ask_and_record(
+    sampler: Sampler,
+    X: np.ndarray,
+    constraints: ConstraintSet,
+    budget: int,
+    oracle: Oracle,
+    *,
+    seed: int,
+) -> tuple[SampleResult, np.ndarray]:
+    """One question round: draw a batch with ``sampler``, ask ``oracle``, add the answers.
+
+    Answers get increasing ids after every answer already in ``constraints``, in the order
+    the batch lists them. The sampler never proposes a pair already answered or implied, so
+    nothing is asked twice. Returns the batch and its pairs as an int64 (m, 2) array. Shared
+    by :class:`ActiveLearningLoop` (fixed embeddings) and the trainer (embeddings that move
+    between cycles), so the sample-ask-record step exists once.
+    """
+    batch = sampler.sample(X, constraints, budget, seed=seed)
+    pairs = batch.as_array()
+    if len(pairs):
+        same = np.asarray(oracle(pairs), dtype=bool).reshape(-1)
+        if same.shape[0] != len(pairs):
+            raise ValueError(
+                f"the oracle returned {same.shape[0]} answers for {len(pairs)} pairs"
+            )
+        next_id = next_answer_id(constraints)
+        for k, ((i, j), s) in enumerate(zip(pairs.tolist(), same.tolist(), strict=True)):
+            constraints.add(Answer(i, j, bool(s), next_id + k))
+    return batch, pairs
 
 
 @dataclass
@@ -109,18 +145,12 @@ class ActiveLearningLoop:
         initial_quality = clustering_quality(base_labels, truth) if truth is not None else {}
         if on_start is not None:
             on_start(initial_quality)
-        next_id = max((a.answer_id for a in cs.answers), default=-1) + 1
         reports: list[CycleReport] = []
         asked = 0
         for cycle in range(1, self.cycles + 1):
             t0 = time.perf_counter()
-            batch = self.sampler.sample(X, cs, budget, seed=self.seed + cycle)
-            pairs = batch.as_array()
-            if len(pairs):
-                same = np.asarray(oracle(pairs), dtype=bool)
-                for (i, j), s in zip(pairs.tolist(), same.tolist(), strict=True):
-                    cs.add(Answer(i, j, s, next_id))
-                    next_id += 1
+            batch, pairs = ask_and_record(self.sampler, X, cs, budget, oracle,
+                                          seed=self.seed + cycle)
             asked += len(pairs)
             refined = refiner(base_labels, X, cs)
             labels = refined.labels

@@ -1,0 +1,181 @@
+"""Every knob of the SpCL + NP3 + active-learning trainer, named, defaulted and validated.
+
+Defaults are SpCL's unsupervised recipe (Ge et al., NeurIPS 2020, ``spcl_train_usl.py``) and
+the paper's schedule (docs/method.md, step 3): 50 epochs, an active-learning cycle every 10
+epochs (5 cycles), batch 64 = 16 pseudo-identities x 4 images, Adam lr 3.5e-4, weight decay
+5e-4, StepLR 20 / 0.1, 400 iterations an epoch, hybrid memory momentum 0.2 and temperature
+0.05, DBSCAN eps 0.6 / min_samples 4 on the k-reciprocal Jaccard distance (k1 30, k2 6),
+reliability re-clusterings at eps +/- 0.02 with the independence threshold at the 90th
+percentile of the first epoch's clusters. Choices SpCL does not make are marked OURS.
+
+A bad value raises ``ValueError`` naming the field when the config is built; the one check
+that needs the data (a batch larger than the collection) happens in ``SpCLTrainer.fit``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+MODES = ("head", "full")
+DEVICES = ("cpu", "cuda", "auto")
+SAMPLERS = ("aas", "random", "none")
+CLUSTER_FEATURES = ("memory", "model")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Configuration of one training job (see the module docstring for where defaults come from).
+
+    mode: ``"head"`` trains only the embedding head on backbone features cached once (the
+    CPU default: minutes for a few hundred images); ``"full"`` fine-tunes the backbone on
+    images (the GPU mode; mixed precision on CUDA, a DataLoader feeding it, data-parallel
+    under torchrun). One code path serves both; only what a batch holds differs.
+    device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available).
+
+    epochs, epochs_per_cycle: the schedule. An active-learning cycle starts at every epoch
+    that is a multiple of ``epochs_per_cycle`` (epoch 0 included, as in the paper: AAS every
+    10 epochs, 5 cycles in 50 epochs).
+    iters_per_epoch: optimiser steps per epoch (SpCL 400).
+    num_identities (P), num_instances (K): a batch holds P pseudo-identities x K images
+    (SpCL's RandomMultipleGallerySampler; an un-clustered image is an identity of one).
+    lr, weight_decay, step_size, gamma: Adam and StepLR (stepped once per epoch).
+    momentum, temperature: the hybrid memory (SpCL's --momentum, --temp).
+    eps, min_samples, k1, k2: DBSCAN on the k-reciprocal Jaccard distance.
+    eps_gap: the tight / loose re-clusterings of the reliability criterion use eps -/+ it.
+    reliability_percentile: clusters whose independence score (1 - IoU with the loose
+    clustering, minimum over the cluster's members) exceeds this quantile of the first
+    epoch's multi-image clusters are dissolved into un-clustered instances (SpCL: 0.9, i.e.
+    the 10 % least independent clusters; the threshold is fixed at the first epoch trained,
+    as in SpCL). 1.0 keeps every cluster's independence; compactness filtering still applies
+    unless ``self_paced`` is False.
+    self_paced: apply SpCL's reliability filtering at all (False: train on every DBSCAN
+    cluster as given, for ablations).
+    budget_per_cycle: pairs asked per cycle, a count (int) or a fraction of all pairs
+    (float; paper 0.0002 = 0.02 %).
+    sampler: ``"aas"`` (Ambiguity-Aware Sampling), ``"random"`` (uniform unanswered pairs)
+    or ``"none"`` (SpCL alone: no question is asked).
+    cluster_features: what the per-epoch clustering (and the sampler) sees. ``"memory"``
+    (SpCL: the momentum-updated instance features of the hybrid memory) or ``"model"``
+    (OURS option: every training item re-embedded by the current model, eval mode).
+    amp: mixed precision (float16 autocast + gradient scaling) in full mode on CUDA; ignored
+    on CPU and in head mode.
+    augment: SpCL's training augmentation in full mode (horizontal flip, 10 px pad + random
+    crop, random erasing p=0.5); head mode trains on fixed cached features (no augmentation).
+    num_workers: DataLoader workers in full mode (decoding + preprocessing + augmentation).
+    embed_batch_size: batch size of the no-grad passes (caching, re-embedding, evaluation).
+    eval_every: evaluate open-set retrieval of the current model every this many epochs (and
+    after the last one) when ``fit`` is given an evaluation set; 0 = only after the last.
+    seed: everything random (PK batches, samplers, oracle-independent) derives from it and
+    the epoch number, so a resumed job repeats the uninterrupted one.
+    checkpoint_dir: where ``last.pt`` is written atomically after every
+    ``checkpoint_every`` epochs (None: no checkpoints).
+    """
+
+    mode: str = "head"
+    device: str = "auto"
+    epochs: int = 50
+    epochs_per_cycle: int = 10
+    iters_per_epoch: int = 400
+    num_identities: int = 16
+    num_instances: int = 4
+    lr: float = 3.5e-4
+    weight_decay: float = 5e-4
+    step_size: int = 20
+    gamma: float = 0.1
+    momentum: float = 0.2
+    temperature: float = 0.05
+    eps: float = 0.6
+    min_samples: int = 4
+    k1: int = 30
+    k2: int = 6
+    eps_gap: float = 0.02
+    reliability_percentile: float = 0.9
+    self_paced: bool = True
+    budget_per_cycle: int | float = 0.0002
+    sampler: str = "aas"
+    cluster_features: str = "memory"
+    amp: bool = True
+    augment: bool = True
+    num_workers: int = 4
+    embed_batch_size: int = 64
+    eval_every: int = 1
+    seed: int = 0
+    checkpoint_dir: str | Path | None = None
+    checkpoint_every: int = 1
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"TrainConfig.{name} {why}, got {getattr(self, name)!r}")
+
+        for name, options in (("mode", MODES), ("device", DEVICES), ("sampler", SAMPLERS),
+                              ("cluster_features", CLUSTER_FEATURES)):
+            if getattr(self, name) not in options:
+                bad(name, f"must be one of {options}")
+        positive = ("epochs", "epochs_per_cycle", "iters_per_epoch", "num_identities",
+                    "num_instances", "step_size", "min_samples", "k1", "k2",
+                    "embed_batch_size", "checkpoint_every")
+        for name in positive:
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                bad(name, "must be an integer >= 1")
+        for name in ("num_workers", "eval_every", "seed"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                bad(name, "must be an integer >= 0")
+        for name in ("self_paced", "amp", "augment"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be a bool")
+
+        def number(name: str) -> float:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad(name, "must be a finite number")
+            return float(v)
+
+        if number("lr") <= 0:
+            bad("lr", "must be > 0")
+        if number("weight_decay") < 0:
+            bad("weight_decay", "must be >= 0")
+        if not 0.0 < number("gamma") <= 1.0:
+            bad("gamma", "must be in (0, 1]")
+        if not 0.0 <= number("momentum") < 1.0:
+            bad("momentum", "must be in [0, 1) (1 would never update the memory)")
+        if number("temperature") <= 0:
+            bad("temperature", "must be > 0")
+        if not 0.0 <= number("eps_gap") < number("eps"):
+            bad("eps_gap", "must be in [0, eps)")
+        if not number("eps") + number("eps_gap") < 1.0:
+            bad("eps", "plus eps_gap must be < 1 (a Jaccard distance of 1 means no overlap)")
+        if not 0.0 <= number("reliability_percentile") <= 1.0:
+            bad("reliability_percentile", "must be in [0, 1]")
+        b = self.budget_per_cycle
+        if isinstance(b, bool) or not isinstance(b, (int, float)):
+            bad("budget_per_cycle", "must be a pair count (int) or a fraction (float)")
+        if _is_int(b) and b < 1:
+            bad("budget_per_cycle", "must be >= 1 pair")
+        if isinstance(b, float) and not 0.0 < b <= 1.0:
+            bad("budget_per_cycle", "as a fraction of all pairs must be in (0, 1]")
+        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, (str, Path)):
+            bad("checkpoint_dir", "must be a path or None")
+
+    @property
+    def batch_size(self) -> int:
+        """Images per optimiser step, P x K (split across processes under torchrun)."""
+        return self.num_identities * self.num_instances
+
+    @property
+    def cycles(self) -> int:
+        """Number of active-learning cycles the schedule holds."""
+        return -(-self.epochs // self.epochs_per_cycle)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (paths as strings), e.g. for a checkpoint or a log line."""
+        out = asdict(self)
+        if out["checkpoint_dir"] is not None:
+            out["checkpoint_dir"] = str(out["checkpoint_dir"])
+        return out

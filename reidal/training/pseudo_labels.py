@@ -1,0 +1,169 @@
+"""Each epoch's pseudo-labels: DBSCAN on Jaccard, made consistent with the answers (NP3), then
+SpCL's self-paced reliability filter.
+
+SpCL clusters the memory features three times on one k-reciprocal Jaccard distance: at eps
+(the labels), at eps - gap (tight) and at eps + gap (loose). For every item it measures
+
+* R_comp = 1 - IoU(its cluster, its tight cluster): a compact cluster does not split when
+  eps shrinks;
+* R_indep = 1 - IoU(its cluster, its loose cluster): an independent cluster does not absorb
+  neighbours when eps grows.
+
+(Outliers count as clusters of one.) A cluster's scores are the minima over its members. A
+cluster is kept when its R_indep is at most the threshold fixed at the first epoch, the
+``reliability_percentile`` quantile (SpCL 0.9) of the multi-image clusters' R_indep; inside a
+kept cluster, only the members whose R_comp equals the cluster's minimum stay (the
+members of the tight sub-cluster that overlaps it most). Every other item becomes an
+un-clustered instance, a class of its own in the hybrid memory. All of it is computed from
+contingency counts (no n x n label matrices as in SpCL's code).
+
+NP3 (OURS, where the method leaves the order open): the answers refine all three
+clusterings before the reliability scores are computed, so a merge or split the annotator
+asked for is not itself read as unreliability; the filtered labels are refined once more,
+which puts items the filter dissolved back with the items an answer ties them to (the filter
+only splits, so cannot-links stay satisfied). Every answer so far thus holds in the labels
+the memory trains on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from reidal.core.clustering import DBSCANJaccard
+from reidal.core.constraints import ConstraintSet
+from reidal.core.neighbors import jaccard_distance
+from reidal.core.np3 import NP3
+from reidal.core.validation import check_embeddings
+
+
+def compact_with_singletons(labels: np.ndarray) -> np.ndarray:
+    """Clusters 0..C-1 (ascending old id), then every -1 its own label C, C+1, ... in item order.
+
+    SpCL's ``generate_pseudo_labels``: the label space of the hybrid memory.
+    """
+    lab = np.asarray(labels, dtype=np.int64)
+    out = np.empty_like(lab)
+    inl = lab >= 0
+    uniq, inv = np.unique(lab[inl], return_inverse=True)
+    out[inl] = inv.reshape(-1)
+    out[~inl] = uniq.size + np.arange(int((~inl).sum()))
+    return out
+
+
+def _one_minus_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per item: 1 - IoU of its cluster in compact labelling ``a`` and in ``b``."""
+    size_a = np.bincount(a)
+    size_b = np.bincount(b)
+    _, joint_id, joint = np.unique(a * (int(b.max()) + 1) + b, return_inverse=True,
+                                   return_counts=True)
+    inter = joint[joint_id.reshape(-1)].astype(np.float64)
+    union = size_a[a] + size_b[b] - inter
+    return 1.0 - inter / union
+
+
+def _group_min(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    out = np.full(n_groups, np.inf)
+    np.minimum.at(out, groups, values)
+    return out
+
+
+@dataclass(frozen=True)
+class Reliability:
+    """What the self-paced filter kept: labels (-1 = un-clustered) and the scores."""
+
+    labels: np.ndarray  # filtered labels, -1 for every dissolved or un-clustered item
+    r_comp: np.ndarray  # per item
+    r_indep: np.ndarray  # per item
+    indep_threshold: float | None  # None: no multi-image cluster yet to set one from
+
+
+def reliability_filter(labels: np.ndarray, tight: np.ndarray, loose: np.ndarray, *,
+                       indep_threshold: float | None, percentile: float) -> Reliability:
+    """SpCL's independence + compactness criterion (see the module docstring).
+
+    ``indep_threshold`` None: set it from these clusters (SpCL does so at epoch 0 only).
+    """
+    lab = compact_with_singletons(labels)
+    r_comp = _one_minus_iou(lab, compact_with_singletons(tight))
+    r_indep = _one_minus_iou(lab, compact_with_singletons(loose))
+    n_lab = int(lab.max()) + 1
+    c_comp = _group_min(r_comp, lab, n_lab)
+    c_indep = _group_min(r_indep, lab, n_lab)
+    multi = np.bincount(lab, minlength=n_lab) > 1
+    if indep_threshold is None and multi.any():
+        ref = np.sort(c_indep[multi])
+        indep_threshold = float(ref[min(ref.size - 1, int(np.round(ref.size * percentile)))])
+    keep = np.asarray(labels) >= 0
+    if indep_threshold is not None:
+        keep &= c_indep[lab] <= indep_threshold
+    keep &= r_comp <= c_comp[lab]
+    out = np.where(keep, np.asarray(labels, dtype=np.int64), -1)
+    return Reliability(out, r_comp, r_indep, indep_threshold)
+
+
+@dataclass(frozen=True)
+class PseudoLabels:
+    """One epoch's pseudo-labels."""
+
+    clustered: np.ndarray  # DBSCAN at eps refined by NP3 (-1 = outlier): the reported labels
+    train: np.ndarray  # compact labels the memory trains on (0..L-1, singletons included)
+    n_clusters: int  # training classes of two or more items
+    n_unclustered: int  # training classes of one item
+    n_np3_changed: int  # labels NP3 changed in the eps clustering
+    indep_threshold: float | None
+
+
+class SpCLPseudoLabeler:
+    """DBSCAN x 3 on one Jaccard matrix -> NP3 -> reliability filter -> NP3 -> compact labels."""
+
+    def __init__(self, *, eps: float = 0.6, eps_gap: float = 0.02, min_samples: int = 4,
+                 k1: int = 30, k2: int = 6, reliability_percentile: float = 0.9,
+                 self_paced: bool = True, refiner: NP3 | None = None) -> None:
+        if not 0.0 <= eps_gap < eps < 1.0 or eps + eps_gap >= 1.0:
+            raise ValueError(f"need 0 <= eps_gap < eps and eps + eps_gap < 1, got eps={eps}, "
+                             f"eps_gap={eps_gap}")
+        self.eps, self.eps_gap = float(eps), float(eps_gap)
+        self.k1, self.k2 = int(k1), int(k2)
+        self.dbscan = DBSCANJaccard(eps=eps, min_samples=min_samples, k1=k1, k2=k2)
+        self.tight = DBSCANJaccard(eps=eps - eps_gap, min_samples=min_samples, k1=k1, k2=k2) \
+            if eps_gap > 0 else self.dbscan
+        self.loose = DBSCANJaccard(eps=eps + eps_gap, min_samples=min_samples, k1=k1, k2=k2)
+        self.percentile = float(reliability_percentile)
+        self.self_paced = bool(self_paced)
+        self.refiner = refiner or NP3()
+
+    def __call__(self, X: np.ndarray, constraints: ConstraintSet | None,
+                 indep_threshold: float | None = None) -> PseudoLabels:
+        X = check_embeddings(X, min_rows=2)
+        D = jaccard_distance(X, k1=self.k1, k2=self.k2, max_distance=self.eps + self.eps_gap)
+        has_answers = constraints is not None and len(constraints) > 0
+
+        def cluster(dbscan: DBSCANJaccard) -> tuple[np.ndarray, int]:
+            labels = dbscan(X, distance=D)
+            if not has_answers:
+                return labels, 0
+            res = self.refiner(labels, X, constraints)
+            return res.labels, res.n_changed
+
+        labels, changed = cluster(self.dbscan)
+        train = labels
+        if self.self_paced:
+            tight = cluster(self.tight)[0] if self.eps_gap > 0 else labels
+            loose = cluster(self.loose)[0]
+            rel = reliability_filter(labels, tight, loose, indep_threshold=indep_threshold,
+                                     percentile=self.percentile)
+            train, indep_threshold = rel.labels, rel.indep_threshold
+            if has_answers:
+                train = self.refiner(train, X, constraints).labels
+        compact = compact_with_singletons(train)
+        sizes = np.bincount(compact)
+        return PseudoLabels(
+            clustered=labels,
+            train=compact,
+            n_clusters=int(np.sum(sizes > 1)),
+            n_unclustered=int(np.sum(sizes == 1)),
+            n_np3_changed=int(changed),
+            indep_threshold=indep_threshold,
+        )

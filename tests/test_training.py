@@ -1,0 +1,351 @@
+"""The SpCL + NP3 + active-learning trainer (reidal.training), on CPU.
+
+Real path: procedural images -> the default EfficientNet-Lite0 -> cached backbone features ->
+head mode. The pieces are checked against plain transcriptions of SpCL's own code (dense
+label matrices, per-element loops), never against themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reidal.core.clustering import DBSCANJaccard
+from reidal.core.evaluation import clustering_quality
+from reidal.core.np3 import NP3
+from reidal.core.oracle import SimulatedOracle
+from reidal.training import (
+    HybridMemory,
+    SpCLTrainer,
+    TrainConfig,
+    cache_backbone_features,
+    load_checkpoint,
+    pk_batches,
+    pk_pass,
+    reliability_filter,
+    save_checkpoint,
+)
+from reidal.training.checkpoint import checkpoint_path
+from reidal.training.pseudo_labels import compact_with_singletons
+
+# Collection-scale clustering (identities of 6-10 images), as the demo uses.
+SMALL = dict(k1=10, k2=3, min_samples=2, num_identities=8, num_instances=4, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def collection():
+    """91 procedural 128 px images of 12 individuals, their backbone features and identities."""
+    from reidal.data.synthetic_images import SyntheticConfig, iter_samples
+    from reidal.embedding.model import build_default_model
+
+    samples = list(iter_samples(SyntheticConfig(n_individuals=12, image_size=128,
+                                                images_per_individual=(6, 10), seed=0)))
+    model = build_default_model()
+    feats = cache_backbone_features(model, [s.image for s in samples])
+    truth = np.unique([s.identity for s in samples], return_inverse=True)[1].reshape(-1)
+    return model, feats, truth
+
+
+def _head_weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- memory
+def _spcl_memory_loss(inputs, indexes, features, labels, temp):
+    """SpCL's HybridMemory.forward (masked softmax over label-averaged similarities)."""
+    sims = inputs @ features.t() / temp
+    n_cls = int(labels.max()) + 1
+    sim = torch.zeros(n_cls, inputs.shape[0])
+    for i in range(features.shape[0]):  # index_add_ spelt out
+        sim[labels[i]] += sims[:, i]
+    nums = torch.bincount(labels, minlength=n_cls).float().unsqueeze(1)
+    sim = (sim / nums).t()
+    exps = torch.exp(sim)
+    p = exps / (exps.sum(1, keepdim=True) + 1e-6)
+    return F.nll_loss(torch.log(p + 1e-6), labels[indexes])
+
+
+def test_hybrid_memory_matches_spcl():
+    g = torch.Generator().manual_seed(0)
+    n, d = 40, 16
+    feats = F.normalize(torch.randn(n, d, generator=g), dim=1)
+    labels = compact_with_singletons(np.r_[np.repeat(np.arange(8), 4), -np.ones(8, int)])
+    mem = HybridMemory(d, n, temp=0.05, momentum=0.2)
+    mem.init_features(feats)
+    mem.set_labels(torch.from_numpy(labels))
+    x = F.normalize(torch.randn(12, d, generator=g), dim=1).requires_grad_(True)
+    idx = torch.tensor([0, 5, 5, 9, 33, 33, 33, 2, 17, 39, 5, 21])
+    loss = mem(x, idx)
+    ref = _spcl_memory_loss(x.detach(), idx, feats, torch.from_numpy(labels), 0.05)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-4)
+    loss.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    # momentum update: SpCL's per-element loop, repeated indices in batch order
+    expect = feats.clone()
+    for xi, yi in zip(x.detach(), idx, strict=True):
+        expect[yi] = 0.2 * expect[yi] + 0.8 * xi
+        expect[yi] /= expect[yi].norm()
+    mem.update(x, idx)
+    assert torch.allclose(mem.features, expect, atol=1e-6)
+    with pytest.raises(ValueError, match="compact"):
+        mem.set_labels(torch.tensor([0] * 20 + [2] * 20))
+
+
+# --------------------------------------------------------------------------- PK sampler
+def test_pk_pass_visits_every_identity_once_with_k_images():
+    rng = np.random.default_rng(0)
+    labels = compact_with_singletons(np.r_[np.repeat(np.arange(6), [9, 4, 3, 2, 7, 5]),
+                                           -np.ones(5, int)])
+    for _ in range(20):
+        stream = pk_pass(labels, 4, rng)
+        lab = labels[stream]
+        cut = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+        runs = np.split(stream, cut[1:])
+        assert sorted(labels[r[0]] for r in runs) == sorted(set(labels.tolist()))
+        for r in runs:
+            size = int(np.sum(labels == labels[r[0]]))
+            assert len(r) == (1 if size == 1 else 4)
+            if size >= 4:
+                assert len(set(r.tolist())) == 4  # without replacement
+            elif size > 1:
+                assert r[0] not in r[1:]  # the others are drawn among the non-anchors
+    batches = list(pk_batches(labels, 4, 16, 7, rng))
+    assert len(batches) == 7 and all(b.size == 16 for b in batches)
+
+
+# --------------------------------------------------------------------------- reliability
+def _spcl_reliability(labels, tight, loose, thres):
+    """SpCL's spcl_train_usl.py criterion with dense (N, N) label matrices, as written there."""
+    def gen(ids):
+        num = len(set(ids)) - (1 if -1 in ids else 0)
+        out, k = [], 0
+        for x in ids:
+            out.append(x if x != -1 else num + k)
+            k += x == -1
+        return np.array(out)
+
+    pl, pt, plo = gen(list(labels)), gen(list(tight)), gen(list(loose))
+    ls, lt, ll = (np.equal.outer(p, p).astype(float) for p in (pl, pt, plo))
+    r_comp = 1 - np.minimum(ls, lt).sum(-1) / np.maximum(ls, lt).sum(-1)
+    r_indep = 1 - np.minimum(ls, ll).sum(-1) / np.maximum(ls, ll).sum(-1)
+    keys = sorted(set(pl.tolist()))
+    c_comp = [min(r_comp[pl == k]) for k in keys]
+    c_indep = [min(r_indep[pl == k]) for k in keys]
+    noins = [c_indep[k] for k in keys if np.sum(pl == k) > 1]
+    if thres is None:
+        thres = np.sort(noins)[min(len(noins) - 1, np.round(len(noins) * 0.9).astype(int))]
+    out, k = pl.copy(), 0
+    for i, lab in enumerate(pl):
+        if not (c_indep[lab] <= thres and r_comp[i] <= c_comp[lab]):
+            out[i] = len(c_indep) + k
+            k += 1
+    return out, thres
+
+
+def _partition(labels):
+    """Labels renumbered by first occurrence: equal iff the two partitions are equal."""
+    lab = compact_with_singletons(labels)
+    _, first, inverse = np.unique(lab, return_index=True, return_inverse=True)
+    rank = np.empty(first.size, dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(first.size)
+    return rank[inverse.reshape(-1)]
+
+
+def test_reliability_filter_matches_spcl_dense_code():
+    from reidal.core.synthetic import make_reid_embeddings
+
+    data = make_reid_embeddings(n_identities=25, images_per_identity=(2, 12), dim=32, seed=3)
+    X = data.X
+    from reidal.core.neighbors import jaccard_distance
+
+    D = jaccard_distance(X, k1=10, k2=3)
+    labs = [DBSCANJaccard(eps=e, min_samples=2, k1=10, k2=3)(X, distance=D)
+            for e in (0.45, 0.5, 0.55)]
+    assert len(set(map(tuple, labs))) == 3  # the three clusterings differ
+    ref, thres = _spcl_reliability(labs[1], labs[0], labs[2], None)
+    got = reliability_filter(labs[1], labs[0], labs[2], indep_threshold=None, percentile=0.9)
+    assert got.indep_threshold == pytest.approx(thres)
+    assert np.array_equal(_partition(got.labels), _partition(ref))
+    assert (got.labels == -1).sum() > (labs[1] == -1).sum()  # it dissolved something
+    # a fixed threshold (later epochs) is used as given
+    ref2, _ = _spcl_reliability(labs[1], labs[0], labs[2], 0.2)
+    got2 = reliability_filter(labs[1], labs[0], labs[2], indep_threshold=0.2, percentile=0.9)
+    assert np.array_equal(_partition(got2.labels), _partition(ref2))
+
+
+# --------------------------------------------------------------------------- config
+@pytest.mark.parametrize("kwargs, field", [
+    ({"mode": "gpu"}, "mode"), ({"epochs": 0}, "epochs"), ({"device": "tpu"}, "device"),
+    ({"sampler": "lbas"}, "sampler"), ({"momentum": 1.0}, "momentum"),
+    ({"eps": 0.6, "eps_gap": 0.5}, "eps"), ({"budget_per_cycle": 0}, "budget_per_cycle"),
+    ({"iters_per_epoch": 2.5}, "iters_per_epoch"), ({"temperature": 0}, "temperature"),
+])
+def test_bad_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
+        TrainConfig(**kwargs)
+
+
+def test_fit_refuses_a_batch_larger_than_the_collection_and_a_missing_oracle(collection):
+    model, feats, truth = collection
+    with pytest.raises(ValueError, match="larger than the collection of 20 items"):
+        SpCLTrainer(TrainConfig(sampler="none"), model).fit(feats[:20])
+    with pytest.raises(ValueError, match="needs an oracle"):
+        SpCLTrainer(TrainConfig(**SMALL), model).fit(feats)
+    with pytest.raises(ValueError, match="backbone features"):
+        SpCLTrainer(TrainConfig(**SMALL, sampler="none"), model).fit(feats[:, :100])
+
+
+# --------------------------------------------------------------------------- training
+def test_head_training_with_aas_raises_pseudo_label_f1(collection):
+    """A few epochs with answers beat both the epoch-0 clustering and NP3 alone with the
+    same answers on the untrained embeddings (so the training itself adds)."""
+    model, feats, truth = collection
+    before = _head_weights(model)
+    config = TrainConfig(**SMALL, epochs=6, epochs_per_cycle=2, iters_per_epoch=30,
+                         budget_per_cycle=30, sampler="aas", seed=0)
+    seen = []
+    result = SpCLTrainer(config, model).fit(feats, oracle=SimulatedOracle(truth),
+                                            true_labels=truth, on_epoch=seen.append)
+    assert _same_state(before, model.state_dict())  # the caller's model is untouched
+    assert [r.epoch for r in seen] == list(range(6)) and result.reports == seen
+    X0 = model.embed_features(feats).detach().numpy()
+    dbscan = DBSCANJaccard(k1=10, k2=3, min_samples=2)
+    initial = clustering_quality(dbscan(X0), truth)["f1"]
+    np3_only = clustering_quality(NP3()(dbscan(X0), X0, result.constraints).labels, truth)["f1"]
+    final = result.quality["f1"]
+    assert final > initial + 0.05, (initial, final)
+    assert final > np3_only + 0.02, (np3_only, final)
+    assert all(np.isfinite(r.loss) for r in result.reports)
+
+    # Questions only at cycle starts, never twice, ids increasing, within the budget.
+    asked = [r.pairs_asked for r in result.reports]
+    assert all(a == 0 for e, a in enumerate(asked) if e % 2)
+    assert all(0 < a <= 30 for e, a in enumerate(asked) if e % 2 == 0)
+    answers = result.constraints.answers
+    assert len(answers) == sum(asked) == result.reports[-1].cumulative_pairs
+    assert [a.answer_id for a in answers] == list(range(len(answers)))
+    pairs = {(min(a.i, a.j), max(a.i, a.j)) for a in answers}
+    assert len(pairs) == len(answers)
+    assert all(a.same == (truth[a.i] == truth[a.j]) for a in answers)
+
+
+def test_spcl_alone_asks_nothing(collection):
+    model, feats, truth = collection
+    config = TrainConfig(**SMALL, epochs=2, epochs_per_cycle=1, iters_per_epoch=5,
+                         sampler="none")
+    result = SpCLTrainer(config, model).fit(feats, true_labels=truth)
+    assert [r.pairs_asked for r in result.reports] == [0, 0]
+    assert len(result.constraints.answers) == 0
+    assert all(r.n_clusters > 0 for r in result.reports)
+
+
+def test_resume_repeats_the_uninterrupted_run(collection, tmp_path):
+    model, feats, truth = collection
+    common = dict(**SMALL, epochs=4, epochs_per_cycle=2, iters_per_epoch=8,
+                  budget_per_cycle=15, seed=1)
+    whole = SpCLTrainer(TrainConfig(**common, checkpoint_dir=tmp_path / "a"), model).fit(
+        feats, oracle=SimulatedOracle(truth), true_labels=truth)
+
+    cancel = threading.Event()
+    config = TrainConfig(**common, checkpoint_dir=tmp_path / "b")
+
+    def stop_after_epoch_1(report):
+        if report.epoch == 1:
+            cancel.set()
+
+    first = SpCLTrainer(config, model).fit(feats, oracle=SimulatedOracle(truth),
+                                           true_labels=truth, on_epoch=stop_after_epoch_1,
+                                           cancel=cancel)
+    assert first.cancelled and len(first.reports) == 2
+    assert load_checkpoint(tmp_path / "b")["next_epoch"] == 2
+    rest = SpCLTrainer(config, model).fit(feats, oracle=SimulatedOracle(truth),
+                                          true_labels=truth, resume=True)
+    assert rest.resumed_from_epoch == 2 and not rest.cancelled
+    assert _same_state(whole.model.state_dict(), rest.model.state_dict())
+    assert np.array_equal(whole.memory_features, rest.memory_features)
+    assert whole.constraints.answers == rest.constraints.answers
+    assert [r.loss for r in whole.reports] == [r.loss for r in rest.reports]
+    assert [r.quality for r in whole.reports] == [r.quality for r in rest.reports]
+    # a different job cannot resume this checkpoint
+    other = TrainConfig(**{**common, "lr": 1e-3}, checkpoint_dir=tmp_path / "b")
+    with pytest.raises(ValueError, match="lr"):
+        SpCLTrainer(other, model).fit(feats, oracle=SimulatedOracle(truth), resume=True)
+
+
+def test_cancel_stops_between_iterations_and_leaves_the_model_alone(collection):
+    model, feats, truth = collection
+    before = _head_weights(model)
+    cancel = threading.Event()
+    oracle = SimulatedOracle(truth)
+
+    def annotator(pairs):  # the annotator's answers arrive, then the job is cancelled
+        cancel.set()
+        return oracle(pairs)
+
+    config = TrainConfig(**SMALL, epochs=3, iters_per_epoch=50, budget_per_cycle=10)
+    result = SpCLTrainer(config, model).fit(feats, oracle=annotator, cancel=cancel)
+    assert result.cancelled and result.reports == []
+    assert len(result.constraints.answers) > 0
+    assert _same_state(before, model.state_dict())
+    assert result.model is not model
+
+
+def test_checkpoint_write_is_atomic(tmp_path):
+    save_checkpoint(tmp_path, {"next_epoch": 3, "w": torch.ones(3)})
+    with pytest.raises(Exception):  # noqa: B017 - whatever pickling raises
+        save_checkpoint(tmp_path, {"next_epoch": 4, "bad": threading.Lock()})
+    state = load_checkpoint(tmp_path)
+    assert state["next_epoch"] == 3 and torch.equal(state["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint_path(tmp_path).name]
+
+
+# --------------------------------------------------------------------------- full mode
+@pytest.fixture(scope="module")
+def tiny_images():
+    from reidal.data.synthetic_images import SyntheticConfig, iter_samples
+    from reidal.embedding.model import build_default_model
+
+    samples = list(iter_samples(SyntheticConfig.tiny()))  # 6 individuals x 4 images, 64 px
+    return build_default_model(input_size=(64, 64)), [s.image for s in samples]
+
+
+FULL = dict(mode="full", device="cpu", epochs=1, num_identities=4, num_instances=4, k1=5, k2=2,
+            min_samples=2, sampler="none", num_workers=0)
+
+
+def test_full_mode_fine_tunes_the_backbone(tiny_images):
+    model, images = tiny_images
+    before = _head_weights(model)
+    result = SpCLTrainer(TrainConfig(**FULL, iters_per_epoch=2), model).fit(images)
+    assert result.reports[0].iterations == 2 and np.isfinite(result.reports[0].loss)
+    assert _same_state(before, model.state_dict())
+    trained = result.model.state_dict()
+    changed = [k for k in before if "backbone" in k and not torch.equal(before[k], trained[k])]
+    assert changed  # the backbone itself moved
+
+
+def test_full_mode_under_a_one_process_gloo_group(tiny_images, monkeypatch):
+    """The torchrun path (process group, DDP wrapper, gathers) with world size 1."""
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+                 "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    model, images = tiny_images
+    result = SpCLTrainer(TrainConfig(**FULL, iters_per_epoch=1), model).fit(images)
+    assert result.world_size == 1 and result.reports[0].iterations == 1
+    assert not dist.is_initialized()  # the group the trainer created is gone
+    assert "RANK" in os.environ
