@@ -15,6 +15,7 @@ from reidal.core.neighbors import (
     knn,
     knn_recall,
 )
+from reidal.core.reference import dense_jaccard, dense_knn
 from reidal.core.validation import l2_normalise
 
 
@@ -29,64 +30,15 @@ def clustered(n, d, n_clusters, spread, seed):
 
 
 def brute_force_topk(X, k):
-    sims = X.astype(np.float64) @ X.astype(np.float64).T
-    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(sims, order, axis=1), order
-
-
-def _k_reciprocal_neigh(initial_rank, i, k1):
-    # spcl/utils/faiss_rerank.py, verbatim logic
-    forward = initial_rank[i, : k1 + 1]
-    backward = initial_rank[forward, : k1 + 1]
-    fi = np.where(backward == i)[0]
-    return forward[fi]
+    return dense_knn(X, k)
 
 
 def dense_jaccard_reference(X, k1, k2):
-    """SpCL's compute_jaccard_distance transcribed loop for loop, dense, float64.
+    """SpCL's compute_jaccard_distance loop for loop (reidal.core.reference), float64.
 
     Returns the (n, n) distance and whether the 2/3 expansion rule ever added an item.
     """
-    X64 = X.astype(np.float64)
-    N = X.shape[0]
-    initial_rank = np.argsort(-(X64 @ X64.T), axis=1, kind="stable")[:, :k1]
-    nn_k1 = [_k_reciprocal_neigh(initial_rank, i, k1) for i in range(N)]
-    nn_k1_half = [_k_reciprocal_neigh(initial_rank, i, int(np.around(k1 / 2))) for i in range(N)]
-    V = np.zeros((N, N))
-    expanded = False
-    for i in range(N):
-        k_reciprocal_index = nn_k1[i]
-        k_reciprocal_expansion_index = k_reciprocal_index
-        for candidate in k_reciprocal_index:
-            candidate_k_reciprocal_index = nn_k1_half[candidate]
-            if len(np.intersect1d(candidate_k_reciprocal_index, k_reciprocal_index)) > 2 / 3 * len(
-                candidate_k_reciprocal_index
-            ):
-                k_reciprocal_expansion_index = np.append(
-                    k_reciprocal_expansion_index, candidate_k_reciprocal_index
-                )
-        k_reciprocal_expansion_index = np.unique(k_reciprocal_expansion_index)
-        expanded |= k_reciprocal_expansion_index.size > np.unique(k_reciprocal_index).size
-        dist = 2 - 2 * (X64[i] @ X64[k_reciprocal_expansion_index].T)
-        weight = np.exp(-dist)
-        V[i, k_reciprocal_expansion_index] = weight / weight.sum()
-    if k2 != 1:
-        V_qe = np.zeros_like(V)
-        for i in range(N):
-            V_qe[i, :] = np.mean(V[initial_rank[i, :k2], :], axis=0)
-        V = V_qe
-    invIndex = [np.where(V[:, i] != 0)[0] for i in range(N)]
-    jaccard_dist = np.zeros((N, N))
-    for i in range(N):
-        temp_min = np.zeros(N)
-        indNonZero = np.where(V[i, :] != 0)[0]
-        indImages = [invIndex[ind] for ind in indNonZero]
-        for j in range(len(indNonZero)):
-            col = indNonZero[j]
-            temp_min[indImages[j]] += np.minimum(V[i, col], V[indImages[j], col])
-        jaccard_dist[i] = 1 - temp_min / (2 - temp_min)
-    jaccard_dist[jaccard_dist < 0] = 0.0
-    return jaccard_dist, expanded
+    return dense_jaccard(X, k1, k2, dtype=np.float64, return_expanded=True)
 
 
 def stored_mask(D):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -39,6 +39,19 @@ from reidal.core.validation import check_labels
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from reidal.core.constraints import ConstraintSet
+
+IndexKind = Literal["flat", "hnsw", "ivf"]
+KnnIndexChoice = Literal["auto", "flat", "hnsw", "ivf"]
+
+#: knn() settings the sampler passes for an approximate index, under any ``knn_options``
+#: (OURS). IVF keeps neighbors.knn's nlist = 4 sqrt(n), trained on 64 points per list (a
+#: smaller training sample lost more recall than it saved time); only nprobe is raised.
+#: Measured on make_reid_embeddings, n = 100k, d = 256, 2 CPU cores, nprobe 16 / 32 / 64:
+#: 16.5 / 19.1 / 25.7 s, recall@30 0.60 / 0.65 / 0.71, pairwise F1 against the true
+#: identities of DBSCAN 0.809 / 0.827 / 0.841 and of FINCH 0.501 / 0.522 / 0.534, where
+#: exact search (96 s) gives 0.856 and 0.541. HNSW keeps knn's defaults (M 32, efSearch
+#: 128: 96 s there; M 16, efSearch 64 took 15 s but FINCH fell to 0.499).
+APPROXIMATE_KNN_DEFAULTS: dict[str, dict[str, Any]] = {"ivf": {"nprobe": 64}, "hnsw": {}}
 
 #: Reason of an empty batch when the two clusterings agree everywhere.
 REASON_AGREE = "no disagreement left between the clusterings"
@@ -378,6 +391,21 @@ def _candidate_pairs(
     return r, c, d
 
 
+#: Candidate pairs whose cosine is computed per block in ``undersegmentation_pool``: bounds
+#: the two gathered (block, d) float32 copies (16 MiB each at d = 256) whatever the pool.
+ROW_DOT_BLOCK = 1 << 14
+
+
+def _row_dots(X: np.ndarray, r: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """x_r . x_c for each pair, in blocks: at n = 100k a region's kNN edges give ~0.7M
+    candidates, and gathering them at once cost 1.4 GiB and four times the time."""
+    out = np.empty(r.size, dtype=np.float64)
+    for s in range(0, r.size, ROW_DOT_BLOCK):  # loop over blocks of pairs, each vectorised
+        e = s + ROW_DOT_BLOCK
+        out[s:e] = np.einsum("ij,ij->i", X[r[s:e]], X[c[s:e]])
+    return out
+
+
 def undersegmentation_pool(
     labels_a: np.ndarray,
     labels_b: np.ndarray,
@@ -407,8 +435,7 @@ def undersegmentation_pool(
     r, c, d = _candidate_pairs(region, rp, knn_idx)
     if r.size == 0:
         return PairPool.empty()
-    Xf = np.asarray(X, dtype=np.float32)
-    cos = np.einsum("ij,ij->i", Xf[r], Xf[c]).astype(np.float64)
+    cos = _row_dots(np.asarray(X, dtype=np.float32), r, c)
     a = _compact_with_singletons(la)
     b = _compact_with_singletons(lb)
     same_a = (la[r] == la[c]) & (la[r] != -1)
@@ -594,14 +621,32 @@ class AmbiguityAwareSampler:
     callables with the same call signatures plug in. type_weights / region_weights /
     pair_weights: the factors pi, rho, omega of P(y | U_us) (see mixture_probabilities).
     use_knn_candidates: add kNN edges to the stored Jaccard entries as U_us candidates.
-    jaccard_max_distance (OURS, default 1.0 = exact): drop Jaccard entries farther than
-    this when computing the matrix. The default keeps every overlapping pair, as method.md
-    defines sim; SpCL's k2 expansion stores thousands of entries per row, most of them
-    above 0.99, so a cut such as 0.99 saves most of the memory at large n (measured on
-    19.4k synthetic images: peak RSS 2.0 GB exact vs 0.5 GB at 0.99, U_us 5485 vs 5484
-    pairs, U_os identical). A cut moves
-    the cut pairs to "absent" (sim 0): U_os is unchanged while the cut is >= 1 - s_min,
-    and it must be >= DBSCAN's eps (checked), but medoids and the U_us argmin may shift.
+
+    knn_index (OURS, default "auto"): the faiss index of the one kNN search that feeds the
+    Jaccard distance, FINCH and the U_us candidates. "flat" is exact (IndexFlatIP); "hnsw"
+    and "ivf" are approximate (see reidal.core.neighbors.KNNIndex and approximate_recall);
+    "auto" is "flat" below ``knn_auto_threshold`` items and ``knn_auto_index`` from there
+    on. Exact search costs n^2 d: at n = 100k, d = 256 it took 100-150 s on two CPU
+    cores, beyond a one-minute cycle; at the 50k threshold it is a quarter of that.
+    knn_options: extra keyword arguments for reidal.core.neighbors.knn (nprobe, nlist,
+    hnsw_m, ef_search, ef_construction, use_gpu, seed), e.g. {"nprobe": 32}; they override
+    APPROXIMATE_KNN_DEFAULTS (OURS: IVF nprobe 64, chosen by measured recall and F1).
+    knn_auto_threshold (OURS, 50_000) and knn_auto_index (OURS, "ivf"): see knn_index.
+
+    jaccard_max_distance (OURS, default "auto"): Jaccard entries farther apart than this are
+    dropped while the matrix is computed (reidal.core.neighbors.jaccard_distance's
+    ``max_distance``) and then read as absent, i.e. similarity 0. "auto" is max(DBSCAN eps,
+    1 - s_min), 0.7 with the defaults: the largest distance a decision of AAS compares
+    against a threshold (DBSCAN needs distance <= eps, U_os needs similarity >= s_min), so
+    DBSCAN, and U_os for given medoids, are exactly as with the full matrix. Two readers
+    also look beyond the cut and may shift a little: a region's medoid (its mean similarity
+    counts the cut pairs as 0) and the U_us closest cross pair of two clusters whose
+    closest pair is farther than the cut (then the cosine tie-break among kNN edges picks
+    it). Those pairs share less than half of their k-reciprocal encodings. The cut matters
+    for scale: SpCL's k2 expansion stores thousands of entries per row, nearly all above
+    0.9; at n = 100k the full matrix took some 6 GiB and 45 s, the 0.7 cut 7 s (see
+    docs/benchmarks.md). 1.0 keeps every overlapping pair (method.md's sim exactly); a
+    number must be >= DBSCAN's eps (checked).
     """
 
     def __init__(
@@ -616,7 +661,11 @@ class AmbiguityAwareSampler:
         region_weights: RegionWeights = "disagreement",
         pair_weights: PairWeights = "uniform",
         use_knn_candidates: bool = True,
-        jaccard_max_distance: float = 1.0,
+        jaccard_max_distance: float | Literal["auto"] = "auto",
+        knn_index: KnnIndexChoice = "auto",
+        knn_options: dict[str, Any] | None = None,
+        knn_auto_threshold: int = 50_000,
+        knn_auto_index: IndexKind = "ivf",
     ) -> None:
         if not 0.0 <= float(eps) <= 1.0:
             raise ValueError(f"eps must be in [0, 1], got {eps}")
@@ -643,11 +692,48 @@ class AmbiguityAwareSampler:
         self.region_weights = region_weights
         self.pair_weights = pair_weights
         self.use_knn_candidates = bool(use_knn_candidates)
-        if not 0.0 < float(jaccard_max_distance) <= 1.0:
+        if jaccard_max_distance != "auto":
+            cut = jaccard_max_distance
+            if isinstance(cut, str) or not 0.0 < float(cut) <= 1.0:
+                raise ValueError(f"jaccard_max_distance must be 'auto' or in (0, 1], got {cut!r}")
+            jaccard_max_distance = float(cut)
+        self.jaccard_max_distance = jaccard_max_distance
+        if knn_index not in ("auto", "flat", "hnsw", "ivf"):
             raise ValueError(
-                f"jaccard_max_distance must be in (0, 1], got {jaccard_max_distance}"
+                f"knn_index must be 'auto', 'flat', 'hnsw' or 'ivf', got {knn_index!r}"
             )
-        self.jaccard_max_distance = float(jaccard_max_distance)
+        if knn_auto_index not in ("flat", "hnsw", "ivf"):
+            raise ValueError(
+                f"knn_auto_index must be 'flat', 'hnsw' or 'ivf', got {knn_auto_index!r}"
+            )
+        if isinstance(knn_auto_threshold, bool) or int(knn_auto_threshold) < 1:
+            raise ValueError(
+                f"knn_auto_threshold must be an integer >= 1, got {knn_auto_threshold}"
+            )
+        if knn_options is not None and not isinstance(knn_options, dict):
+            raise ValueError(
+                f"knn_options must be a dict or None, got {type(knn_options).__name__}"
+            )
+        reserved = {"index", "k", "X"} & set(knn_options or {})
+        if reserved:
+            raise ValueError(f"knn_options must not set {sorted(reserved)}: use knn_index")
+        self.knn_index = knn_index
+        self.knn_options = dict(knn_options or {})
+        self.knn_auto_threshold = int(knn_auto_threshold)
+        self.knn_auto_index = knn_auto_index
+
+    def resolved_knn_index(self, n: int) -> IndexKind:
+        """The index ``knn_index`` means for a collection of n items."""
+        if self.knn_index != "auto":
+            return self.knn_index
+        return "flat" if n < self.knn_auto_threshold else self.knn_auto_index
+
+    def resolved_jaccard_max_distance(self) -> float:
+        """The Jaccard cut ``jaccard_max_distance`` means (see the class docstring)."""
+        if self.jaccard_max_distance != "auto":
+            return float(self.jaccard_max_distance)
+        db_eps = float(getattr(self._dbscan(), "eps", 0.0))
+        return min(1.0, max(db_eps, 1.0 - self.s_min))
 
     # Defaults are built lazily so importing this module does not need every dependency.
     def _dbscan(self) -> Any:
@@ -690,22 +776,26 @@ class AmbiguityAwareSampler:
         k2 = int(getattr(dbscan, "k2", 6))
         t = time.perf_counter()
         # One kNN search (self in column 0, k clipped to n) serves Jaccard, FINCH and U_us.
-        knn_result = knn(X, max(k1, 2))
+        index = self.resolved_knn_index(X.shape[0])
+        options = {**APPROXIMATE_KNN_DEFAULTS.get(index, {}), **self.knn_options}
+        knn_result = knn(X, max(k1, 2), index=index, **options)
+        timings["knn"] = time.perf_counter() - t
         db_eps = float(getattr(dbscan, "eps", 0.0))
-        if self.jaccard_max_distance < db_eps:
+        max_distance = self.resolved_jaccard_max_distance()
+        if max_distance < db_eps:
             raise ValueError(
-                f"jaccard_max_distance {self.jaccard_max_distance} is below DBSCAN's eps "
+                f"jaccard_max_distance {max_distance} is below DBSCAN's eps "
                 f"{db_eps}: DBSCAN would lose neighbours"
             )
-        D = jaccard_distance(
-            X, k1=k1, k2=k2, knn_result=knn_result, max_distance=self.jaccard_max_distance
-        )
-        timings["knn_jaccard"] = time.perf_counter() - t
+        t = time.perf_counter()
+        D = jaccard_distance(X, k1=k1, k2=k2, knn_result=knn_result, max_distance=max_distance)
+        timings["jaccard"] = time.perf_counter() - t
+        timings["knn_jaccard"] = timings["knn"] + timings["jaccard"]
 
         t = time.perf_counter()
         # DBSCAN only sees entries within its eps; handing it just those is the same
         # clustering from a far smaller matrix (at n = 19k: 0.8 s instead of 23 s).
-        D_db = _truncate(D, db_eps) if 0.0 < db_eps < self.jaccard_max_distance else D
+        D_db = _truncate(D, db_eps) if 0.0 < db_eps < max_distance else D
         labels_a = np.asarray(dbscan(X, distance=D_db), dtype=np.int64)
         del D_db
         timings["dbscan"] = time.perf_counter() - t
@@ -735,6 +825,8 @@ class AmbiguityAwareSampler:
         result.stats["seconds"] = {**timings, **result.stats["seconds"]}
         result.stats["np3_changed_a"] = changed_a
         result.stats["np3_changed_b"] = changed_b
+        result.stats["knn_index"] = index
+        result.stats["jaccard_max_distance"] = max_distance
         return result
 
     def sample_from_clusterings(
