@@ -522,3 +522,16 @@ def test_closed_loop_raises_f1_and_asks_less_later(reid_world):
     assert counts[0] == 80
     assert counts[-1] < counts[0] and sum(counts[2:]) < counts[0]
     assert f1[-1] > f1[0] + 0.01, f1
+
+
+def test_neighbour_graph_is_reused_across_cycles_on_the_same_vectors(reid_world):
+    X, truth = reid_world
+    sampler = AmbiguityAwareSampler()
+    first = sampler.sample(X, None, 30, seed=3)
+    again = AmbiguityAwareSampler().sample(X, None, 30, seed=3)  # a new sampler, same vectors
+    # (the first call may already hit: other tests sample the same vectors in this process)
+    assert again.stats["neighbour_graph_cached"] is True
+    assert again.as_array().tolist() == first.as_array().tolist()
+    moved = X.copy()
+    moved[[0, 1]] = moved[[1, 0]]  # same set of vectors, different rows: a different graph
+    assert sampler.sample(moved, None, 30, seed=3).stats["neighbour_graph_cached"] is False
