@@ -46,7 +46,7 @@ bench: setup
 	$(PY) bench/bench_embedding.py
 
 lint: setup
-	$(PY) -m ruff check reidal services tests bench
+	$(PY) -m ruff check reidal services clients tests bench
 
 clean:
 	rm -rf $(VENV) reidal/v1/*_pb2*.py* $(GEN) .pytest_cache

@@ -1,14 +1,22 @@
-"""`reidal demo`: the whole active-learning loop on the bundled synthetic collection.
+"""`reidal demo`: the whole active-learning loop, through the reidal server, over gRPC.
 
 What it runs, every part real: the procedural image generator writes a collection to disk;
-the bundled Triton server starts on CPU with the default model; reidal's embedding gRPC
-service embeds every image through it over loopback; then five cycles of Ambiguity-Aware
-Sampling ask a simulated annotator (answering from the generator's ground truth), NP3
-refines the pseudo-labels with every answer so far, and each cycle's pseudo-label quality
-is printed. It ends with a table, written as CSV and as a PNG plot.
+the all-in-one reidal server starts (:func:`reidal.serve.serve` with the bundled Triton on
+CPU); the demo is then only a client (:class:`reidal_client.ReidalClient` on loopback):
 
-The embeddings stay fixed here (training between cycles is the training service's job),
-so the open-set retrieval figures are those of the pretrained model and are printed once.
+1. CreateCollection with clustering parameters scaled to a small collection,
+2. AddImages streams every image in (embedded by the server through Triton on arrival),
+3. per cycle: GetQueryPairs (Ambiguity-Aware Sampling on the server), a simulated
+   annotator answers from the generator's ground truth, SubmitConstraints, then
+   GetIdentities (the server's NP3-refined identities), whose pseudo-label quality is
+   measured against the ground truth.
+
+Retrieval (mAP / Top-1 under the open-set protocol) needs vectors, which the collection
+API does not return; they come from the EmbeddingService of the same server for the same
+images and the collection's pinned model version (so they are the vectors the sampling
+used), recomputed only when the collection's model version changes. Nothing retrains the
+model here (that is the training service's job), so retrieval stays that of the
+pretrained model. The run ends with a table of the cycles, written as CSV and as a PNG.
 """
 
 from __future__ import annotations
@@ -17,13 +25,13 @@ import csv
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from reidal.core.loop import ActiveLearningLoop, CycleReport
+from reidal.core.loop import CycleReport
 
 #: Default budget per cycle, as a fraction of all pairs of the pool. The paper's 0.02 % is
 #: meant for collections of thousands of images; on the demo's few hundred it would be a
@@ -35,6 +43,21 @@ DEMO_K1 = 10
 DEMO_K2 = 3
 #: DBSCAN's minimum cluster size for identities of 4-16 images.
 DEMO_MIN_SAMPLES = 2
+#: The collection the demo creates (deleted and re-created on every run).
+DEMO_COLLECTION = "demo"
+#: Annotator id recorded with the simulated answers.
+DEMO_ANNOTATOR = "simulated-annotator"
+#: Images per AddImages message.
+DEMO_INGEST_BATCH = 32
+
+
+@dataclass
+class DemoCycleReport(CycleReport):
+    """A cycle as the demo sees it through the API: ``retrieval`` holds the open-set
+    metrics of the collection's vectors after the cycle. NP3's change count is not part
+    of the API, so ``n_changed_by_np3`` is -1 (unknown)."""
+
+    retrieval: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -44,148 +67,23 @@ class DemoResult:
     initial_quality: dict[str, float]
     csv_path: Path
     png_path: Path
+    server_address: str = ""
 
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _batches(seq: Sequence, size: int) -> Iterator[Sequence]:
-    for start in range(0, len(seq), size):
-        yield seq[start : start + size]
-
-
-class Progress:
-    """One progress line, rewritten in place on a terminal and printed as lines elsewhere."""
-
-    def __init__(self, stream=sys.stdout) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
-
-    def __call__(self, line: str) -> None:
-        self.stream.write(f"\r{line}" if self.tty else f"{line}\n")
-        self.stream.flush()
-
-    def done(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-
-
-def embed_over_grpc(address: str, ids: Sequence[str], paths: Sequence[Path],
-                    *, batch: int = 32) -> tuple[np.ndarray, str, str]:
-    """Embed image files through reidal's EmbeddingService (EmbedStream), with progress."""
-    import grpc
-
-    from reidal.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
-
-    requests = [
-        embedding_pb2.EmbedRequest(
-            images=[common_pb2.Image(id=i, uri=str(p)) for i, p in zip(chunk_ids, chunk_paths,
-                                                                       strict=True)]
-        )
-        for chunk_ids, chunk_paths in zip(_batches(ids, batch), _batches(paths, batch),
-                                          strict=True)
-    ]
-    vectors: dict[str, np.ndarray] = {}
-    name = version = ""
-    progress = Progress()
-    t0 = time.perf_counter()
-    with grpc.insecure_channel(address) as channel:
-        stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
-        for resp in stub.EmbedStream(iter(requests), timeout=1800):
-            name, version = resp.model_name, resp.model_version
-            for e in resp.embeddings:
-                vectors[e.id] = np.asarray(e.vector, dtype=np.float32)
-            rate = len(vectors) / max(time.perf_counter() - t0, 1e-9)
-            progress(f"  embedded {len(vectors)}/{len(ids)} images ({rate:.0f} img/s)")
-    progress.done()
-    return np.stack([vectors[i] for i in ids]), name, version
-
-
-def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
-             budget_per_cycle: float | int = DEMO_BUDGET_PER_CYCLE, seed: int = 0,
-             n_individuals: int | None = None, dataset_csv: str | Path | None = None
-             ) -> DemoResult:
-    """Run the demo; with ``dataset_csv`` (WildlifeDatasets layout) on that data instead of
-    the generated collection. Output lands in ``out_dir``."""
-    from reidal.core.aas import AmbiguityAwareSampler
-    from reidal.core.clustering import DBSCANJaccard, FinchFirstPartition
-    from reidal.core.evaluation import evaluate_open_set, open_set_split
-    from reidal.core.oracle import SimulatedOracle
-    from reidal.data.synthetic_images import SyntheticConfig, generate_dataset
-    from reidal.data.wildlife import load_wildlife_csv
-    from reidal.embedding.local_triton import start_local_triton
-    from reidal.grpc_server import build_server
-    from reidal.services.embedding import EmbeddingServicer
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = SyntheticConfig(seed=seed) if n_individuals is None else SyntheticConfig(
-        seed=seed, n_individuals=n_individuals)
-
-    t = time.perf_counter()
-    if dataset_csv is not None:
-        _say(f"[1/5] loading the collection {dataset_csv}")
-        dataset = load_wildlife_csv(dataset_csv)
-    else:
-        _say(f"[1/5] generating the synthetic collection ({config.n_individuals} individuals) "
-             f"in {out / 'collection'}")
-        dataset = load_wildlife_csv(generate_dataset(config, out / "collection"))
-    _say(f"  {len(dataset)} images of {len(dataset.identity_names)} individuals "
-         f"({time.perf_counter() - t:.1f} s)")
-
-    _say("[2/5] starting Triton (bundled tritonserver, CPU) with the default model")
-    t = time.perf_counter()
-    triton = start_local_triton(out / "server")
-    try:
-        _say(f"  Triton ready at {triton.grpc_url} ({time.perf_counter() - t:.1f} s)")
-        servicer = EmbeddingServicer(triton.grpc_url)
-        server = build_server([servicer.binding()], address="127.0.0.1:0")
-        try:
-            _say(f"[3/5] embedding through reidal's EmbeddingService at {server.address}")
-            X, model_name, model_version = embed_over_grpc(
-                server.address, list(dataset.image_ids), dataset.paths)
-        finally:
-            server.stop(grace=5)
-            servicer.close()
-    finally:
-        triton.stop()
-    _say(f"  {X.shape[0]} vectors of dim {X.shape[1]} from {model_name} v{model_version}")
-
-    identities = dataset.identities
-    split = open_set_split(identities, split=dataset.splits, X=X, seed=seed)
-    zero_shot = evaluate_open_set(X, identities, split)
-    _say(f"[4/5] open-set retrieval of the pretrained model: mAP {100 * zero_shot['mAP']:.1f} %, "
-         f"Top-1 {100 * zero_shot['top1']:.1f} %, AUC-ROC {100 * zero_shot['AUC_ROC']:.1f} % "
-         f"({int(zero_shot['n_queries'])} queries, {int(zero_shot['n_gallery'])} gallery)")
-
-    # The active-learning pool: every image (no labels are used but the oracle's).
-    labels = dataset.labels()
-    dbscan = DBSCANJaccard(k1=DEMO_K1, k2=DEMO_K2, min_samples=DEMO_MIN_SAMPLES)
-    sampler = AmbiguityAwareSampler(dbscan=dbscan, finch=FinchFirstPartition())
-    n_pairs = X.shape[0] * (X.shape[0] - 1) // 2
-    _say(f"[5/5] {cycles} active-learning cycles (AAS + simulated annotator + NP3), "
-         f"budget {_budget_text(budget_per_cycle, n_pairs)} per cycle")
-
-    def start(initial: dict[str, float]) -> None:
-        _say(f"  before any answer: DBSCAN pseudo-labels F1 {initial['f1']:.3f}, "
-             f"ARI {initial['ari']:.3f}")
-        _say(f"  {'cycle':>5} {'asked':>6} {'budget %':>9} {'contra':>6} {'prec':>6} "
-             f"{'recall':>6} {'F1':>6} {'ARI':>6} {'clusters':>8} {'sec':>5}  why")
-
-    def show(r: CycleReport) -> None:
-        q = r.quality
-        _say(f"  {r.cycle:>5} {r.pairs_asked:>6} {r.cumulative_budget_pct:>9.3f} "
-             f"{r.contradictions:>6} {q['precision']:>6.3f} {q['recall']:>6.3f} "
-             f"{q['f1']:>6.3f} {q['ari']:>6.3f} {r.n_clusters:>8} {r.seconds:>5.1f}  {r.reason}")
-
-    loop = ActiveLearningLoop(sampler, clustering=dbscan, budget_per_cycle=budget_per_cycle,
-                              cycles=cycles, seed=seed)
-    result = loop.run(X, SimulatedOracle(labels, seed=seed), true_labels=labels,
-                      on_start=start, on_cycle=show)
-    csv_path, png_path = write_table(out, result.reports, result.initial_quality, zero_shot)
-    _say(f"table: {csv_path}\nplot:  {png_path}")
-    return DemoResult(result.reports, zero_shot, result.initial_quality, csv_path, png_path)
+def identity_labels(assignment: dict[str, str], image_ids: list[str]) -> np.ndarray:
+    """Identity of each image in ``image_ids`` order as int labels; an image alone in its
+    identity (or missing, i.e. excluded) is -1, DBSCAN's outlier convention, so the
+    cluster count means "identities of two images or more"."""
+    names = np.array([assignment.get(i, "") for i in image_ids], dtype=object)
+    _, codes, counts = np.unique(names.astype(str), return_inverse=True, return_counts=True)
+    codes = codes.reshape(-1)
+    labels = codes.astype(np.int64)
+    labels[(counts[codes] < 2) | (names == "")] = -1
+    return labels
 
 
 def _budget_text(budget: float | int, n_pairs: int) -> str:
@@ -194,44 +92,222 @@ def _budget_text(budget: float | int, n_pairs: int) -> str:
     return f"{budget} pairs"
 
 
+def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
+             budget_per_cycle: float | int = DEMO_BUDGET_PER_CYCLE, seed: int = 0,
+             n_individuals: int | None = None, dataset_csv: str | Path | None = None
+             ) -> DemoResult:
+    """Run the demo; with ``dataset_csv`` (WildlifeDatasets layout) on that data instead of
+    the generated collection. Output lands in ``out_dir``; the server's state in
+    ``out_dir/server`` (its model repository is reused by the next run)."""
+    from reidal.core.evaluation import clustering_quality, evaluate_open_set, open_set_split
+    from reidal.core.oracle import SimulatedOracle
+    from reidal.data.synthetic_images import SyntheticConfig, generate_dataset
+    from reidal.data.wildlife import load_wildlife_csv
+    from reidal.serve import serve
+    from reidal_client import Answer, ClusteringParams, NotFound, ReidalClient, SamplingParams
+    from reidal_client.progress import TextProgress
+
+    if int(cycles) < 1:
+        raise ValueError(f"cycles must be >= 1, got {cycles}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = SyntheticConfig(seed=seed) if n_individuals is None else SyntheticConfig(
+        seed=seed, n_individuals=n_individuals)
+
+    t = time.perf_counter()
+    if dataset_csv is not None:
+        _say(f"[1/6] loading the collection {dataset_csv}")
+        dataset = load_wildlife_csv(dataset_csv)
+    else:
+        _say(f"[1/6] generating the synthetic collection ({config.n_individuals} individuals) "
+             f"in {out / 'collection'}")
+        dataset = load_wildlife_csv(generate_dataset(config, out / "collection"))
+    image_ids = [str(i) for i in dataset.image_ids]
+    labels = dataset.labels()
+    n = len(image_ids)
+    _say(f"  {n} images of {len(dataset.identity_names)} individuals "
+         f"({time.perf_counter() - t:.1f} s)")
+
+    _say("[2/6] starting the all-in-one reidal server (bundled Triton on CPU, default model)")
+    t = time.perf_counter()
+    server = serve("all", data_dir=out / "server", start_triton=True)
+    try:
+        _say(f"  serving {', '.join(server.services)} on {server.address}, Triton at "
+             f"{server.triton_url} ({time.perf_counter() - t:.1f} s)")
+        with ReidalClient(server.address, timeout_s=600.0) as client:
+            cid = DEMO_COLLECTION
+            _say(f"[3/6] collection {cid!r}: CreateCollection (k1={DEMO_K1}, k2={DEMO_K2}, "
+                 f"min_samples={DEMO_MIN_SAMPLES}), then AddImages through the "
+                 "CollectionService (embedded on arrival)")
+            try:
+                client.delete_collection(cid, actor="reidal demo")  # a previous run's
+            except NotFound:
+                pass
+            species = dataset.species
+            client.create_collection(
+                cid, species=", ".join(sorted({str(s) for s in species if s}))[:200]
+                if species is not None else "",
+                clustering=ClusteringParams(k1=DEMO_K1, k2=DEMO_K2,
+                                            min_samples=DEMO_MIN_SAMPLES),
+                sampling=SamplingParams(seed=seed))
+            t = time.perf_counter()
+            bar = TextProgress("  ingest", stream=sys.stdout)
+            added = client.add_images(
+                cid, [(r.image_id, r.path, {k: v for k, v in r.metadata.items() if v})
+                      for r in dataset], batch_size=DEMO_INGEST_BATCH, progress=bar)
+            bar.close()
+            model = added.model
+            _say(f"  {added.added} images added and {added.embedded} embedded by {model} "
+                 f"({time.perf_counter() - t:.1f} s)")
+
+            vectors: dict[Any, np.ndarray] = {}
+
+            def retrieval(current: Any) -> dict[str, float]:
+                if current not in vectors:
+                    got = client.embed([(r.image_id, r.path) for r in dataset], model=current)
+                    vectors[current] = got.vectors
+                X = vectors[current]
+                split = open_set_split(dataset.identities, split=dataset.splits, X=X,
+                                       seed=seed)
+                return evaluate_open_set(X, dataset.identities, split)
+
+            _say(f"[4/6] retrieval: embedding through reidal's EmbeddingService the same "
+                 f"images with the collection's model version {model} (the collection API "
+                 "does not return vectors)")
+            t = time.perf_counter()
+            zero_shot = retrieval(model)
+            _say(f"  open-set retrieval of the pretrained model: mAP "
+                 f"{100 * zero_shot['mAP']:.1f} %, Top-1 {100 * zero_shot['top1']:.1f} %, "
+                 f"AUC-ROC {100 * zero_shot['AUC_ROC']:.1f} % "
+                 f"({int(zero_shot['n_queries'])} queries, {int(zero_shot['n_gallery'])} "
+                 f"gallery; {time.perf_counter() - t:.1f} s)")
+
+            n_pairs = n * (n - 1) // 2
+            _say(f"[5/6] {cycles} active-learning cycles over gRPC: GetQueryPairs (AAS) -> "
+                 f"simulated annotator -> SubmitConstraints -> GetIdentities (NP3); budget "
+                 f"{_budget_text(budget_per_cycle, n_pairs)} per cycle")
+            oracle = SimulatedOracle(labels, seed=seed)
+            index = {image_id: k for k, image_id in enumerate(image_ids)}
+            initial = clustering_quality(
+                identity_labels(client.get_identities(cid).assignment(), image_ids), labels)
+            _say(f"  before any answer: DBSCAN pseudo-labels F1 {initial['f1']:.3f}, "
+                 f"ARI {initial['ari']:.3f}")
+            reports: list[CycleReport] = []
+            for _ in range(int(cycles)):
+                t0 = time.perf_counter()
+                batch = client.get_query_pairs(cid, budget_per_cycle)
+                pairs = np.array([[index[p.image_a], index[p.image_b]] for p in batch.pairs],
+                                 dtype=np.int64).reshape(-1, 2)
+                if len(pairs):
+                    same = oracle(pairs)
+                    client.submit_answers(
+                        cid, [Answer(pair_id=p.pair_id, label=bool(s),
+                                     annotator_id=DEMO_ANNOTATOR)
+                              for p, s in zip(batch.pairs, same.tolist(), strict=True)],
+                        batch_id=batch.batch_id)
+                ident = client.get_identities(cid)
+                col = client.get_collection(cid)
+                quality = clustering_quality(identity_labels(ident.assignment(), image_ids),
+                                             labels)
+                report = DemoCycleReport(
+                    cycle=batch.cycle, pairs_asked=len(batch.pairs), budget=batch.budget,
+                    cumulative_pairs=col.pairs_asked,
+                    cumulative_budget_pct=100.0 * col.budget_used,
+                    contradictions=len(ident.contradictions), reason=batch.reason_text,
+                    n_clusters=int(quality["n_clusters"]), n_changed_by_np3=-1,
+                    seconds=time.perf_counter() - t0, quality=quality,
+                    stats=dict(batch.stats), pairs=pairs, retrieval=retrieval(col.model))
+                reports.append(report)
+                r = report.retrieval
+                _say(f"  cycle {report.cycle}: asked {report.pairs_asked} pairs (cumulative "
+                     f"{report.cumulative_pairs} = {report.cumulative_budget_pct:.3f} % of all "
+                     f"pairs), {report.contradictions} contradictions, F1 {quality['f1']:.3f}, "
+                     f"ARI {quality['ari']:.3f}, mAP {100 * r['mAP']:.1f} %, Top-1 "
+                     f"{100 * r['top1']:.1f} % ({report.seconds:.1f} s; {report.reason})")
+    finally:
+        server.stop(grace=5)
+
+    _say(f"[6/6] {len(reports)} cycles (pseudo-labels vs ground truth; retrieval open-set)")
+    for line in format_table(reports, initial):
+        _say("  " + line)
+    csv_path, png_path = write_table(out, reports, initial, zero_shot)
+    _say(f"table: {csv_path}\nplot:  {png_path}")
+    return DemoResult(reports, zero_shot, initial, csv_path, png_path, server.address)
+
+
+def format_table(reports: list[CycleReport], initial: dict[str, float]) -> list[str]:
+    """The cycle table as text lines (cycle 0 = before any answer)."""
+    lines = [f"{'cycle':>5} {'asked':>6} {'budget %':>9} {'contra':>6} {'prec':>6} "
+             f"{'recall':>6} {'F1':>6} {'ARI':>6} {'clusters':>8} {'mAP %':>6} {'Top-1 %':>7} "
+             f"{'sec':>5}  why",
+             f"{0:>5} {0:>6} {0.0:>9.3f} {0:>6} {initial['precision']:>6.3f} "
+             f"{initial['recall']:>6.3f} {initial['f1']:>6.3f} {initial['ari']:>6.3f} "
+             f"{initial['n_clusters']:>8} {'':>6} {'':>7} {'':>5}  no answers yet"]
+    for r in reports:
+        q = r.quality
+        ret = getattr(r, "retrieval", {}) or {}
+        m = f"{100 * ret['mAP']:.1f}" if "mAP" in ret else "-"
+        t1 = f"{100 * ret['top1']:.1f}" if "top1" in ret else "-"
+        lines.append(f"{r.cycle:>5} {r.pairs_asked:>6} {r.cumulative_budget_pct:>9.3f} "
+                     f"{r.contradictions:>6} {q['precision']:>6.3f} {q['recall']:>6.3f} "
+                     f"{q['f1']:>6.3f} {q['ari']:>6.3f} {r.n_clusters:>8} {m:>6} {t1:>7} "
+                     f"{r.seconds:>5.1f}  {r.reason}")
+    return lines
+
+
 def write_table(out: Path, reports: list[CycleReport], initial: dict[str, float],
                 zero_shot: dict[str, float]) -> tuple[Path, Path]:
-    """The five-cycle table as CSV and as a PNG plot of quality against budget used."""
+    """The cycle table as CSV and as a PNG plot of quality against budget used.
+
+    ``mAP`` / ``top1`` are the retrieval after each cycle (a report's ``retrieval`` when it
+    has one, else ``zero_shot``); ``mAP_zero_shot`` / ``top1_zero_shot`` the pretrained
+    model's.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def ret(r: CycleReport | None) -> dict[str, float]:
+        return (getattr(r, "retrieval", None) or zero_shot) if r is not None else zero_shot
+
     csv_path = out / "cycles.csv"
     fields = ["cycle", "pairs_asked", "cumulative_pairs", "cumulative_budget_pct",
-              "contradictions", "precision", "recall", "f1", "ari", "n_clusters",
-              "mAP_zero_shot", "top1_zero_shot", "reason"]
+              "contradictions", "precision", "recall", "f1", "ari", "n_clusters", "mAP", "top1",
+              "mAP_zero_shot", "top1_zero_shot", "seconds", "reason"]
     with csv_path.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         w.writerow({"cycle": 0, "pairs_asked": 0, "cumulative_pairs": 0,
                     "cumulative_budget_pct": 0.0, "contradictions": 0,
                     **{k: initial[k] for k in ("precision", "recall", "f1", "ari")},
-                    "n_clusters": initial["n_clusters"], "mAP_zero_shot": zero_shot["mAP"],
-                    "top1_zero_shot": zero_shot["top1"], "reason": "no answers yet"})
+                    "n_clusters": initial["n_clusters"], "mAP": zero_shot["mAP"],
+                    "top1": zero_shot["top1"], "mAP_zero_shot": zero_shot["mAP"],
+                    "top1_zero_shot": zero_shot["top1"], "seconds": 0.0,
+                    "reason": "no answers yet"})
         for r in reports:
             w.writerow({"cycle": r.cycle, "pairs_asked": r.pairs_asked,
                         "cumulative_pairs": r.cumulative_pairs,
                         "cumulative_budget_pct": round(r.cumulative_budget_pct, 5),
                         "contradictions": r.contradictions,
                         **{k: r.quality[k] for k in ("precision", "recall", "f1", "ari")},
-                        "n_clusters": r.n_clusters, "mAP_zero_shot": zero_shot["mAP"],
-                        "top1_zero_shot": zero_shot["top1"], "reason": r.reason})
+                        "n_clusters": r.n_clusters, "mAP": ret(r)["mAP"],
+                        "top1": ret(r)["top1"], "mAP_zero_shot": zero_shot["mAP"],
+                        "top1_zero_shot": zero_shot["top1"], "seconds": round(r.seconds, 3),
+                        "reason": r.reason})
     budget = [0.0] + [r.cumulative_budget_pct for r in reports]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for key, label in (("f1", "pairwise F1"), ("ari", "ARI"), ("precision", "precision"),
                        ("recall", "recall")):
         ax1.plot(budget, [initial[key]] + [r.quality[key] for r in reports], marker="o",
                  label=label)
+    for key, label in (("mAP", "retrieval mAP"), ("top1", "retrieval Top-1")):
+        ax1.plot(budget, [zero_shot[key]] + [ret(r)[key] for r in reports], linestyle="--",
+                 marker=".", label=label)
     ax1.set_xlabel("cumulative budget used (% of all pairs)")
-    ax1.set_ylabel("pseudo-label quality")
-    ax1.set_title("AAS + NP3 on the demo collection")
-    ax1.legend()
+    ax1.set_ylabel("quality")
+    ax1.set_title("AAS + NP3 through the reidal server")
+    ax1.legend(fontsize="small")
     ax1.grid(alpha=0.3)
     ax2.bar([r.cycle for r in reports], [r.pairs_asked for r in reports])
     ax2.set_xlabel("cycle")
