@@ -15,7 +15,8 @@ Same model object, same preprocessed input, same image size. Fairness:
   so a burst of foreign load hits both sides alike. Triton sits idle while torch runs.
 
 The last columns measure the product path end to end: JPEG bytes sent to reidal's gRPC
-EmbeddingService (which decodes, preprocesses and batches them to Triton), beside plain
+EmbeddingService (its own process, `reidal serve --service embedding`, which decodes,
+preprocesses and batches them to Triton), beside plain
 torch doing the same work in process (decode + preprocess + forward) on the same JPEGs.
 
 Target (issue): reidal+Triton >= 0.8x plain torch at batch 32 on CPU.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -83,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from reidal.embedding.spec import default_spec
     from reidal.embedding.triton_client import TritonEmbedder
     from reidal.embedding.triton_repo import write_model_repository
-    from reidal.embedding.triton_server import TritonServer
-    from reidal.grpc_server import build_server
-    from reidal.services.embedding import EmbeddingServicer
+    from reidal.embedding.triton_server import TritonServer, free_ports
     from reidal.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
 
     torch.set_num_threads(args.threads)
@@ -107,9 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         with TritonServer(Path(tmp) / "repo", workdir=Path(tmp) / "server") as server:
             started = time.perf_counter() - t0
             client = TritonEmbedder(server.grpc_url, spec, timeout_s=120)
-            servicer = EmbeddingServicer(server.grpc_url, spec.name, batch_size=max_bs)
-            service = build_server([servicer.binding()], address="127.0.0.1:0")
-            channel = grpc.insecure_channel(service.address)
+            # reidal's embedding service runs as its own process, as deployed (`reidal serve
+            # --service embedding`): in this process it would share the GIL with the client.
+            port = free_ports(1)[0]
+            service = subprocess.Popen(
+                [sys.executable, "-m", "reidal.cli", "serve", "--service", "embedding",
+                 "--triton-url", server.grpc_url, "--port", str(port), "--log-level", "WARNING"],
+                stdout=subprocess.DEVNULL)
+            channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+            grpc.channel_ready_future(channel).result(timeout=60)
             stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
             print(
                 f"# Triton {server.grpc_url} ready in {started:.1f} s; threads={args.threads} "
@@ -155,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{bs:>5} {a:12.1f} {b:13.1f} {b / a:6.2f} {c:13.1f} {d:13.1f} {d / c:6.2f}",
                       flush=True)
             channel.close()
-            service.stop(grace=1)
-            servicer.close()
+            service.terminate()
+            service.wait(timeout=30)
             client.close()
     return 0
 
