@@ -26,15 +26,11 @@ from reidal import errors
 from reidal.collection_state import ImageFilter, check_id, effective_params
 from reidal.embedding.triton_client import (
     ModelInfo,
-    ModelNotFound,
-    TritonError,
-    TritonTimeout,
-    TritonUnavailable,
 )
-from reidal.grpc_server import ServiceBinding, deadline_left, status_for
+from reidal.grpc_server import ServiceBinding, deadline_left
 from reidal.ingest import IngestItem, IngestOutcome, embed_missing, ingest, resolve_model
 from reidal.runtime import Runtime
-from reidal.services.embedding import Cancelled, DeadlineExceeded, Embedded, ImageItem
+from reidal.services.embedding import Embedded, ImageItem, embedding_status
 from reidal.store import Collection, ImageRecord, ImageRow, OperationRecord, Store
 from reidal.v1 import (
     collections_pb2,
@@ -66,20 +62,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """
     if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
         return exc.code(), f"embedding service: {exc.details()}"
-    if isinstance(exc, TritonTimeout):
-        return grpc.StatusCode.UNAVAILABLE, f"{exc}; retry later"
-    if isinstance(exc, TritonUnavailable):
-        return grpc.StatusCode.UNAVAILABLE, f"{exc}; retry later"
-    if isinstance(exc, ModelNotFound):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, DeadlineExceeded):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
-    if isinstance(exc, Cancelled):
-        return grpc.StatusCode.CANCELLED, str(exc)
-    if isinstance(exc, TritonError):
-        return grpc.StatusCode.INTERNAL, str(exc)
-    code = status_for(exc)
-    return (code, str(exc)) if code is not None else None
+    return embedding_status(exc)
 
 
 def classify(exc: BaseException) -> tuple[str, str] | None:

@@ -345,28 +345,40 @@ def _check_deadline(deadline: float | None, progress: str) -> None:
         raise DeadlineExceeded(f"the deadline ran out {progress}; nothing was returned")
 
 
+def embedding_status(exc: BaseException, triton_url: str = "") -> tuple[grpc.StatusCode, str] | None:
+    """Status code and message of an embedding failure, or None for an unexpected exception.
+
+    The one mapping of Triton / embedding errors to gRPC codes (their classes are not domain
+    errors), used by this service and by every service that embeds (ingest). Everything else
+    goes through the domain errors' mapping, ``reidal.grpc_server.status_for``.
+    """
+    if isinstance(exc, TritonTimeout):
+        return grpc.StatusCode.UNAVAILABLE, f"{exc}; retry later"
+    if isinstance(exc, TritonUnavailable):
+        if triton_url:
+            detail = str(exc).removeprefix(f"Triton at {triton_url} is unavailable: ")
+            return (grpc.StatusCode.UNAVAILABLE,
+                    f"Triton at {triton_url} is unreachable: {detail}; retry later")
+        return grpc.StatusCode.UNAVAILABLE, f"{exc}; retry later"
+    if isinstance(exc, ModelNotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+    if isinstance(exc, Cancelled):
+        return grpc.StatusCode.CANCELLED, str(exc)
+    if isinstance(exc, TritonError):
+        return grpc.StatusCode.INTERNAL, str(exc)
+    code = status_for(exc)
+    return (code, str(exc)) if code is not None else None
+
+
 def _abort(context: grpc.ServicerContext, exc: Exception, triton_url: str,
            prefix: str = "") -> None:
     """Turn an exception into the call's status (raises), or re-raise an unexpected one."""
-    if isinstance(exc, TritonTimeout):
-        code, message = grpc.StatusCode.UNAVAILABLE, f"{exc}; retry later"
-    elif isinstance(exc, TritonUnavailable):
-        detail = str(exc).removeprefix(f"Triton at {triton_url} is unavailable: ")
-        code = grpc.StatusCode.UNAVAILABLE
-        message = f"Triton at {triton_url} is unreachable: {detail}; retry later"
-    elif isinstance(exc, ModelNotFound):
-        code, message = grpc.StatusCode.NOT_FOUND, str(exc)
-    elif isinstance(exc, DeadlineExceeded):
-        code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
-    elif isinstance(exc, Cancelled):
-        code, message = grpc.StatusCode.CANCELLED, str(exc)
-    elif isinstance(exc, TritonError):
-        code, message = grpc.StatusCode.INTERNAL, str(exc)
-    else:
-        mapped = status_for(exc)
-        if mapped is None:
-            raise exc
-        code, message = mapped, str(exc)
+    found = embedding_status(exc, triton_url)
+    if found is None:
+        raise exc
+    code, message = found
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
         log_kv(log, logging.WARNING, "embedding_failed", code=code.name, detail=message)
     context.abort(code, prefix + message)
