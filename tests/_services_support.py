@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import grpc
 
 from reidal.data.synthetic_images import SyntheticConfig, iter_samples
+from reidal.serve import ReidalServer, serve
 from reidal.v1 import (
     collections_pb2,
     collections_pb2_grpc,
@@ -133,3 +137,14 @@ def in_flight(service: str, method: str) -> float:
 
     return REGISTRY.get_sample_value("reidal_rpc_in_flight",
                                      {"service": service, "method": method}) or 0.0
+
+
+@contextmanager
+def running_server(triton, data_dir: Path, **options) -> Iterator[ReidalServer]:
+    """The all-in-one server on a free loopback port, embedding with the test Triton."""
+    srv = serve("all", data_dir=data_dir, triton_url=triton.grpc_url, health_interval_s=60,
+                **options)
+    try:
+        yield srv
+    finally:
+        srv.stop(grace=1)

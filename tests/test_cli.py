@@ -16,10 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from _services_support import pictures
+from _services_support import pictures, running_server
 
 from reidal.cli import PAIR_CSV_FIELDS, main
-from reidal.serve import serve
 from reidal_client import ReidalClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,12 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def server(triton, tmp_path_factory):
-    srv = serve("all", data_dir=tmp_path_factory.mktemp("reidal-cli"),
-                triton_url=triton.grpc_url, health_interval_s=60)
-    try:
+    with running_server(triton, tmp_path_factory.mktemp("reidal-cli")) as srv:
         yield srv
-    finally:
-        srv.stop(grace=1)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import time
 
 import grpc
 import pytest
-from _services_support import pictures
+from _services_support import pictures, running_server
 
 from reidal.serve import serve
 from reidal_client import (
@@ -40,12 +40,8 @@ SMALL = ClusteringParams(k1=6, k2=2, min_samples=2)
 
 @pytest.fixture(scope="module")
 def server(triton, tmp_path_factory):
-    srv = serve("all", data_dir=tmp_path_factory.mktemp("reidal-client"),
-                triton_url=triton.grpc_url, health_interval_s=60)
-    try:
+    with running_server(triton, tmp_path_factory.mktemp("reidal-client")) as srv:
         yield srv
-    finally:
-        srv.stop(grace=1)
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ from _services_support import (
     oracle_answers,
     pictures,
     rpc_error,
+    running_server,
     wait_in_flight,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -46,12 +47,8 @@ SAME, DIFFERENT, UNSURE = (K.ANSWER_LABEL_SAME, K.ANSWER_LABEL_DIFFERENT,
 
 @pytest.fixture(scope="module")
 def server(triton, tmp_path_factory):
-    srv = serve("all", data_dir=tmp_path_factory.mktemp("reidal-e2e"),
-                triton_url=triton.grpc_url, health_interval_s=60)
-    try:
+    with running_server(triton, tmp_path_factory.mktemp("reidal-e2e")) as srv:
         yield srv
-    finally:
-        srv.stop(grace=1)
 
 
 @pytest.fixture(scope="module")

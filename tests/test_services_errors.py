@@ -17,6 +17,7 @@ from _services_support import (
     ingest_message,
     pictures,
     rpc_error,
+    running_server,
 )
 
 from reidal.serve import serve
@@ -29,12 +30,8 @@ NOT_FOUND = grpc.StatusCode.NOT_FOUND
 
 @pytest.fixture(scope="module")
 def server(triton, tmp_path_factory):
-    srv = serve("all", data_dir=tmp_path_factory.mktemp("reidal-errors"),
-                triton_url=triton.grpc_url, max_message_mb=1, health_interval_s=60)
-    try:
+    with running_server(triton, tmp_path_factory.mktemp("reidal-errors"), max_message_mb=1) as srv:
         yield srv
-    finally:
-        srv.stop(grace=1)
 
 
 @pytest.fixture(scope="module")
