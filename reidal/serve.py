@@ -39,9 +39,9 @@ from reidal.store import Store
 log = logging.getLogger("reidal.serve")
 
 #: Every service name ``serve`` knows, in the order "all" registers them.
-SERVICES: tuple[str, ...] = ("embedding", "collections", "sampling", "constraints")
+SERVICES: tuple[str, ...] = ("embedding", "collections", "sampling", "constraints", "training")
 #: Services that need the durable store (a data directory).
-STATEFUL = frozenset({"collections", "sampling", "constraints"})
+STATEFUL = frozenset({"collections", "sampling", "constraints", "training"})
 
 
 def resolve_services(services: str | Sequence[str]) -> list[str]:
@@ -170,8 +170,9 @@ def _start_triton(data_dir: Path, model_name: str, startup_timeout_s: float) -> 
 
 
 def build_bindings(names: Sequence[str], runtime: Runtime | None,
-                   embedding_servicer: Any = None) -> list[ServiceBinding]:
-    """One binding per service name, all sharing ``runtime``."""
+                   embedding_servicer: Any = None, training: Any = None) -> list[ServiceBinding]:
+    """One binding per service name, all sharing ``runtime`` (``training``: the
+    :class:`reidal.training_jobs.TrainingJobs` of the training service)."""
     from reidal.services.collections import CollectionsServicer
     from reidal.services.constraints import ConstraintsServicer
     from reidal.services.sampling import SamplingServicer
@@ -180,6 +181,7 @@ def build_bindings(names: Sequence[str], runtime: Runtime | None,
         "collections": lambda: CollectionsServicer(runtime).binding(),
         "sampling": lambda: SamplingServicer(runtime).binding(),
         "constraints": lambda: ConstraintsServicer(runtime).binding(),
+        "training": lambda: _training_binding(training),
     }
     out = []
     for name in names:
@@ -190,6 +192,12 @@ def build_bindings(names: Sequence[str], runtime: Runtime | None,
         else:
             out.append(makers[name]())
     return out
+
+
+def _training_binding(training: Any) -> ServiceBinding:
+    from reidal.services.training import TrainingServicer
+
+    return TrainingServicer(training).binding()
 
 
 def serve(
@@ -211,6 +219,8 @@ def serve(
     operation_workers: int = 1,
     triton_startup_timeout_s: float = 180.0,
     rpc_metrics: RpcMetrics | None = None,
+    model_repository: str | Path | None = None,
+    load_model: Callable[[str], None] | None = None,
 ) -> ReidalServer:
     """Start ``services`` (names, or "all") on ``address`` and return the running server.
 
@@ -220,12 +230,16 @@ def serve(
     model_name: the default embedding model. metrics_port: serve Prometheus ``/metrics``
     there (0: any free port, read ``.metrics_port``; None: no endpoint). max_message_mb:
     largest gRPC message either way (RESOURCE_EXHAUSTED beyond). The rest tune the server
-    (see :func:`reidal.grpc_server.build_server`). Raises ValueError for a bad combination,
+    (see :func:`reidal.grpc_server.build_server`). model_repository / load_model: where
+    training writes new model versions and how it asks Triton to load them (defaults:
+    with ``start_triton``, its repository and its model control; with ``triton_url``,
+    Triton's model-control API at that URL; without a repository, training is refused
+    with FAILED_PRECONDITION). Raises ValueError for a bad combination,
     RuntimeError when the address cannot be bound; nothing is left running on failure.
     """
     names = resolve_services(services)
     stateful = [n for n in names if n in STATEFUL]
-    needs_embedding = "embedding" in names or "collections" in names
+    needs_embedding = bool({"embedding", "collections", "training"} & set(names))
     root = Path(data_dir) if data_dir is not None else None
     if stateful and root is None:
         raise ValueError(f"service(s) {stateful} keep state: pass data_dir")
@@ -270,7 +284,20 @@ def serve(
                                          classify=classify)
             started.runtime = Runtime(store, BlobStore(root / "blobs"), started.embedder,
                                       notifier, operations)
-        bindings = build_bindings(names, started.runtime, embedding_servicer)
+        training = None
+        if "training" in names:
+            from reidal.training_jobs import TrainingJobs, triton_loader
+
+            assert started.runtime is not None
+            repo = model_repository
+            loader = load_model
+            if started.triton is not None:
+                repo = repo if repo is not None else started.triton.model_repository
+                loader = loader or started.triton.load_model
+            elif loader is None and triton_url is not None:
+                loader = triton_loader(triton_url)
+            training = TrainingJobs(started.runtime, repo, loader, model_name)
+        bindings = build_bindings(names, started.runtime, embedding_servicer, training)
         running = build_server(bindings, address=address, max_workers=max_workers,
                                max_message_mb=max_message_mb,
                                max_concurrent_rpcs=max_concurrent_rpcs, metrics=rpc_metrics,

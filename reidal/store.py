@@ -17,6 +17,7 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -89,6 +90,22 @@ CREATE TABLE IF NOT EXISTS requests (
     created_at REAL NOT NULL,
     PRIMARY KEY (collection_id, request_id)
 );
+CREATE TABLE IF NOT EXISTS training_jobs (
+    id TEXT PRIMARY KEY,
+    collection_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    config TEXT NOT NULL,
+    progress TEXT NOT NULL DEFAULT '{}',
+    base_model_name TEXT NOT NULL DEFAULT '',
+    base_model_version TEXT NOT NULL DEFAULT '',
+    model_name TEXT NOT NULL DEFAULT '',
+    model_version TEXT NOT NULL DEFAULT '',
+    error_code TEXT NOT NULL DEFAULT '',
+    error_message TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS training_jobs_by_collection ON training_jobs (collection_id);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     collection_id TEXT NOT NULL,
@@ -178,6 +195,37 @@ CREATE TABLE IF NOT EXISTS operations (
 );
 CREATE INDEX IF NOT EXISTS operations_by_collection ON operations (collection_id, created_at);
 """
+
+
+#: States of a training job; a job in a final state never changes again.
+JOB_QUEUED, JOB_RUNNING, JOB_SUCCEEDED, JOB_FAILED, JOB_CANCELLED = (
+    "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+JOB_FINAL_STATES = frozenset({JOB_SUCCEEDED, JOB_FAILED, JOB_CANCELLED})
+
+
+@dataclass(frozen=True)
+class TrainingJobRecord:
+    """One training job as stored. ``progress``: epoch, loss, clusters, unclustered,
+    pairs_asked, answers_used, metrics of the last finished epoch."""
+
+    job_id: str
+    collection_id: str
+    state: str
+    config: dict[str, Any]
+    progress: dict[str, Any] = field(default_factory=dict)
+    base_model_name: str = ""
+    base_model_version: str = ""
+    model_name: str = ""
+    model_version: str = ""
+    error_code: str = ""
+    error_message: str = ""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    @property
+    def final(self) -> bool:
+        return self.state in JOB_FINAL_STATES
+
 
 
 @dataclass(frozen=True)
@@ -1057,6 +1105,65 @@ class Store:
         rows = self._query("SELECT * FROM audit WHERE collection_id = ? ORDER BY seq", (collection_id,))
         return [{"action": r["action"], "actor": r["actor"], "detail": json.loads(r["detail"]),
                  "at": r["at"]} for r in rows]
+
+    # -- training jobs ----------------------------------------------------------------------
+    def create_training_job(self, collection_id: str, config: Mapping[str, Any], *,
+                            base_model_name: str, base_model_version: str) -> TrainingJobRecord:
+        job_id = uuid.uuid4().hex
+        now = _now()
+        with self._tx() as db:
+            db.execute("INSERT INTO training_jobs (id, collection_id, state, config,"
+                       " base_model_name, base_model_version, created_at, updated_at)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (job_id, collection_id, JOB_QUEUED, json.dumps(dict(config), default=str),
+                        base_model_name, base_model_version, now, now))
+        return self.get_training_job(job_id)
+
+    def update_training_job(self, job_id: str, **changes: Any) -> None:
+        """Set columns of a job (``progress`` a dict); a final state is never left."""
+        unknown = set(changes) - _JOB_COLUMNS
+        if unknown:
+            raise InvalidArgument(f"training jobs have no column(s) {sorted(unknown)}")
+        if "progress" in changes:
+            changes["progress"] = json.dumps(changes["progress"])
+        cols = ", ".join(f"{k} = ?" for k in changes)
+        with self._tx() as db:
+            db.execute(f"UPDATE training_jobs SET {cols}, updated_at = ? WHERE id = ?"
+                       " AND state NOT IN ('SUCCEEDED', 'FAILED', 'CANCELLED')",
+                       (*changes.values(), _now(), job_id))
+
+    def get_training_job(self, job_id: str) -> TrainingJobRecord:
+        rows = self._query("SELECT * FROM training_jobs WHERE id = ?", (job_id,))
+        if not rows:
+            raise NotFound(f"training job {job_id!r} not found")
+        return _training_job(rows[0])
+
+    def list_training_jobs(self, collection_id: str = "") -> list[TrainingJobRecord]:
+        sql = "SELECT * FROM training_jobs"
+        args: tuple[Any, ...] = ()
+        if collection_id:
+            sql += " WHERE collection_id = ?"
+            args = (collection_id,)
+        return [_training_job(r) for r in self._query(sql + " ORDER BY created_at, id", args)]
+
+    def fail_interrupted_training_jobs(self, message: str) -> int:
+        """Mark every QUEUED or RUNNING job FAILED (at a server start nobody runs them)."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE training_jobs SET state = ?, error_code = 'ABORTED',"
+                             " error_message = ?, updated_at = ? WHERE state IN (?, ?)",
+                             (JOB_FAILED, message, _now(), JOB_QUEUED, JOB_RUNNING))
+            return cur.rowcount
+
+_JOB_COLUMNS = frozenset({"state", "progress", "model_name", "model_version", "error_code",
+                          "error_message"})
+
+
+def _training_job(r: sqlite3.Row) -> TrainingJobRecord:
+    return TrainingJobRecord(
+        r["id"], r["collection_id"], r["state"], json.loads(r["config"]),
+        json.loads(r["progress"]), r["base_model_name"], r["base_model_version"],
+        r["model_name"], r["model_version"], r["error_code"], r["error_message"],
+        r["created_at"], r["updated_at"])
 
 
 def _collection(r: sqlite3.Row) -> Collection:

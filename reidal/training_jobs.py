@@ -1,0 +1,423 @@
+"""Training jobs of the server: durable records, one runner thread per job, model export.
+
+Transport-free: :mod:`reidal.services.training` translates messages around this module.
+
+A job trains the embedding head (head mode, :class:`reidal.training.SpCLTrainer`) of the
+collection's current model version on the backbone features of the collection's images,
+with no oracle (answers come from people, through the sampling and constraint services, so
+the trainer's sampler is "none"), then writes the trained model as the next version of the
+model into the Triton model repository and asks Triton to load it (explicit model control).
+The collection keeps its vectors: :func:`promote` re-embeds it with the new version.
+
+Jobs are rows of the store's ``training_jobs`` table. A job survives its client; a server
+start marks jobs left QUEUED or RUNNING as FAILED
+(:meth:`reidal.store.Store.fail_interrupted_training_jobs`), so none is ever shown running
+after a restart.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reidal.errors import FailedPrecondition, InvalidArgument
+from reidal.grpc_server import log_kv
+from reidal.runtime import Runtime
+from reidal.store import (
+    JOB_CANCELLED,
+    JOB_FAILED,
+    JOB_FINAL_STATES,
+    JOB_QUEUED,
+    JOB_RUNNING,
+    JOB_SUCCEEDED,
+    Store,
+    TrainingJobRecord,
+)
+
+log = logging.getLogger("reidal.training_jobs")
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
+    JOB_QUEUED, JOB_RUNNING, JOB_SUCCEEDED, JOB_FAILED, JOB_CANCELLED)
+FINAL_STATES = JOB_FINAL_STATES
+JobRecord = TrainingJobRecord
+INTERRUPTED = "interrupted by a server restart"
+
+#: TrainConfig fields a client may set (TrainingConfig in training.proto).
+CLIENT_FIELDS: tuple[str, ...] = (
+    "mode", "epochs", "epochs_per_cycle", "iters_per_epoch", "num_identities",
+    "num_instances", "lr", "weight_decay", "step_size", "gamma", "momentum", "temperature",
+    "eps", "min_samples", "k1", "k2", "eps_gap", "reliability_percentile", "self_paced",
+    "cluster_features", "seed")
+
+#: What a server job fixes whatever the client asks: no questions, no checkpoints, CPU-cheap
+#: data loading, evaluation only when asked for (never: the server has no ground truth).
+SERVER_FIXED: dict[str, Any] = {"sampler": "none", "checkpoint_dir": None, "num_workers": 0,
+                                "eval_every": 0, "device": "cpu"}
+
+# ------------------------------------------------------------------------ config
+
+
+def build_config(overrides: Mapping[str, Any], n_images: int) -> Any:
+    """The TrainConfig of a server job: client overrides on the head-mode defaults, the
+    server-fixed fields on top. InvalidArgument names the bad field (TrainConfig's own
+    checks, mode "full", a batch larger than the collection)."""
+    from reidal.training import TrainConfig
+
+    unknown = sorted(set(overrides) - set(CLIENT_FIELDS))
+    if unknown:
+        raise InvalidArgument(f"unknown training config field(s) {unknown}")
+    try:
+        cfg = TrainConfig(**{**dict(overrides), **SERVER_FIXED})
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"config: {exc}") from None
+    if cfg.mode != "head":
+        raise InvalidArgument(f"config.mode {cfg.mode!r}: the server trains in 'head' mode "
+                              "only (run 'full' mode with reidal.training under torchrun)")
+    if cfg.batch_size > n_images:
+        raise InvalidArgument(
+            f"config.num_identities x config.num_instances = {cfg.batch_size} images per "
+            f"batch is larger than the collection of {n_images} images")
+    return cfg
+
+
+# ------------------------------------------------------------------------ answers
+
+
+@dataclass(frozen=True)
+class _Replayed:
+    """A sampler batch of replayed answers (what the trainer reads of a SampleResult; not
+    one, since QueryPair names only the pools of real samplers)."""
+
+    pairs: Any  # int64 (m, 2)
+    reason: str
+
+    def as_array(self) -> Any:
+        return self.pairs
+
+
+class StoredAnswers:
+    """The collection's answers handed to the trainer as its first cycle's "questions".
+
+    SpCLTrainer.fit starts from an empty ConstraintSet and adds answers only through its
+    sampler and oracle, so the answers people gave so far enter training as one replayed
+    round: :meth:`sample` returns every SAME / DIFFERENT answer's pair once (then nothing),
+    :meth:`oracle` their labels. They are replayed in answer order with increasing ids, and
+    a ConstraintSet depends only on the order of the ids, so the trainer's constraints equal
+    :func:`reidal.collection_state.constraints_from_answers` of the same rows. (A
+    ``constraints=`` argument of ``fit`` would make this adapter unnecessary.)
+    """
+
+    def __init__(self, constraints: Any) -> None:
+        import numpy as np
+
+        answers = list(constraints.answers)  # ordered by answer id
+        self.pairs = np.array([(a.i, a.j) for a in answers], dtype=np.int64).reshape(-1, 2)
+        self.same = np.array([a.same for a in answers], dtype=bool)
+        self._given = False
+
+    def __len__(self) -> int:
+        return len(self.same)
+
+    def sample(self, X: Any, constraints: Any, budget: int | float, *, seed: int = 0,
+               exclude_pairs: Any = None) -> _Replayed:
+        import numpy as np
+
+        if self._given:
+            return _Replayed(np.empty((0, 2), dtype=np.int64),
+                             "no question: answers come from people between jobs")
+        self._given = True
+        return _Replayed(self.pairs, "the collection's answers so far")
+
+    def oracle(self, pairs: Any) -> Any:
+        import numpy as np
+
+        if not np.array_equal(np.asarray(pairs).reshape(-1, 2), self.pairs):
+            raise ValueError("the trainer asked about pairs nobody answered")
+        return self.same
+
+
+def collection_constraints(store: Store, collection_id: str, image_ids: list[str]) -> Any:
+    """The current answers between the training rows (``image_ids``) as a ConstraintSet,
+    built as the sampling service builds it."""
+    from reidal.collection_state import constraints_from_answers
+
+    return constraints_from_answers(image_ids, store.answers(collection_id)).constraints
+
+
+# ------------------------------------------------------------------------ Triton
+
+
+def triton_loader(grpc_url: str, timeout_s: float = 300.0) -> Callable[[str], None]:
+    """A ``load_model(name)`` through Triton's model-control API at ``grpc_url``."""
+
+    def load(name: str) -> None:
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(grpc_url)
+        try:
+            client.load_model(name, client_timeout=timeout_s)
+        finally:
+            client.close()
+
+    return load
+
+
+def _repository_options(repo: Path, model_name: str) -> dict[str, Any]:
+    """max_batch_size / keep_versions of the served config, so a new version keeps it."""
+    from reidal.embedding.triton_repo import CONFIG_FILE, parse_config
+
+    path = repo / model_name / CONFIG_FILE
+    if not path.exists():
+        return {}
+    cfg = parse_config(path.read_text(encoding="utf-8"))
+    out: dict[str, Any] = {}
+    if cfg.get("max_batch_size"):
+        out["max_batch_size"] = int(cfg["max_batch_size"])
+    latest = cfg.get("version_policy", {}).get("latest", {}).get("num_versions")
+    if latest:
+        out["keep_versions"] = int(latest)
+    return out
+
+
+# ------------------------------------------------------------------------ jobs
+
+
+def job_key(job_id: str) -> tuple[str, str]:
+    """The notifier key of a job (watchers wake on it)."""
+    return ("training_job", job_id)
+
+
+class TrainingJobs:
+    """Starts, runs, cancels and watches the training jobs of one server process.
+
+    ``repository``: the Triton model repository new versions are written into (None: every
+    StartTraining is refused with FAILED_PRECONDITION). ``load_model``: asks Triton to load
+    a model's new versions (explicit model control). ``model_name``: the served model.
+    """
+
+    def __init__(self, runtime: Runtime, repository: str | Path | None,
+                 load_model: Callable[[str], None] | None, model_name: str) -> None:
+        self.runtime = runtime
+        self.store = runtime.store
+        self.repository = Path(repository) if repository is not None else None
+        self.load_model = load_model
+        self.model_name = model_name
+        self._cancel: dict[str, threading.Event] = {}
+        self._threads: dict[str, threading.Thread] = {}
+        self._guard = threading.Lock()
+        self._closing = False
+        self._export_lock = threading.Lock()  # version numbers are picked one at a time
+        aborted = self.store.fail_interrupted_training_jobs(INTERRUPTED)
+        if aborted:
+            log_kv(log, logging.WARNING, "training_jobs_interrupted", count=aborted)
+
+    # -- API --------------------------------------------------------------------------
+    def start(self, collection_id: str, overrides: Mapping[str, Any]) -> JobRecord:
+        col = self.store.get_collection(collection_id)  # NotFound first
+        n_images = len(self.store.images(collection_id, include_excluded=False))
+        config = build_config(overrides, n_images)
+        if self.repository is None or self.load_model is None:
+            raise FailedPrecondition("training needs the model repository: start the server "
+                                     "with start_triton or pass model_repository")
+        name = col.model_name or self.model_name
+        version = col.model_version or self._latest_version(name)
+        job = self.store.create_training_job(collection_id, config.to_dict(),
+                         base_model_name=name, base_model_version=version)
+        cancel = threading.Event()
+        thread = threading.Thread(target=self._run, args=(job, config, cancel),
+                                  name=f"training-{job.job_id[:8]}", daemon=True)
+        with self._guard:
+            self._cancel[job.job_id] = cancel
+            self._threads[job.job_id] = thread
+        thread.start()
+        return job
+
+    def get(self, job_id: str) -> JobRecord:
+        return self.store.get_training_job(job_id)
+
+    def list(self, collection_id: str = "") -> list[JobRecord]:
+        if collection_id:
+            self.store.get_collection(collection_id)
+        return self.store.list_training_jobs(collection_id)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        job = self.store.get_training_job(job_id)
+        if job.final:
+            return job
+        with self._guard:
+            event = self._cancel.get(job_id)
+        if event is not None:
+            event.set()
+        thread = self._threads.get(job_id)
+        if thread is not None:
+            thread.join(timeout=30.0)
+        return self.store.get_training_job(job_id)
+
+    def watch(self, job_id: str, is_active: Callable[[], bool], *,
+              poll_s: float = 2.0) -> Iterator[JobRecord]:
+        """The job now, then at every change, until final (or the caller leaves, or the
+        server stops)."""
+        key = job_key(job_id)
+        notifier = self.runtime.notifier
+        last: JobRecord | None = None
+        while True:
+            seen = notifier.version(key)
+            record = self.store.get_training_job(job_id)
+            if record != last:
+                yield record
+                last = record
+            if record.final or not is_active() or notifier.closed:
+                return
+            notifier.wait(key, seen, poll_s)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop running jobs and wait for their threads (they end FAILED: interrupted)."""
+        with self._guard:
+            self._closing = True
+            events = list(self._cancel.values())
+            threads = list(self._threads.values())
+        for e in events:
+            e.set()
+        for t in threads:
+            t.join(timeout)
+
+    # -- the job ------------------------------------------------------------------------
+    def _latest_version(self, name: str) -> str:
+        from reidal.embedding.triton_repo import model_versions
+
+        assert self.repository is not None
+        versions = model_versions(self.repository, name)
+        if not versions:
+            raise FailedPrecondition(f"the model repository has no version of {name!r}")
+        return str(versions[-1])
+
+    def _update(self, job_id: str, **changes: Any) -> None:
+        self.store.update_training_job(job_id, **changes)
+        self.runtime.notifier.bump(job_key(job_id))
+
+    def _run(self, job: JobRecord, config: Any, cancel: threading.Event) -> None:
+        try:
+            self._update(job.job_id, state=RUNNING)
+            produced = self._train(job, config, cancel)
+            if produced is None and self._closing:
+                self._update(job.job_id, state=FAILED, error_code="ABORTED",
+                             error_message="interrupted by a server stop")
+            elif produced is None:
+                self._update(job.job_id, state=CANCELLED)
+            else:
+                self._update(job.job_id, state=SUCCEEDED, model_name=job.base_model_name,
+                             model_version=produced)
+            log_kv(log, logging.INFO, "training_job_done", job=job.job_id,
+                   state=self.store.get_training_job(job.job_id).state, version=produced or "")
+        except BaseException as exc:  # a job's failure is recorded, never raised into nothing
+            code = "FAILED_PRECONDITION" if isinstance(exc, FailedPrecondition) else "INTERNAL"
+            log.exception("training job %s failed", job.job_id)
+            try:
+                self._update(job.job_id, state=FAILED, error_code=code,
+                             error_message=f"{type(exc).__name__}: {exc}")
+            except Exception:
+                log.exception("could not record the failure of training job %s", job.job_id)
+        finally:
+            with self._guard:
+                self._cancel.pop(job.job_id, None)
+                self._threads.pop(job.job_id, None)
+
+    def _train(self, job: JobRecord, config: Any, cancel: threading.Event) -> str | None:
+        """Train and export; the version produced, or None when cancelled."""
+        import torch
+
+        from reidal.embedding.model import load_model, load_spec
+        from reidal.embedding.triton_repo import next_version, write_model_repository
+        from reidal.training import SpCLTrainer, cache_backbone_features
+
+        assert self.repository is not None and self.load_model is not None
+        version_dir = self.repository / job.base_model_name / job.base_model_version
+        if not version_dir.is_dir():
+            raise FailedPrecondition(f"model {job.base_model_name} version "
+                                     f"{job.base_model_version} is not in the repository")
+        model = load_model(version_dir)
+        spec = load_spec(version_dir)
+        ids, images = self._images(job.collection_id)
+        answers = StoredAnswers(collection_constraints(self.store, job.collection_id, ids))
+        replayed = len(answers)
+        if cancel.is_set():
+            return None
+        with torch.no_grad():
+            features = cache_backbone_features(model, images, batch=config.embed_batch_size,
+                                               spec=spec)
+
+        def on_epoch(report: Any) -> None:
+            self._update(job.job_id, progress={
+                "epoch": report.epoch + 1, "loss": float(report.loss),
+                "clusters": int(report.n_clusters), "unclustered": int(report.n_unclustered),
+                "pairs_asked": int(report.cumulative_pairs) - replayed,
+                "answers_used": replayed,
+                "metrics": {k: float(v) for k, v in report.quality.items()}})
+
+        if replayed:
+            trainer = SpCLTrainer(config, model, spec=spec, sampler=answers)
+            result = trainer.fit(features, oracle=answers.oracle, on_epoch=on_epoch,
+                                 cancel=cancel)
+        else:
+            result = SpCLTrainer(config, model, spec=spec).fit(features, on_epoch=on_epoch,
+                                                               cancel=cancel)
+        if result.cancelled or cancel.is_set():
+            return None
+        with self._export_lock:
+            version = next_version(self.repository, job.base_model_name)
+            write_model_repository(self.repository, model_name=job.base_model_name,
+                                   version=version, model=result.model, spec=spec,
+                                   **_repository_options(self.repository, job.base_model_name))
+            self.load_model(job.base_model_name)
+        return str(version)
+
+    def _images(self, collection_id: str) -> tuple[list[str], list[Any]]:
+        """Ids and PIL images of the collection's images that are not excluded (the rows
+        sampling uses), from the bytes kept in the blob store."""
+        from PIL import Image
+
+        store = self.store
+        sources = store.image_sources(collection_id)
+        ids, out = [], []
+        for img in store.images(collection_id, include_excluded=False):
+            src = sources.get(img.image_id)
+            if src is None or src.kind != "data":
+                raise FailedPrecondition(f"image {img.image_id!r} has no kept bytes to train "
+                                         "on (training reads images added with data)")
+            ids.append(img.image_id)
+            out.append(Image.open(io.BytesIO(self.runtime.blobs.get(src.sha256))).convert("RGB"))
+        return ids, out
+
+
+def promote(runtime: Runtime, collection_id: str, model_name: str, version: str) -> Any:
+    """Start re-embedding the collection with the model version (an Operation record): the
+    new vectors are stored beside the old ones and the collection switches to the new
+    version only once all are stored (:func:`reidal.ingest.embed_missing`)."""
+    from reidal.ingest import embed_missing
+
+    if not version:
+        raise InvalidArgument("model.version is required: the version to promote")
+    col = runtime.store.get_collection(collection_id)
+    name = model_name or col.model_name
+    if not name:
+        raise InvalidArgument("model.name is required: the collection has no model yet")
+    runtime.require_embedder().model(name, version)  # NotFound / unavailable before starting
+    ops = runtime.operations
+    assert ops is not None
+    op = ops.start(collection_id, "embed_collection",
+                   lambda progress: embed_missing(runtime, collection_id, name, version,
+                                                  progress))
+    runtime.store.update_operation(op.operation_id,
+                                   result={"model_name": name, "model_version": version})
+    return runtime.store.operation(op.operation_id)
+
+
+__all__ = [
+    "CLIENT_FIELDS", "FINAL_STATES", "INTERRUPTED", "JobRecord", "StoredAnswers",
+    "TrainingJobs", "build_config", "collection_constraints", "promote", "triton_loader",
+]

@@ -1,0 +1,269 @@
+"""TrainingService over real gRPC with the real Triton: train, export, load, promote, cancel."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import grpc
+import numpy as np
+import pytest
+from _services_support import Stubs, create_and_fill, pictures, rpc_error, running_server
+
+from reidal.embedding.triton_repo import model_versions
+from reidal.store import Store
+from reidal.training_jobs import FAILED, INTERRUPTED, RUNNING
+from reidal.v1 import collections_pb2, common_pb2, training_pb2, training_pb2_grpc
+
+#: A job small enough for a test: one epoch of two steps on batches of 4 x 2 images.
+TINY = dict(epochs=1, iters_per_epoch=2, num_identities=4, num_instances=2, min_samples=2,
+            k1=6, k2=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_triton_index(triton):
+    """Triton's repository index keeps unloaded versions (state UNAVAILABLE) until it
+    restarts: restart it once after this module when a test added a version, so later
+    tests see the shared server as they would without this module."""
+    before = model_versions(triton.repo, triton.model_name)
+    touched = []
+
+    yield touched
+    if touched or model_versions(triton.repo, triton.model_name) != before:
+        triton.server.restart()
+
+
+@pytest.fixture()
+def server(triton, tmp_path, _restore_triton_index):
+    before = model_versions(triton.repo, triton.model_name)
+    with running_server(triton, tmp_path / "data", model_repository=triton.repo) as srv:
+        stubs = Stubs.connect(srv.address)
+        training = training_pb2_grpc.TrainingServiceStub(stubs.channel)
+        try:
+            yield srv, stubs, training
+        finally:
+            stubs.close()
+    # put the shared repository back: only the versions it had, Triton serving them
+    added = [v for v in model_versions(triton.repo, triton.model_name) if v not in before]
+    _restore_triton_index.extend(added)
+    for v in added:
+        shutil.rmtree(triton.repo / triton.model_name / str(v))
+    if added:
+        triton.server.load_model(triton.model_name)  # unloads the removed versions
+        assert _version_ready(triton, "1")
+        assert not any(_version_ready(triton, str(v)) for v in added)
+
+
+def _watch_to_end(training, job_id: str) -> list[training_pb2.TrainingJob]:
+    return list(training.WatchJob(training_pb2.GetJobRequest(job_id=job_id), timeout=120))
+
+
+def _version_ready(triton, version: str) -> bool:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    try:
+        return client.is_model_ready(triton.model_name, version)
+    finally:
+        client.close()
+
+
+def test_train_export_load_promote(server, triton):
+    srv, stubs, training = server
+    pics = pictures()[:16]
+    create_and_fill(stubs, "c", pics)
+    col = stubs.collections.GetCollection(collections_pb2.GetCollectionRequest(collection_id="c"))
+    old_version = col.model.version if col.HasField("model") else ""
+    old_ids, old_vectors = srv.runtime.store.get_vectors("c", triton.model_name, "1")
+
+    job = training.StartTraining(training_pb2.StartTrainingRequest(
+        collection_id="c", config=training_pb2.TrainingConfig(**TINY)), timeout=30)
+    assert job.state in (training_pb2.JOB_STATE_QUEUED, training_pb2.JOB_STATE_RUNNING)
+    updates = _watch_to_end(training, job.job_id)
+    final = updates[-1]
+    assert final.state == training_pb2.JOB_STATE_SUCCEEDED, final.error_message
+    assert final.epoch == 1 and final.epochs == 1 and np.isfinite(final.loss) and final.loss > 0
+    assert final.pairs_asked == 0
+    assert final.base_model.version == "1"
+    new_version = final.model.version
+    assert int(new_version) == max(model_versions(triton.repo, triton.model_name))
+    assert int(new_version) > 1 and _version_ready(triton, new_version)
+    listed = training.ListTrainingJobs(training_pb2.ListTrainingJobsRequest(collection_id="c"))
+    assert [j.job_id for j in listed.jobs] == [job.job_id]
+
+    op = training.PromoteModel(training_pb2.PromoteModelRequest(
+        collection_id="c", model=common_pb2.ModelRef(version=new_version)), timeout=30)
+    ops = list(stubs.collections.WatchOperation(
+        collections_pb2.GetOperationRequest(operation_id=op.operation_id), timeout=120))
+    assert ops[-1].state == collections_pb2.OPERATION_STATE_SUCCEEDED, ops[-1].error_message
+    col = stubs.collections.GetCollection(collections_pb2.GetCollectionRequest(collection_id="c"))
+    assert old_version == "1" and col.model.version == new_version
+    ids, vectors = srv.runtime.store.get_vectors("c", triton.model_name, new_version)
+    assert ids == old_ids and vectors.shape == old_vectors.shape
+    assert not np.allclose(vectors, old_vectors, atol=1e-4)  # the trained head embeds anew
+    # the old vectors were kept
+    kept_ids, kept = srv.runtime.store.get_vectors("c", triton.model_name, "1")
+    assert kept_ids == old_ids and np.array_equal(kept, old_vectors)
+
+
+def test_cancel_leaves_served_model_unchanged(server, triton):
+    srv, stubs, training = server
+    create_and_fill(stubs, "c", pictures()[:16])
+    before = model_versions(triton.repo, triton.model_name)
+    job = training.StartTraining(training_pb2.StartTrainingRequest(
+        collection_id="c", config=training_pb2.TrainingConfig(
+            **{**TINY, "epochs": 50, "iters_per_epoch": 400})), timeout=30)
+    deadline = time.monotonic() + 60
+    while training.GetJob(training_pb2.GetJobRequest(job_id=job.job_id)).state != \
+            training_pb2.JOB_STATE_RUNNING:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    cancelled = training.CancelJob(training_pb2.CancelJobRequest(job_id=job.job_id), timeout=60)
+    assert cancelled.state == training_pb2.JOB_STATE_CANCELLED
+    assert cancelled.model.version == ""
+    assert model_versions(triton.repo, triton.model_name) == before
+    col = stubs.collections.GetCollection(collections_pb2.GetCollectionRequest(collection_id="c"))
+    assert col.model.version == "1"
+
+
+@pytest.mark.parametrize("config, field", [
+    (dict(mode="sideways"), "mode"),
+    (dict(epochs=0), "epochs"),
+    (dict(num_identities=16, num_instances=4), "num_identities"),
+    (dict(lr=-1.0), "lr"),
+])
+def test_bad_configs_are_invalid_argument(server, config, field):
+    srv, stubs, training = server
+    create_and_fill(stubs, "c", pictures()[:16])
+    err = rpc_error(training.StartTraining, training_pb2.StartTrainingRequest(
+        collection_id="c", config=training_pb2.TrainingConfig(**config)), timeout=30)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in err.details()
+    assert not training.ListTrainingJobs(training_pb2.ListTrainingJobsRequest()).jobs
+
+
+def test_unknown_collection_and_job(server):
+    _srv, _stubs, training = server
+    err = rpc_error(training.StartTraining, training_pb2.StartTrainingRequest(
+        collection_id="nope", config=training_pb2.TrainingConfig(**TINY)), timeout=30)
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    err = rpc_error(training.GetJob, training_pb2.GetJobRequest(job_id="nope"), timeout=30)
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_restart_marks_interrupted_jobs_failed(tmp_path):
+    store = Store(tmp_path)
+    try:
+        store.create_collection("c", model_name="m")
+        jobs = [store.create_training_job("c", TINY, base_model_name="m", base_model_version="1")
+                for _ in range(3)]
+        running, queued, done = jobs
+        store.update_training_job(running.job_id, state=RUNNING)
+        store.update_training_job(done.job_id, state="SUCCEEDED", model_version="2")
+        assert store.fail_interrupted_training_jobs(INTERRUPTED) == 2
+        for j in (running, queued):
+            rec = store.get_training_job(j.job_id)
+            assert rec.state == FAILED and rec.error_message == INTERRUPTED
+        assert store.get_training_job(done.job_id).state == "SUCCEEDED"
+        # a final state is never left
+        store.update_training_job(done.job_id, state=RUNNING)
+        assert store.get_training_job(done.job_id).state == "SUCCEEDED"
+    finally:
+        store.close()
+
+
+def _wait_state(training, job_id: str, states, timeout: float = 90.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        job = training.GetJob(training_pb2.GetJobRequest(job_id=job_id), timeout=10)
+        if job.state in states:
+            return job
+        assert time.monotonic() < deadline, f"job stuck in {job.state}"
+        time.sleep(0.05)
+
+
+def test_job_survives_a_watcher_leaving(server, triton):
+    _srv, stubs, training = server
+    create_and_fill(stubs, "c", pictures()[:16])
+    job = training.StartTraining(training_pb2.StartTrainingRequest(
+        collection_id="c", config=training_pb2.TrainingConfig(**TINY)), timeout=30)
+    call = training.WatchJob(training_pb2.GetJobRequest(job_id=job.job_id), timeout=60)
+    assert next(call).job_id == job.job_id
+    call.cancel()
+    final = _wait_state(training, job.job_id, {training_pb2.JOB_STATE_SUCCEEDED,
+                                               training_pb2.JOB_STATE_FAILED})
+    assert final.state == training_pb2.JOB_STATE_SUCCEEDED, final.error_message
+
+
+def test_stop_and_restart_fail_the_running_job(triton, tmp_path):
+    data = tmp_path / "data"
+    with running_server(triton, data, model_repository=triton.repo) as srv:
+        stubs = Stubs.connect(srv.address)
+        training = training_pb2_grpc.TrainingServiceStub(stubs.channel)
+        create_and_fill(stubs, "c", pictures()[:16])
+        job = training.StartTraining(training_pb2.StartTrainingRequest(
+            collection_id="c", config=training_pb2.TrainingConfig(
+                **{**TINY, "epochs": 50, "iters_per_epoch": 400})), timeout=30)
+        _wait_state(training, job.job_id, {training_pb2.JOB_STATE_RUNNING})
+        stubs.close()
+    with running_server(triton, data, model_repository=triton.repo) as srv:
+        stubs = Stubs.connect(srv.address)
+        training = training_pb2_grpc.TrainingServiceStub(stubs.channel)
+        got = training.GetJob(training_pb2.GetJobRequest(job_id=job.job_id), timeout=10)
+        stubs.close()
+    assert got.state == training_pb2.JOB_STATE_FAILED
+    assert "interrupted" in got.error_message and got.model.version == ""
+
+
+def test_training_needs_the_model_repository(triton, tmp_path):
+    with running_server(triton, tmp_path / "data") as srv:
+        stubs = Stubs.connect(srv.address)
+        training = training_pb2_grpc.TrainingServiceStub(stubs.channel)
+        create_and_fill(stubs, "c", pictures()[:16])
+        err = rpc_error(training.StartTraining, training_pb2.StartTrainingRequest(
+            collection_id="c", config=training_pb2.TrainingConfig(**TINY)), timeout=30)
+        stubs.close()
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "model repository" in err.details()
+
+
+def test_stored_answers_replay_equals_the_sampling_constraints():
+    from reidal.core.constraints import Answer, ConstraintSet
+    from reidal.core.loop import ask_and_record
+    from reidal.training_jobs import StoredAnswers
+
+    rng = np.random.default_rng(3)
+    n = 12
+    answers = [Answer(int(i), int(j), bool(s), int(k)) for k, (i, j, s) in enumerate(zip(
+        rng.integers(0, n, 40), rng.integers(0, n, 40), rng.random(40) < 0.5, strict=True)) if i != j]
+    reference = ConstraintSet.from_answers(n, answers)
+    assert reference.contradictions  # the random answers contradict each other somewhere
+    assert len(reference.ml_pairs()) and len(reference.cl_pairs())
+    replay = StoredAnswers(reference)
+    built = ConstraintSet(n)
+    ask_and_record(replay, np.zeros((n, 2)), built, 1, replay.oracle, seed=0)
+    assert np.array_equal(built.ml_pairs(), reference.ml_pairs())
+    assert np.array_equal(built.cl_pairs(), reference.cl_pairs())
+    assert len(built) == len(reference) and len(replay) == len(answers)
+    again, _ = ask_and_record(replay, np.zeros((n, 2)), built, 1, replay.oracle, seed=1)
+    assert again.as_array().shape == (0, 2)  # replayed once, then nothing
+
+
+def test_job_trains_with_the_collections_answers(server, triton):
+    from _services_support import by_images
+
+    from reidal.v1 import constraints_pb2
+
+    _srv, stubs, training = server
+    pics = pictures()[:16]
+    create_and_fill(stubs, "c", pics)
+    ids = [p.image_id for p in pics]
+    stubs.constraints.SubmitConstraints(constraints_pb2.SubmitConstraintsRequest(
+        collection_id="c", answers=[by_images(ids[0], ids[1], True),
+                                    by_images(ids[2], ids[3], False),
+                                    by_images(ids[4], ids[5], None)]), timeout=30)
+    job = training.StartTraining(training_pb2.StartTrainingRequest(
+        collection_id="c", config=training_pb2.TrainingConfig(**TINY)), timeout=30)
+    final = _watch_to_end(training, job.job_id)[-1]
+    assert final.state == training_pb2.JOB_STATE_SUCCEEDED, final.error_message
+    assert final.answers_used == 2 and final.pairs_asked == 0  # UNSURE is no constraint
