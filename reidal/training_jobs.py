@@ -21,7 +21,6 @@ import io
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,59 +85,6 @@ def build_config(overrides: Mapping[str, Any], n_images: int) -> Any:
 
 
 # ------------------------------------------------------------------------ answers
-
-
-@dataclass(frozen=True)
-class _Replayed:
-    """A sampler batch of replayed answers (what the trainer reads of a SampleResult; not
-    one, since QueryPair names only the pools of real samplers)."""
-
-    pairs: Any  # int64 (m, 2)
-    reason: str
-
-    def as_array(self) -> Any:
-        return self.pairs
-
-
-class StoredAnswers:
-    """The collection's answers handed to the trainer as its first cycle's "questions".
-
-    SpCLTrainer.fit starts from an empty ConstraintSet and adds answers only through its
-    sampler and oracle, so the answers people gave so far enter training as one replayed
-    round: :meth:`sample` returns every SAME / DIFFERENT answer's pair once (then nothing),
-    :meth:`oracle` their labels. They are replayed in answer order with increasing ids, and
-    a ConstraintSet depends only on the order of the ids, so the trainer's constraints equal
-    :func:`reidal.collection_state.constraints_from_answers` of the same rows. (A
-    ``constraints=`` argument of ``fit`` would make this adapter unnecessary.)
-    """
-
-    def __init__(self, constraints: Any) -> None:
-        import numpy as np
-
-        answers = list(constraints.answers)  # ordered by answer id
-        self.pairs = np.array([(a.i, a.j) for a in answers], dtype=np.int64).reshape(-1, 2)
-        self.same = np.array([a.same for a in answers], dtype=bool)
-        self._given = False
-
-    def __len__(self) -> int:
-        return len(self.same)
-
-    def sample(self, X: Any, constraints: Any, budget: int | float, *, seed: int = 0,
-               exclude_pairs: Any = None) -> _Replayed:
-        import numpy as np
-
-        if self._given:
-            return _Replayed(np.empty((0, 2), dtype=np.int64),
-                             "no question: answers come from people between jobs")
-        self._given = True
-        return _Replayed(self.pairs, "the collection's answers so far")
-
-    def oracle(self, pairs: Any) -> Any:
-        import numpy as np
-
-        if not np.array_equal(np.asarray(pairs).reshape(-1, 2), self.pairs):
-            raise ValueError("the trainer asked about pairs nobody answered")
-        return self.same
 
 
 def collection_constraints(store: Store, collection_id: str, image_ids: list[str]) -> Any:
@@ -343,8 +289,8 @@ class TrainingJobs:
         model = load_model(version_dir)
         spec = load_spec(version_dir)
         ids, images = self._images(job.collection_id)
-        answers = StoredAnswers(collection_constraints(self.store, job.collection_id, ids))
-        replayed = len(answers)
+        answers = collection_constraints(self.store, job.collection_id, ids)
+        used = len(answers.answers)
         if cancel.is_set():
             return None
         with torch.no_grad():
@@ -355,17 +301,12 @@ class TrainingJobs:
             self._update(job.job_id, progress={
                 "epoch": report.epoch + 1, "loss": float(report.loss),
                 "clusters": int(report.n_clusters), "unclustered": int(report.n_unclustered),
-                "pairs_asked": int(report.cumulative_pairs) - replayed,
-                "answers_used": replayed,
+                "pairs_asked": int(report.cumulative_pairs),
+                "answers_used": used,
                 "metrics": {k: float(v) for k, v in report.quality.items()}})
 
-        if replayed:
-            trainer = SpCLTrainer(config, model, spec=spec, sampler=answers)
-            result = trainer.fit(features, oracle=answers.oracle, on_epoch=on_epoch,
-                                 cancel=cancel)
-        else:
-            result = SpCLTrainer(config, model, spec=spec).fit(features, on_epoch=on_epoch,
-                                                               cancel=cancel)
+        result = SpCLTrainer(config, model, spec=spec).fit(
+            features, constraints=answers, on_epoch=on_epoch, cancel=cancel)
         if result.cancelled or cancel.is_set():
             return None
         with self._export_lock:
@@ -418,6 +359,6 @@ def promote(runtime: Runtime, collection_id: str, model_name: str, version: str)
 
 
 __all__ = [
-    "CLIENT_FIELDS", "FINAL_STATES", "INTERRUPTED", "JobRecord", "StoredAnswers",
+    "CLIENT_FIELDS", "FINAL_STATES", "INTERRUPTED", "JobRecord",
     "TrainingJobs", "build_config", "collection_constraints", "promote", "triton_loader",
 ]

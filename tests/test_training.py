@@ -349,3 +349,21 @@ def test_full_mode_under_a_one_process_gloo_group(tiny_images, monkeypatch):
     assert result.world_size == 1 and result.reports[0].iterations == 1
     assert not dist.is_initialized()  # the group the trainer created is gone
     assert "RANK" in os.environ
+
+
+def test_fit_starts_from_given_constraints_without_changing_them(collection):
+    from reidal.core.constraints import Answer, ConstraintSet
+
+    model, feats, truth = collection
+    n = feats.shape[0]
+    same = [(i, j) for i in range(n) for j in range(i + 1, n) if truth[i] == truth[j]][:20]
+    given = ConstraintSet.from_answers(n, [Answer(i, j, True, k) for k, (i, j) in enumerate(same)])
+    config = TrainConfig(**SMALL, epochs=1, epochs_per_cycle=1, iters_per_epoch=2,
+                         sampler="none")
+    result = SpCLTrainer(config, model).fit(feats, constraints=given)
+    assert len(given) == len(same)  # the caller's set is untouched
+    assert len(result.constraints) == len(same)
+    for i, j in same:  # every given must-link holds in the final pseudo-labels
+        assert result.labels[i] == result.labels[j] and result.labels[i] >= 0
+    with pytest.raises(ValueError, match="constraints are for"):
+        SpCLTrainer(config, model).fit(feats, constraints=ConstraintSet(n + 1))

@@ -227,28 +227,6 @@ def test_training_needs_the_model_repository(triton, tmp_path):
     assert "model repository" in err.details()
 
 
-def test_stored_answers_replay_equals_the_sampling_constraints():
-    from reidal.core.constraints import Answer, ConstraintSet
-    from reidal.core.loop import ask_and_record
-    from reidal.training_jobs import StoredAnswers
-
-    rng = np.random.default_rng(3)
-    n = 12
-    answers = [Answer(int(i), int(j), bool(s), int(k)) for k, (i, j, s) in enumerate(zip(
-        rng.integers(0, n, 40), rng.integers(0, n, 40), rng.random(40) < 0.5, strict=True)) if i != j]
-    reference = ConstraintSet.from_answers(n, answers)
-    assert reference.contradictions  # the random answers contradict each other somewhere
-    assert len(reference.ml_pairs()) and len(reference.cl_pairs())
-    replay = StoredAnswers(reference)
-    built = ConstraintSet(n)
-    ask_and_record(replay, np.zeros((n, 2)), built, 1, replay.oracle, seed=0)
-    assert np.array_equal(built.ml_pairs(), reference.ml_pairs())
-    assert np.array_equal(built.cl_pairs(), reference.cl_pairs())
-    assert len(built) == len(reference) and len(replay) == len(answers)
-    again, _ = ask_and_record(replay, np.zeros((n, 2)), built, 1, replay.oracle, seed=1)
-    assert again.as_array().shape == (0, 2)  # replayed once, then nothing
-
-
 def test_job_trains_with_the_collections_answers(server, triton):
     from _services_support import by_images
 

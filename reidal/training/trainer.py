@@ -303,6 +303,7 @@ class SpCLTrainer:
         data: object,
         *,
         oracle: Oracle | None = None,
+        constraints: ConstraintSet | None = None,
         true_labels: object | None = None,
         eval_set: EvalSet | None = None,
         on_epoch: Callable[[EpochReport], None] | None = None,
@@ -314,6 +315,9 @@ class SpCLTrainer:
         ``data``: head mode, a (n, feature_dim) matrix of backbone features or the images
         (their features are cached first); full mode, the images (PIL images or paths).
         ``oracle``: answers pairs (bool per pair), required unless the sampler is "none".
+        ``constraints``: answers given before this run (e.g. a collection's stored answers);
+        they refine the pseudo-labels from the first epoch and are never asked again. The
+        caller's set is copied, not changed.
         ``true_labels``: only to measure pseudo-label quality in the reports, never to train.
         ``cancel``: checked before every iteration; when set, training stops there and the
         result (``cancelled=True``) holds the copy as it was; the last checkpoint stays that
@@ -335,6 +339,9 @@ class SpCLTrainer:
         if truth is not None and (truth.ndim != 1 or truth.shape[0] != n_data):
             raise ValueError(f"true_labels must be a 1-D array of length {n_data}, got shape "
                              f"{truth.shape}")
+        if constraints is not None and constraints.n_items != n_data:
+            raise ValueError(f"constraints are for {constraints.n_items} items but the data "
+                             f"has {n_data}")
         if resume and c.checkpoint_dir is None:
             raise ValueError("resume needs TrainConfig.checkpoint_dir")
         if eval_set is not None and not isinstance(eval_set, EvalSet):
@@ -348,13 +355,13 @@ class SpCLTrainer:
             if ctx.world_size > 1 and c.batch_size % ctx.world_size:
                 raise ValueError(f"batch of {c.batch_size} images does not split evenly over "
                                  f"{ctx.world_size} processes")
-            return self._fit(data, n_data, sampler, oracle, truth, eval_set, on_epoch,
-                             cancel, resume, ctx)
+            return self._fit(data, n_data, sampler, oracle, constraints, truth, eval_set,
+                             on_epoch, cancel, resume, ctx)
         finally:
             D.teardown(ctx)
 
     def _fit(self, data: object, n: int, sampler: Any, oracle: Oracle | None,
-             truth: np.ndarray | None, eval_set: EvalSet | None,
+             given: ConstraintSet | None, truth: np.ndarray | None, eval_set: EvalSet | None,
              on_epoch: Callable[[EpochReport], None] | None, cancel: threading.Event | None,
              resume: bool, ctx: D.DistContext) -> TrainResult:
         c = self.config
@@ -387,7 +394,8 @@ class SpCLTrainer:
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         memory = HybridMemory(model.dim, n, temp=c.temperature, momentum=c.momentum).to(device)
         labeler = self.make_labeler()
-        constraints = ConstraintSet(n)
+        constraints = (ConstraintSet.from_answers(n, given.answers) if given is not None
+                       else ConstraintSet(n))
         budget = resolve_budget(c.budget_per_cycle, n)
 
         def evaluate() -> dict[str, float]:
