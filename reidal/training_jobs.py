@@ -17,7 +17,6 @@ after a restart.
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -61,17 +60,28 @@ SERVER_FIXED: dict[str, Any] = {"sampler": "none", "checkpoint_dir": None, "num_
 # ------------------------------------------------------------------------ config
 
 
-def build_config(overrides: Mapping[str, Any], n_images: int) -> Any:
-    """The TrainConfig of a server job: client overrides on the head-mode defaults, the
-    server-fixed fields on top. InvalidArgument names the bad field (TrainConfig's own
-    checks, mode "full", a batch larger than the collection)."""
+def build_config(overrides: Mapping[str, Any], n_images: int,
+                 clustering: Mapping[str, Any] | None = None) -> Any:
+    """The TrainConfig of a server job: client overrides on the defaults, the server-fixed
+    fields on top. Defaults: TrainConfig's, with the small-collection head schedule
+    (:data:`reidal.training.config.HEAD_SCHEDULE`) and the collection's own DBSCAN
+    parameters (``clustering``: the stored ``params["clustering"]``), so the job's
+    pseudo-labels are the clusters the collection's sampling and identities see.
+    InvalidArgument names the bad field (TrainConfig's own checks, mode "full", a batch
+    larger than the collection)."""
     from reidal.training import TrainConfig
+    from reidal.training.config import HEAD_SCHEDULE
 
     unknown = sorted(set(overrides) - set(CLIENT_FIELDS))
     if unknown:
         raise InvalidArgument(f"unknown training config field(s) {unknown}")
+    c = dict(clustering or {})
+    from_collection = {field: c[key] for field, key in (
+        ("eps", "dbscan_eps"), ("min_samples", "min_samples"), ("k1", "k1"), ("k2", "k2"))
+        if key in c}
     try:
-        cfg = TrainConfig(**{**dict(overrides), **SERVER_FIXED})
+        cfg = TrainConfig(**{**HEAD_SCHEDULE, **from_collection, **dict(overrides),
+                             **SERVER_FIXED})
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"config: {exc}") from None
     if cfg.mode != "head":
@@ -166,18 +176,26 @@ class TrainingJobs:
     def start(self, collection_id: str, overrides: Mapping[str, Any]) -> JobRecord:
         col = self.store.get_collection(collection_id)  # NotFound first
         n_images = len(self.store.images(collection_id, include_excluded=False))
-        config = build_config(overrides, n_images)
+        config = build_config(overrides, n_images, col.params.get("clustering"))
         if self.repository is None or self.load_model is None:
             raise FailedPrecondition("training needs the model repository: start the server "
                                      "with start_triton or pass model_repository")
         name = col.model_name or self.model_name
         version = col.model_version or self._latest_version(name)
-        job = self.store.create_training_job(collection_id, config.to_dict(),
-                         base_model_name=name, base_model_version=version)
         cancel = threading.Event()
-        thread = threading.Thread(target=self._run, args=(job, config, cancel),
-                                  name=f"training-{job.job_id[:8]}", daemon=True)
+        # One job per collection at a time: two would train from the same base version and
+        # race to export; the check and the insert happen under one lock (in this process).
         with self._guard:
+            running = [j.job_id for j in self.store.list_training_jobs(collection_id)
+                       if not j.final]
+            if running:
+                raise FailedPrecondition(
+                    f"collection {collection_id!r} already has training job {running[0]} "
+                    "queued or running: wait for it or cancel it first")
+            job = self.store.create_training_job(collection_id, config.to_dict(),
+                                                 base_model_name=name, base_model_version=version)
+            thread = threading.Thread(target=self._run, args=(job, config, cancel),
+                                      name=f"training-{job.job_id[:8]}", daemon=True)
             self._cancel[job.job_id] = cancel
             self._threads[job.job_id] = thread
         thread.start()
@@ -319,19 +337,29 @@ class TrainingJobs:
 
     def _images(self, collection_id: str) -> tuple[list[str], list[Any]]:
         """Ids and PIL images of the collection's images that are not excluded (the rows
-        sampling uses), from the bytes kept in the blob store."""
-        from PIL import Image
+        sampling uses): bytes kept in the blob store, or the file an image's URI names
+        (read again now; a file gone since ingest fails the job naming the image)."""
+        from reidal.embedding.images import ImageError, decode_image
 
         store = self.store
         sources = store.image_sources(collection_id)
         ids, out = [], []
         for img in store.images(collection_id, include_excluded=False):
             src = sources.get(img.image_id)
-            if src is None or src.kind != "data":
-                raise FailedPrecondition(f"image {img.image_id!r} has no kept bytes to train "
-                                         "on (training reads images added with data)")
+            try:
+                if src is not None and src.kind == "data":
+                    pixels = decode_image(self.runtime.blobs.get(src.sha256), None,
+                                          item_id=img.image_id)
+                elif img.uri:
+                    pixels = decode_image(None, img.uri, item_id=img.image_id)
+                else:
+                    raise FailedPrecondition(f"image {img.image_id!r} has neither kept bytes "
+                                             "nor a URI to train on")
+            except ImageError as exc:
+                raise FailedPrecondition(f"cannot read image {img.image_id!r} to train on: "
+                                         f"{exc}") from None
             ids.append(img.image_id)
-            out.append(Image.open(io.BytesIO(self.runtime.blobs.get(src.sha256))).convert("RGB"))
+            out.append(pixels)
         return ids, out
 
 

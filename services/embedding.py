@@ -39,6 +39,7 @@ from reidal.embedding.images import DEFAULT_LIMITS, ImageError, ImageLimits, dec
 from reidal.embedding.preprocess import preprocess
 from reidal.embedding.spec import DEFAULT_MODEL_NAME, ModelSpec
 from reidal.embedding.triton_client import (
+    EmbedResult,
     ModelInfo,
     ModelNotFound,
     TritonEmbedder,
@@ -113,7 +114,10 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     triton_url: ``host:port`` of Triton's gRPC endpoint. default_model: the model used when a
     request names none. spec_overrides: model name -> :class:`ModelSpec` to use instead of
     the one in the model's Triton config. batch_size: images decoded, preprocessed and sent
-    to Triton at a time (the client splits further if the model's max_batch_size is smaller).
+    at a time (memory stays bounded by it). infer_batch: images per Triton call; calls are
+    pipelined (one in flight while the next sub-batch is decoded and preprocessed), so on a
+    CPU the decoding overlaps inference (the client splits further if the model's
+    max_batch_size is smaller); default min(8, batch_size).
     limits: what an image may be. decode_workers: threads decoding images in parallel (Pillow
     releases the GIL while decoding). triton_timeout_s: bound of one Triton call.
     max_images: most images per request.
@@ -126,6 +130,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         spec_overrides: Mapping[str, ModelSpec] | None = None,
         batch_size: int = 32,
         *,
+        infer_batch: int | None = None,
         limits: ImageLimits = DEFAULT_LIMITS,
         decode_workers: int = 2,
         triton_timeout_s: float = 30.0,
@@ -136,6 +141,11 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             raise ValueError("default_model must be a non-empty Triton model name")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if infer_batch is None:
+            infer_batch = min(8, batch_size)
+        if not 1 <= infer_batch <= batch_size:
+            raise ValueError(f"infer_batch must be in [1, batch_size={batch_size}], "
+                             f"got {infer_batch}")
         if decode_workers < 1:
             raise ValueError(f"decode_workers must be >= 1, got {decode_workers}")
         if max_images < 1:
@@ -147,6 +157,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         self.triton_url = triton_url
         self.default_model = default_model
         self.batch_size = batch_size
+        self.infer_batch = infer_batch
         self.limits = limits
         self.max_images = max_images
         self._overrides = overrides
@@ -157,6 +168,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         # A short timeout for health probes: a blackholed Triton must not stall the prober.
         self._probe = TritonEmbedder(triton_url, timeout_s=probe_timeout_s)
         self._pool = futures.ThreadPoolExecutor(decode_workers, thread_name_prefix="reidal-decode")
+        self._infer_pool = futures.ThreadPoolExecutor(1, thread_name_prefix="reidal-infer")
 
     # ------------------------------------------------------------------ lifecycle
     def binding(self) -> ServiceBinding:
@@ -178,6 +190,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._infer_pool.shutdown(wait=False, cancel_futures=True)
         self._triton.close()
         self._probe.close()
 
@@ -199,36 +212,59 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         ids = [it.id for it in items]
         parts: list[np.ndarray] = []
         problems: list[ImageError] = []
-        served_version = version
-        for start in range(0, len(items), self.batch_size):
-            _check_deadline(deadline, f"after {start} of {len(items)} images")
-            if is_active is not None and not is_active():
-                raise Cancelled(f"the caller cancelled after {start} of {len(items)} images")
-            chunk = items[start:start + self.batch_size]
-            decoded = list(self._pool.map(self._decode, chunk))
-            bad = [d for d in decoded if isinstance(d, ImageError)]
-            if bad or problems:
-                problems.extend(bad)  # keep decoding: the error must name every bad image
-                continue
-            batch = preprocess(decoded, spec)
-            del decoded
-            _check_deadline(deadline, f"after {start} of {len(items)} images")
-            tic = time.perf_counter()
-            try:
-                result = self._triton.embed(batch, model=name, version=served_version)
-            except ValueError as exc:  # the spec's tensor shape disagrees with the model
-                raise errors.FailedPrecondition(
-                    f"model {name!r}: the preprocessing spec does not fit the model in "
-                    f"Triton: {exc}") from None
-            _TRITON_SECONDS.labels(name).observe(time.perf_counter() - tic)
-            served_version = result.model_version
-            parts.append(result.vectors)
+        served = [version]  # pinned by the first Triton answer: one result, one version
+        in_flight: futures.Future | None = None
+
+        def collect() -> None:
+            nonlocal in_flight
+            if in_flight is not None:
+                result = in_flight.result()
+                in_flight = None
+                served[0] = result.model_version
+                parts.append(result.vectors)
+
+        try:
+            for start in range(0, len(items), self.batch_size):
+                _check_deadline(deadline, f"after {start} of {len(items)} images")
+                if is_active is not None and not is_active():
+                    raise Cancelled(f"the caller cancelled after {start} of {len(items)} images")
+                chunk = items[start:start + self.batch_size]
+                pending = [self._pool.submit(self._decode, it) for it in chunk]
+                # Pipelined: while Triton runs one sub-batch, the next is decoded and
+                # preprocessed; at most one Triton call is in flight, so every call after
+                # the first goes to the version that answered the first.
+                for s in range(0, len(chunk), self.infer_batch):
+                    decoded = [f.result() for f in pending[s:s + self.infer_batch]]
+                    bad = [d for d in decoded if isinstance(d, ImageError)]
+                    if bad or problems:
+                        problems.extend(bad)  # keep decoding: the error must name every one
+                        continue
+                    batch = preprocess(decoded, spec)
+                    del decoded
+                    collect()
+                    _check_deadline(deadline, f"after {start + s} of {len(items)} images")
+                    in_flight = self._infer_pool.submit(self._infer, batch, name, served[0])
+            collect()
+        finally:
+            if in_flight is not None:
+                in_flight.cancel()
         if problems:
             _REJECTED.inc(len(problems))
             raise BadImages(problems, len(items))
         vectors = np.concatenate(parts, axis=0)
         _IMAGES.labels(name).inc(len(items))
-        return Embedded(ids, vectors, name, served_version)
+        return Embedded(ids, vectors, name, served[0])
+
+    def _infer(self, batch: np.ndarray, name: str, version: str) -> EmbedResult:
+        tic = time.perf_counter()
+        try:
+            result = self._triton.embed(batch, model=name, version=version)
+        except ValueError as exc:  # the spec's tensor shape disagrees with the model
+            raise errors.FailedPrecondition(
+                f"model {name!r}: the preprocessing spec does not fit the model in "
+                f"Triton: {exc}") from None
+        _TRITON_SECONDS.labels(name).observe(time.perf_counter() - tic)
+        return result
 
     def models(self) -> list[ModelInfo]:
         return self._triton.list_models()

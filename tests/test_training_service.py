@@ -118,6 +118,10 @@ def test_cancel_leaves_served_model_unchanged(server, triton):
             training_pb2.JOB_STATE_RUNNING:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    # one job per collection at a time
+    err = rpc_error(training.StartTraining, training_pb2.StartTrainingRequest(
+        collection_id="c", config=training_pb2.TrainingConfig(**TINY)), timeout=30)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and job.job_id in err.details()
     cancelled = training.CancelJob(training_pb2.CancelJobRequest(job_id=job.job_id), timeout=60)
     assert cancelled.state == training_pb2.JOB_STATE_CANCELLED
     assert cancelled.model.version == ""
@@ -245,3 +249,42 @@ def test_job_trains_with_the_collections_answers(server, triton):
     final = _watch_to_end(training, job.job_id)[-1]
     assert final.state == training_pb2.JOB_STATE_SUCCEEDED, final.error_message
     assert final.answers_used == 2 and final.pairs_asked == 0  # UNSURE is no constraint
+
+
+def test_job_trains_on_images_added_by_uri(server, triton, tmp_path):
+    _srv, stubs, training = server
+    pics = pictures()[:16]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in pics:
+        (folder / f"{p.image_id}.png").write_bytes(p.png)
+    stubs.collections.CreateCollection(collections_pb2.CreateCollectionRequest(
+        collection_id="u"), timeout=30)
+    stubs.collections.AddImages(iter([collections_pb2.AddImagesRequest(
+        collection_id="u", images=[collections_pb2.IngestImage(image=common_pb2.Image(
+            id=p.image_id, uri=str(folder / f"{p.image_id}.png"))) for p in pics])]),
+        timeout=120)
+    job = training.StartTraining(training_pb2.StartTrainingRequest(
+        collection_id="u", config=training_pb2.TrainingConfig(**TINY)), timeout=30)
+    final = _watch_to_end(training, job.job_id)[-1]
+    assert final.state == training_pb2.JOB_STATE_SUCCEEDED, final.error_message
+    # a file gone since ingest fails the next job with a message naming the image
+    (folder / f"{pics[3].image_id}.png").unlink()
+    job = training.StartTraining(training_pb2.StartTrainingRequest(
+        collection_id="u", config=training_pb2.TrainingConfig(**TINY)), timeout=30)
+    final = _watch_to_end(training, job.job_id)[-1]
+    assert final.state == training_pb2.JOB_STATE_FAILED
+    assert final.error_code == "FAILED_PRECONDITION" and pics[3].image_id in final.error_message
+
+
+def test_server_job_defaults_follow_the_collection_and_head_schedule():
+    from reidal.training.config import HEAD_SCHEDULE
+    from reidal.training_jobs import build_config
+
+    cfg = build_config({}, 100, {"dbscan_eps": 0.55, "min_samples": 3, "k1": 8, "k2": 2})
+    assert (cfg.eps, cfg.min_samples, cfg.k1, cfg.k2) == (0.55, 3, 8, 2)
+    assert all(getattr(cfg, k) == v for k, v in HEAD_SCHEDULE.items())
+    assert cfg.sampler == "none" and cfg.mode == "head"
+    # the client's values win over both
+    cfg = build_config({"lr": 3e-4, "k1": 12}, 100, {"k1": 8})
+    assert cfg.lr == 3e-4 and cfg.k1 == 12
