@@ -7,12 +7,18 @@
     reidal answer COLLECTION (--csv answers.csv | --interactive)
     reidal identities COLLECTION [--csv identities.csv]
     reidal demo
+    reidal bench [--dataset CSV_OR_NAME ...] [--methods ...] [--budget 0.5%x5] [--quick]
+    reidal health [--address HOST:PORT] [--service NAME]
+    reidal triton [--model-repository DIR]
+    reidal token create --name NAME --collections a,b [--role reader|annotator|admin]
 
 Every client command talks to ``--server host:port`` (default: $REIDAL_SERVER, else
 127.0.0.1:50051) through :class:`reidal_client.ReidalClient`, so it gets the client's
 deadlines and retries. A failure prints the server's message (``error: NOT_FOUND: ...``)
 on stderr and exits 1, without a traceback (set REIDAL_DEBUG=1 to see it); a usage error
-exits 2.
+exits 2. Against a server with TLS, pass ``--tls-ca`` (and ``--tls-cert/--tls-key`` for
+mutual TLS); with access tokens, put the token in $REIDAL_TOKEN or a file given by
+``--token-file`` (never on the command line, where ``ps`` shows it).
 """
 
 from __future__ import annotations
@@ -27,10 +33,18 @@ from typing import Any
 
 #: Environment variable naming the server of the client commands.
 SERVER_ENV = "REIDAL_SERVER"
+#: Environment variables holding the access token of the client commands, and of a
+#: collections service for its separate embedding service.
+TOKEN_ENV = "REIDAL_TOKEN"
+EMBEDDING_TOKEN_ENV = "REIDAL_EMBEDDING_TOKEN"
 #: Set (to anything) to get the traceback of a failed command instead of one line.
 DEBUG_ENV = "REIDAL_DEBUG"
+#: Environment variable with the PostgreSQL URL of `reidal serve` (as --database-url).
+DATABASE_URL_ENV = "REIDAL_DATABASE_URL"
 DEFAULT_SERVER = "127.0.0.1:50051"
 DEFAULT_PORT = 50051
+#: Port of the pair-review web page of `reidal serve` (--http-port).
+DEFAULT_HTTP_PORT = 8080
 #: Files `reidal ingest FOLDER` picks up (what the embedding service decodes).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 #: Columns of `reidal pairs --out`; `reidal answer --csv` reads the same file back.
@@ -70,10 +84,38 @@ def _cell(v: Any) -> str:
 def _client(args: argparse.Namespace) -> Any:
     from reidal_client import ReidalClient
 
-    return ReidalClient(args.server, timeout_s=args.timeout, retries=args.retries)
+    return ReidalClient(args.server, timeout_s=args.timeout, retries=args.retries,
+                        tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                        tls_key=args.tls_key, token=_token(args))
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The access token: --token-file, else $REIDAL_TOKEN, else none."""
+    if args.token_file:
+        text = Path(args.token_file).read_text(encoding="utf-8").strip()
+        if not text:
+            raise CliError(f"token file {args.token_file} is empty")
+        return text
+    return os.environ.get(TOKEN_ENV, "").strip() or None
 
 
 # --------------------------------------------------------------------------- serve
+
+
+def _review_port(args: argparse.Namespace) -> int | None:
+    """The review page's port: --http-port, unless --no-http, the served services lack
+    what the page calls (collections, sampling, constraints), or the gRPC port wants TLS or
+    tokens, which the page does not present yet (reidal.web.start_review_http has the hook)."""
+    from reidal.serve import resolve_services
+
+    if args.no_http or not {"collections", "sampling", "constraints"} <= set(
+            resolve_services(args.service)):
+        return None
+    if getattr(args, "tls_cert", None) or getattr(args, "auth_tokens", None):
+        print("review page off: it cannot call a gRPC port with TLS or tokens yet",
+              file=sys.stderr)
+        return None
+    return args.http_port
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -84,18 +126,99 @@ def _serve(args: argparse.Namespace) -> int:
     start_triton = args.triton_url is None and args.embedding_url is None
     try:
         server = serve(args.service, address=f"{args.host}:{args.port}", data_dir=args.data_dir,
+                       database_url=args.database_url or None,
                        triton_url=args.triton_url, start_triton=start_triton,
                        embedding_url=args.embedding_url,
                        **({"model_name": args.model} if args.model else {}),
-                       metrics_port=args.metrics_port, max_workers=args.workers)
+                       metrics_port=args.metrics_port, max_workers=args.workers,
+                       max_message_mb=args.max_message_mb, tls_cert=args.tls_cert,
+                       tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                       auth_tokens=args.auth_tokens, **_embedding_channel(args),
+                       model_repository=args.model_repository,
+                       http_port=_review_port(args))
     except RuntimeError as exc:
         raise CliError(str(exc)) from None
     services = ", ".join(server.services)
     _out(f"reidal serving {services} on {server.address}"
          + (f" (Triton {server.triton_url})" if server.triton_url else "")
-         + (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""))
+         + (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else "")
+         + (f", review page {server.http_url}" if server.http_url else ""))
     server.serve_forever(grace=args.grace)
     _out("reidal stopped")
+    return 0
+
+
+def _embedding_channel(args: argparse.Namespace) -> dict[str, Any]:
+    """TLS and token of the channel to a separate embedding service (--embedding-url)."""
+    out: dict[str, Any] = {
+        "embedding_token": os.environ.get(EMBEDDING_TOKEN_ENV, "").strip() or None}
+    if args.embedding_tls_ca or args.embedding_tls_cert or args.embedding_tls_key:
+        from reidal.tls import channel_credentials
+
+        out["embedding_credentials"] = channel_credentials(
+            args.embedding_tls_ca, args.embedding_tls_cert, args.embedding_tls_key)
+    return out
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    from reidal.auth import ALL_COLLECTIONS, add_entry, create_token
+
+    cols = [c.strip() for c in args.collections.split(",") if c.strip()]
+    token, entry = create_token(args.name, ALL_COLLECTIONS if cols == [ALL_COLLECTIONS] else cols,
+                                role=args.role, annotator=args.annotator)
+    if args.tokens_file:
+        add_entry(args.tokens_file, entry)
+        _out(token)
+        print(f"added {entry.name!r} to {args.tokens_file}; the token above is shown only "
+              "once", file=sys.stderr, flush=True)
+    else:
+        import json
+
+        _out(token)
+        _out(json.dumps(entry.to_json()))
+        print("line 1: the token (shown only once; give it to its user); line 2: the entry "
+              "to add to the tokens file's \"tokens\" list", file=sys.stderr, flush=True)
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    from reidal.health_probe import run
+
+    return run(args)
+
+
+def _triton(args: argparse.Namespace) -> int:
+    """The Triton bundled in nvidia-pytriton as a process of its own (a Kubernetes pod on a
+    CPU cluster), on fixed ports, with the default model written into the repository once."""
+    import signal
+    import threading
+
+    from reidal.embedding.triton_repo import write_model_repository
+    from reidal.embedding.triton_server import TritonServer
+
+    repo = Path(args.model_repository)
+    if not (repo / args.model / "config.pbtxt").exists():
+        write_model_repository(repo, model_name=args.model)
+    server = TritonServer(repo, models=[args.model], workdir=args.workdir, host=args.host,
+                          grpc_port=args.grpc_port, http_port=args.http_port,
+                          metrics_port=args.metrics_port,
+                          startup_timeout_s=args.startup_timeout)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        server.start()
+    except RuntimeError as exc:
+        raise CliError(str(exc)) from None
+    _out(f"Triton serving {args.model} from {repo}: gRPC {server.grpc_url}, HTTP "
+         f"{server.http_url}, metrics {server.metrics_url}; log {server.log_path}")
+    while not stop.wait(2.0):
+        if not server.running:
+            print(f"error: tritonserver exited; end of its log:\n{server.log_tail()}",
+                  file=sys.stderr, flush=True)
+            return 1
+    server.stop()
+    _out("Triton stopped")
     return 0
 
 
@@ -407,6 +530,8 @@ def _image_filter(ids: Sequence[str]) -> Any:
 def _answer(args: argparse.Namespace) -> int:
     if bool(args.csv) == bool(args.interactive):
         raise CliError("give --csv answers.csv or --interactive (one of them)")
+    if args.annotator is None:  # with a token the server records the token's annotator
+        args.annotator = "" if _token(args) else os.environ.get("USER", "")
     with _client(args) as client:
         if args.interactive:
             return _interactive(args, client)
@@ -456,7 +581,8 @@ def _demo(args: argparse.Namespace) -> int:
     from reidal_client import parse_budget
 
     run_demo(args.out, cycles=args.cycles, budget_per_cycle=parse_budget(args.budget),
-             seed=args.seed, n_individuals=args.individuals, dataset_csv=args.dataset)
+             seed=args.seed, n_individuals=args.individuals, dataset_csv=args.dataset,
+             train=not args.no_train)
     return 0
 
 
@@ -473,11 +599,21 @@ def _client_options() -> argparse.ArgumentParser:
                    help="deadline of each call in seconds (default: %(default)s)")
     g.add_argument("--retries", type=int, default=5,
                    help="retries when the server is unavailable (default: %(default)s)")
+    g.add_argument("--tls", action="store_true",
+                   help="use TLS, trusting the system's CAs (implied by --tls-ca)")
+    g.add_argument("--tls-ca", default=None, metavar="PEM",
+                   help="CA certificate(s) that signed the server's certificate (enables TLS)")
+    g.add_argument("--tls-cert", default=None, metavar="PEM",
+                   help="client certificate, for a server requiring mutual TLS")
+    g.add_argument("--tls-key", default=None, metavar="PEM", help="the client certificate's key")
+    g.add_argument("--token-file", default=None, metavar="FILE",
+                   help=f"file holding the access token (default: ${TOKEN_ENV})")
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     from reidal.demo import DEMO_BUDGET_PER_CYCLE
+    from reidal.embedding.spec import DEFAULT_MODEL_NAME
     from reidal.serve import SERVICES
 
     parser = argparse.ArgumentParser(
@@ -501,19 +637,79 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", default="reidal-data",
                        help="durable state: SQLite, image blobs, model repository "
                             "(default: %(default)s)")
+    serve.add_argument("--database-url", default=os.environ.get(DATABASE_URL_ENV, ""),
+                       metavar="URL",
+                       help="keep the store in PostgreSQL (postgresql://user:pass@host:5432/db; "
+                            f"default: ${DATABASE_URL_ENV}) instead of SQLite in --data-dir, "
+                            "so replicas can share it; blobs stay in --data-dir")
     serve.add_argument("--triton-url", default=None, metavar="HOST:PORT",
                        help="an already running Triton's gRPC endpoint")
     serve.add_argument("--embedding-url", default=None, metavar="HOST:PORT",
                        help="a separate reidal embedding service to embed with")
     serve.add_argument("--model", default=None, help="default embedding model name")
+    serve.add_argument("--model-repository", default=None, metavar="DIR",
+                       help="with --triton-url: that Triton's model repository (a shared "
+                            "volume), where training writes new model versions")
     serve.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus /metrics on this port (default: none)")
+    serve.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
+                       help="serve the pair-review web page on this port, on the --host "
+                            "interface (default: %(default)s; 0 = any free port)")
+    serve.add_argument("--no-http", action="store_true",
+                       help="do not serve the pair-review web page")
     serve.add_argument("--workers", type=int, default=16, help="gRPC handler threads")
     serve.add_argument("--grace", type=float, default=30.0,
                        help="seconds calls in flight get on SIGTERM (default: %(default)s)")
+    serve.add_argument("--max-message-mb", type=float, default=64.0, metavar="MB",
+                       help="largest gRPC message either way (default: %(default)s)")
+    serve.add_argument("--tls-cert", default=None, metavar="PEM",
+                       help="serve TLS with this certificate chain (needs --tls-key)")
+    serve.add_argument("--tls-key", default=None, metavar="PEM",
+                       help="the certificate's private key")
+    serve.add_argument("--tls-client-ca", default=None, metavar="PEM",
+                       help="require client certificates signed by this CA (mutual TLS)")
+    serve.add_argument("--auth-tokens", default=None, metavar="JSON",
+                       help="tokens file: every call needs a token allowed for its "
+                            "collection (see `reidal token create`; docs/security.md)")
+    serve.add_argument("--embedding-tls-ca", default=None, metavar="PEM",
+                       help="with --embedding-url: TLS to it, trusting this CA")
+    serve.add_argument("--embedding-tls-cert", default=None, metavar="PEM",
+                       help="with --embedding-url: client certificate for mutual TLS")
+    serve.add_argument("--embedding-tls-key", default=None, metavar="PEM",
+                       help="with --embedding-url: the client certificate's key (its token: "
+                            f"${EMBEDDING_TOKEN_ENV})")
     serve.add_argument("--log-json", action="store_true", help="JSON log lines")
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(func=_serve)
+
+    health = sub.add_parser(
+        "health", help="check a server's grpc.health.v1 status (exit 0 when SERVING)",
+        description="One health check, for scripts and container probes (a probe every few "
+                    "seconds should run `python -m reidal.health_probe`, the same check "
+                    "without the CLI's start-up cost).")
+    from reidal.health_probe import add_arguments as health_arguments
+
+    health_arguments(health)
+    health.set_defaults(func=_health)
+
+    triton = sub.add_parser(
+        "triton", help="run the bundled CPU Triton on fixed ports (a pod of its own)",
+        description="Run the Triton server bundled in nvidia-pytriton on a model repository "
+                    "(the default model is written into it when missing) until SIGTERM. "
+                    "Point `reidal serve --triton-url` at its gRPC port.")
+    triton.add_argument("--model-repository", default="model_repository", metavar="DIR",
+                        help="the repository (default: %(default)s)")
+    triton.add_argument("--model", default=DEFAULT_MODEL_NAME,
+                        help="model to load at start (default: %(default)s)")
+    triton.add_argument("--host", default="127.0.0.1",
+                        help="interface to listen on (default: %(default)s; 0.0.0.0 for all)")
+    triton.add_argument("--grpc-port", type=int, default=8001)
+    triton.add_argument("--http-port", type=int, default=8000)
+    triton.add_argument("--metrics-port", type=int, default=8002)
+    triton.add_argument("--workdir", default=None, metavar="DIR",
+                        help="log and backend folder (default: a temporary folder)")
+    triton.add_argument("--startup-timeout", type=float, default=180.0, metavar="S")
+    triton.set_defaults(func=_triton)
 
     col = sub.add_parser("collection", help="create, list, show or delete collections")
     csub = col.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -592,8 +788,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --interactive: pairs to ask")
     answer.add_argument("--skip-pending", action="store_true",
                         help="with --interactive: leave out pairs pending in other batches")
-    answer.add_argument("--annotator", default=os.environ.get("USER", ""),
-                        help="annotator id recorded with the answers (default: $USER)")
+    answer.add_argument("--annotator", default=None,
+                        help="annotator id recorded with the answers (default: $USER; with "
+                             "a token: the token's annotator, filled in by the server)")
     answer.add_argument("--request-id", default=None,
                         help="idempotency key (default: a fresh UUID)")
     answer.set_defaults(func=_answer)
@@ -622,18 +819,56 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dataset", default=None, metavar="CSV",
                       help="run on a WildlifeDatasets metadata CSV (image_id, identity, path) "
                            "instead of the generated collection")
+    demo.add_argument("--no-train", action="store_true",
+                      help="skip the last step (train on the answers, promote, re-measure)")
     demo.set_defaults(func=_demo)
+
+    from reidal.benchmark.runner import add_bench_arguments, bench_command
+
+    bench = sub.add_parser(
+        "bench", help="AAS against its baselines on a dataset (the paper's Table 1, Figure 3)",
+        description="Train every method (zero-shot, supervised skyline, SpCL alone, SpCL + "
+                    "random / uncertainty / NIS / AAS pairs) on each dataset for each seed "
+                    "under one schedule and per-cycle budget, resumably; write results.csv, "
+                    "summary.md (means, Wilcoxon tests) and PNG plots. No server needed.")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=bench_command)
+
+    from reidal.cli_training import add_train_parser
+
+    add_train_parser(sub, client)
+
+    tok = sub.add_parser("token", help="access tokens for a server run with --auth-tokens")
+    tsub = tok.add_subparsers(dest="action", required=True, metavar="ACTION")
+    tcreate = tsub.add_parser(
+        "create", help="make a new random token and its tokens-file entry",
+        description="Print a new token (once: only its SHA-256 is stored) and the entry for "
+                    "the server's tokens file, or add the entry to --tokens-file. The "
+                    "server reads the file again when it changes.")
+    tcreate.add_argument("--name", required=True,
+                         help="who or what holds the token (logged; the default annotator)")
+    tcreate.add_argument("--collections", required=True, metavar="ID[,ID...]|*",
+                         help="collections it may use, comma-separated, or * for all")
+    tcreate.add_argument("--role", default="annotator", choices=["reader", "annotator", "admin"],
+                         help="reader: read only; annotator: also pairs and answers; admin: "
+                              "also create, delete, ingest, train (default: %(default)s)")
+    tcreate.add_argument("--annotator", default="",
+                         help="record every answer of this token under this name (enforced)")
+    tcreate.add_argument("--tokens-file", default=None, metavar="JSON",
+                         help="add the entry to this tokens file (created when missing)")
+    tcreate.set_defaults(func=_token_create)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns its exit status (0 ok, 1 failed, 2 usage, 130 interrupted)."""
-    args = build_parser().parse_args(argv)
+def run_command(args: argparse.Namespace, expected: tuple[type[BaseException], ...] = ()) -> int:
+    """Run ``args.func``; the exit status (0 ok, 1 failed, 130 interrupted). A client
+    error, a CliError, a ValueError, an OSError or one of ``expected`` prints one line (the
+    traceback with $REIDAL_DEBUG set). Shared by every reidal command-line program."""
     from reidal_client import ReidalClientError
 
     try:
         return int(args.func(args) or 0)
-    except (ReidalClientError, CliError, ValueError, OSError) as exc:
+    except (ReidalClientError, CliError, ValueError, OSError, *expected) as exc:
         if os.environ.get(DEBUG_ENV):
             raise
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -641,6 +876,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status (0 ok, 1 failed, 2 usage, 130 interrupted)."""
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,9 +14,15 @@ CPU); the demo is then only a client (:class:`reidal_client.ReidalClient` on loo
 Retrieval (mAP / Top-1 under the open-set protocol) needs vectors, which the collection
 API does not return; they come from the EmbeddingService of the same server for the same
 images and the collection's pinned model version (so they are the vectors the sampling
-used), recomputed only when the collection's model version changes. Nothing retrains the
-model here (that is the training service's job), so retrieval stays that of the
-pretrained model. The run ends with a table of the cycles, written as CSV and as a PNG.
+used), recomputed only when the collection's model version changes.
+
+4. then (unless ``train=False``) the loop closes through the TrainingService: StartTraining
+   trains the embedding head on the collection's images and every answer given (server
+   defaults), WatchJob follows it epoch by epoch, PromoteModel re-embeds the collection with
+   the new model version Triton now serves, and retrieval and identities are measured again.
+
+The run ends with a table of the cycles, written as CSV and as a PNG, and ``training.csv``
+(before / after training) when it trained.
 """
 
 from __future__ import annotations
@@ -68,6 +74,9 @@ class DemoResult:
     csv_path: Path
     png_path: Path
     server_address: str = ""
+    #: Before / after the training step (None when the demo did not train): mAP, top1, f1,
+    #: ari, model version, seconds.
+    training: dict[str, Any] | None = None
 
 
 def _say(msg: str) -> None:
@@ -94,17 +103,26 @@ def _budget_text(budget: float | int, n_pairs: int) -> str:
 
 def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
              budget_per_cycle: float | int = DEMO_BUDGET_PER_CYCLE, seed: int = 0,
-             n_individuals: int | None = None, dataset_csv: str | Path | None = None
-             ) -> DemoResult:
+             n_individuals: int | None = None, dataset_csv: str | Path | None = None,
+             train: bool = True) -> DemoResult:
     """Run the demo; with ``dataset_csv`` (WildlifeDatasets layout) on that data instead of
-    the generated collection. Output lands in ``out_dir``; the server's state in
-    ``out_dir/server`` (its model repository is reused by the next run)."""
+    the generated collection; ``train``: end with the training step. Output lands in
+    ``out_dir``; the server's state in ``out_dir/server`` (its model repository is reused
+    by the next run; the collection always starts from the pretrained version 1)."""
     from reidal.core.evaluation import clustering_quality, evaluate_open_set, open_set_split
     from reidal.core.oracle import SimulatedOracle
     from reidal.data.synthetic_images import SyntheticConfig, generate_dataset
     from reidal.data.wildlife import load_wildlife_csv
+    from reidal.embedding.spec import DEFAULT_MODEL_NAME
     from reidal.serve import serve
-    from reidal_client import Answer, ClusteringParams, NotFound, ReidalClient, SamplingParams
+    from reidal_client import (
+        Answer,
+        ClusteringParams,
+        ModelRef,
+        NotFound,
+        ReidalClient,
+        SamplingParams,
+    )
     from reidal_client.progress import TextProgress
 
     if int(cycles) < 1:
@@ -116,10 +134,10 @@ def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
 
     t = time.perf_counter()
     if dataset_csv is not None:
-        _say(f"[1/6] loading the collection {dataset_csv}")
+        _say(f"[1/7] loading the collection {dataset_csv}")
         dataset = load_wildlife_csv(dataset_csv)
     else:
-        _say(f"[1/6] generating the synthetic collection ({config.n_individuals} individuals) "
+        _say(f"[1/7] generating the synthetic collection ({config.n_individuals} individuals) "
              f"in {out / 'collection'}")
         dataset = load_wildlife_csv(generate_dataset(config, out / "collection"))
     image_ids = [str(i) for i in dataset.image_ids]
@@ -128,7 +146,7 @@ def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
     _say(f"  {n} images of {len(dataset.identity_names)} individuals "
          f"({time.perf_counter() - t:.1f} s)")
 
-    _say("[2/6] starting the all-in-one reidal server (bundled Triton on CPU, default model)")
+    _say("[2/7] starting the all-in-one reidal server (bundled Triton on CPU, default model)")
     t = time.perf_counter()
     server = serve("all", data_dir=out / "server", start_triton=True)
     try:
@@ -136,7 +154,7 @@ def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
              f"{server.triton_url} ({time.perf_counter() - t:.1f} s)")
         with ReidalClient(server.address, timeout_s=600.0) as client:
             cid = DEMO_COLLECTION
-            _say(f"[3/6] collection {cid!r}: CreateCollection (k1={DEMO_K1}, k2={DEMO_K2}, "
+            _say(f"[3/7] collection {cid!r}: CreateCollection (k1={DEMO_K1}, k2={DEMO_K2}, "
                  f"min_samples={DEMO_MIN_SAMPLES}), then AddImages through the "
                  "CollectionService (embedded on arrival)")
             try:
@@ -149,7 +167,9 @@ def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
                 if species is not None else "",
                 clustering=ClusteringParams(k1=DEMO_K1, k2=DEMO_K2,
                                             min_samples=DEMO_MIN_SAMPLES),
-                sampling=SamplingParams(seed=seed))
+                sampling=SamplingParams(seed=seed),
+                # version 1 is the pretrained model; a previous run's training added others
+                model=ModelRef(DEFAULT_MODEL_NAME, "1"))
             t = time.perf_counter()
             bar = TextProgress("  ingest", stream=sys.stdout)
             added = client.add_images(
@@ -171,7 +191,7 @@ def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
                                        seed=seed)
                 return evaluate_open_set(X, dataset.identities, split)
 
-            _say(f"[4/6] retrieval: embedding through reidal's EmbeddingService the same "
+            _say(f"[4/7] retrieval: embedding through reidal's EmbeddingService the same "
                  f"images with the collection's model version {model} (the collection API "
                  "does not return vectors)")
             t = time.perf_counter()
@@ -183,7 +203,7 @@ def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
                  f"gallery; {time.perf_counter() - t:.1f} s)")
 
             n_pairs = n * (n - 1) // 2
-            _say(f"[5/6] {cycles} active-learning cycles over gRPC: GetQueryPairs (AAS) -> "
+            _say(f"[5/7] {cycles} active-learning cycles over gRPC: GetQueryPairs (AAS) -> "
                  f"simulated annotator -> SubmitConstraints -> GetIdentities (NP3); budget "
                  f"{_budget_text(budget_per_cycle, n_pairs)} per cycle")
             oracle = SimulatedOracle(labels, seed=seed)
@@ -224,15 +244,68 @@ def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
                      f"pairs), {report.contradictions} contradictions, F1 {quality['f1']:.3f}, "
                      f"ARI {quality['ari']:.3f}, mAP {100 * r['mAP']:.1f} %, Top-1 "
                      f"{100 * r['top1']:.1f} % ({report.seconds:.1f} s; {report.reason})")
+            trained = None
+            if train:
+                last = reports[-1]  # cycles >= 1
+                before = {"mAP": last.retrieval["mAP"], "top1": last.retrieval["top1"],
+                          "f1": last.quality["f1"], "ari": last.quality["ari"]}
+                trained = _train_and_promote(client, cid, image_ids, labels, retrieval, before)
     finally:
         server.stop(grace=5)
 
-    _say(f"[6/6] {len(reports)} cycles (pseudo-labels vs ground truth; retrieval open-set)")
+    _say(f"[7/7] {len(reports)} cycles (pseudo-labels vs ground truth; retrieval open-set)")
     for line in format_table(reports, initial):
         _say("  " + line)
     csv_path, png_path = write_table(out, reports, initial, zero_shot)
     _say(f"table: {csv_path}\nplot:  {png_path}")
-    return DemoResult(reports, zero_shot, initial, csv_path, png_path, server.address)
+    if trained is not None:
+        _say(f"training: {out / 'training.csv'}")
+        with (out / "training.csv").open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["stage", "model_version", "mAP", "top1", "f1", "ari"])
+            for stage in ("before", "after"):
+                row = trained[stage]
+                w.writerow([stage, row["version"], row["mAP"], row["top1"], row["f1"],
+                            row["ari"]])
+    return DemoResult(reports, zero_shot, initial, csv_path, png_path, server.address,
+                      trained)
+
+
+def _train_and_promote(client: Any, cid: str, image_ids: list[str], labels: np.ndarray,
+                       retrieval: Any, before: dict[str, float]) -> dict[str, Any]:
+    """The training step of the demo (see the module docstring): returns before / after."""
+    from reidal.core.evaluation import clustering_quality
+
+    t = time.perf_counter()
+    col = client.get_collection(cid)
+    _say(f"[6/7] training over gRPC: StartTraining on {cid!r} (head mode, the server's "
+         f"defaults, {col.answer_count} answers as constraints) -> WatchJob -> PromoteModel")
+    job = client.start_training(cid)
+    shown: set[int] = set()
+
+    def progress(j: Any) -> None:
+        if j.epoch and j.epoch not in shown and (j.epoch % 5 == 0 or j.epoch == j.epochs):
+            shown.add(j.epoch)
+            _say(f"  epoch {j.epoch}/{j.epochs}: loss {j.loss:.3f}, {j.clusters} "
+                 f"pseudo-identities, {j.unclustered} un-clustered")
+
+    job = client.wait_job(job.job_id, progress=progress)
+    if job.state != "SUCCEEDED":
+        raise RuntimeError(f"training job {job.job_id} ended {job.state}")
+    _say(f"  job {job.job_id} produced {job.model} ({time.perf_counter() - t:.1f} s); "
+         "Triton loaded it; re-embedding the collection with it")
+    client.promote_model(cid, job.model.version, model=job.model.name)
+    col = client.get_collection(cid)
+    after = dict(retrieval(col.model))
+    quality = clustering_quality(identity_labels(client.get_identities(cid).assignment(),
+                                                 image_ids), labels)
+    after = {"mAP": after["mAP"], "top1": after["top1"], "f1": quality["f1"],
+             "ari": quality["ari"], "version": col.model.version}
+    _say(f"  after training: mAP {100 * before['mAP']:.1f} -> {100 * after['mAP']:.1f} %, "
+         f"Top-1 {100 * before['top1']:.1f} -> {100 * after['top1']:.1f} %, identities F1 "
+         f"{before['f1']:.3f} -> {after['f1']:.3f} ({time.perf_counter() - t:.1f} s in all)")
+    return {"before": {**before, "version": job.base_model.version}, "after": after,
+            "seconds": time.perf_counter() - t}
 
 
 def format_table(reports: list[CycleReport], initial: dict[str, float]) -> list[str]:

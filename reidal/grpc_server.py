@@ -14,6 +14,9 @@ gets, so that no servicer re-implements it:
   (:mod:`reidal.errors`) into their status codes in this one place, turns any other
   exception into INTERNAL with its message logged, and refuses calls whose deadline is
   already over.
+- Optional TLS (mutual with a client CA, :mod:`reidal.tls`) and access tokens checked on
+  every call but health and reflection (:mod:`reidal.auth`), installed here for every
+  service alike. ``max_message_mb`` bounds messages both ways (RESOURCE_EXHAUSTED beyond).
 - Graceful stop: health goes NOT_SERVING first (load balancers stop routing), new calls
   are refused, calls in flight get ``grace`` seconds to finish.
 """
@@ -36,7 +39,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from reidal import errors
+from reidal.auth import Authorizer
 from reidal.metrics import RpcMetrics
+from reidal.tls import ServerTLS
 
 log = logging.getLogger("reidal.server")
 rpc_log = logging.getLogger("reidal.rpc")
@@ -373,11 +378,13 @@ def build_server(
     *,
     address: str = "127.0.0.1:0",
     max_workers: int = 16,
-    max_message_mb: int = 64,
+    max_message_mb: float = 64,
     max_concurrent_rpcs: int | None = None,
     metrics: RpcMetrics | None = None,
     health_interval_s: float = 3.0,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    tls: ServerTLS | None = None,
+    auth: Authorizer | None = None,
 ) -> RunningServer:
     """Create, bind and start a server for ``bindings`` on ``address`` (``host:0``: any port).
 
@@ -386,7 +393,10 @@ def build_server(
     queueing without bound (None: no limit). max_message_mb: largest request and response
     message. metrics: where RPC metrics go (default: the process-wide Prometheus registry).
     Binding an address already in use raises RuntimeError (SO_REUSEPORT is off, so two
-    servers never silently share a port).
+    servers never silently share a port). tls: serve TLS (mutual when it has a client CA)
+    instead of plaintext. auth: check access tokens on every call but health and reflection
+    (:mod:`reidal.auth`); it runs inside the logging interceptor, so refusals are logged and
+    counted like any other status.
     """
     if not bindings:
         raise ValueError("build_server needs at least one ServiceBinding")
@@ -405,7 +415,8 @@ def build_server(
     ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="reidal-rpc"),
-        interceptors=[_RpcObserver(metrics or RpcMetrics.create()), *interceptors],
+        interceptors=[_RpcObserver(metrics or RpcMetrics.create()),
+                      *([auth] if auth is not None else []), *interceptors],
         options=options,
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
@@ -420,7 +431,8 @@ def build_server(
     reflection.enable_server_reflection(
         (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
-        port = server.add_insecure_port(address)
+        port = (server.add_secure_port(address, tls.credentials()) if tls is not None
+                else server.add_insecure_port(address))
     except RuntimeError as exc:
         raise RuntimeError(f"cannot bind gRPC server to {address}: {exc}") from None
     if port == 0:
@@ -429,7 +441,9 @@ def build_server(
     running = RunningServer(server, port, host, bindings, health_servicer, health_interval_s)
     server.start()
     running._start()
-    log_kv(log, logging.INFO, "server_started", address=running.address, services=names)
+    log_kv(log, logging.INFO, "server_started", address=running.address, services=names,
+           tls="mutual" if tls is not None and tls.mutual else "on" if tls else "off",
+           auth="tokens" if auth is not None else "off")
     return running
 
 

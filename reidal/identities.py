@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from reidal.collection_state import CollectionView, load_view, make_dbscan
+from reidal.collection_state import CollectionView, load_view, make_dbscan, make_sampler
 from reidal.core.np3 import NP3
 from reidal.store import Store
 
@@ -138,10 +138,17 @@ def summarize(image_ids: Sequence[str], identity_of: Sequence[str], names: Seque
 
 
 def refined_labels(view: CollectionView) -> np.ndarray:
-    """DBSCAN labels of the view's vectors, made consistent with its answers by NP3."""
+    """DBSCAN labels of the view's vectors, made consistent with its answers by NP3.
+
+    The Jaccard graph is the sampler's (:meth:`AmbiguityAwareSampler.neighbour_graph`,
+    cached per vectors): identities after a cycle cost DBSCAN + NP3 only, and use the
+    same neighbours (the same kNN index) as the questions did.
+    """
     if view.n < 2:
         return np.full(view.n, -1, dtype=np.int64)
-    labels = np.asarray(make_dbscan(view.collection.params)(view.X), dtype=np.int64)
+    params = view.collection.params
+    _, D, _ = make_sampler(params).neighbour_graph(view.X)
+    labels = np.asarray(make_dbscan(params)(view.X, distance=D), dtype=np.int64)
     cs = view.answers.constraints
     if len(cs.ml_pairs()) or len(cs.cl_pairs()):
         labels = NP3()(labels, view.X, cs).labels

@@ -2,7 +2,9 @@
 
 A :class:`Runtime` holds the durable store, the blob store, the embedder, one lock per
 collection (sampling cycles and identity exports of one collection run one at a time, so
-cycle numbers and identity ids never race), a :class:`Notifier` that wakes streaming calls
+cycle numbers and identity ids never race; the lock is a :class:`SharedLock`, so it also
+holds against other processes on the same database: replicas sharing PostgreSQL, servers
+sharing a SQLite data directory), a :class:`Notifier` that wakes streaming calls
 (WatchQueue, WatchOperation) when something they watch changed, and an
 :class:`OperationRunner` for long work a client polls or watches.
 
@@ -72,6 +74,34 @@ class Notifier:
         with self._cond:
             self.closed = True
             self._cond.notify_all()
+
+
+class SharedLock:
+    """A re-entrant lock that also holds the store's lock of the same name
+    (:meth:`reidal.store.Store.exclusive`): it excludes other threads of this process
+    (which then wait here, not on the database) and other processes on the database."""
+
+    def __init__(self, store: Store, name: str) -> None:
+        self._store = store
+        self._name = name
+        self._local = threading.RLock()
+        self._held = threading.local()
+
+    def __enter__(self) -> None:
+        self._local.acquire()
+        try:
+            shared = self._store.exclusive(self._name)
+            shared.__enter__()
+        except BaseException:
+            self._local.release()
+            raise
+        self._held.__dict__.setdefault("stack", []).append(shared)
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._held.stack.pop().__exit__(*exc)
+        finally:
+            self._local.release()
 
 
 def queue_key(collection_id: str) -> tuple[str, str]:
@@ -219,19 +249,24 @@ class Runtime:
     notifier: Notifier = field(default_factory=Notifier)
     operations: OperationRunner | None = None
     embed_chunk: int = 64  # images per embedding call of EmbedCollection
-    _locks: dict[str, threading.RLock] = field(default_factory=dict)
+    _locks: dict[str, SharedLock] = field(default_factory=dict)
     _locks_guard: threading.Lock = field(default_factory=threading.Lock)
-    blob_lock: threading.RLock = field(default_factory=threading.RLock)
+    #: Held between writing blobs and referencing them, and by blob GC (all processes).
+    blob_lock: SharedLock = field(init=False)
 
     def __post_init__(self) -> None:
+        self.blob_lock = SharedLock(self.store, "blobs")
         if self.operations is None:
             self.operations = OperationRunner(self.store, self.notifier)
 
     @contextmanager
     def lock(self, collection_id: str) -> Iterator[None]:
-        """Serialise the cycle / identity work of one collection."""
+        """Serialise the cycle / identity work of one collection (in every process)."""
         with self._locks_guard:
-            lock = self._locks.setdefault(collection_id, threading.RLock())
+            lock = self._locks.get(collection_id)
+            if lock is None:
+                lock = self._locks[collection_id] = SharedLock(self.store,
+                                                               f"collection:{collection_id}")
         with lock:
             yield
 

@@ -16,7 +16,9 @@ Embedding for ingest, in this order of preference:
    on free ports, with its log in ``data_dir/triton``; it stops with the server.
 
 Everything durable is in ``data_dir``: ``reidal.sqlite3`` (SQLite, WAL), ``blobs/`` (the
-image bytes) and, with ``start_triton``, the model repository.
+image bytes) and, with ``start_triton``, the model repository. With ``database_url``
+(``postgresql://...``) the store is that PostgreSQL database instead of the SQLite file, so
+several server processes (replicas) can share it; they must share ``data_dir/blobs`` too.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reidal.auth import Authorizer, TokenFile
 from reidal.blobs import BlobStore
 from reidal.embedding.spec import DEFAULT_MODEL_NAME
 from reidal.grpc_server import RunningServer, ServiceBinding, build_server, log_kv
 from reidal.metrics import MetricsHTTP, RpcMetrics, start_metrics_http
 from reidal.runtime import Notifier, OperationRunner, Runtime
 from reidal.store import Store
+from reidal.tls import ServerTLS
 
 log = logging.getLogger("reidal.serve")
 
@@ -64,6 +68,7 @@ class Started:
     embedder: Any
     triton: Any  # reidal.embedding.triton_server.TritonServer or None
     metrics_http: MetricsHTTP | None
+    review_http: Any = None  # reidal.web.ReviewHTTP or None
 
 
 class ReidalServer:
@@ -103,6 +108,17 @@ class ReidalServer:
         m = self._started.metrics_http
         return m.port if m is not None else None
 
+    @property
+    def http_url(self) -> str | None:
+        """Where the pair-review web page is (None when not served)."""
+        page = self._started.review_http
+        return page.url if page is not None else None
+
+    @property
+    def http_port(self) -> int | None:
+        page = self._started.review_http
+        return page.port if page is not None else None
+
     def stop(self, grace: float | None = 10.0) -> None:
         """Graceful stop (idempotent, callable from any thread)."""
         with self._lock:
@@ -115,6 +131,8 @@ class ReidalServer:
             return
         s = self._started
         try:
+            if s.review_http is not None:
+                s.review_http.close()  # no new page requests while the gRPC server drains
             if s.runtime is not None:
                 s.runtime.notifier.close()  # watch streams end now instead of at the grace
             self.running.stop(grace)
@@ -205,6 +223,7 @@ def serve(
     *,
     address: str = "127.0.0.1:0",
     data_dir: str | Path | None = None,
+    database_url: str | None = None,
     triton_url: str | None = None,
     start_triton: bool = True,
     embedding_url: str | None = None,
@@ -212,7 +231,7 @@ def serve(
     metrics_port: int | None = None,
     metrics_addr: str = "0.0.0.0",
     max_workers: int = 16,
-    max_message_mb: int = 64,
+    max_message_mb: float = 64,
     max_concurrent_rpcs: int | None = None,
     health_interval_s: float = 3.0,
     embed_batch_size: int = 32,
@@ -221,11 +240,20 @@ def serve(
     rpc_metrics: RpcMetrics | None = None,
     model_repository: str | Path | None = None,
     load_model: Callable[[str], None] | None = None,
+    http_port: int | None = None,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+    tls_client_ca: str | Path | None = None,
+    auth_tokens: str | Path | None = None,
+    embedding_credentials: Any = None,
+    embedding_token: str | None = None,
 ) -> ReidalServer:
     """Start ``services`` (names, or "all") on ``address`` and return the running server.
 
     data_dir: the durable state (required by collections, sampling, constraints; with
-    ``start_triton`` also by embedding). triton_url / start_triton / embedding_url: how
+    ``start_triton`` also by embedding). database_url: keep the store in this PostgreSQL
+    database (``postgresql://user:password@host:port/db``) instead of SQLite in data_dir,
+    which still holds the blobs. triton_url / start_triton / embedding_url: how
     images are embedded (module docstring); ignored when no served service embeds.
     model_name: the default embedding model. metrics_port: serve Prometheus ``/metrics``
     there (0: any free port, read ``.metrics_port``; None: no endpoint). max_message_mb:
@@ -234,10 +262,30 @@ def serve(
     training writes new model versions and how it asks Triton to load them (defaults:
     with ``start_triton``, its repository and its model control; with ``triton_url``,
     Triton's model-control API at that URL; without a repository, training is refused
-    with FAILED_PRECONDITION). Raises ValueError for a bad combination,
-    RuntimeError when the address cannot be bound; nothing is left running on failure.
+    with FAILED_PRECONDITION). tls_cert / tls_key: serve TLS with this certificate chain
+    and key (PEM files); tls_client_ca: also require client certificates signed by it
+    (mutual TLS). auth_tokens: a tokens file (:mod:`reidal.auth`): every call but health
+    and reflection needs a token allowed for its collection. embedding_credentials /
+    embedding_token: TLS channel credentials (:func:`reidal.tls.channel_credentials`) and
+    the token for the separate embedding service at ``embedding_url``. Raises ValueError
+    for a bad combination or an unreadable TLS / tokens file, RuntimeError when the address
+    cannot be bound; nothing is left running on failure.
+
+    http_port: also serve the pair-review web page (:mod:`reidal.web`) on this port (0: any
+    free port, read ``.http_url``; None: no page), on the gRPC address's interface; it calls
+    this server's gRPC services over loopback.
     """
     names = resolve_services(services)
+    if http_port is not None and not {"collections", "sampling", "constraints"} <= set(names):
+        raise ValueError("the review page (http_port) needs the collections, sampling and "
+                         "constraints services in this process")
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("TLS needs both tls_cert and tls_key")
+    if tls_client_ca is not None and tls_cert is None:
+        raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+    # Read the TLS and token files first: a wrong path fails before anything starts.
+    tls = None if tls_cert is None else ServerTLS.from_files(tls_cert, tls_key, tls_client_ca)
+    tokens = None if auth_tokens is None else TokenFile(auth_tokens)
     stateful = [n for n in names if n in STATEFUL]
     needs_embedding = bool({"embedding", "collections", "training"} & set(names))
     root = Path(data_dir) if data_dir is not None else None
@@ -259,7 +307,9 @@ def serve(
                 from reidal.services.collections import RemoteEmbedder
 
                 started.embedder = RemoteEmbedder(embedding_url, model_name,
-                                                  max_message_mb=max_message_mb)
+                                                  max_message_mb=max_message_mb,
+                                                  credentials=embedding_credentials,
+                                                  token=embedding_token)
             else:
                 from reidal.services.embedding import EmbeddingServicer
 
@@ -274,7 +324,7 @@ def serve(
             from reidal.services.collections import classify
 
             assert root is not None
-            store = Store(root)
+            store = Store(root) if database_url is None else Store(database_url=database_url)
             aborted = store.fail_unfinished_operations(
                 "the server stopped while the operation ran; start it again")
             if aborted:
@@ -301,10 +351,22 @@ def serve(
         running = build_server(bindings, address=address, max_workers=max_workers,
                                max_message_mb=max_message_mb,
                                max_concurrent_rpcs=max_concurrent_rpcs, metrics=rpc_metrics,
-                               health_interval_s=health_interval_s)
+                               health_interval_s=health_interval_s, tls=tls,
+                               auth=None if tokens is None
+                               else Authorizer(tokens, _owners(started.runtime)))
         if metrics_port is not None:
             try:
                 started.metrics_http = start_metrics_http(metrics_port, metrics_addr)
+            except BaseException:
+                running.stop(grace=0)
+                raise
+        if http_port is not None:
+            from reidal.web import start_review_http
+
+            try:
+                started.review_http = start_review_http(
+                    _page_target(running.address), host=running.address.rsplit(":", 1)[0],
+                    port=http_port)
             except BaseException:
                 running.stop(grace=0)
                 raise
@@ -314,13 +376,36 @@ def serve(
     running.check_health_now()  # health answers the probes' result from the first call on
     log_kv(log, logging.INFO, "reidal_serving", address=running.address, services=names,
            data_dir=str(root) if root else "", triton=triton_url or "",
-           embedding=embedding_url or "")
+           store=started.runtime.store.describe() if started.runtime else "",
+           embedding=embedding_url or "",
+           review_page=started.review_http.url if started.review_http else "")
     return ReidalServer(running, started, names, root,
                         triton_url if needs_embedding and embedding_url is None else None)
 
 
+def _owners(runtime: Runtime | None) -> dict[str, Callable[[str], str]]:
+    """How the token check finds the collection of an operation or a training job."""
+    if runtime is None:
+        return {}
+    store = runtime.store
+    return {"operation_id": lambda i: store.operation(i).collection_id,
+            "job_id": lambda i: store.get_training_job(i).collection_id}
+
+
+def _page_target(address: str) -> str:
+    """The gRPC address the review page calls: this server, over loopback when it
+    listens on every interface."""
+    host, port = address.rsplit(":", 1)
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host in ("[::]", "::"):
+        host = "[::1]"
+    return f"{host}:{port}"
+
+
 def _cleanup(started: Started) -> None:
     for step in (
+        lambda: started.review_http and started.review_http.close(),
         lambda: started.runtime and started.runtime.close(),
         lambda: started.runtime and started.runtime.store.close(),
         lambda: started.embedder and started.embedder.close(),

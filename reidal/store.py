@@ -1,25 +1,29 @@
-"""The durable store: SQLite in WAL mode, one file in the data directory.
+"""The durable store: SQLite (one file in the data directory) or PostgreSQL (shared by replicas).
 
 Everything a restart needs lives here: collections, images (and where their pixels are),
 vectors, query batches and their pairs, answers (with their full history), idempotency
 records, the last identity assignment and long-running operations. Image bytes themselves
 live beside the database (:mod:`reidal.blobs`), named by their SHA-256. Every answer a person gave is
-precious, so writes commit with ``synchronous=FULL`` before the call returns: once
+precious, so writes commit durably (SQLite ``synchronous=FULL``, PostgreSQL
+``synchronous_commit = on``) before the call returns: once
 :meth:`Store.submit_answers` has returned, the answer survives a crash or power cut.
 
-One connection guarded by a lock serves all threads of a gRPC server: SQLite serialises
-writers anyway, and a single connection keeps transactions simple and explicit.
+``Store(data_dir)`` opens SQLite in WAL mode; ``Store(database_url="postgresql://...")`` or
+``Store.open(url_or_dir)`` opens PostgreSQL, where any number of server processes share one
+database. Each query is written once; :mod:`reidal.store_sql` holds the schema and what the
+two engines do differently (connections, placeholders, column types, locking). On both, a
+write transaction of a collection runs alone (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: an
+advisory transaction lock on the collection), and :meth:`Store.exclusive` is a named lock
+across threads and processes (what :class:`reidal.runtime.Runtime` serialises cycles with).
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,174 +31,10 @@ from typing import Any
 import numpy as np
 
 from reidal.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from reidal.store_sql import PostgresBackend, SqliteBackend, Tx, is_database_url, redact_url
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 LABELS = ("SAME", "DIFFERENT", "UNSURE")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS collections (
-    id TEXT PRIMARY KEY,
-    species TEXT NOT NULL DEFAULT '',
-    model_name TEXT NOT NULL DEFAULT '',
-    model_version TEXT NOT NULL DEFAULT '',
-    params TEXT NOT NULL DEFAULT '{}',
-    cycle INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS images (
-    collection_id TEXT NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
-    image_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    uri TEXT NOT NULL DEFAULT '',
-    name TEXT NOT NULL DEFAULT '',
-    metadata TEXT NOT NULL DEFAULT '{}',
-    excluded_reason TEXT,
-    added_at REAL NOT NULL,
-    PRIMARY KEY (collection_id, image_id)
-);
-CREATE TABLE IF NOT EXISTS vectors (
-    collection_id TEXT NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
-    model_name TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    image_id TEXT NOT NULL,
-    vector BLOB NOT NULL,
-    PRIMARY KEY (collection_id, model_name, model_version, image_id)
-);
-CREATE TABLE IF NOT EXISTS answers (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    collection_id TEXT NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
-    image_a TEXT NOT NULL,
-    image_b TEXT NOT NULL,
-    label TEXT NOT NULL CHECK (label IN ('SAME', 'DIFFERENT', 'UNSURE')),
-    annotator TEXT NOT NULL DEFAULT '',
-    confidence REAL,
-    tags TEXT NOT NULL DEFAULT '[]',
-    note TEXT NOT NULL DEFAULT '',
-    started_at REAL,
-    ended_at REAL,
-    received_at REAL NOT NULL,
-    batch_id TEXT NOT NULL DEFAULT '',
-    pair_id TEXT NOT NULL DEFAULT '',
-    request_id TEXT NOT NULL DEFAULT '',
-    superseded_by INTEGER,
-    deleted_at REAL,
-    deleted_by TEXT,
-    CHECK (image_a < image_b)
-);
-CREATE INDEX IF NOT EXISTS answers_by_pair ON answers (collection_id, image_a, image_b);
-CREATE TABLE IF NOT EXISTS requests (
-    collection_id TEXT NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
-    request_id TEXT NOT NULL,
-    response TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (collection_id, request_id)
-);
-CREATE TABLE IF NOT EXISTS training_jobs (
-    id TEXT PRIMARY KEY,
-    collection_id TEXT NOT NULL,
-    state TEXT NOT NULL,
-    config TEXT NOT NULL,
-    progress TEXT NOT NULL DEFAULT '{}',
-    base_model_name TEXT NOT NULL DEFAULT '',
-    base_model_version TEXT NOT NULL DEFAULT '',
-    model_name TEXT NOT NULL DEFAULT '',
-    model_version TEXT NOT NULL DEFAULT '',
-    error_code TEXT NOT NULL DEFAULT '',
-    error_message TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS training_jobs_by_collection ON training_jobs (collection_id);
-CREATE TABLE IF NOT EXISTS audit (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    collection_id TEXT NOT NULL,
-    action TEXT NOT NULL,
-    actor TEXT NOT NULL DEFAULT '',
-    detail TEXT NOT NULL DEFAULT '{}',
-    at REAL NOT NULL
-);
--- Schema 2 (tables only added, so a schema-1 file upgrades in place).
--- Where an image's pixels are: bytes kept as a blob (kind 'data', sha256 of the bytes) or
--- a URI the server reads (kind 'uri', sha256 of the URI text). Lets AddImages tell a
--- resent image from a changed one, and EmbedCollection re-embed a collection.
-CREATE TABLE IF NOT EXISTS image_sources (
-    collection_id TEXT NOT NULL,
-    image_id TEXT NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('data', 'uri')),
-    sha256 TEXT NOT NULL,
-    size INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (collection_id, image_id),
-    FOREIGN KEY (collection_id, image_id) REFERENCES images (collection_id, image_id)
-        ON DELETE CASCADE
-);
-CREATE TABLE IF NOT EXISTS batches (
-    collection_id TEXT NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
-    batch_id TEXT NOT NULL,
-    cycle INTEGER NOT NULL,
-    budget INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    finished INTEGER NOT NULL,
-    model_name TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    filter TEXT NOT NULL DEFAULT '{}',
-    n_items INTEGER NOT NULL,
-    stats TEXT NOT NULL DEFAULT '{}',
-    request_id TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL,
-    PRIMARY KEY (collection_id, batch_id)
-);
-CREATE INDEX IF NOT EXISTS batches_by_cycle ON batches (collection_id, cycle);
-CREATE UNIQUE INDEX IF NOT EXISTS batches_by_request ON batches (collection_id, request_id)
-    WHERE request_id != '';
-CREATE TABLE IF NOT EXISTS batch_pairs (
-    collection_id TEXT NOT NULL,
-    pair_id TEXT NOT NULL,
-    batch_id TEXT NOT NULL,
-    position INTEGER NOT NULL,
-    image_a TEXT NOT NULL,
-    image_b TEXT NOT NULL,
-    pool TEXT NOT NULL,
-    region INTEGER NOT NULL,
-    probability REAL NOT NULL,
-    similarity REAL NOT NULL,
-    PRIMARY KEY (collection_id, pair_id),
-    FOREIGN KEY (collection_id, batch_id) REFERENCES batches (collection_id, batch_id)
-        ON DELETE CASCADE,
-    CHECK (image_a < image_b)
-);
-CREATE INDEX IF NOT EXISTS batch_pairs_by_batch ON batch_pairs (collection_id, batch_id, position);
-CREATE INDEX IF NOT EXISTS batch_pairs_by_images ON batch_pairs (collection_id, image_a, image_b);
--- The identity of every image at the last GetIdentities, so ids stay stable across calls.
-CREATE TABLE IF NOT EXISTS identities (
-    collection_id TEXT NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
-    image_id TEXT NOT NULL,
-    identity_id TEXT NOT NULL,
-    PRIMARY KEY (collection_id, image_id)
-);
--- Per-collection counters (e.g. the next identity number: identity ids are never reused).
-CREATE TABLE IF NOT EXISTS counters (
-    collection_id TEXT NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
-    name TEXT NOT NULL,
-    value INTEGER NOT NULL,
-    PRIMARY KEY (collection_id, name)
-);
-CREATE TABLE IF NOT EXISTS operations (
-    operation_id TEXT PRIMARY KEY,
-    collection_id TEXT NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
-    kind TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('PENDING', 'RUNNING', 'SUCCEEDED', 'FAILED')),
-    done INTEGER NOT NULL DEFAULT 0,
-    total INTEGER NOT NULL DEFAULT 0,
-    stage TEXT NOT NULL DEFAULT '',
-    error_code TEXT NOT NULL DEFAULT '',
-    error_message TEXT NOT NULL DEFAULT '',
-    result TEXT NOT NULL DEFAULT '{}',
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS operations_by_collection ON operations (collection_id, created_at);
-"""
 
 
 #: States of a training job; a job in a final state never changes again.
@@ -365,53 +205,75 @@ def _now() -> float:
 
 
 class Store:
-    """SQLite-backed durable state of every collection in one data directory."""
+    """Durable state of every collection: SQLite in ``data_dir``, or the PostgreSQL database
+    at ``database_url`` (exactly one of the two)."""
 
-    def __init__(self, data_dir: str | Path) -> None:
-        self.data_dir = Path(data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.data_dir / "reidal.sqlite3"
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a committed transaction is on disk before commit returns, WAL mode included.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.row_factory = sqlite3.Row
-        self._db.executescript(_SCHEMA)
-        self._db.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
-            (str(SCHEMA_VERSION),),
-        )
+    def __init__(self, data_dir: str | Path | None = None, *,
+                 database_url: str | None = None) -> None:
+        if (data_dir is None) == (database_url is None):
+            raise ValueError("pass a data directory (SQLite) or a database_url (PostgreSQL)")
+        #: This instance's id, recorded on the operations and training jobs it starts; an
+        #: open store marks it alive, so no other process takes its work for abandoned.
+        self.owner = uuid.uuid4().hex
+        self.data_dir: Path | None = None
+        self.path: Path | None = None  # the SQLite file
+        self.database_url = database_url
+        self._db: SqliteBackend | PostgresBackend
+        if database_url is not None:
+            if not is_database_url(database_url):
+                raise ValueError(f"not a postgresql:// URL: {redact_url(database_url)!r}")
+            self._db = PostgresBackend(database_url)
+        else:
+            self.data_dir = Path(data_dir)  # type: ignore[arg-type]
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._db = SqliteBackend(self.data_dir)
+            self.path = self._db.path
+        try:
+            self._db.install_schema(SCHEMA_VERSION)
+            self._db.hold_owner(self.owner)
+        except BaseException:
+            self._db.close()
+            raise
+
+    @classmethod
+    def open(cls, target: str | Path) -> Store:
+        """A ``postgresql://`` (or ``postgres://``) URL opens PostgreSQL, anything else is a
+        SQLite data directory."""
+        if is_database_url(target):
+            return cls(database_url=str(target))
+        return cls(target)
+
+    @property
+    def backend(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self._db.kind
+
+    def describe(self) -> str:
+        """Where the data is, for logs (a URL without its password)."""
+        return redact_url(self.database_url) if self.database_url else str(self.path)
 
     # -- plumbing -------------------------------------------------------------------------
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; committed (and fsynced) on success, rolled back on error."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _tx(self, collection_id: str | None = None) -> AbstractContextManager[Tx]:
+        """One write transaction; committed (durably) on success, rolled back on error. With
+        a ``collection_id`` it runs alone among that collection's transactions, in every
+        process on the database, so it may read, decide and write."""
+        return self._db.tx(None if collection_id is None else f"collection:{collection_id}")
 
-    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            cur = self._db.execute(sql, args)
-            return cur.fetchall()
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        return self._db.query(sql, args)
+
+    def exclusive(self, name: str) -> AbstractContextManager[None]:
+        """Hold the lock ``name`` against every other thread and process using this database
+        (re-entrant within a thread). SQLite: an ``flock`` file; PostgreSQL: a session
+        advisory lock, released by the server if the process dies."""
+        return self._db.exclusive(name)
 
     def close(self) -> None:
-        """Checkpoint the WAL into the main file and close: a clean shutdown leaves one file."""
-        with self._lock:
-            try:
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            finally:
-                self._db.close()
+        """Close (idempotent). SQLite: checkpoint the WAL into the main file first, so a clean
+        shutdown leaves one file."""
+        self._db.close()
 
-    def _audit(self, db: sqlite3.Connection, collection_id: str, action: str, actor: str,
+    def _audit(self, db: Tx, collection_id: str, action: str, actor: str,
                detail: dict[str, Any]) -> None:
         db.execute(
             "INSERT INTO audit (collection_id, action, actor, detail, at) VALUES (?, ?, ?, ?, ?)",
@@ -423,7 +285,7 @@ class Store:
                           model_version: str = "", params: dict[str, Any] | None = None) -> Collection:
         if not collection_id:
             raise InvalidArgument("collection id must be a non-empty string")
-        with self._tx() as db:
+        with self._tx(collection_id) as db:
             exists = db.execute("SELECT 1 FROM collections WHERE id = ?", (collection_id,)).fetchone()
             if exists:
                 raise AlreadyExists(f"collection {collection_id!r} already exists")
@@ -446,14 +308,17 @@ class Store:
         return [_collection(r) for r in self._query("SELECT * FROM collections ORDER BY created_at, id")]
 
     def delete_collection(self, collection_id: str, *, actor: str = "") -> None:
-        with self._tx() as db:
+        """Delete the collection and everything of it (cascades; training jobs explicitly,
+        as their table has no foreign key in older databases). The audit log stays."""
+        with self._tx(collection_id) as db:
             cur = db.execute("DELETE FROM collections WHERE id = ?", (collection_id,))
             if cur.rowcount == 0:
                 raise NotFound(f"collection {collection_id!r} does not exist")
+            db.execute("DELETE FROM training_jobs WHERE collection_id = ?", (collection_id,))
             self._audit(db, collection_id, "delete_collection", actor, {})
 
     def set_cycle(self, collection_id: str, cycle: int) -> None:
-        with self._tx() as db:
+        with self._tx(collection_id) as db:
             db.execute("UPDATE collections SET cycle = ? WHERE id = ?", (cycle, collection_id))
 
     # -- images and vectors ---------------------------------------------------------------
@@ -461,7 +326,7 @@ class Store:
         """Add images idempotently per image id. Returns (added, already_present)."""
         self.get_collection(collection_id)
         added = present = 0
-        with self._tx() as db:
+        with self._tx(collection_id) as db:
             (seq,) = db.execute(
                 "SELECT COALESCE(MAX(seq) + 1, 0) FROM images WHERE collection_id = ?",
                 (collection_id,),
@@ -470,8 +335,8 @@ class Store:
                 if not img.image_id:
                     raise InvalidArgument("image id must be a non-empty string")
                 cur = db.execute(
-                    "INSERT OR IGNORE INTO images (collection_id, image_id, seq, uri, name, metadata,"
-                    " added_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO images (collection_id, image_id, seq, uri, name, metadata, added_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                     (collection_id, img.image_id, seq, img.uri, img.name,
                      json.dumps(img.metadata, sort_keys=True), _now()),
                 )
@@ -499,7 +364,7 @@ class Store:
         return {r["image_id"]: r["excluded_reason"] for r in rows}
 
     def exclude_image(self, collection_id: str, image_id: str, reason: str, *, actor: str = "") -> None:
-        with self._tx() as db:
+        with self._tx(collection_id) as db:
             cur = db.execute(
                 "UPDATE images SET excluded_reason = ? WHERE collection_id = ? AND image_id = ?",
                 (reason or "excluded", collection_id, image_id),
@@ -515,10 +380,11 @@ class Store:
             raise InvalidArgument(
                 f"got {len(image_ids)} image ids but vectors of shape {vecs.shape}"
             )
-        with self._tx() as db:
+        with self._tx(collection_id) as db:
             db.executemany(
-                "INSERT OR REPLACE INTO vectors (collection_id, model_name, model_version, image_id,"
-                " vector) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO vectors (collection_id, model_name, model_version, image_id, vector)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (collection_id, model_name, model_version,"
+                " image_id) DO UPDATE SET vector = excluded.vector",
                 [(collection_id, model_name, model_version, iid, v.tobytes())
                  for iid, v in zip(image_ids, vecs, strict=True)],
             )
@@ -558,7 +424,7 @@ class Store:
         stored in the same transaction, so a retried request can be replayed exactly.
         """
         self._check_answers(collection_id, answers)
-        with self._tx() as db:
+        with self._tx(collection_id) as db:
             seqs = self._insert_answers(db, collection_id, answers, request_id)
             if request_id:
                 db.execute(
@@ -585,7 +451,7 @@ class Store:
         The default response is ``{"seqs": seqs}``.
         """
         self._check_answers(collection_id, answers)
-        with self._tx() as db:
+        with self._tx(collection_id) as db:
             if request_id:
                 row = db.execute(
                     "SELECT response FROM requests WHERE collection_id = ? AND request_id = ?",
@@ -605,7 +471,8 @@ class Store:
 
     def _check_answers(self, collection_id: str, answers: Sequence[AnswerIn]) -> None:
         self.get_collection(collection_id)
-        known = {r.image_id for r in self.images(collection_id)}
+        known = self.present_image_ids(collection_id,  # only these: collections are large
+                                       {i for a in answers for i in (a.image_a, a.image_b)})
         for a in answers:
             if a.label not in LABELS:
                 raise InvalidArgument(f"answer label must be one of {LABELS}, got {a.label!r}")
@@ -615,7 +482,7 @@ class Store:
             if a.image_a == a.image_b:
                 raise InvalidArgument(f"an answer pairs image {a.image_a!r} with itself")
 
-    def _insert_answers(self, db: sqlite3.Connection, collection_id: str,
+    def _insert_answers(self, db: Tx, collection_id: str,
                         answers: Sequence[AnswerIn], request_id: str) -> list[int]:
         seqs: list[int] = []
         for a in answers:
@@ -623,12 +490,12 @@ class Store:
             cur = db.execute(
                 "INSERT INTO answers (collection_id, image_a, image_b, label, annotator, confidence,"
                 " tags, note, started_at, ended_at, received_at, batch_id, pair_id, request_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
                 (collection_id, lo, hi, a.label, a.annotator, a.confidence,
                  json.dumps(list(a.tags)), a.note, a.started_at, a.ended_at, _now(),
                  a.batch_id, a.pair_id, request_id),
             )
-            seq = int(cur.lastrowid)
+            seq = int(cur.fetchall()[0][0])
             db.execute(
                 "UPDATE answers SET superseded_by = ? WHERE collection_id = ? AND image_a = ?"
                 " AND image_b = ? AND seq < ? AND superseded_by IS NULL AND deleted_at IS NULL",
@@ -649,7 +516,7 @@ class Store:
         """Soft-delete (audited): the row stays, marked deleted; the previous answer on the pair,
         if any, becomes current again. Returns the seq of the answer made current again, if
         deleting made one current (None when the deleted answer was not the current one)."""
-        with self._tx() as db:
+        with self._tx(collection_id) as db:
             row = db.execute(
                 "SELECT image_a, image_b, deleted_at FROM answers WHERE collection_id = ? AND seq = ?",
                 (collection_id, seq),
@@ -674,12 +541,12 @@ class Store:
     # -- schema 2: image sources, ingest, counts --------------------------------------------
     def ping(self) -> bool:
         """True when the database answers (the readiness probe of the stateful services)."""
-        return self._query("SELECT 1")[0][0] == 1
+        return self._db.ping()
 
     def set_model(self, collection_id: str, model_name: str, model_version: str, *,
                   actor: str = "") -> None:
         """Switch the collection to another model version (audited)."""
-        with self._tx() as db:
+        with self._tx(collection_id) as db:
             cur = db.execute("UPDATE collections SET model_name = ?, model_version = ? WHERE id = ?",
                              (model_name, model_version, collection_id))
             if cur.rowcount == 0:
@@ -750,7 +617,7 @@ class Store:
             if not model_name or not model_version:
                 raise InvalidArgument("vectors need a model name and version")
         added = present = 0
-        with self._tx() as db:
+        with self._tx(collection_id) as db:
             col = db.execute("SELECT model_name, model_version FROM collections WHERE id = ?",
                              (collection_id,)).fetchone()
             if col is None:
@@ -772,8 +639,8 @@ class Store:
                 if not img.image_id:
                     raise InvalidArgument("image id must be a non-empty string")
                 cur = db.execute(
-                    "INSERT OR IGNORE INTO images (collection_id, image_id, seq, uri, name, metadata,"
-                    " added_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO images (collection_id, image_id, seq, uri, name, metadata, added_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                     (collection_id, img.image_id, seq, img.uri, img.name,
                      json.dumps(img.metadata, sort_keys=True), now),
                 )
@@ -783,15 +650,18 @@ class Store:
                     src = sources.get(img.image_id)
                     if src is not None:
                         db.execute(
-                            "INSERT OR REPLACE INTO image_sources (collection_id, image_id, kind,"
-                            " sha256, size) VALUES (?, ?, ?, ?, ?)",
+                            "INSERT INTO image_sources (collection_id, image_id, kind, sha256,"
+                            " size) VALUES (?, ?, ?, ?, ?) ON CONFLICT (collection_id, image_id)"
+                            " DO UPDATE SET kind = excluded.kind, sha256 = excluded.sha256,"
+                            " size = excluded.size",
                             (collection_id, img.image_id, src.kind, src.sha256, src.size))
                 else:
                     present += 1
             if vecs is not None and len(vector_ids):
                 db.executemany(
-                    "INSERT OR REPLACE INTO vectors (collection_id, model_name, model_version,"
-                    " image_id, vector) VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO vectors (collection_id, model_name, model_version, image_id,"
+                    " vector) VALUES (?, ?, ?, ?, ?) ON CONFLICT (collection_id, model_name,"
+                    " model_version, image_id) DO UPDATE SET vector = excluded.vector",
                     [(collection_id, model_name, model_version, iid, v.tobytes())
                      for iid, v in zip(vector_ids, vecs, strict=True)],
                 )
@@ -810,7 +680,7 @@ class Store:
 
     def restore_image(self, collection_id: str, image_id: str, *, actor: str = "") -> None:
         """Undo :meth:`exclude_image` (audited)."""
-        with self._tx() as db:
+        with self._tx(collection_id) as db:
             cur = db.execute(
                 "UPDATE images SET excluded_reason = NULL WHERE collection_id = ? AND image_id = ?",
                 (collection_id, image_id),
@@ -825,16 +695,17 @@ class Store:
         col = self.get_collection(collection_id)
         q = self._query(
             "SELECT"
-            " (SELECT COUNT(*) FROM images WHERE collection_id = :c) AS images,"
-            " (SELECT COUNT(*) FROM images WHERE collection_id = :c"
+            " (SELECT COUNT(*) FROM images WHERE collection_id = ?) AS images,"
+            " (SELECT COUNT(*) FROM images WHERE collection_id = ?"
             "   AND excluded_reason IS NOT NULL) AS excluded,"
             " (SELECT COUNT(*) FROM vectors v JOIN images i ON i.collection_id = v.collection_id"
-            "   AND i.image_id = v.image_id WHERE v.collection_id = :c AND v.model_name = :m"
-            "   AND v.model_version = :v) AS embedded,"
-            " (SELECT COUNT(*) FROM answers WHERE collection_id = :c AND superseded_by IS NULL"
+            "   AND i.image_id = v.image_id WHERE v.collection_id = ? AND v.model_name = ?"
+            "   AND v.model_version = ?) AS embedded,"
+            " (SELECT COUNT(*) FROM answers WHERE collection_id = ? AND superseded_by IS NULL"
             "   AND deleted_at IS NULL) AS answers,"
-            " (SELECT COUNT(*) FROM batch_pairs WHERE collection_id = :c) AS pairs_asked",
-            {"c": collection_id, "m": col.model_name, "v": col.model_version},
+            " (SELECT COUNT(*) FROM batch_pairs WHERE collection_id = ?) AS pairs_asked",
+            (collection_id, collection_id, collection_id, col.model_name, col.model_version,
+             collection_id, collection_id),
         )[0]
         return {k: int(q[k]) for k in ("images", "excluded", "embedded", "answers", "pairs_asked")}
 
@@ -925,7 +796,7 @@ class Store:
         ``request_id`` already used by a batch of this collection, that batch is returned
         instead (``created`` False) and nothing changes.
         """
-        with self._tx() as db:
+        with self._tx(collection_id) as db:
             if request_id:
                 row = db.execute("SELECT * FROM batches WHERE collection_id = ? AND request_id = ?",
                                  (collection_id, request_id)).fetchone()
@@ -1031,7 +902,7 @@ class Store:
     def save_identities(self, collection_id: str, assignment: Mapping[str, str], *,
                         counter_name: str, counter_value: int) -> None:
         """Replace the saved assignment and move the id counter, in one transaction."""
-        with self._tx() as db:
+        with self._tx(collection_id) as db:
             if db.execute("SELECT 1 FROM collections WHERE id = ?", (collection_id,)).fetchone() is None:
                 raise NotFound(f"collection {collection_id!r} does not exist")
             db.execute("DELETE FROM identities WHERE collection_id = ?", (collection_id,))
@@ -1039,21 +910,22 @@ class Store:
                 "INSERT INTO identities (collection_id, image_id, identity_id) VALUES (?, ?, ?)",
                 [(collection_id, i, k) for i, k in assignment.items()],
             )
-            db.execute("INSERT OR REPLACE INTO counters (collection_id, name, value) VALUES (?, ?, ?)",
+            db.execute("INSERT INTO counters (collection_id, name, value) VALUES (?, ?, ?)"
+                       " ON CONFLICT (collection_id, name) DO UPDATE SET value = excluded.value",
                        (collection_id, counter_name, int(counter_value)))
 
     # -- operations -----------------------------------------------------------------------
     def create_operation(self, operation_id: str, collection_id: str, kind: str, *,
                          total: int = 0, result: Mapping[str, Any] | None = None) -> OperationRecord:
         now = _now()
-        with self._tx() as db:
+        with self._tx(collection_id) as db:
             if db.execute("SELECT 1 FROM collections WHERE id = ?", (collection_id,)).fetchone() is None:
                 raise NotFound(f"collection {collection_id!r} does not exist")
             db.execute(
                 "INSERT INTO operations (operation_id, collection_id, kind, state, total, result,"
-                " created_at, updated_at) VALUES (?, ?, ?, 'PENDING', ?, ?, ?, ?)",
+                " created_at, updated_at, owner) VALUES (?, ?, ?, 'PENDING', ?, ?, ?, ?, ?)",
                 (operation_id, collection_id, kind, int(total), json.dumps(dict(result or {})),
-                 now, now),
+                 now, now, self.owner),
             )
         return self.operation(operation_id)
 
@@ -1092,14 +964,28 @@ class Store:
         return [_operation(r) for r in self._query(sql + " ORDER BY created_at", (collection_id,))]
 
     def fail_unfinished_operations(self, message: str) -> int:
-        """Mark every PENDING or RUNNING operation FAILED (ABORTED): call once at start-up,
-        when no worker of this data directory can still be running them."""
+        """Mark FAILED (ABORTED) every PENDING or RUNNING operation that nobody runs any more:
+        those of stores that are closed (their process stopped or died) and this store's own.
+        Call once at start-up, before this store starts any: operations of other processes
+        still open on the same database (replicas, other servers) are left alone."""
+        return self._fail_abandoned("operations", ("PENDING", "RUNNING"),
+                                    "state = 'FAILED', error_code = 'ABORTED', error_message = ?",
+                                    (message,))
+
+    def _fail_abandoned(self, table: str, states: Sequence[str], sets: str,
+                        args: Sequence[Any]) -> int:
+        marks = ", ".join("?" * len(states))
+        owners = [r[0] for r in self._query(
+            f"SELECT DISTINCT owner FROM {table} WHERE state IN ({marks})", tuple(states))]
+        gone = [o for o in owners if o == self.owner or not self._db.owner_alive(o)]
+        if not gone:
+            return 0
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE operations SET state = 'FAILED', error_code = 'ABORTED', error_message = ?,"
-                " updated_at = ? WHERE state IN ('PENDING', 'RUNNING')", (message, _now()))
+                f"UPDATE {table} SET {sets}, updated_at = ? WHERE state IN ({marks})"
+                f" AND owner IN ({', '.join('?' * len(gone))})",
+                (*args, _now(), *states, *gone))
             return int(cur.rowcount)
-
 
     def audit_log(self, collection_id: str) -> list[dict[str, Any]]:
         rows = self._query("SELECT * FROM audit WHERE collection_id = ? ORDER BY seq", (collection_id,))
@@ -1111,12 +997,12 @@ class Store:
                             base_model_name: str, base_model_version: str) -> TrainingJobRecord:
         job_id = uuid.uuid4().hex
         now = _now()
-        with self._tx() as db:
+        with self._tx(collection_id) as db:
             db.execute("INSERT INTO training_jobs (id, collection_id, state, config,"
-                       " base_model_name, base_model_version, created_at, updated_at)"
-                       " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       " base_model_name, base_model_version, created_at, updated_at, owner)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (job_id, collection_id, JOB_QUEUED, json.dumps(dict(config), default=str),
-                        base_model_name, base_model_version, now, now))
+                        base_model_name, base_model_version, now, now, self.owner))
         return self.get_training_job(job_id)
 
     def update_training_job(self, job_id: str, **changes: Any) -> None:
@@ -1147,18 +1033,18 @@ class Store:
         return [_training_job(r) for r in self._query(sql + " ORDER BY created_at, id", args)]
 
     def fail_interrupted_training_jobs(self, message: str) -> int:
-        """Mark every QUEUED or RUNNING job FAILED (at a server start nobody runs them)."""
-        with self._tx() as db:
-            cur = db.execute("UPDATE training_jobs SET state = ?, error_code = 'ABORTED',"
-                             " error_message = ?, updated_at = ? WHERE state IN (?, ?)",
-                             (JOB_FAILED, message, _now(), JOB_QUEUED, JOB_RUNNING))
-            return cur.rowcount
+        """Mark FAILED (ABORTED) every QUEUED or RUNNING job that nobody runs any more (as
+        :meth:`fail_unfinished_operations` does for operations)."""
+        return self._fail_abandoned("training_jobs", (JOB_QUEUED, JOB_RUNNING),
+                                    "state = ?, error_code = 'ABORTED', error_message = ?",
+                                    (JOB_FAILED, message))
+
 
 _JOB_COLUMNS = frozenset({"state", "progress", "model_name", "model_version", "error_code",
                           "error_message"})
 
 
-def _training_job(r: sqlite3.Row) -> TrainingJobRecord:
+def _training_job(r: Any) -> TrainingJobRecord:
     return TrainingJobRecord(
         r["id"], r["collection_id"], r["state"], json.loads(r["config"]),
         json.loads(r["progress"]), r["base_model_name"], r["base_model_version"],
@@ -1166,30 +1052,30 @@ def _training_job(r: sqlite3.Row) -> TrainingJobRecord:
         r["created_at"], r["updated_at"])
 
 
-def _collection(r: sqlite3.Row) -> Collection:
+def _collection(r: Any) -> Collection:
     return Collection(r["id"], r["species"], r["model_name"], r["model_version"],
                       json.loads(r["params"]), r["cycle"], r["created_at"])
 
 
-def _answer(r: sqlite3.Row) -> StoredAnswer:
+def _answer(r: Any) -> StoredAnswer:
     return StoredAnswer(r["seq"], r["image_a"], r["image_b"], r["label"], r["annotator"],
                         r["confidence"], tuple(json.loads(r["tags"])), r["note"], r["received_at"],
                         r["batch_id"], r["pair_id"], r["request_id"], r["superseded_by"],
                         r["deleted_at"] is not None, r["started_at"], r["ended_at"])
 
 
-def _batch(r: sqlite3.Row) -> BatchRecord:
+def _batch(r: Any) -> BatchRecord:
     return BatchRecord(r["batch_id"], r["cycle"], r["budget"], r["reason"], bool(r["finished"]),
                        r["model_name"], r["model_version"], json.loads(r["filter"]),
                        r["n_items"], json.loads(r["stats"]), r["request_id"], r["created_at"])
 
 
-def _pair(r: sqlite3.Row) -> PairRecord:
+def _pair(r: Any) -> PairRecord:
     return PairRecord(r["pair_id"], r["image_a"], r["image_b"], r["pool"], r["region"],
                       r["probability"], r["similarity"])
 
 
-def _operation(r: sqlite3.Row) -> OperationRecord:
+def _operation(r: Any) -> OperationRecord:
     return OperationRecord(r["operation_id"], r["collection_id"], r["kind"], r["state"], r["done"],
                            r["total"], r["stage"], r["error_code"], r["error_message"],
                            json.loads(r["result"]), r["created_at"], r["updated_at"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,11 @@ def build_config(overrides: Mapping[str, Any], n_images: int,
     if cfg.mode != "head":
         raise InvalidArgument(f"config.mode {cfg.mode!r}: the server trains in 'head' mode "
                               "only (run 'full' mode with reidal.training under torchrun)")
+    if (cfg.batch_size > n_images and "num_identities" not in overrides
+            and n_images >= 2 * cfg.num_instances):
+        # the default P x K = 16 x 4 suits collections of hundreds; a smaller one gets
+        # fewer pseudo-identities per batch rather than a refusal (a P the client set is kept)
+        cfg = replace(cfg, num_identities=n_images // cfg.num_instances)
     if cfg.batch_size > n_images:
         raise InvalidArgument(
             f"config.num_identities x config.num_instances = {cfg.batch_size} images per "
@@ -103,6 +109,33 @@ def collection_constraints(store: Store, collection_id: str, image_ids: list[str
     from reidal.collection_state import constraints_from_answers
 
     return constraints_from_answers(image_ids, store.answers(collection_id)).constraints
+
+
+def collection_images(store: Store, blobs: Any, collection_id: str
+                      ) -> tuple[list[str], list[Any]]:
+    """Ids and PIL images of the collection's images that are not excluded (the rows
+    sampling uses): bytes kept in the blob store, or the file an image's URI names
+    (read again now; a file gone since ingest fails with FailedPrecondition naming it)."""
+    from reidal.embedding.images import ImageError, decode_image
+
+    sources = store.image_sources(collection_id)
+    ids, out = [], []
+    for img in store.images(collection_id, include_excluded=False):
+        src = sources.get(img.image_id)
+        try:
+            if src is not None and src.kind == "data":
+                pixels = decode_image(blobs.get(src.sha256), None, item_id=img.image_id)
+            elif img.uri:
+                pixels = decode_image(None, img.uri, item_id=img.image_id)
+            else:
+                raise FailedPrecondition(f"image {img.image_id!r} has neither kept bytes "
+                                         "nor a URI to train on")
+        except ImageError as exc:
+            raise FailedPrecondition(f"cannot read image {img.image_id!r} to train on: "
+                                     f"{exc}") from None
+        ids.append(img.image_id)
+        out.append(pixels)
+    return ids, out
 
 
 # ------------------------------------------------------------------------ Triton
@@ -138,6 +171,48 @@ def _repository_options(repo: Path, model_name: str) -> dict[str, Any]:
     if latest:
         out["keep_versions"] = int(latest)
     return out
+
+
+def repository_format(repo: str | Path, model_name: str) -> str:
+    """``"onnx"`` when the model's config serves ONNX (the NGC GPU repository), else
+    ``"python"`` (the python backend of the bundled CPU Triton; also a new model)."""
+    from reidal.embedding.triton_repo import CONFIG_FILE, parse_config
+
+    path = Path(repo) / model_name / CONFIG_FILE
+    if not path.exists():
+        return "python"
+    cfg = parse_config(path.read_text(encoding="utf-8"))
+    kind = f"{cfg.get('backend', '')} {cfg.get('platform', '')}"
+    return "onnx" if "onnx" in kind else "python"
+
+
+def export_version(model: Any, repo: str | Path, model_name: str, *, fmt: str | None = None,
+                   spec: Any = None, load: Callable[[str], None] | None = None) -> int:
+    """Write ``model`` as the next version of ``model_name`` in the repository, in the format
+    the repository serves (``fmt`` to force one), keeping the served config's batch size
+    and version policy; then ``load(model_name)`` (e.g. Triton's model control). ONNX
+    versions keep ``model.pt`` + ``model.json`` beside ``model.onnx`` so later training can
+    start from them. Returns the version number."""
+    from reidal.embedding.triton_repo import next_version, write_model_repository
+
+    repo = Path(repo)
+    fmt = fmt or repository_format(repo, model_name)
+    if fmt not in ("python", "onnx"):
+        raise ValueError(f"export format must be 'python' or 'onnx', got {fmt!r}")
+    version = next_version(repo, model_name)
+    options = _repository_options(repo, model_name)
+    if fmt == "onnx":
+        from reidal.embedding.onnx_export import write_onnx_repository
+
+        write_onnx_repository(repo, model=model, spec=spec, model_name=model_name,
+                              version=version,
+                              **{k: v for k, v in options.items() if k == "max_batch_size"})
+    else:
+        write_model_repository(repo, model_name=model_name, version=version, model=model,
+                               spec=spec, **options)
+    if load is not None:
+        load(model_name)
+    return version
 
 
 # ------------------------------------------------------------------------ jobs
@@ -296,7 +371,6 @@ class TrainingJobs:
         import torch
 
         from reidal.embedding.model import load_model, load_spec
-        from reidal.embedding.triton_repo import next_version, write_model_repository
         from reidal.training import SpCLTrainer, cache_backbone_features
 
         assert self.repository is not None and self.load_model is not None
@@ -328,39 +402,12 @@ class TrainingJobs:
         if result.cancelled or cancel.is_set():
             return None
         with self._export_lock:
-            version = next_version(self.repository, job.base_model_name)
-            write_model_repository(self.repository, model_name=job.base_model_name,
-                                   version=version, model=result.model, spec=spec,
-                                   **_repository_options(self.repository, job.base_model_name))
-            self.load_model(job.base_model_name)
+            version = export_version(result.model, self.repository, job.base_model_name,
+                                     spec=spec, load=self.load_model)
         return str(version)
 
     def _images(self, collection_id: str) -> tuple[list[str], list[Any]]:
-        """Ids and PIL images of the collection's images that are not excluded (the rows
-        sampling uses): bytes kept in the blob store, or the file an image's URI names
-        (read again now; a file gone since ingest fails the job naming the image)."""
-        from reidal.embedding.images import ImageError, decode_image
-
-        store = self.store
-        sources = store.image_sources(collection_id)
-        ids, out = [], []
-        for img in store.images(collection_id, include_excluded=False):
-            src = sources.get(img.image_id)
-            try:
-                if src is not None and src.kind == "data":
-                    pixels = decode_image(self.runtime.blobs.get(src.sha256), None,
-                                          item_id=img.image_id)
-                elif img.uri:
-                    pixels = decode_image(None, img.uri, item_id=img.image_id)
-                else:
-                    raise FailedPrecondition(f"image {img.image_id!r} has neither kept bytes "
-                                             "nor a URI to train on")
-            except ImageError as exc:
-                raise FailedPrecondition(f"cannot read image {img.image_id!r} to train on: "
-                                         f"{exc}") from None
-            ids.append(img.image_id)
-            out.append(pixels)
-        return ids, out
+        return collection_images(self.store, self.runtime.blobs, collection_id)
 
 
 def promote(runtime: Runtime, collection_id: str, model_name: str, version: str) -> Any:

@@ -1,4 +1,4 @@
-"""CollectionService: collections, image ingest, embedding operations (collections.proto).
+"""CollectionService (collections.proto): collections, ingest, image read-back, operations.
 
 A thin layer over :mod:`reidal.ingest`, :mod:`reidal.collection_state` and the store:
 translate messages, call, translate back. Domain errors travel to the server's interceptor,
@@ -23,7 +23,9 @@ import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from reidal import errors
+from reidal.blobs import sha256_hex
 from reidal.collection_state import ImageFilter, check_id, effective_params
+from reidal.embedding.images import DEFAULT_LIMITS, ImageError, _read_uri
 from reidal.embedding.triton_client import (
     ModelInfo,
 )
@@ -324,6 +326,55 @@ class CollectionsServicer(collections_pb2_grpc.CollectionServiceServicer):
                           "the server is shutting down; watch the operation again after it "
                           "restarts")
 
+    def GetImage(self, request, context):  # noqa: N802
+        cid, iid = request.collection_id, request.image_id
+        self.store.get_collection(cid)
+        data, sha = self._image_bytes(cid, iid, context)
+        return collections_pb2.ImageContent(image_id=iid, data=data, mime_type=mime_type(data),
+                                            sha256=sha)
+
+    def _image_bytes(self, cid: str, iid: str, context: grpc.ServicerContext
+                     ) -> tuple[bytes, str]:
+        """The encoded file of one image and its SHA-256: the kept blob for an image sent
+        as bytes, else its URI read again under the embedder's limits (the rules it was
+        accepted under at ingest)."""
+        if not iid or not self.store.present_image_ids(cid, [iid]):
+            raise errors.NotFound(f"image {iid!r} is not in collection {cid!r}")
+        source = self.store.image_sources(cid, [iid]).get(iid)
+        if source is not None and source.kind == "data":
+            try:
+                return self.runtime.blobs.get(source.sha256), source.sha256
+            except FileNotFoundError as exc:
+                context.abort(grpc.StatusCode.DATA_LOSS,
+                              f"the stored bytes of image {iid!r} are missing: {exc}")
+        uri = next((r.uri for r in self.store.images(cid) if r.image_id == iid), "")
+        if not uri:
+            raise errors.FailedPrecondition(f"image {iid!r} has neither kept bytes nor a uri")
+        limits = getattr(self.runtime.embedder, "limits", DEFAULT_LIMITS)
+        try:
+            data = _read_uri(uri, item_id=iid, limits=limits)
+        except ImageError as exc:
+            raise errors.FailedPrecondition(f"cannot read image {iid!r} again from its uri: "
+                                            f"{exc.reason}") from None
+        return data, sha256_hex(data)
+
+
+#: File signatures of the formats reidal accepts, and their MIME types.
+_SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", 0, "image/png"),
+    (b"\xff\xd8\xff", 0, "image/jpeg"),
+    (b"WEBP", 8, "image/webp"),
+)
+
+
+def mime_type(data: bytes) -> str:
+    """MIME type from the file signature, so an image is labelled without decoding it (a
+    deferred image was never checked); application/octet-stream when none matches."""
+    for magic, offset, mime in _SIGNATURES:
+        if data[offset:offset + len(magic)] == magic and (offset == 0 or data[:4] == b"RIFF"):
+            return mime
+    return "application/octet-stream"
+
 
 def _page_size(value: int) -> int:
     if value > MAX_PAGE_SIZE:
@@ -355,14 +406,23 @@ def _image_pb(row: ImageRow, embedded: bool) -> collections_pb2.ImageInfo:
 
 
 class RemoteEmbedder:
-    """A client of an EmbeddingService in another process, with the in-process API."""
+    """A client of an EmbeddingService in another process, with the in-process API.
+
+    credentials: TLS channel credentials (:func:`reidal.tls.channel_credentials`; None:
+    plaintext). token: the access token sent with every call when that service checks them.
+    """
 
     def __init__(self, address: str, default_model: str = "", *, timeout_s: float = 120.0,
-                 max_message_mb: int = 64) -> None:
+                 max_message_mb: float = 64, credentials: grpc.ChannelCredentials | None = None,
+                 token: str | None = None) -> None:
         limit = int(max_message_mb * 1024 * 1024)
         self.address = address
-        self._channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+        options = [("grpc.max_receive_message_length", limit),
+                   ("grpc.max_send_message_length", limit)]
+        self._channel = (grpc.secure_channel(address, credentials, options=options)
+                         if credentials is not None
+                         else grpc.insecure_channel(address, options=options))
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._stub = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
         self._timeout = timeout_s
         self._default = default_model
@@ -371,7 +431,8 @@ class RemoteEmbedder:
     def default_model(self) -> str:
         if not self._default:
             self._default = self._stub.ListModels(embedding_pb2.ListModelsRequest(),
-                                                  timeout=self._timeout).default_model
+                                                  timeout=self._timeout,
+                                                  metadata=self._metadata).default_model
         return self._default
 
     def embed(self, items: Sequence[ImageItem], model: str = "", version: str = "", *,
@@ -382,14 +443,15 @@ class RemoteEmbedder:
             model=common_pb2.ModelRef(name=model, version=version),
             images=[common_pb2.Image(id=i.id, data=i.data) if i.data is not None
                     else common_pb2.Image(id=i.id, uri=i.uri) for i in items])
-        resp = self._stub.Embed(request, timeout=timeout)
+        resp = self._stub.Embed(request, timeout=timeout, metadata=self._metadata)
         vectors = np.array([list(e.vector) for e in resp.embeddings], dtype=np.float32)
         return Embedded([e.id for e in resp.embeddings], vectors.reshape(len(items), -1),
                         resp.model_name, resp.model_version)
 
     def model(self, name: str = "", version: str = "") -> ModelInfo:
         info = self._stub.GetModel(embedding_pb2.GetModelRequest(
-            model=common_pb2.ModelRef(name=name, version=version)), timeout=self._timeout)
+            model=common_pb2.ModelRef(name=name, version=version)), timeout=self._timeout,
+            metadata=self._metadata)
         return ModelInfo(info.name, info.version, info.state, info.ready, info.dim or None)
 
     def is_ready(self) -> bool:

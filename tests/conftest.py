@@ -97,3 +97,31 @@ def sample_images() -> list[Image.Image]:
             x = int(rng.integers(0, photo.shape[1] - w))
             crops.append(Image.fromarray(photo[y : y + h, x : x + w]))
     return crops
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A real PostgreSQL server for the session (tests/_postgres_support.py; ~1 s to start),
+    or a skip naming what is missing."""
+    from _postgres_support import start_postgres
+
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def postgres_url(postgres: Any) -> Iterator[str]:
+    """The URL of a fresh, empty database of the session's server (dropped afterwards)."""
+    with postgres.database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a test's store lives, once per backend: ``Store.open(store_target)``."""
+    if request.param == "sqlite":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("postgres_url")

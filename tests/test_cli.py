@@ -184,7 +184,7 @@ def test_serve_runs_until_sigterm(triton, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "reidal.cli", "serve", "--service", "collections", "sampling",
          "constraints", "--port", str(port), "--data-dir", str(tmp_path / "data"),
-         "--triton-url", triton.grpc_url, "--log-json", "--grace", "5"],
+         "--triton-url", triton.grpc_url, "--log-json", "--grace", "5", "--http-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         first = proc.stdout.readline()

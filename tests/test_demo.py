@@ -2,6 +2,7 @@
 
 import csv
 
+import numpy as np
 import pytest
 
 from reidal.cli import main
@@ -33,6 +34,16 @@ def test_demo_runs_the_whole_loop(tmp_path, capsys):
             assert -1.0 <= float(r[key]) <= 1.0
     png = (out / "cycles.png").read_bytes()
     assert png.startswith(b"\x89PNG")
+    # the training step: a new model version, trained on the answers, now embeds the
+    # collection (its vectors are stored under that version beside version 1's)
+    assert "StartTraining" in printed and "after training: mAP" in printed
+    with (out / "training.csv").open() as fh:
+        stages = {r["stage"]: r for r in csv.DictReader(fh)}
+    assert stages["before"]["model_version"] == "1"
+    new_version = stages["after"]["model_version"]
+    assert int(new_version) > 1
+    for r in stages.values():
+        assert 0.0 <= float(r["mAP"]) <= 1.0 and -1.0 <= float(r["f1"]) <= 1.0
 
     # Everything went through the server: its durable store holds every image and exactly
     # the answers the table counts, each the ground truth of its pair.
@@ -42,6 +53,10 @@ def test_demo_runs_the_whole_loop(tmp_path, capsys):
     try:
         assert store.counts("demo")["images"] == len(truth)
         ids, X = store.get_vectors("demo", "reidal_embedder", "1")
+        assert store.get_collection("demo").model_version == new_version
+        trained_ids, X_new = store.get_vectors("demo", "reidal_embedder", new_version)
+        assert trained_ids == ids and X_new.shape == X.shape
+        assert not np.allclose(X_new, X, atol=1e-4)
         answers = store.answers("demo")
         assert len(answers) == sum(asked)
         assert len({(a.image_a, a.image_b) for a in answers}) == len(answers)

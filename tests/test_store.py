@@ -1,4 +1,5 @@
-"""The durable store: real SQLite files in a temporary data directory."""
+"""The durable store, every test on both backends: a real SQLite file in a temporary data
+directory and a fresh database of a real PostgreSQL server (conftest ``store_target``)."""
 
 import subprocess
 import sys
@@ -12,8 +13,8 @@ from reidal.store import AnswerIn, ImageRecord, Store
 
 
 @pytest.fixture()
-def store(tmp_path):
-    s = Store(tmp_path)
+def store(store_target):
+    s = Store.open(store_target)
     s.create_collection("zebras", species="plains zebra", model_name="m", model_version="1")
     s.add_images("zebras", [ImageRecord(f"img{i}", metadata={"site": "a" if i % 2 else "b"})
                             for i in range(6)])
@@ -98,12 +99,12 @@ def test_concurrent_writers_lose_nothing(store):
     assert len(store.answers("zebras", current_only=False)) == 120
 
 
-def test_answers_survive_a_killed_process(tmp_path):
+def test_answers_survive_a_killed_process(store_target):
     """An answer is durable once submit_answers returns: kill -9 the writer, reopen, find it."""
     code = f"""
 import os, signal
 from reidal.store import Store, ImageRecord, AnswerIn
-s = Store({str(tmp_path)!r})
+s = Store.open({store_target!r})
 s.create_collection("c")
 s.add_images("c", [ImageRecord("a"), ImageRecord("b")])
 s.submit_answers("c", [AnswerIn("a", "b", "SAME", annotator="field")])
@@ -111,7 +112,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True)
     assert proc.returncode == -9
-    reopened = Store(tmp_path)
+    reopened = Store.open(store_target)
     try:
         [ans] = reopened.answers("c")
         assert (ans.image_a, ans.image_b, ans.label, ans.annotator) == ("a", "b", "SAME", "field")

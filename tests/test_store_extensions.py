@@ -1,4 +1,4 @@
-"""Schema-2 store features and the runtime's operations: real SQLite in a temp directory."""
+"""Schema-2 store features and the runtime's operations, on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import pytest
 from reidal.blobs import BlobStore, sha256_hex
 from reidal.errors import FailedPrecondition, NotFound
 from reidal.runtime import Notifier, OperationRunner, operation_key
-from reidal.store import AnswerIn, ImageRecord, ImageSource, PairRecord, Store
+from reidal.store import SCHEMA_VERSION, AnswerIn, ImageRecord, ImageSource, PairRecord, Store
 
 
 @pytest.fixture()
-def store(tmp_path):
-    s = Store(tmp_path)
+def store(store_target):
+    s = Store.open(store_target)
     s.create_collection("c", model_name="m")
     s.add_images("c", [ImageRecord(f"i{k}") for k in range(6)])
     yield s
@@ -141,9 +141,10 @@ def test_delete_collection_cascades(store):
                        finished=False, model_name="m", model_version="1")
     store.create_operation("op-1", "c", "sample")
     store.save_identities("c", {"i0": "id-000001"}, counter_name="identity", counter_value=2)
+    store.create_training_job("c", {"epochs": 1}, base_model_name="m", base_model_version="1")
     store.delete_collection("c")
     for table in ("images", "batches", "batch_pairs", "identities", "counters", "operations",
-                  "image_sources"):
+                  "image_sources", "training_jobs"):
         assert store._query(f"SELECT COUNT(*) FROM {table}")[0][0] == 0, table
 
 
@@ -161,7 +162,9 @@ def test_schema_1_file_upgrades_in_place(tmp_path):
     s = Store(tmp_path)
     try:
         assert s.counts("old")["pairs_asked"] == 0
-        assert s._query("SELECT value FROM meta WHERE key = 'schema_version'")[0][0] == "2"
+        assert s._query("SELECT value FROM meta WHERE key = 'schema_version'")[0][0] == str(
+            SCHEMA_VERSION)
+        assert s.create_operation("op", "old", "embed").state == "PENDING"  # owner column added
     finally:
         s.close()
 
@@ -225,8 +228,8 @@ def test_operation_runner_records_progress_failure_and_exclusivity(store):
     assert notifier.version(operation_key(op.operation_id)) >= 3
 
 
-def test_unfinished_operations_are_failed_at_start(tmp_path):
-    s = Store(tmp_path)
+def test_unfinished_operations_are_failed_at_start(store_target):
+    s = Store.open(store_target)
     s.create_collection("c")
     s.create_operation("op-a", "c", "embed")
     s.create_operation("op-b", "c", "embed")

@@ -268,16 +268,20 @@ def test_job_trains_on_images_added_by_uri(server, triton, tmp_path):
         collection_id="u", config=training_pb2.TrainingConfig(**TINY)), timeout=30)
     final = _watch_to_end(training, job.job_id)[-1]
     assert final.state == training_pb2.JOB_STATE_SUCCEEDED, final.error_message
-    # a file gone since ingest fails the next job with a message naming the image
+    # a file gone since ingest fails the next job with a message naming the image; the
+    # client's wait_job raises it with the recorded code
+    from reidal_client import OperationFailed, ReidalClient
+
     (folder / f"{pics[3].image_id}.png").unlink()
-    job = training.StartTraining(training_pb2.StartTrainingRequest(
-        collection_id="u", config=training_pb2.TrainingConfig(**TINY)), timeout=30)
-    final = _watch_to_end(training, job.job_id)[-1]
-    assert final.state == training_pb2.JOB_STATE_FAILED
-    assert final.error_code == "FAILED_PRECONDITION" and pics[3].image_id in final.error_message
+    with ReidalClient(_srv.address) as client:
+        job = client.start_training("u", **TINY)
+        with pytest.raises(OperationFailed, match=pics[3].image_id) as failed:
+            client.wait_job(job.job_id, timeout_s=120)
+        assert failed.value.code == grpc.StatusCode.FAILED_PRECONDITION
 
 
 def test_server_job_defaults_follow_the_collection_and_head_schedule():
+    from reidal.errors import InvalidArgument
     from reidal.training.config import HEAD_SCHEDULE
     from reidal.training_jobs import build_config
 
@@ -285,6 +289,36 @@ def test_server_job_defaults_follow_the_collection_and_head_schedule():
     assert (cfg.eps, cfg.min_samples, cfg.k1, cfg.k2) == (0.55, 3, 8, 2)
     assert all(getattr(cfg, k) == v for k, v in HEAD_SCHEDULE.items())
     assert cfg.sampler == "none" and cfg.mode == "head"
+    # a collection smaller than the default batch gets fewer identities per batch...
+    assert build_config({}, 63).num_identities == 63 // 4
+    # ...unless the client chose P itself
+    with pytest.raises(InvalidArgument, match="larger than the collection"):
+        build_config({"num_identities": 16}, 63)
     # the client's values win over both
     cfg = build_config({"lr": 3e-4, "k1": 12}, 100, {"k1": 8})
     assert cfg.lr == 3e-4 and cfg.k1 == 12
+
+
+def test_cli_and_client_train_promote_list(server, triton, capsys):
+    from reidal.cli import main
+    from reidal_client import ReidalClient
+
+    srv, stubs, _training = server
+    create_and_fill(stubs, "c", pictures()[:16])
+    tiny = [f"--set={k}={v}" for k, v in TINY.items() if k != "epochs"]
+    code = main(["train", "start", "c", "--server", srv.address, "--epochs", "1", *tiny,
+                 "--promote"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "succeeded" in out and "now uses" in out
+    with ReidalClient(srv.address) as client:
+        jobs = client.list_training_jobs("c")
+        assert len(jobs) == 1 and jobs[0].state == "SUCCEEDED"
+        assert jobs[0].config["iters_per_epoch"] == 2 and jobs[0].config["k1"] == 6
+        assert client.get_collection("c").model.version == jobs[0].model.version
+        with pytest.raises(ValueError, match="unknown training config"):
+            client.start_training("c", colour="red")
+    assert main(["train", "list", "c", "--server", srv.address]) == 0
+    assert jobs[0].job_id in capsys.readouterr().out
+    assert main(["train", "start", "nope", "--server", srv.address]) == 1
+    assert "nope" in capsys.readouterr().err

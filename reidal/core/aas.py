@@ -789,6 +789,31 @@ class AmbiguityAwareSampler:
         db_eps = float(getattr(self._dbscan(), "eps", 0.0))
         return min(1.0, max(db_eps, 1.0 - self.s_min))
 
+    def neighbour_graph(self, X: np.ndarray, timings: dict[str, float] | None = None
+                        ) -> tuple[tuple[np.ndarray, np.ndarray], sp.csr_matrix, bool]:
+        """(kNN result, Jaccard matrix, was cached) of ``X`` as this sampler builds them.
+
+        One kNN search (self in column 0, k clipped to n) serves Jaccard, FINCH and U_us;
+        both come from the process-wide cache, so whatever else clusters the same vectors
+        with the same parameters (the identities of a collection) reuses this cycle's work
+        and sees exactly the clusters the sampler saw.
+        """
+        dbscan = self._dbscan()
+        db_eps = float(getattr(dbscan, "eps", 0.0))
+        max_distance = self.resolved_jaccard_max_distance()
+        if max_distance < db_eps:
+            raise ValueError(
+                f"jaccard_max_distance {max_distance} is below DBSCAN's eps "
+                f"{db_eps}: DBSCAN would lose neighbours"
+            )
+        index = self.resolved_knn_index(X.shape[0])
+        options = {**APPROXIMATE_KNN_DEFAULTS.get(index, {}), **self.knn_options}
+        return _NEIGHBOUR_GRAPHS.get_or_build(
+            X, k1=int(getattr(dbscan, "k1", 30)), k2=int(getattr(dbscan, "k2", 6)),
+            index=index, options=options, max_distance=max_distance,
+            timings=timings if timings is not None else {},
+        )
+
     # Defaults are built lazily so importing this module does not need every dependency.
     def _dbscan(self) -> Any:
         if self.dbscan is None:
@@ -824,22 +849,9 @@ class AmbiguityAwareSampler:
         X, n_budget, excl = check_sample_inputs(X, constraints, budget, exclude_pairs)
         timings: dict[str, float] = {}
         dbscan = self._dbscan()
-        k1 = int(getattr(dbscan, "k1", 30))
-        k2 = int(getattr(dbscan, "k2", 6))
-        db_eps = float(getattr(dbscan, "eps", 0.0))
-        max_distance = self.resolved_jaccard_max_distance()
-        if max_distance < db_eps:
-            raise ValueError(
-                f"jaccard_max_distance {max_distance} is below DBSCAN's eps "
-                f"{db_eps}: DBSCAN would lose neighbours"
-            )
-        # One kNN search (self in column 0, k clipped to n) serves Jaccard, FINCH and U_us.
+        knn_result, D, cached = self.neighbour_graph(X, timings)
         index = self.resolved_knn_index(X.shape[0])
-        options = {**APPROXIMATE_KNN_DEFAULTS.get(index, {}), **self.knn_options}
-        knn_result, D, cached = _NEIGHBOUR_GRAPHS.get_or_build(
-            X, k1=k1, k2=k2, index=index, options=options, max_distance=max_distance,
-            timings=timings,
-        )
+        max_distance = self.resolved_jaccard_max_distance()
         timings["knn_jaccard"] = timings["knn"] + timings["jaccard"]
 
         t = time.perf_counter()

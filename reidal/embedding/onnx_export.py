@@ -101,8 +101,9 @@ def write_onnx_repository(
     opset: int = DEFAULT_OPSET,
     verify: bool = True,
 ) -> Path:
-    """Write ``<out_dir>/<model_name>/{config.pbtxt, <version>/model.onnx}``; return the model
-    folder. ``model`` defaults to the default EmbeddingNet. With ``verify`` the export is
+    """Write ``<out_dir>/<model_name>/{config.pbtxt, <version>/model.onnx}`` (with
+    ``model.pt`` + ``model.json`` beside it when reidal can rebuild the model, so training
+    can start from that version); return the model folder. ``model`` defaults to the default EmbeddingNet. With ``verify`` the export is
     compared with torch on a random batch (onnxruntime, CPU) and refused above 1e-4."""
     from reidal.embedding.model import build_default_model
 
@@ -131,6 +132,12 @@ def write_onnx_repository(
             spec, dim=int(dim), max_batch_size=max_batch_size,
             instance_count=instance_count, instance_kind=instance_kind,
         )
+        try:  # the torch files too, so training can start from this version later
+            from reidal.embedding.model import save_model
+
+            save_model(model, staging, spec)  # type: ignore[arg-type]
+        except ValueError:
+            pass  # a module reidal cannot rebuild: ONNX only
         final = model_dir / str(version)
         if final.exists():
             shutil.rmtree(final)

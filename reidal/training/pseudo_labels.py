@@ -167,3 +167,14 @@ class SpCLPseudoLabeler:
             n_np3_changed=int(changed),
             indep_threshold=indep_threshold,
         )
+
+
+def fixed_pseudo_labels(labels: np.ndarray) -> PseudoLabels:
+    """Given labels as one epoch's pseudo-labels (-1 = an instance of its own): what the
+    supervised skyline trains on in place of the clustering."""
+    lab = np.asarray(labels, dtype=np.int64)
+    compact = compact_with_singletons(lab)
+    sizes = np.bincount(compact)
+    return PseudoLabels(clustered=lab, train=compact, n_clusters=int(np.sum(sizes > 1)),
+                        n_unclustered=int(np.sum(sizes == 1)), n_np3_changed=0,
+                        indep_threshold=None)

@@ -43,7 +43,7 @@ import torch
 from reidal.core.constraints import ConstraintSet
 from reidal.core.evaluation import OpenSetSplit, clustering_quality, evaluate_open_set
 from reidal.core.loop import Oracle, ask_and_record
-from reidal.core.validation import resolve_budget, total_pairs
+from reidal.core.validation import check_labels, resolve_budget, total_pairs
 from reidal.embedding.model import EmbeddingNet
 from reidal.embedding.spec import ModelSpec
 from reidal.training import distributed as D
@@ -58,7 +58,7 @@ from reidal.training.data import ImageDataset, check_image_items, spec_for
 from reidal.training.features import cache_backbone_features
 from reidal.training.memory import HybridMemory
 from reidal.training.pk_sampler import pk_batches, shard_batch
-from reidal.training.pseudo_labels import SpCLPseudoLabeler
+from reidal.training.pseudo_labels import SpCLPseudoLabeler, fixed_pseudo_labels
 
 #: Config fields a resumed job may change (they do not change what is computed).
 RESUMABLE_CHANGES = ("epochs", "device", "num_workers", "embed_batch_size", "eval_every",
@@ -309,6 +309,7 @@ class SpCLTrainer:
         on_epoch: Callable[[EpochReport], None] | None = None,
         cancel: threading.Event | None = None,
         resume: bool = False,
+        fixed_labels: object | None = None,
     ) -> TrainResult:
         """Train a copy of the model on ``data`` (the unlabelled training items).
 
@@ -323,6 +324,11 @@ class SpCLTrainer:
         result (``cancelled=True``) holds the copy as it was; the last checkpoint stays that
         of the last whole epoch. ``resume``: continue from ``checkpoint_dir``'s checkpoint
         when there is one.
+        ``fixed_labels``: one int label per item (-1 = no label: an instance of its own) that
+        replaces the per-epoch clustering (DBSCAN, NP3, reliability filter) in every epoch,
+        i.e. supervised training with the same memory, loss and schedule: the fully
+        supervised skyline of the benchmark. Nothing is asked (needs sampler "none" and no
+        constraints); the reports' quality compares these labels with ``true_labels``.
         """
         c = self.config
         n_data = int(data.shape[0]) if _is_feature_matrix(data) else len(data)
@@ -332,6 +338,12 @@ class SpCLTrainer:
                 f"{c.batch_size} images is larger than the collection of {n_data} items"
             )
         sampler = self.make_sampler()
+        fixed = None
+        if fixed_labels is not None:
+            fixed = check_labels(fixed_labels, n_data, name="fixed_labels")
+            if sampler is not None or constraints is not None:
+                raise ValueError("fixed_labels replace the clustering, so answers would be "
+                                 "ignored: use sampler='none' and no constraints with them")
         if sampler is not None and oracle is None:
             raise ValueError(f"sampler {c.sampler!r} asks questions, so fit needs an oracle "
                              "(or use sampler='none')")
@@ -356,14 +368,15 @@ class SpCLTrainer:
                 raise ValueError(f"batch of {c.batch_size} images does not split evenly over "
                                  f"{ctx.world_size} processes")
             return self._fit(data, n_data, sampler, oracle, constraints, truth, eval_set,
-                             on_epoch, cancel, resume, ctx)
+                             on_epoch, cancel, resume, ctx, fixed)
         finally:
             D.teardown(ctx)
 
     def _fit(self, data: object, n: int, sampler: Any, oracle: Oracle | None,
              given: ConstraintSet | None, truth: np.ndarray | None, eval_set: EvalSet | None,
              on_epoch: Callable[[EpochReport], None] | None, cancel: threading.Event | None,
-             resume: bool, ctx: D.DistContext) -> TrainResult:
+             resume: bool, ctx: D.DistContext, fixed: np.ndarray | None = None
+             ) -> TrainResult:
         c = self.config
         device = _resolve_device(c, ctx)
         if device.type == "cuda":
@@ -454,7 +467,8 @@ class SpCLTrainer:
             times["ask"] = time.perf_counter() - t
 
             t = time.perf_counter()
-            pl = labeler(X, constraints, indep_threshold)
+            pl = (labeler(X, constraints, indep_threshold) if fixed is None
+                  else fixed_pseudo_labels(fixed))
             indep_threshold = pl.indep_threshold
             memory.set_labels(torch.from_numpy(pl.train))
             times["pseudo_labels"] = time.perf_counter() - t
@@ -500,7 +514,7 @@ class SpCLTrainer:
 
         X_final = (memory.features if c.cluster_features == "memory"
                    else inputs.embed_all(model, ctx)).cpu().numpy()
-        final = labeler.dbscan(X_final)
+        final = labeler.dbscan(X_final) if fixed is None else fixed
         if len(constraints):
             final = labeler.refiner(final, X_final, constraints).labels
         model = model.cpu().eval()

@@ -23,8 +23,10 @@ from reidal_client.errors import (
     InvalidArgument,
     NotFound,
     OperationFailed,
+    PermissionDenied,
     ReidalClientError,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 from reidal_client.types import (
@@ -36,6 +38,7 @@ from reidal_client.types import (
     Embeddings,
     Identities,
     Identity,
+    ImageContent,
     ImageExclusion,
     ImageFilter,
     ImageInfo,
@@ -48,6 +51,7 @@ from reidal_client.types import (
     SamplingParams,
     StoredAnswer,
     SubmitResult,
+    TrainingJob,
     parse_budget,
     parse_label,
 )
@@ -56,9 +60,9 @@ __all__ = [
     "DEFAULT_ADDRESS", "ReidalClient", "default_channel_options",
     "AlreadyExists", "Cancelled", "DeadlineExceeded", "FailedPrecondition", "Internal",
     "InvalidArgument", "NotFound", "OperationFailed", "ReidalClientError",
-    "ResourceExhausted", "Unavailable",
+    "ResourceExhausted", "Unavailable", "Unauthenticated", "PermissionDenied",
     "AddImagesResult", "Answer", "ClusteringParams", "Collection", "Contradiction",
-    "Embeddings", "Identities", "Identity", "ImageExclusion", "ImageFilter", "ImageInfo",
-    "ImageInput", "ModelRef", "Operation", "QueryBatch", "QueryPair", "QueueEvent",
+    "Embeddings", "Identities", "Identity", "TrainingJob", "ImageContent", "ImageExclusion", "ImageFilter",
+    "ImageInfo", "ImageInput", "ModelRef", "Operation", "QueryBatch", "QueryPair", "QueueEvent",
     "SamplingParams", "StoredAnswer", "SubmitResult", "parse_budget", "parse_label",
 ]

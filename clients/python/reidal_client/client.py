@@ -29,6 +29,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -43,6 +44,8 @@ from reidal.v1 import (
     embedding_pb2_grpc,
     sampling_pb2,
     sampling_pb2_grpc,
+    training_pb2,
+    training_pb2_grpc,
 )
 from reidal_client.errors import (
     DeadlineExceeded,
@@ -59,6 +62,7 @@ from reidal_client.types import (
     Collection,
     Embeddings,
     Identities,
+    ImageContent,
     ImageExclusion,
     ImageFilter,
     ImageInfo,
@@ -70,8 +74,10 @@ from reidal_client.types import (
     SamplingParams,
     StoredAnswer,
     SubmitResult,
+    TrainingJob,
     budget_pb,
     parse_label,
+    training_config_pb,
 )
 
 log = logging.getLogger("reidal_client")
@@ -82,6 +88,8 @@ T = TypeVar("T")
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 #: Largest message either way, as the server's default (64 MiB).
 DEFAULT_MAX_MESSAGE_MB = 64
+#: Hosts a token may be sent to without TLS and without a warning.
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
 #: Images per AddImages message: a batch is embedded and stored in one transaction.
 DEFAULT_INGEST_BATCH = 32
 
@@ -120,7 +128,11 @@ class ReidalClient:
     many times a retryable call is repeated after UNAVAILABLE (0: never). backoff_s: the
     first wait, doubled per retry up to max_backoff_s. channel_options: gRPC channel
     arguments, merged over :func:`default_channel_options`. credentials: TLS channel
-    credentials (None: plaintext). metadata: sent with every call (e.g. an auth token).
+    credentials (None: plaintext). tls_ca / tls_cert / tls_key: build them instead from PEM
+    files (or bytes): the CA that signed the server's certificate, and this client's
+    certificate and key for servers that require mutual TLS; ``tls=True`` alone trusts the
+    system roots. token: an access token, sent as ``authorization: Bearer <token>`` with
+    every call (never logged, not in ``repr``). metadata: sent with every call.
     interceptors: gRPC client interceptors. on_retry(method, attempt, delay_s, error):
     called before each retry's wait (logging it too). Use as a context manager, or
     :meth:`close` it.
@@ -139,6 +151,11 @@ class ReidalClient:
         metadata: Sequence[tuple[str, str]] = (),
         interceptors: Sequence[Any] = (),
         on_retry: RetryCallback | None = None,
+        tls: bool = False,
+        tls_ca: str | Path | bytes | None = None,
+        tls_cert: str | Path | bytes | None = None,
+        tls_key: str | Path | bytes | None = None,
+        token: str | None = None,
     ) -> None:
         if not address or ":" not in address:
             raise ValueError(f"address must be host:port, got {address!r}")
@@ -154,7 +171,19 @@ class ReidalClient:
         self.retries = int(retries)
         self.backoff_s = float(backoff_s)
         self.max_backoff_s = float(max_backoff_s)
-        self.metadata = tuple(metadata)
+        if credentials is not None and (tls or tls_ca or tls_cert or tls_key):
+            raise ValueError("pass credentials or tls / tls_ca / tls_cert / tls_key, not both")
+        if credentials is None and (tls or tls_ca or tls_cert or tls_key):
+            from reidal.tls import channel_credentials
+
+            credentials = channel_credentials(tls_ca, tls_cert, tls_key)
+        if token is not None and not token.strip():
+            raise ValueError("token is empty")
+        if token and credentials is None and address.rsplit(":", 1)[0] not in _LOOPBACK:
+            log.warning("sending an access token to %s without TLS: anyone on the network "
+                        "path can read it", address)
+        self.metadata = tuple(metadata) + (
+            (("authorization", f"Bearer {token.strip()}"),) if token else ())
         self.on_retry = on_retry
         options = default_channel_options(max_reconnect_backoff_s=max_backoff_s)
         options.update(dict(channel_options or {}))
@@ -168,6 +197,7 @@ class ReidalClient:
         self._sampling = sampling_pb2_grpc.SamplingServiceStub(channel)
         self._constraints = constraints_pb2_grpc.ConstraintServiceStub(channel)
         self._embedding = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+        self._training = training_pb2_grpc.TrainingServiceStub(channel)
         from grpc_health.v1 import health_pb2_grpc
 
         self._health = health_pb2_grpc.HealthStub(channel)
@@ -372,6 +402,15 @@ class ReidalClient:
             token = page.next_page_token
             if not token:
                 return out
+
+    def get_image(self, collection_id: str, image_id: str, *,
+                  timeout_s: float | None = None) -> ImageContent:
+        """The encoded file of one image as ingested, with its MIME type (NotFound for an
+        unknown collection or image)."""
+        return ImageContent.from_pb(self._call(
+            "CollectionService.GetImage", self._collections.GetImage,
+            collections_pb2.GetImageRequest(collection_id=collection_id, image_id=image_id),
+            retry=True, timeout_s=timeout_s))
 
     def embed_collection(self, collection_id: str, *, model: ModelRef | str | None = None,
                          wait: bool = True, timeout_s: float | None = None,
@@ -666,6 +705,87 @@ class ReidalClient:
         if not ids:
             raise ValueError("embed got no images")
         return Embeddings(tuple(ids), np.concatenate(parts), ref)
+
+
+    # ------------------------------------------------------------------ training
+    def start_training(self, collection_id: str, *, timeout_s: float | None = None,
+                       **config: Any) -> TrainingJob:
+        """Start a training job on the collection's images and answers (keyword values:
+        TrainingConfig fields, e.g. ``epochs=10``; unset ones keep the server's defaults).
+        Not retried: a retry could start a second job (the server refuses two at once)."""
+        msg = self._call("TrainingService.StartTraining", self._training.StartTraining,
+                         training_pb2.StartTrainingRequest(
+                             collection_id=collection_id, config=training_config_pb(config)),
+                         retry=False, timeout_s=timeout_s)
+        return TrainingJob.from_pb(msg)
+
+    def get_job(self, job_id: str, *, timeout_s: float | None = None) -> TrainingJob:
+        return TrainingJob.from_pb(self._call(
+            "TrainingService.GetJob", self._training.GetJob,
+            training_pb2.GetJobRequest(job_id=job_id), retry=True, timeout_s=timeout_s))
+
+    def list_training_jobs(self, collection_id: str = "", *,
+                           timeout_s: float | None = None) -> list[TrainingJob]:
+        msg = self._call("TrainingService.ListTrainingJobs", self._training.ListTrainingJobs,
+                         training_pb2.ListTrainingJobsRequest(collection_id=collection_id),
+                         retry=True, timeout_s=timeout_s)
+        return [TrainingJob.from_pb(j) for j in msg.jobs]
+
+    def cancel_job(self, job_id: str, *, timeout_s: float | None = None) -> TrainingJob:
+        """Cancel (idempotent: a finished job is returned as it is)."""
+        return TrainingJob.from_pb(self._call(
+            "TrainingService.CancelJob", self._training.CancelJob,
+            training_pb2.CancelJobRequest(job_id=job_id), retry=True, timeout_s=timeout_s))
+
+    def watch_job(self, job_id: str, *, timeout_s: float | None = None
+                  ) -> Iterator[TrainingJob]:
+        """The job's states as they change (epoch by epoch), ending with the final one."""
+        request = training_pb2.GetJobRequest(job_id=job_id)
+        for msg in self._stream("TrainingService.WatchJob",
+                                lambda: self._training.WatchJob(
+                                    request, timeout=timeout_s,
+                                    metadata=self.metadata or None)):
+            yield TrainingJob.from_pb(msg)
+
+    def wait_job(self, job_id: str, *, timeout_s: float | None = None,
+                 progress: Callable[[TrainingJob], None] | None = None) -> TrainingJob:
+        """Block until the job is final and return it (SUCCEEDED or CANCELLED); a FAILED job
+        raises OperationFailed with its recorded code. A watch cut by a restart is resumed."""
+        end = None if timeout_s is None else time.monotonic() + timeout_s
+        attempt = 0
+        while True:
+            left = None if end is None else max(end - time.monotonic(), 0.001)
+            job = None
+            try:
+                for job in self.watch_job(job_id, timeout_s=left):
+                    attempt = 0
+                    if progress is not None:
+                        progress(job)
+            except ReidalClientError as exc:
+                if exc.code != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
+                    raise
+                attempt += 1
+                self._retry_wait("TrainingService.WatchJob", attempt, exc)
+                continue
+            if job is None or not job.finished:
+                job = self.get_job(job_id)
+            if job.state == "FAILED":
+                raise operation_failed(job.error_code, job.error_message, job_id)
+            if job.finished:
+                return job
+
+    def promote_model(self, collection_id: str, version: str, *, model: str = "",
+                      wait: bool = True, timeout_s: float | None = None,
+                      progress: Callable[[Operation], None] | None = None) -> Operation:
+        """Re-embed the collection with a model version (e.g. a training job's); the old
+        vectors are kept until the new ones are complete. With ``wait`` block until done."""
+        msg = self._call("TrainingService.PromoteModel", self._training.PromoteModel,
+                         training_pb2.PromoteModelRequest(
+                             collection_id=collection_id,
+                             model=common_pb2.ModelRef(name=model, version=version)),
+                         retry=False, timeout_s=timeout_s)
+        op = Operation.from_pb(msg)
+        return self.wait_operation(op.operation_id, progress=progress) if wait else op
 
 
 __all__ = ["DEFAULT_ADDRESS", "DEFAULT_INGEST_BATCH", "ReidalClient", "default_channel_options"]

@@ -57,6 +57,14 @@ class Cancelled(ReidalClientError):
     """The call was cancelled."""
 
 
+class Unauthenticated(ReidalClientError, PermissionError):
+    """No access token, or one the server does not know (mistyped, revoked)."""
+
+
+class PermissionDenied(ReidalClientError, PermissionError):
+    """The token is valid but not for this collection, method or annotator name."""
+
+
 class Internal(ReidalClientError):
     """An unexpected server-side failure (its message is logged by the server)."""
 
@@ -75,6 +83,8 @@ _BY_CODE: dict[grpc.StatusCode, type[ReidalClientError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.CANCELLED: Cancelled,
     grpc.StatusCode.INTERNAL: Internal,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 
 

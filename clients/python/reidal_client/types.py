@@ -334,6 +334,20 @@ class ImageFilter:
                    tuple(msg.image_ids))
 
 
+@dataclass(frozen=True)
+class ImageContent:
+    """The encoded file of one image as ingested; ``sha256`` (hex) is a cache key."""
+
+    image_id: str
+    data: bytes
+    mime_type: str
+    sha256: str
+
+    @classmethod
+    def from_pb(cls, msg: collections_pb2.ImageContent) -> ImageContent:
+        return cls(msg.image_id, msg.data, msg.mime_type, msg.sha256)
+
+
 OPERATION_STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED")
 
 
@@ -697,3 +711,66 @@ class Embeddings:
     ids: tuple[str, ...]
     vectors: Any  # numpy.ndarray (n, dim), float32
     model: ModelRef
+
+
+# ------------------------------------------------------------------------- training
+
+JOB_STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+
+#: TrainingConfig fields (training.proto), the keyword arguments of ``start_training``.
+TRAINING_FIELDS = (
+    "mode", "epochs", "epochs_per_cycle", "iters_per_epoch", "num_identities",
+    "num_instances", "lr", "weight_decay", "step_size", "gamma", "momentum", "temperature",
+    "eps", "min_samples", "k1", "k2", "eps_gap", "reliability_percentile", "self_paced",
+    "cluster_features", "seed")
+
+
+def training_config_pb(config: Mapping[str, Any]) -> Any:
+    """A TrainingConfig message from keyword values; an unknown name is a ValueError."""
+    from reidal.v1 import training_pb2
+
+    unknown = sorted(set(config) - set(TRAINING_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown training config field(s) {unknown}; "
+                         f"known: {', '.join(TRAINING_FIELDS)}")
+    return training_pb2.TrainingConfig(**{k: v for k, v in config.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """A training job; ``state`` is one of JOB_STATES, ``config`` every value it runs with."""
+
+    job_id: str
+    collection_id: str
+    state: str
+    epoch: int
+    epochs: int
+    loss: float
+    clusters: int
+    unclustered: int
+    answers_used: int
+    metrics: dict[str, float]
+    base_model: ModelRef
+    model: ModelRef
+    error_code: str
+    error_message: str
+    config: dict[str, Any]
+    created_at: datetime | None
+    updated_at: datetime | None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("SUCCEEDED", "FAILED", "CANCELLED")
+
+    @classmethod
+    def from_pb(cls, msg: Any) -> TrainingJob:
+        from reidal.v1 import training_pb2
+
+        config = {f: getattr(msg.config, f) for f in TRAINING_FIELDS
+                  if msg.config.HasField(f)}
+        return cls(msg.job_id, msg.collection_id,
+                   _enum_name(training_pb2.JobState, msg.state, "JOB_STATE_"),
+                   msg.epoch, msg.epochs, msg.loss, msg.clusters, msg.unclustered,
+                   msg.answers_used, dict(msg.metrics), ModelRef.from_pb(msg.base_model),
+                   ModelRef.from_pb(msg.model), msg.error_code, msg.error_message, config,
+                   _time(msg, "created_at"), _time(msg, "updated_at"))

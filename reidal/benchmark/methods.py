@@ -1,0 +1,273 @@
+"""The rows of the paper's Table 1, each a function of (dataset, seed) -> one row per cycle.
+
+Methods (every trained one starts from the same pretrained backbone + seeded head, trains
+only the head on the cached features, with the same :class:`BenchSchedule`; each sampler
+gets the same per-cycle budget; all pseudo-labels are NP3-refined DBSCAN, as in the paper):
+
+- ``zero-shot``: the pretrained model as it is (no training, nothing asked);
+- ``supervised``: the skyline, the same head trained on the true identities of the whole
+  pool (``SpCLTrainer.fit(fixed_labels=...)``: the clustering replaced by the labels);
+- ``usl``: SpCL without answers;
+- ``random``, ``uncertainty``, ``nis``, ``aas``: SpCL + that pair sampler (random pairs,
+  Jaccard-margin uncertainty, NIS-style low-degree vertices, Ambiguity-Aware Sampling);
+- ``triton:MODEL@URL``: a model a user serves on Triton (e.g. a foundation model) as one
+  more zero-shot row; its preprocessing comes from its config's parameters (as reidal's
+  repositories write them) or from a ModelSpec file.
+
+Models that do not change (zero-shot, Triton) give the same row in every cycle, so every
+method has one row per cycle and the tables line up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from reidal.benchmark.budget import BudgetSpec
+from reidal.benchmark.datasets import BenchDataset
+from reidal.demo import DEMO_K1, DEMO_K2, DEMO_MIN_SAMPLES
+
+#: Methods in Table 1's order (``triton:MODEL@URL`` rows go after zero-shot).
+METHODS = ("zero-shot", "supervised", "usl", "random", "uncertainty", "nis", "aas")
+#: Methods that ask the simulated annotator (SpCL + a sampler).
+SAMPLER_METHODS = ("random", "uncertainty", "nis", "aas")
+#: The method the Wilcoxon tests compare every other one against.
+REFERENCE_METHOD = "aas"
+TRITON_PREFIX = "triton:"
+
+#: Retrieval metrics reported (fractions in [0, 1]; reidal.core.evaluation names).
+RETRIEVAL_KEYS = ("mAP", "mINP", "top1", "top3", "top5", "top10", "BAKS", "AUC_ROC")
+#: Pseudo-label quality against the true identities of the pool.
+QUALITY_KEYS = ("f1", "precision", "recall", "ari")
+
+
+@dataclass(frozen=True)
+class BenchSchedule:
+    """The benchmark's head-mode training schedule, the same for every method.
+
+    Defaults (measured on the default synthetic set, head mode on CPU): SpCL's 400
+    iterations x lr 3.5e-4 an epoch over-fit the noisy pseudo-labels of a ~150-image pool
+    (every method ended below the untrained model), so an epoch is ``iters_per_epoch`` = 50
+    steps at ``lr`` = 1e-4; a cycle is ``epochs_per_cycle`` = 5 epochs (the paper: 10), the
+    StepLR step ``step_size`` = 10 epochs (two cycles, SpCL's 20 of 50); DBSCAN's ``k1``,
+    ``k2``, ``min_samples`` are the demo's, scaled to identities of 4-16 images (SpCL's 30 /
+    6 / 4 assume thousands of images). The cycle count comes from the budget spec. Not
+    tuned per method.
+    """
+
+    lr: float = 1e-4
+    iters_per_epoch: int = 50
+    epochs_per_cycle: int = 5
+    step_size: int = 10
+    k1: int = DEMO_K1
+    k2: int = DEMO_K2
+    min_samples: int = DEMO_MIN_SAMPLES
+    eps: float = 0.6
+    num_identities: int = 16
+    num_instances: int = 4
+
+    def train_config(self, cycles: int, budget: BudgetSpec, seed: int, sampler: str) -> Any:
+        """The TrainConfig of one run (``sampler``: "none", "random" or "aas")."""
+        from reidal.training import TrainConfig
+
+        return TrainConfig(
+            mode="head", device="cpu", epochs=cycles * self.epochs_per_cycle,
+            epochs_per_cycle=self.epochs_per_cycle, iters_per_epoch=self.iters_per_epoch,
+            lr=self.lr, step_size=self.step_size, k1=self.k1, k2=self.k2,
+            min_samples=self.min_samples, eps=self.eps, num_identities=self.num_identities,
+            num_instances=self.num_instances, budget_per_cycle=budget.per_cycle,
+            sampler=sampler, eval_every=self.epochs_per_cycle, seed=seed,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: ``--quick``'s schedule: the same recipe, short (CI checks that the pipeline works; its
+#: numbers mean nothing).
+QUICK_SCHEDULE = BenchSchedule(iters_per_epoch=10, epochs_per_cycle=2, step_size=4,
+                               num_identities=8)
+
+
+def check_method(method: str) -> str:
+    """``method`` if it names a method (or a well-formed ``triton:MODEL@URL``), else ValueError."""
+    if method in METHODS:
+        return method
+    if method.startswith(TRITON_PREFIX):
+        parse_triton_method(method)
+        return method
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)} or "
+                     "triton:MODEL@HOST:PORT")
+
+
+def parse_triton_method(method: str) -> tuple[str, str]:
+    """``"triton:MODEL@HOST:PORT"`` -> (MODEL, HOST:PORT)."""
+    body = method.removeprefix(TRITON_PREFIX)
+    model, sep, url = body.partition("@")
+    if not sep or not model or not url:
+        raise ValueError(f"a Triton method is 'triton:MODEL@HOST:PORT', got {method!r}")
+    return model, url
+
+
+@dataclass
+class RunContext:
+    """What every run of one benchmark shares."""
+
+    model: Any  # the pretrained EmbeddingNet (never modified: the trainer trains a copy)
+    schedule: BenchSchedule
+    budget: BudgetSpec
+    error_rate: float
+    triton_spec: Any = None  # ModelSpec for Triton rows; None = from the model's config
+    progress: Callable[[str], None] = print
+
+
+def _metrics(retrieval: dict[str, float], quality: dict[str, float]) -> dict[str, float]:
+    out = {k: float(retrieval.get(k, float("nan"))) for k in RETRIEVAL_KEYS}
+    out.update({f"pl_{k}": float(quality.get(k, float("nan"))) for k in QUALITY_KEYS})
+    return out
+
+
+def _cluster_quality(X_pool: np.ndarray, truth: np.ndarray, s: BenchSchedule) -> dict[str, float]:
+    """Quality of the benchmark's DBSCAN (the trainer's first clustering) on fixed vectors,
+    with its cluster count."""
+    from reidal.core.clustering import DBSCANJaccard
+    from reidal.core.evaluation import clustering_quality
+
+    labels = DBSCANJaccard(eps=s.eps, min_samples=s.min_samples, k1=s.k1, k2=s.k2)(X_pool)
+    q = clustering_quality(labels, truth)
+    return {k: float(q[k]) for k in (*QUALITY_KEYS, "n_clusters")}
+
+
+def _fixed_model_rows(X: np.ndarray, data: BenchDataset, ctx: RunContext, t0: float
+                      ) -> dict[str, Any]:
+    """The same row for every cycle: a model that nothing trains."""
+    from reidal.core.evaluation import evaluate_open_set
+    from reidal.core.validation import l2_normalise
+
+    X = l2_normalise(np.asarray(X, dtype=np.float32))
+    retrieval = evaluate_open_set(X, data.identities, data.split)
+    quality = _cluster_quality(X[data.pool], data.pool_truth, ctx.schedule)
+    seconds = time.perf_counter() - t0
+    rows = [{"cycle": c, "budget_pairs": 0, "allotted_pct": 0.0, "budget_used_pct": 0.0,
+             "pairs_asked": 0, "cumulative_pairs": 0, **_metrics(retrieval, quality),
+             "n_clusters": int(quality["n_clusters"]), "contradictions": 0, "flipped_answers": 0,
+             "cycle_s": seconds if c == 1 else 0.0, "wall_s": seconds}
+            for c in range(1, ctx.budget.cycles + 1)]
+    return {"rows": rows, "initial": _metrics(retrieval, quality), "seconds": seconds}
+
+
+def run_zero_shot(data: BenchDataset, seed: int, ctx: RunContext) -> dict[str, Any]:
+    import torch
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        X = ctx.model.embed_features(data.features).numpy()
+    return _fixed_model_rows(X, data, ctx, t0)
+
+
+def run_triton(method: str, data: BenchDataset, seed: int, ctx: RunContext) -> dict[str, Any]:
+    """Embed every image with a Triton model and evaluate it like the zero-shot row."""
+    from reidal.embedding.preprocess import preprocess
+    from reidal.embedding.triton_client import TritonEmbedder
+    from reidal.training.data import load_image
+
+    name, url = parse_triton_method(method)
+    t0 = time.perf_counter()
+    with TritonEmbedder(url) as emb:
+        spec = ctx.triton_spec if ctx.triton_spec is not None else emb.spec_from_triton(name)
+        parts = []
+        for s in range(0, len(data.images), 32):
+            batch = preprocess([load_image(im) for im in data.images[s:s + 32]], spec)
+            parts.append(emb.embed(batch, model=name).vectors)
+    return _fixed_model_rows(np.concatenate(parts), data, ctx, t0)
+
+
+def sampler_override(method: str, schedule: BenchSchedule) -> Any:
+    """The sampler object a method hands the trainer: None for "random" and "aas", which
+    the trainer builds itself from ``TrainConfig.sampler`` (with the config's DBSCAN), and
+    for methods that ask nothing; the baselines' own otherwise, with the same DBSCAN
+    parameters where they have them (uncertainty: eps, k1, k2; NIS: its defaults)."""
+    from reidal.core.baselines import NISSampler, UncertaintySampler
+
+    if method == "uncertainty":
+        return UncertaintySampler(eps=schedule.eps, k1=schedule.k1, k2=schedule.k2)
+    if method == "nis":
+        return NISSampler()
+    return None
+
+
+def run_trained(method: str, data: BenchDataset, seed: int, ctx: RunContext) -> dict[str, Any]:
+    """SpCL (+ a sampler, or on the true labels for ``supervised``) under the schedule."""
+    from reidal.core.oracle import SimulatedOracle
+    from reidal.training import EvalSet, SpCLTrainer
+
+    s, budget = ctx.schedule, ctx.budget
+    cycles, per = budget.cycles, s.epochs_per_cycle
+    asks = method in SAMPLER_METHODS
+    config = s.train_config(cycles, budget, seed, method if method in ("random", "aas")
+                            else "none")
+    sampler = sampler_override(method, s)
+    truth = data.pool_truth
+    oracle = SimulatedOracle(truth, error_rate=ctx.error_rate, seed=seed) if asks else None
+    n = data.pool.size
+    pairs_per_cycle = budget.pairs_per_cycle(n) if asks else 0
+    t0 = time.perf_counter()
+    ends: dict[int, tuple[float, int]] = {}
+
+    def on_epoch(r: Any) -> None:
+        if (r.epoch + 1) % per == 0 or r.epoch + 1 == cycles * per:
+            ends[r.cycle] = (time.perf_counter() - t0, 0 if oracle is None else oracle.n_flipped)
+            q = r.quality
+            ctx.progress(f"    cycle {r.cycle}/{cycles}: {r.cumulative_pairs} pairs "
+                         f"({r.cumulative_budget_pct:.3f} % of all), mAP "
+                         f"{100 * r.retrieval.get('mAP', float('nan')):.1f} %, pseudo-label "
+                         f"F1 {q.get('f1', float('nan')):.3f}, {r.contradictions} "
+                         f"contradiction(s), {ends[r.cycle][0]:.0f} s")
+
+    trainer = SpCLTrainer(config, ctx.model, sampler=sampler)
+    result = trainer.fit(
+        data.features[data.pool], oracle=oracle, true_labels=truth,
+        eval_set=EvalSet(data.features, data.identities, data.split), on_epoch=on_epoch,
+        fixed_labels=truth if method == "supervised" else None)
+    rows, prev = [], 0.0
+    for c in range(1, cycles + 1):
+        reps = result.reports[(c - 1) * per:c * per]
+        last = reps[-1]
+        wall, flipped = ends[c]
+        rows.append({
+            "cycle": c, "budget_pairs": pairs_per_cycle,
+            "allotted_pct": budget.allotted_pct(n, c) if asks else 0.0,
+            # The skyline knows every label: all pairs of the pool, as the paper's 100 %.
+            "budget_used_pct": 100.0 if method == "supervised" else last.cumulative_budget_pct,
+            "pairs_asked": sum(r.pairs_asked for r in reps),
+            "cumulative_pairs": last.cumulative_pairs,
+            **_metrics(last.retrieval, last.quality),
+            "n_clusters": last.n_clusters, "contradictions": last.contradictions,
+            "flipped_answers": flipped, "cycle_s": wall - prev, "wall_s": wall,
+        })
+        prev = wall
+    initial = _metrics(result.initial_retrieval,
+                       _cluster_quality(_initial_pool_vectors(ctx.model, data), truth, s))
+    return {"rows": rows, "initial": initial, "seconds": time.perf_counter() - t0}
+
+
+def _initial_pool_vectors(model: Any, data: BenchDataset) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model.embed_features(data.features[data.pool]).numpy()
+
+
+def run_method(method: str, data: BenchDataset, seed: int, ctx: RunContext) -> dict[str, Any]:
+    """One (method, seed) run on ``data``: ``{"rows": [one dict per cycle], "initial":
+    metrics of the untrained model, "seconds": wall time}``."""
+    check_method(method)
+    if method == "zero-shot":
+        return run_zero_shot(data, seed, ctx)
+    if method.startswith(TRITON_PREFIX):
+        return run_triton(method, data, seed, ctx)
+    return run_trained(method, data, seed, ctx)

@@ -1,0 +1,5 @@
+import sys
+
+from reidal.training.launch import main
+
+sys.exit(main())

@@ -1,0 +1,333 @@
+"""`python -m reidal.training`: one training run from the command line, alone or under torchrun.
+
+    python -m reidal.training --dataset metadata.csv --mode full --device cuda --out run1
+    torchrun --nproc_per_node 4 -m reidal.training --collection zebras --data-dir /var/lib/reidal \\
+        --model-repository /models --export onnx --mode full --device cuda --out /shared/run1
+
+The cluster entry point (the server's TrainingService runs head mode on CPU; this runs
+either mode anywhere, and ``full`` data-parallel under torchrun, one process a GPU). What it
+trains on, one of:
+
+- ``--dataset``: a collection in the WildlifeDatasets layout, or the generated synthetic one
+  (the benchmark's setting: identities known, a simulated annotator may answer);
+- ``--collection``: a collection of a reidal store (``--data-dir``, or ``--database-url`` /
+  ``$REIDAL_DATABASE_URL`` with the blobs under ``--data-dir``): its images and every answer
+  people gave, from the collection's model version (``--model NAME[:VERSION]`` to choose)
+  in ``--model-repository``; the new version is recorded as a finished training job, so
+  ``reidal train list`` shows it and ``reidal train promote`` re-embeds with it.
+
+It trains a copy of the model with :class:`reidal.training.SpCLTrainer`; rank 0 writes:
+
+- ``OUT/model/`` the trained model (``model.pt`` + ``model.json``, :func:`save_model`),
+- ``OUT/reports.json`` every epoch's report, the config, throughput and the final metrics,
+- ``OUT/ranks/RANK.json`` (every rank) digests of the final parameters and hybrid memory,
+  so a cluster run can check that its replicas agree,
+- with ``--model-repository``: the model as the next version there, for the bundled CPU
+  Triton (``--export python``) or the NGC GPU Triton (``--export onnx``; ``model.pt`` and
+  ``model.json`` are kept beside ``model.onnx`` so a later job can start from it);
+  ``--triton-url`` then asks that Triton to load it.
+
+Questions: with ``--sampler aas|random`` pairs are asked at every cycle start and answered
+by a simulated annotator from the dataset's identities (``--error-rate`` flips answers):
+the benchmark's protocol. ``--sampler none`` (default) is SpCL alone; answers people gave
+through the server reach training through the TrainingService instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reidal.embedding.spec import DEFAULT_MODEL_NAME
+from reidal.training.config import HEAD_SCHEDULE, MODES, SAMPLERS
+
+
+def _digest(tensors: Sequence[Any]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(np.ascontiguousarray(t.detach().cpu().float().numpy()).tobytes())
+    return h.hexdigest()
+
+
+def load_items(dataset: str, image_size: int, seed: int) -> tuple[list[Any], np.ndarray,
+                                                                  np.ndarray | None, str]:
+    """Images (paths or PIL images), identities (``""`` = unlabelled), split column, a name.
+
+    ``dataset``: a WildlifeDatasets metadata CSV, or ``synthetic`` / ``synthetic:N`` (the
+    generator's default collection, or N individuals), rendered in memory.
+    """
+    if dataset == "synthetic" or dataset.startswith("synthetic:"):
+        from reidal.data.synthetic_images import SyntheticConfig, iter_samples
+
+        n = dataset.partition(":")[2]
+        cfg = SyntheticConfig(seed=seed, image_size=image_size,
+                              **({"n_individuals": int(n)} if n else {}))
+        samples = list(iter_samples(cfg))
+        return ([s.image for s in samples], np.array([s.identity for s in samples]),
+                np.array([s.split for s in samples]), f"synthetic ({cfg.n_individuals} ids)")
+    from reidal.data.wildlife import load_wildlife_csv
+
+    ds = load_wildlife_csv(dataset)
+    ids = np.array(["" if x is None else str(x) for x in ds.identities], dtype=object)
+    return [str(p) for p in ds.paths], ids, ds.splits, str(dataset)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m reidal.training",
+                                description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", metavar="CSV|synthetic[:N]")
+    src.add_argument("--collection", metavar="ID", help="a collection of a reidal store")
+    p.add_argument("--data-dir", default=None,
+                   help="the server's data directory (SQLite store and the image blobs)")
+    p.add_argument("--database-url", default=os.environ.get("REIDAL_DATABASE_URL", ""),
+                   help="PostgreSQL store (default: $REIDAL_DATABASE_URL)")
+    p.add_argument("--model", default="", metavar="NAME[:VERSION]|pretrained",
+                   help="model to start from (default: the collection's version in "
+                        "--model-repository; with --dataset the pretrained model)")
+    p.add_argument("--out", required=True, help="output folder (rank 0 writes it)")
+    p.add_argument("--mode", choices=MODES, default="head")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    p.add_argument("--image-size", type=int, default=128, help="square input size (pixels)")
+    p.add_argument("--epochs", type=int, default=HEAD_SCHEDULE["epochs"])
+    p.add_argument("--epochs-per-cycle", type=int, default=HEAD_SCHEDULE["epochs_per_cycle"])
+    p.add_argument("--iters-per-epoch", type=int, default=HEAD_SCHEDULE["iters_per_epoch"])
+    p.add_argument("--lr", type=float, default=HEAD_SCHEDULE["lr"])
+    p.add_argument("--step-size", type=int, default=HEAD_SCHEDULE["step_size"])
+    p.add_argument("--num-identities", type=int, default=16, help="P of a P x K batch")
+    p.add_argument("--num-instances", type=int, default=4, help="K of a P x K batch")
+    p.add_argument("--k1", type=int, default=None, help="Jaccard k1 (default: SpCL's 30)")
+    p.add_argument("--k2", type=int, default=None)
+    p.add_argument("--min-samples", type=int, default=None)
+    p.add_argument("--eps", type=float, default=None)
+    p.add_argument("--sampler", choices=SAMPLERS, default="none")
+    p.add_argument("--budget", type=float, default=0.005,
+                   help="pairs per cycle: a fraction of all pairs (< 1) or a count (>= 1)")
+    p.add_argument("--error-rate", type=float, default=0.0,
+                   help="simulated annotator: probability an answer is flipped")
+    p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers (full mode)")
+    p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="atomic checkpoint every epoch (shared by all ranks)")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--evaluate", action="store_true",
+                   help="open-set retrieval every cycle (needs identities; the split column "
+                        "when present)")
+    p.add_argument("--model-repository", default=None,
+                   help="also write the model as the next version of --model-name here")
+    p.add_argument("--model-name", default=None,
+                   help="Triton model name (default: the base model's, else reidal's)")
+    p.add_argument("--export", choices=("python", "onnx"), default=None,
+                   help="repository format: python backend (CPU Triton) or onnx (NGC Triton); "
+                        "default: what the repository's config serves")
+    p.add_argument("--triton-url", default=None,
+                   help="ask this Triton (gRPC host:port) to load the new version")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train as ``args`` say; the summary rank 0 writes to reports.json (every rank returns
+    its own)."""
+    import torch
+
+    from reidal.core.evaluation import open_set_split
+    from reidal.core.oracle import SimulatedOracle
+    from reidal.embedding.model import build_default_model, save_model
+    from reidal.training import EvalSet, SpCLTrainer, TrainConfig
+    from reidal.training import distributed as D
+    from reidal.training_jobs import export_version, triton_loader
+
+    constraints, store, base = None, None, None
+    if args.collection:
+        store, items, constraints, base = _open_collection(args)
+        identities = np.full(len(items), "", dtype=object)
+        splits, name = None, f"collection {args.collection!r}"
+    else:
+        items, identities, splits, name = load_items(args.dataset, args.image_size, args.seed)
+    labelled = identities != ""
+    budget: int | float = int(args.budget) if args.budget >= 1 else float(args.budget)
+    extra = {k: getattr(args, k) for k in ("k1", "k2", "min_samples", "eps")
+             if getattr(args, k) is not None}
+    config = TrainConfig(
+        mode=args.mode, device=args.device, epochs=args.epochs,
+        epochs_per_cycle=args.epochs_per_cycle, iters_per_epoch=args.iters_per_epoch,
+        lr=args.lr, step_size=args.step_size, num_identities=args.num_identities,
+        num_instances=args.num_instances, sampler=args.sampler, budget_per_cycle=budget,
+        num_workers=args.num_workers, amp=not args.no_amp, seed=args.seed,
+        checkpoint_dir=args.checkpoint_dir, eval_every=args.epochs_per_cycle, **extra)
+    if base is not None:
+        model = base[0]
+    elif args.model and args.model != "pretrained":
+        raise ValueError("--model names a repository version: it needs --collection (with "
+                         "--dataset training starts from the pretrained model)")
+    else:
+        model = build_default_model(input_size=(args.image_size, args.image_size))
+
+    train_idx = np.arange(len(items))
+    eval_set = None
+    if args.evaluate:
+        if not labelled.all():
+            raise ValueError("--evaluate needs an identity for every image")
+        split = open_set_split(identities, split=splits, seed=args.seed)
+        eval_set = EvalSet(items, identities, split)
+        train_idx = split.train_idx  # the protocol trains on the known identities' images
+    oracle = None
+    if args.sampler != "none":
+        if not labelled[train_idx].all():
+            raise ValueError(f"--sampler {args.sampler} answers from the dataset's identities, "
+                             "and some training images have none: use --sampler none")
+        truth = np.unique(identities[train_idx], return_inverse=True)[1].reshape(-1)
+        oracle = SimulatedOracle(truth, error_rate=args.error_rate, seed=args.seed)
+    data = [items[i] for i in train_idx]
+
+    rank = D.setup(torch.device("cuda" if torch.cuda.is_available() else "cpu").type
+                   if args.device == "auto" else args.device)
+    out = Path(args.out)
+    if rank.is_main:
+        print(f"training on {name}: {len(data)} images, mode {args.mode}, device "
+              f"{args.device}, {rank.world_size} process(es), sampler {args.sampler}",
+              flush=True)
+
+    def on_epoch(r: Any) -> None:
+        line = (f"epoch {r.epoch + 1}/{config.epochs} (cycle {r.cycle}): loss {r.loss:.3f}, "
+                f"{r.n_clusters} clusters, {r.n_unclustered} un-clustered, "
+                f"{r.cumulative_pairs} pairs asked, {sum(r.seconds.values()):.1f} s")
+        if r.retrieval:
+            line += f", mAP {100 * r.retrieval['mAP']:.1f} %"
+        print(line, flush=True)
+
+    t0 = time.perf_counter()
+    try:
+        result = SpCLTrainer(config, model).fit(data, oracle=oracle, eval_set=eval_set,
+                                                constraints=constraints, on_epoch=on_epoch,
+                                                resume=args.resume)
+    finally:
+        D.teardown(rank)
+        if store is not None and not rank.is_main:
+            store.close()
+    seconds = time.perf_counter() - t0
+    train_seconds = sum(r.seconds.get("train", 0.0) for r in result.reports)
+    images = sum(r.iterations for r in result.reports) * config.batch_size
+    summary = {
+        "dataset": name, "config": config.to_dict(), "world_size": result.world_size,
+        "rank": rank.rank, "seconds": seconds,
+        "train_images_per_s": images / train_seconds if train_seconds else None,
+        "initial_retrieval": result.initial_retrieval,
+        "final_retrieval": result.reports[-1].retrieval if result.reports else {},
+        "pairs_asked": result.reports[-1].cumulative_pairs if result.reports else 0,
+        "resumed_from_epoch": result.resumed_from_epoch,
+        # parameters only: DDP keeps them identical; BatchNorm running statistics are each
+        # process's own (rank 0's are saved), as with any DDP model without SyncBatchNorm
+        "model_digest": _digest(list(result.model.parameters())),
+        "memory_digest": _digest([torch.as_tensor(result.memory_features)]),
+    }
+    (out / "ranks").mkdir(parents=True, exist_ok=True)
+    (out / "ranks" / f"{rank.rank}.json").write_text(json.dumps(
+        {k: summary[k] for k in ("rank", "world_size", "model_digest", "memory_digest")}))
+    if rank.is_main:
+        save_model(result.model, out / "model")
+        if args.model_repository:
+            name_out = args.model_name or (base[1] if base else None) or DEFAULT_MODEL_NAME
+            summary["repository_version"] = export_version(
+                result.model, args.model_repository, name_out, fmt=args.export,
+                load=triton_loader(args.triton_url) if args.triton_url else None)
+            summary["model_name"] = name_out
+        if store is not None:
+            try:
+                if args.model_repository:
+                    summary["job_id"] = _record_job(store, args.collection, config, base,
+                                                    summary, result, len(constraints.answers))
+            finally:
+                store.close()
+        summary["reports"] = [r.to_dict() for r in result.reports]
+        (out / "reports.json").write_text(json.dumps(summary, indent=1, default=str))
+        rate = summary["train_images_per_s"]
+        print(f"done in {seconds:.1f} s ({rate or 0:.1f} training images/s); model in "
+              f"{out / 'model'}" + (f"; version {summary['repository_version']} in "
+                                    f"{args.model_repository}" if args.model_repository else ""),
+              flush=True)
+    return summary
+
+
+def _open_collection(args: argparse.Namespace) -> tuple[Any, list[Any], Any, tuple]:
+    """The store, the collection's images and answers, and (model, name, version) to start
+    from."""
+    from reidal.blobs import BlobStore
+    from reidal.embedding.model import build_default_model, load_model
+    from reidal.store import Store
+    from reidal.training_jobs import collection_constraints, collection_images
+
+    if not args.data_dir:
+        raise ValueError("--collection needs --data-dir (the images' blobs; the SQLite store "
+                         "too unless --database-url)")
+    store = (Store(database_url=args.database_url) if args.database_url
+             else Store(args.data_dir))
+    try:
+        col = store.get_collection(args.collection)
+        ids, images = collection_images(store, BlobStore(Path(args.data_dir) / "blobs"),
+                                        args.collection)
+        constraints = collection_constraints(store, args.collection, ids)
+        if args.model == "pretrained":
+            return store, images, constraints, (
+                build_default_model(input_size=(args.image_size, args.image_size)),
+                DEFAULT_MODEL_NAME, "")
+        name, _, version = (args.model or "").partition(":")
+        name = name or col.model_name or DEFAULT_MODEL_NAME
+        version = version or (col.model_version if name == col.model_name else "")
+        if not args.model_repository:
+            raise ValueError("--collection starts from a version in --model-repository "
+                             "(or give --model pretrained)")
+        if not version:
+            from reidal.embedding.triton_repo import model_versions
+
+            found = model_versions(args.model_repository, name)
+            if not found:
+                raise ValueError(f"{args.model_repository} has no version of {name!r}")
+            version = str(found[-1])
+        folder = Path(args.model_repository) / name / version
+        if not (folder / "model.json").is_file():
+            raise ValueError(f"{folder} holds no torch model (model.pt + model.json) to train "
+                             "from; export versions with reidal, or give --model pretrained")
+        return store, images, constraints, (load_model(folder), name, version)
+    except BaseException:
+        store.close()
+        raise
+
+
+def _record_job(store: Any, collection_id: str, config: Any, base: tuple, summary: dict,
+                result: Any, answers: int) -> str:
+    """A finished training-job row, so the server lists the version this run produced."""
+    from reidal.store import JOB_RUNNING, JOB_SUCCEEDED
+
+    last = result.reports[-1] if result.reports else None
+    job = store.create_training_job(collection_id, config.to_dict(),
+                                    base_model_name=base[1], base_model_version=base[2])
+    store.update_training_job(job.job_id, state=JOB_RUNNING)
+    store.update_training_job(
+        job.job_id, state=JOB_SUCCEEDED, model_name=summary["model_name"],
+        model_version=str(summary["repository_version"]),
+        progress={"epoch": len(result.reports), "loss": float(last.loss) if last else 0.0,
+                  "clusters": int(last.n_clusters) if last else 0,
+                  "unclustered": int(last.n_unclustered) if last else 0,
+                  "pairs_asked": 0, "answers_used": answers, "metrics": {}})
+    return job.job_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0

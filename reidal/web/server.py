@@ -1,0 +1,197 @@
+"""The review page's HTTP server: the static page and the JSON API, standard library only.
+
+One :class:`http.server.ThreadingHTTPServer` serves ``/`` (the page), ``/static/*`` (its
+script and style sheet, from the package's ``static`` folder) and ``/api/*``
+(:class:`reidal.web.api.ReviewAPI`, which talks to reidal over gRPC). Why no web
+framework: the page is three files and the API eight routes; a dependency would cost
+more than it saves, and a field laptop runs this next to the gRPC server.
+
+Guards for a page that has no login of its own: POST bodies must be JSON (see
+:func:`reidal.web.api.parse_body`), no CORS headers are ever sent, and when bound to a
+loopback address the ``Host`` header must name loopback, so a web site cannot reach the
+API by pointing its own domain at 127.0.0.1 (DNS rebinding).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import urllib.parse
+from collections.abc import Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import grpc
+
+from reidal.web.api import MAX_BODY_BYTES, Reply, ReviewAPI, error_reply
+from reidal_client import ReidalClient
+
+log = logging.getLogger("reidal.web")
+
+STATIC_DIR = Path(__file__).with_name("static")
+_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+          ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png"}
+#: Same-origin only: no inline script or style, images from the API (and blob: for none).
+CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+       "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class ReviewHTTP:
+    """A running review page. ``port``: the bound port; ``url``: where to open it;
+    ``close()``: stop serving and close the gRPC channel (idempotent)."""
+
+    def __init__(self, server: ThreadingHTTPServer, thread: threading.Thread,
+                 client: ReidalClient, url_host: str) -> None:
+        self._server = server
+        self._thread = thread
+        self._client = client
+        self._closed = False
+        self.port: int = server.server_address[1]
+        self.url: str = f"http://{url_host}:{self.port}/"
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+        self._client.close()
+
+    def __enter__(self) -> ReviewHTTP:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ReviewHTTP({self.url!r})"
+
+
+def _static_files() -> dict[str, Path]:
+    """URL path -> file: exactly the files shipped, so no path from a request is ever
+    joined onto the file system."""
+    files = {f"/static/{p.name}": p for p in STATIC_DIR.iterdir()
+             if p.is_file() and p.suffix in _TYPES}
+    files["/"] = files["/index.html"] = STATIC_DIR / "index.html"
+    return files
+
+
+def _handler(api: ReviewAPI, static: dict[str, Path], loopback_only: bool
+             ) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "reidal-review"
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            log.debug("%s %s", self.address_string(), format % args)
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's method name
+            self._dispatch("GET")
+
+        def do_POST(self) -> None:  # noqa: N802
+            self._dispatch("POST")
+
+        def _dispatch(self, method: str) -> None:
+            path = urllib.parse.urlsplit(self.path).path
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0:
+                self.close_connection = True
+                self._send(error_reply(400, "INVALID_ARGUMENT", "bad Content-Length"))
+                return
+            if length > MAX_BODY_BYTES:
+                self.close_connection = True
+                self._send(error_reply(413, "INVALID_ARGUMENT",
+                                       f"body over {MAX_BODY_BYTES} bytes"))
+                return
+            body = self.rfile.read(length) if length > 0 else b""
+            if loopback_only and not self._host_is_loopback():
+                self._send(error_reply(403, "PERMISSION_DENIED",
+                                       "this page only answers requests for a loopback host "
+                                       "name (127.0.0.1 or localhost)"))
+                return
+            if path.startswith("/api/"):
+                reply = api.handle(method, path[len("/api/"):], body=body,
+                                   content_type=self.headers.get("Content-Type", ""),
+                                   if_none_match=self.headers.get("If-None-Match", ""))
+                self._send(reply)
+            elif path in static and method == "GET":
+                file = static[path]
+                self._send(Reply(200, file.read_bytes(), _TYPES[file.suffix],
+                                 (("Cache-Control", "no-cache"),)))
+            else:
+                self._send(error_reply(404, "NOT_FOUND", f"nothing at {path}"))
+
+        def _host_is_loopback(self) -> bool:
+            host = (self.headers.get("Host") or "").strip().lower()
+            if host.startswith("["):
+                host = host[1:].split("]", 1)[0]
+            else:
+                host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+            return host in _LOOPBACK
+
+        def _send(self, reply: Reply) -> None:
+            self.send_response(reply.status)
+            self.send_header("Content-Type", reply.content_type)
+            self.send_header("Content-Length", str(len(reply.body)))
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Referrer-Policy", "no-referrer")
+            self.send_header("X-Frame-Options", "DENY")
+            if reply.content_type.startswith("text/html"):
+                self.send_header("Content-Security-Policy", CSP)
+            if reply.content_type.startswith("application/json"):
+                self.send_header("Cache-Control", "no-store")
+            for name, value in reply.headers:
+                self.send_header(name, value)
+            self.end_headers()
+            if reply.status != 304:
+                self.wfile.write(reply.body)
+
+    return Handler
+
+
+def start_review_http(grpc_target: str, *, host: str = "127.0.0.1", port: int = 0,
+                      token: str | None = None,
+                      credentials: grpc.ChannelCredentials | None = None,
+                      metadata: Sequence[tuple[str, str]] = (), retries: int = 3,
+                      timeout_s: float = 60.0) -> ReviewHTTP:
+    """Serve the pair-review page on ``http://host:port/`` (``port=0``: any free port),
+    calling the reidal gRPC server at ``grpc_target``.
+
+    token / credentials / metadata: the hook for a gRPC server that wants authentication
+    or TLS: ``token`` is sent as ``authorization: Bearer <token>`` with every call,
+    ``credentials`` makes the channel TLS, ``metadata`` adds other pairs. The page itself
+    has no login: bind it to loopback (the default) unless the network is trusted.
+    retries: UNAVAILABLE retries of each gRPC call before the page is told to retry later
+    (it keeps the answer and resends it). Raises RuntimeError when the port cannot be
+    bound.
+    """
+    pairs = list(metadata)
+    if token:
+        pairs.append(("authorization", f"Bearer {token}"))
+    client = ReidalClient(grpc_target, timeout_s=timeout_s, retries=retries,
+                          max_backoff_s=2.0, credentials=credentials, metadata=pairs)
+    bare = host.strip("[]")
+    loopback_only = bare in _LOOPBACK
+    server_class = type("ReviewServer", (ThreadingHTTPServer,), {
+        "daemon_threads": True,
+        "address_family": socket.AF_INET6 if ":" in bare else socket.AF_INET})
+    try:
+        server = server_class((bare, port), _handler(ReviewAPI(client), _static_files(),
+                                                     loopback_only))
+    except OSError as exc:
+        client.close()
+        raise RuntimeError(f"cannot bind the review page to {host}:{port}: {exc}") from None
+    thread = threading.Thread(target=server.serve_forever, name="reidal-review-http",
+                              daemon=True)
+    thread.start()
+    url_host = "127.0.0.1" if bare in ("", "0.0.0.0") else \
+        "[::1]" if bare == "::" else f"[{bare}]" if ":" in bare else bare
+    log.info("review page on http://%s:%d/ (gRPC %s)", url_host, server.server_address[1],
+             grpc_target)
+    return ReviewHTTP(server, thread, client, url_host)
