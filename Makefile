@@ -39,10 +39,10 @@ protoc:
 # driven by playwright without downloading a browser), openssl (throwaway test certificates),
 # Node.js + npm (the Node client). As root with apt-get (CI) the missing ones are installed;
 # elsewhere the tests that need a missing one say so and skip.
-SYSPKGS := postgresql:/usr/lib/postgresql chromium:/usr/bin/chromium openssl:/usr/bin/openssl \
-           nodejs:/usr/bin/node npm:/usr/bin/npm
+SYSPKGS := postgresql:/usr/lib/postgresql/*/bin/initdb chromium:/usr/bin/chromium \
+           openssl:/usr/bin/openssl nodejs:/usr/bin/node npm:/usr/bin/npm
 sysdeps:
-	@missing=""; for p in $(SYSPKGS); do [ -e "$${p#*:}" ] || command -v "$${p%%:*}" >/dev/null || \
+	@missing=""; for p in $(SYSPKGS); do ls $${p#*:} >/dev/null 2>&1 || command -v "$${p%%:*}" >/dev/null || \
 	  missing="$$missing $${p%%:*}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
