@@ -556,14 +556,31 @@ class Store:
 
     def image_sources(self, collection_id: str,
                       image_ids: Iterable[str] | None = None) -> dict[str, ImageSource]:
-        """Where the pixels of (some of) a collection's images are, by image id."""
-        rows = self._query(
-            "SELECT image_id, kind, sha256, size FROM image_sources WHERE collection_id = ?",
-            (collection_id,),
-        )
-        wanted = None if image_ids is None else set(image_ids)
-        return {r["image_id"]: ImageSource(r["kind"], r["sha256"], r["size"]) for r in rows
-                if wanted is None or r["image_id"] in wanted}
+        """Where the pixels of (some of) a collection's images are, by image id (only the
+        rows of ``image_ids`` are read when given: one image costs one indexed lookup)."""
+        sql = "SELECT image_id, kind, sha256, size FROM image_sources WHERE collection_id = ?"
+        rows = ([r for chunk in self._id_chunks(image_ids)
+                 for r in self._query(f"{sql} AND image_id IN ({chunk[0]})",
+                                      (collection_id, *chunk[1]))]
+                if image_ids is not None else self._query(sql, (collection_id,)))
+        return {r["image_id"]: ImageSource(r["kind"], r["sha256"], r["size"]) for r in rows}
+
+    def image_record(self, collection_id: str, image_id: str) -> ImageRecord:
+        """One image of the collection (NotFound when it is not one)."""
+        rows = self._query("SELECT * FROM images WHERE collection_id = ? AND image_id = ?",
+                           (collection_id, image_id))
+        if not rows:
+            raise NotFound(f"image {image_id!r} is not in collection {collection_id!r}")
+        r = rows[0]
+        return ImageRecord(r["image_id"], r["uri"], r["name"], json.loads(r["metadata"]))
+
+    @staticmethod
+    def _id_chunks(ids: Iterable[str], size: int = 500) -> list[tuple[str, list[str]]]:
+        """(placeholders, ids) per chunk of at most ``size`` distinct ids (SQLite's
+        bound-parameter limit)."""
+        wanted = sorted(set(ids))
+        return [(",".join("?" * len(wanted[k:k + size])), wanted[k:k + size])
+                for k in range(0, len(wanted), size)]
 
     def referenced_blobs(self) -> set[str]:
         """SHA-256 of every blob some image of some collection still uses."""
@@ -572,11 +589,8 @@ class Store:
 
     def present_image_ids(self, collection_id: str, image_ids: Iterable[str]) -> set[str]:
         """The ids among ``image_ids`` that are images of the collection."""
-        wanted = sorted(set(image_ids))
         out: set[str] = set()
-        for start in range(0, len(wanted), 500):  # SQLite's bound-parameter limit
-            chunk = wanted[start:start + 500]
-            marks = ",".join("?" * len(chunk))
+        for marks, chunk in self._id_chunks(image_ids):
             out.update(r[0] for r in self._query(
                 f"SELECT image_id FROM images WHERE collection_id = ? AND image_id IN ({marks})",
                 (collection_id, *chunk)))

@@ -25,7 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from reidal import errors
 from reidal.blobs import sha256_hex
 from reidal.collection_state import ImageFilter, check_id, effective_params
-from reidal.embedding.images import DEFAULT_LIMITS, ImageError, _read_uri
+from reidal.embedding.images import DEFAULT_LIMITS, ImageError, read_uri
 from reidal.embedding.triton_client import (
     ModelInfo,
 )
@@ -338,8 +338,9 @@ class CollectionsServicer(collections_pb2_grpc.CollectionServiceServicer):
         """The encoded file of one image and its SHA-256: the kept blob for an image sent
         as bytes, else its URI read again under the embedder's limits (the rules it was
         accepted under at ingest)."""
-        if not iid or not self.store.present_image_ids(cid, [iid]):
+        if not iid:
             raise errors.NotFound(f"image {iid!r} is not in collection {cid!r}")
+        record = self.store.image_record(cid, iid)  # NotFound when it is not one
         source = self.store.image_sources(cid, [iid]).get(iid)
         if source is not None and source.kind == "data":
             try:
@@ -347,12 +348,12 @@ class CollectionsServicer(collections_pb2_grpc.CollectionServiceServicer):
             except FileNotFoundError as exc:
                 context.abort(grpc.StatusCode.DATA_LOSS,
                               f"the stored bytes of image {iid!r} are missing: {exc}")
-        uri = next((r.uri for r in self.store.images(cid) if r.image_id == iid), "")
+        uri = record.uri
         if not uri:
             raise errors.FailedPrecondition(f"image {iid!r} has neither kept bytes nor a uri")
         limits = getattr(self.runtime.embedder, "limits", DEFAULT_LIMITS)
         try:
-            data = _read_uri(uri, item_id=iid, limits=limits)
+            data = read_uri(uri, item_id=iid, limits=limits)
         except ImageError as exc:
             raise errors.FailedPrecondition(f"cannot read image {iid!r} again from its uri: "
                                             f"{exc.reason}") from None

@@ -118,3 +118,22 @@ os.kill(os.getpid(), signal.SIGKILL)
         assert (ans.image_a, ans.image_b, ans.label, ans.annotator) == ("a", "b", "SAME", "field")
     finally:
         reopened.close()
+
+
+def test_image_record_and_sources_of_some_images(store):
+    from reidal.store import ImageSource
+
+    store.create_collection("c")
+    images = [ImageRecord(f"i{k:04d}", uri=f"/p/{k}.png" if k % 2 else "", name=f"n{k}")
+              for k in range(1200)]  # more than one 500-id chunk
+    sources = {img.image_id: (ImageSource("uri", f"{k:064x}") if k % 2 else
+                              ImageSource("data", f"{k + 1:064x}", size=k))
+               for k, img in enumerate(images)}
+    store.ingest("c", images, sources)
+    assert store.image_record("c", "i0007") == images[7]
+    with pytest.raises(NotFound, match="i9999"):
+        store.image_record("c", "i9999")
+    wanted = [f"i{k:04d}" for k in range(0, 1200, 7)] + ["i0007", "nope"]
+    got = store.image_sources("c", wanted)
+    assert got == {i: sources[i] for i in wanted if i in sources}
+    assert store.image_sources("c") == sources

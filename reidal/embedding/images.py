@@ -92,7 +92,7 @@ def decode_image(
     if (data is None) == (uri is None):
         raise ImageError(item_id, "give exactly one of encoded bytes or a URI")
     if uri is not None:
-        data = _read_uri(uri, item_id=item_id, limits=limits)
+        data = read_uri(uri, item_id=item_id, limits=limits)
     assert data is not None
     if len(data) == 0:
         raise ImageError(item_id, "image data is empty (0 bytes)")
@@ -133,7 +133,9 @@ def decode_image(
         ) from None
 
 
-def _read_uri(uri: str, *, item_id: str, limits: ImageLimits) -> bytes:
+def read_uri(uri: str, *, item_id: str, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
+    """The encoded bytes an image URI names (a path, ``file://`` or, when
+    ``limits.allow_http``, ``http(s)://``), within the size limits; ImageError otherwise."""
     if not uri:
         raise ImageError(item_id, "URI is empty")
     if "://" not in uri and not uri.lower().startswith("file:"):
