@@ -1,0 +1,76 @@
+"""A process-wide cache of the kNN graph and k-reciprocal Jaccard matrix of a set of vectors.
+
+Sampling cycles, identities and training re-cluster the same embeddings many times; the two
+costliest stages depend only on the vectors and a few parameters (see
+:class:`NeighbourGraphCache`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+
+class NeighbourGraphCache:
+    """The last few (kNN result, Jaccard matrix) pairs, keyed by the vectors' content.
+
+    Both depend only on the embeddings and a few parameters, and the embeddings do not
+    change between the cycles of one collection (until a new model re-embeds it): reusing
+    them makes every cycle after the first skip the two costliest stages (at n = 100k about
+    35 of 37 s). Keyed by a BLAKE2 digest of the vectors, so a changed vector is a miss;
+    bounded to ``maxsize`` entries (about 60 MB each at n = 100k) and thread-safe.
+    """
+
+    def __init__(self, maxsize: int = 2) -> None:
+        self.maxsize = int(maxsize)
+        self._entries: OrderedDict[tuple, tuple[tuple[np.ndarray, np.ndarray], sp.csr_matrix]]
+        self._entries = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_or_build(
+        self,
+        X: np.ndarray,
+        *,
+        k1: int,
+        k2: int,
+        index: str,
+        options: dict[str, Any],
+        max_distance: float,
+        timings: dict[str, float],
+    ) -> tuple[tuple[np.ndarray, np.ndarray], sp.csr_matrix, bool]:
+        """(knn_result, D, was_cached); fills ``timings['knn']`` and ``timings['jaccard']``."""
+        from reidal.core.neighbors import jaccard_distance, knn
+
+        digest = hashlib.blake2b(np.ascontiguousarray(X).data, digest_size=16).hexdigest()
+        key = (digest, X.shape, k1, k2, index, tuple(sorted(options.items())), max_distance)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+        if hit is not None:
+            timings["knn"] = timings["jaccard"] = 0.0
+            return hit[0], hit[1], True
+        t = time.perf_counter()
+        knn_result = knn(X, max(k1, 2), index=index, **options)
+        timings["knn"] = time.perf_counter() - t
+        t = time.perf_counter()
+        D = jaccard_distance(X, k1=k1, k2=k2, knn_result=knn_result, max_distance=max_distance)
+        timings["jaccard"] = time.perf_counter() - t
+        # Shared between calls: freeze them, so a stage that wrote into them would fail loudly.
+        for arr in (*knn_result, D.data, D.indices, D.indptr):
+            arr.flags.writeable = False
+        with self._lock:
+            self._entries[key] = (knn_result, D)
+            while len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+        return knn_result, D, False
+
+
+#: Shared by every sampler in the process (the sampling service builds one per cycle).
+_NEIGHBOUR_GRAPHS = NeighbourGraphCache()
