@@ -104,16 +104,16 @@ def _token(args: argparse.Namespace) -> str | None:
 
 def _review_port(args: argparse.Namespace) -> int | None:
     """The review page's port: --http-port, unless --no-http, the served services lack
-    what the page calls (collections, sampling, constraints), or the gRPC port wants TLS or
-    tokens, which the page does not present yet (reidal.web.start_review_http has the hook)."""
+    what the page calls (collections, sampling, constraints), or the gRPC port wants TLS,
+    which the page's own calls do not present yet (reidal.web.start_review_http has the
+    hook). With --auth-tokens the page asks each person for their token."""
     from reidal.serve import resolve_services
 
     if args.no_http or not {"collections", "sampling", "constraints"} <= set(
             resolve_services(args.service)):
         return None
-    if getattr(args, "tls_cert", None) or getattr(args, "auth_tokens", None):
-        print("review page off: it cannot call a gRPC port with TLS or tokens yet",
-              file=sys.stderr)
+    if getattr(args, "tls_cert", None):
+        print("review page off: it cannot call a gRPC port with TLS yet", file=sys.stderr)
         return None
     return args.http_port
 

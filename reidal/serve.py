@@ -279,6 +279,9 @@ def serve(
     if http_port is not None and not {"collections", "sampling", "constraints"} <= set(names):
         raise ValueError("the review page (http_port) needs the collections, sampling and "
                          "constraints services in this process")
+    if http_port is not None and tls_cert is not None:
+        raise ValueError("the review page (http_port) cannot call a TLS gRPC port yet: "
+                         "pass http_port=None with TLS")
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("TLS needs both tls_cert and tls_key")
     if tls_client_ca is not None and tls_cert is None:
@@ -366,7 +369,7 @@ def serve(
             try:
                 started.review_http = start_review_http(
                     _page_target(running.address), host=running.address.rsplit(":", 1)[0],
-                    port=http_port)
+                    port=http_port, auth_required=tokens is not None)
             except BaseException:
                 running.stop(grace=0)
                 raise

@@ -296,11 +296,95 @@ def test_serve_and_cli_wiring(server, tmp_path):
     assert server.http_url == f"http://127.0.0.1:{server.http_port}/"
     with pytest.raises(ValueError, match="review page"):
         serve(["sampling"], data_dir=tmp_path, http_port=0)
+    with pytest.raises(ValueError, match="TLS"):
+        serve(["collections", "sampling", "constraints"], data_dir=tmp_path, http_port=0,
+              tls_cert="c.pem", tls_key="k.pem")
     parser = build_parser()
     for argv, port in [(["serve"], 8080), (["serve", "--http-port", "0"], 0),
                        (["serve", "--no-http"], None),
-                       (["serve", "--service", "embedding"], None)]:
+                       (["serve", "--service", "embedding"], None),
+                       (["serve", "--auth-tokens", "tokens.json"], 8080),
+                       (["serve", "--tls-cert", "c.pem", "--tls-key", "k.pem"], None)]:
         assert _review_port(parser.parse_args(argv)) == port, argv
+
+
+# ------------------------------------------------------------------------ access tokens
+
+
+@pytest.fixture(scope="module")
+def secured(triton, tmp_path_factory):
+    """A server that checks tokens, with its page: an admin token for both collections,
+    an annotator token (pinned name) for the first only, and one the file does not know."""
+    from reidal.auth import create_token
+
+    d = tmp_path_factory.mktemp("reidal-web-auth")
+    admin, admin_entry = create_token("admin", "*", "admin")
+    alice, alice_entry = create_token("alice", [CID], "annotator", annotator="alice")
+    stranger, _ = create_token("stranger", "*", "admin")
+    (d / "tokens.json").write_text(json.dumps(
+        {"tokens": [admin_entry.to_json(), alice_entry.to_json()]}))
+    with running_server(triton, d / "data", http_port=0, auth_tokens=d / "tokens.json") as srv:
+        with ReidalClient(srv.address, token=admin, timeout_s=60) as c:
+            for cid in (CID, "other"):
+                c.create_collection(cid)
+                c.add_images(cid, [(p.image_id, p.png) for p in photos()[:8]])
+        yield srv, {"admin": admin, "alice": alice, "stranger": stranger}
+
+
+def test_page_sessions_carry_each_persons_token(secured):
+    srv, tokens = secured
+    status, body, _ = http(api(srv, "session"))
+    assert status == 200 and body == {"auth_required": True, "signed_in": False}
+    status, body, _ = http(api(srv, "collections"))
+    assert status == 401 and body["error"]["code"] == "UNAUTHENTICATED"
+    status, body, _ = http(api(srv, "session"), "POST", {"token": tokens["stranger"]})
+    assert status == 401
+    status, body, headers = http(api(srv, "session"), "POST", {"token": tokens["alice"]})
+    assert status == 200 and body["signed_in"] is True
+    cookie = headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert tokens["alice"] not in cookie and tokens["alice"] not in json.dumps(body)
+    jar = {"Cookie": cookie.split(";", 1)[0]}
+    assert http(api(srv, "session"), headers=jar)[1]["signed_in"] is True
+    status, body, _ = http(api(srv, "collections"), headers=jar)
+    assert status == 200 and [c["collection_id"] for c in body["collections"]] == [CID]
+    assert http(api(srv, "collections/other"), headers=jar)[0] == 403
+    iid = photos()[0].image_id
+    status, data, _ = http(api(srv, f"images/{CID}/{iid}"), headers=jar)
+    assert status == 200 and data == photos()[0].png  # images load with the cookie alone
+    status, batch, _ = http(api(srv, f"collections/{CID}/batch"), "POST", {"budget": 2},
+                            headers=jar)
+    assert status == 200 and batch["batch"]["pairs"]
+    pair = batch["batch"]["pairs"][0]
+    status, body, _ = http(api(srv, f"collections/{CID}/answers"), "POST", {
+        "pair_id": pair["pair_id"], "batch_id": batch["batch"]["batch_id"],
+        "label": "SAME", "annotator_id": "alice", "request_id": "r-1"}, headers=jar)
+    assert status == 200, body
+    with ReidalClient(srv.address, token=tokens["admin"]) as c:
+        stored = c.list_constraints(CID)
+    assert [(a.pair_id, a.annotator_id) for a in stored] == [(pair["pair_id"], "alice")]
+    status, body, headers = http(api(srv, "session/end"), "POST", {}, headers=jar)
+    assert status == 200 and "Max-Age=0" in headers["Set-Cookie"]
+    assert http(api(srv, "collections"), headers=jar)[0] == 401  # the session is gone
+
+
+def test_page_asks_for_the_token_in_the_browser(secured, browser):
+    srv, tokens = secured
+    page = browser.new_page()
+    try:
+        page.goto(srv.http_url)
+        Review(page).sign_in("alice")
+        page.wait_for_selector("#view-token:not([hidden])")
+        page.fill("#token-input", "not-a-token")
+        page.press("#token-input", "Enter")
+        page.wait_for_selector("#token-error:not([hidden])")
+        page.fill("#token-input", tokens["alice"])
+        page.press("#token-input", "Enter")
+        page.wait_for_selector(f"#collection-list a[href='#/c/{CID}/review']")
+        assert page.query_selector("#collection-list a[href='#/c/other/review']") is None
+        assert tokens["alice"] not in page.content()
+    finally:
+        page.close()
 
 
 # ------------------------------------------------------------------------ the browser

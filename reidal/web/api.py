@@ -17,7 +17,16 @@ POST      /api/collections/{cid}/answers              SubmitConstraints of one a
 POST      /api/collections/{cid}/undo                 DeleteConstraint of one answer
 GET       /api/collections/{cid}/identities           GetIdentities, contradictions included
 GET       /api/images/{cid}/{iid}                     GetImage: the encoded file
+GET       /api/session                                {auth_required, signed_in}
+POST      /api/session                                sign in: {token} (checked with the server)
+POST      /api/session/end                            sign out
 ========  ==========================================  ========================================
+
+Access tokens (a gRPC server run with ``--auth-tokens``): a person signs in once with their
+own token; the API keeps it in memory under a random session id, set as an HttpOnly,
+SameSite=Strict cookie, and makes that person's calls with it (the gRPC server checks it,
+so what a token may do is decided there, as for every client). The token never goes back
+to the browser and is never logged; images load like every other route, with the cookie.
 
 Errors are ``{"error": {"code": "NOT_FOUND", "message": "...", "retryable": false}}`` with
 the HTTP status of :data:`HTTP_STATUS`; ``retryable`` tells the page to keep the answer and
@@ -30,7 +39,10 @@ import json
 import logging
 import math
 import re
+import secrets
+import threading
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -248,12 +260,37 @@ def parse_body(body: bytes, content_type: str) -> dict[str, Any]:
 Handler = Callable[..., Reply]
 
 
-class ReviewAPI:
-    """The routes of the module docstring over one :class:`ReidalClient`."""
+#: Name of the session cookie (a random id; the token stays on the server side).
+SESSION_COOKIE = "reidal_session"
+#: Sessions kept (least recently used dropped first: that person signs in again).
+MAX_SESSIONS = 1000
 
-    def __init__(self, client: ReidalClient) -> None:
-        self.client = client
+
+def session_id_of(cookie_header: str) -> str:
+    """The session id in a ``Cookie`` header ("" when none)."""
+    for part in (cookie_header or "").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == SESSION_COOKIE:
+            return value.strip()
+    return ""
+
+
+class ReviewAPI:
+    """The routes of the module docstring over one :class:`ReidalClient`.
+
+    auth_required: the gRPC server checks access tokens (the page then asks for one).
+    """
+
+    def __init__(self, client: ReidalClient, *, auth_required: bool = False) -> None:
+        self._client = client
+        self.auth_required = auth_required
+        self._local = threading.local()
+        self._sessions: OrderedDict[str, str] = OrderedDict()
+        self._sessions_lock = threading.Lock()
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = [
+            ("GET", re.compile(r"session"), self.session),
+            ("POST", re.compile(r"session"), self.sign_in),
+            ("POST", re.compile(r"session/end"), self.sign_out),
             ("GET", re.compile(r"collections"), self.list_collections),
             ("GET", re.compile(r"collections/([^/]+)"), self.get_collection),
             ("POST", re.compile(r"collections/([^/]+)/batch"), self.next_batch),
@@ -264,10 +301,31 @@ class ReviewAPI:
             ("GET", re.compile(r"images/([^/]+)/([^/]+)"), self.image),
         ]
 
+    @property
+    def client(self) -> ReidalClient:
+        """The client of the request being handled: with its session's token, if any."""
+        return getattr(self._local, "client", None) or self._client
+
     def handle(self, method: str, path: str, *, body: bytes = b"", content_type: str = "",
-               if_none_match: str = "") -> Reply:
+               if_none_match: str = "", cookie: str = "") -> Reply:
         """Answer one request to ``/api/<path>`` (``path`` without the prefix, still
-        percent-encoded, no query string)."""
+        percent-encoded, no query string; ``cookie``: the request's Cookie header)."""
+        sid = session_id_of(cookie)
+        with self._sessions_lock:
+            token = self._sessions.get(sid) if sid else None
+            if token is not None:
+                self._sessions.move_to_end(sid)
+        self._local.client = self._client.with_token(token) if token else None
+        self._local.session = sid if token else ""
+        try:
+            return self._route(method, path, body=body, content_type=content_type,
+                               if_none_match=if_none_match)
+        finally:
+            self._local.client = None
+            self._local.session = ""
+
+    def _route(self, method: str, path: str, *, body: bytes, content_type: str,
+               if_none_match: str) -> Reply:
         allowed = []
         for verb, pattern, handler in self._routes:
             match = pattern.fullmatch(path.strip("/"))
@@ -297,6 +355,34 @@ class ReviewAPI:
                 "code": "METHOD_NOT_ALLOWED", "message": f"use {', '.join(allowed)}",
                 "retryable": False}}).encode(), headers=(("Allow", ", ".join(allowed)),))
         return error_reply(404, "NOT_FOUND", f"no API route /api/{path.strip('/')}")
+
+    # ------------------------------------------------------------------ sessions
+    def session(self) -> Reply:
+        return json_reply({"auth_required": self.auth_required,
+                           "signed_in": bool(getattr(self._local, "session", ""))})
+
+    def sign_in(self, body: dict[str, Any]) -> Reply:
+        """Check the token with the server (a call it must authenticate), then remember
+        it under a new session id set as a cookie."""
+        token = _text(body, "token").strip()
+        self._client.with_token(token).list_collections()  # UNAUTHENTICATED -> 401
+        sid = secrets.token_urlsafe(32)
+        with self._sessions_lock:
+            self._sessions[sid] = token
+            while len(self._sessions) > MAX_SESSIONS:
+                self._sessions.popitem(last=False)
+        reply = json_reply({"auth_required": self.auth_required, "signed_in": True})
+        return Reply(reply.status, reply.body, reply.content_type, (
+            ("Set-Cookie", f"{SESSION_COOKIE}={sid}; HttpOnly; SameSite=Strict; Path=/"),))
+
+    def sign_out(self, body: dict[str, Any]) -> Reply:
+        sid = getattr(self._local, "session", "")
+        with self._sessions_lock:
+            self._sessions.pop(sid, None)
+        reply = json_reply({"auth_required": self.auth_required, "signed_in": False})
+        return Reply(reply.status, reply.body, reply.content_type, (
+            ("Set-Cookie", f"{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; "
+                           "Max-Age=0"),))
 
     # ------------------------------------------------------------------ collections
 

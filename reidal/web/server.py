@@ -118,7 +118,8 @@ def _handler(api: ReviewAPI, static: dict[str, Path], loopback_only: bool
             if path.startswith("/api/"):
                 reply = api.handle(method, path[len("/api/"):], body=body,
                                    content_type=self.headers.get("Content-Type", ""),
-                                   if_none_match=self.headers.get("If-None-Match", ""))
+                                   if_none_match=self.headers.get("If-None-Match", ""),
+                                   cookie=self.headers.get("Cookie", ""))
                 self._send(reply)
             elif path in static and method == "GET":
                 file = static[path]
@@ -159,13 +160,15 @@ def start_review_http(grpc_target: str, *, host: str = "127.0.0.1", port: int = 
                       token: str | None = None,
                       credentials: grpc.ChannelCredentials | None = None,
                       metadata: Sequence[tuple[str, str]] = (), retries: int = 3,
-                      timeout_s: float = 60.0) -> ReviewHTTP:
+                      timeout_s: float = 60.0, auth_required: bool = False) -> ReviewHTTP:
     """Serve the pair-review page on ``http://host:port/`` (``port=0``: any free port),
     calling the reidal gRPC server at ``grpc_target``.
 
     token / credentials / metadata: the hook for a gRPC server that wants authentication
     or TLS: ``token`` is sent as ``authorization: Bearer <token>`` with every call,
-    ``credentials`` makes the channel TLS, ``metadata`` adds other pairs. The page itself
+    ``credentials`` makes the channel TLS, ``metadata`` adds other pairs.
+    auth_required: the gRPC server checks access tokens, so the page asks each person for
+    theirs (:mod:`reidal.web.api`, sessions) and calls with it. Without tokens the page
     has no login: bind it to loopback (the default) unless the network is trusted.
     retries: UNAVAILABLE retries of each gRPC call before the page is told to retry later
     (it keeps the answer and resends it). Raises RuntimeError when the port cannot be
@@ -182,7 +185,8 @@ def start_review_http(grpc_target: str, *, host: str = "127.0.0.1", port: int = 
         "daemon_threads": True,
         "address_family": socket.AF_INET6 if ":" in bare else socket.AF_INET})
     try:
-        server = server_class((bare, port), _handler(ReviewAPI(client), _static_files(),
+        server = server_class((bare, port), _handler(ReviewAPI(client, auth_required=auth_required),
+                                                     _static_files(),
                                                      loopback_only))
     except OSError as exc:
         client.close()

@@ -205,7 +205,22 @@ class ReidalClient:
     # ------------------------------------------------------------------ plumbing
 
     def close(self) -> None:
-        self._channel.close()
+        if getattr(self, "_owns_channel", True):
+            self._channel.close()
+
+    def with_token(self, token: str) -> ReidalClient:
+        """This client acting with another access token, over the same channel (cheap: a
+        server relaying many people's calls keeps one connection). Closing the view does
+        not close the channel; closing the original does."""
+        import copy
+
+        if not isinstance(token, str) or not token.strip():
+            raise ValueError("token is empty")
+        view = copy.copy(self)
+        view._owns_channel = False
+        view.metadata = tuple(m for m in self.metadata if m[0] != "authorization") + (
+            ("authorization", f"Bearer {token.strip()}"),)
+        return view
 
     def __enter__(self) -> ReidalClient:
         return self

@@ -126,6 +126,10 @@
     }
   }
 
+  // Access tokens: when the gRPC server checks them, each person signs in once with their
+  // own; the review server keeps it (an HttpOnly session cookie names it), never the page.
+  const auth = { required: false, signedIn: true };
+
   async function api(method, path, body) {
     const ctrl = new AbortController();
     const timer = setTimeout(() => ctrl.abort(), REQUEST_TIMEOUT_MS);
@@ -143,6 +147,13 @@
     }
     let data = null;
     try { data = await resp.json(); } catch (e) { data = null; }
+    if (resp.status === 401 && path !== "/api/session") {
+      // Not signed in (or the session was forgotten by a restart): keep whatever was being
+      // sent (retryable) and ask for the token again.
+      auth.signedIn = false;
+      if (view.name !== "view-token") setTimeout(route, 0);
+      throw new ApiError(401, "UNAUTHENTICATED", "sign in with your access token", true);
+    }
     if (!resp.ok) {
       const err = (data && data.error) || {};
       const retryable = typeof err.retryable === "boolean" ? err.retryable
@@ -771,6 +782,27 @@
     $("name-input").focus();
   }
 
+  function openToken(message) {
+    showView("view-token");
+    setNav(null);
+    $("token-error").textContent = message || "";
+    $("token-error").hidden = !message;
+    $("token-input").value = "";
+    $("token-input").focus();
+  }
+
+  async function signIn(token) {
+    try {
+      const s = await api("POST", "/api/session", { token });
+      auth.signedIn = s.signed_in;
+      route();
+      if (wake) wake();  // answers waiting for the sign-in go now
+    } catch (err) {
+      openToken(err.status === 401 || err.status === 403 ? "That token was refused."
+                : `Could not sign in: ${err.message}`);
+    }
+  }
+
   // ------------------------------------------------------------------ routing, input
 
   function route() {
@@ -781,6 +813,10 @@
     $("who-name").textContent = name;
     if (!name) {
       openName();
+      return;
+    }
+    if (auth.required && !auth.signedIn) {
+      openToken();
       return;
     }
     const m = (location.hash || "").match(/^#\/c\/([^/]+)\/(review|summary|recheck)(?:\/(\d+))?$/);
@@ -826,6 +862,11 @@
     route();
   });
   $("change-name").addEventListener("click", openName);
+  $("token-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const token = $("token-input").value.trim();
+    if (token) signIn(token);
+  });
   window.addEventListener("hashchange", route);
 
   // ------------------------------------------------------------------ zoom and pan
@@ -940,6 +981,11 @@
   // ------------------------------------------------------------------ start
 
   save();
-  route();
-  pump();  // answers a closed or reloaded page had not sent yet
+  api("GET", "/api/session").then((s) => {
+    auth.required = s.auth_required;
+    auth.signedIn = s.signed_in || !s.auth_required;
+  }).catch(() => {}).finally(() => {
+    route();
+    pump();  // answers a closed or reloaded page had not sent yet
+  });
 })();
