@@ -27,6 +27,10 @@ the cycle, cumulative budget used (% of all pairs), open-set mAP and Top-1 of th
 model, pairwise F1 of the pseudo-labels (NP3-refined DBSCAN) the cycle's last epoch trained
 on. Row 0 is the untrained model and its DBSCAN clustering. The seeds change the training
 draws (PK batches, sampler draws), not the collection.
+
+The data, schedule and runs are ``reidal bench``'s (:func:`reidal.benchmark.load_dataset`,
+:class:`reidal.benchmark.BenchSchedule`, :func:`reidal.benchmark.run_method`; sampler
+``none`` is its ``usl`` row), with SpCL's learning rate and ``--iters`` iterations an epoch.
 """
 
 from __future__ import annotations
@@ -37,80 +41,50 @@ import statistics
 import sys
 import time
 
-import numpy as np
-
-from reidal.demo import DEMO_BUDGET_PER_CYCLE, DEMO_K1, DEMO_K2, DEMO_MIN_SAMPLES
+from reidal.demo import DEMO_BUDGET_PER_CYCLE
 
 
 def load_collection(threads: int):
-    import torch
-
-    from reidal.core.evaluation import open_set_split
-    from reidal.data.synthetic_images import SyntheticConfig, iter_samples
+    """The default model and the benchmark's ``synthetic`` dataset (features, split)."""
+    from reidal.benchmark.datasets import load_dataset
+    from reidal.benchmark.runner import _set_threads
     from reidal.embedding.model import build_default_model
-    from reidal.training import cache_backbone_features
 
-    torch.set_num_threads(threads)
+    _set_threads(threads)
     t = time.perf_counter()
-    samples = list(iter_samples(SyntheticConfig()))
     model = build_default_model()
-    feats = cache_backbone_features(model, [s.image for s in samples])
-    identities = np.array([s.identity for s in samples])
-    splits = np.array([s.split for s in samples])
-    with torch.no_grad():
-        X0 = model.embed_features(feats).numpy()
-    split = open_set_split(identities, split=splits, X=X0, seed=0)
-    print(f"collection: {len(samples)} images of {len(set(identities))} individuals; "
-          f"pool (known identities' training images) {split.train_idx.size}, "
+    data = load_dataset("synthetic", model)
+    split = data.split
+    print(f"collection: {len(data.identities)} images of {len(set(data.identities))} "
+          f"individuals; pool (known identities' training images) {split.train_idx.size}, "
           f"{split.query_idx.size} queries, {split.gallery_idx.size} gallery "
           f"({time.perf_counter() - t:.1f} s to render and cache features)", flush=True)
-    return model, feats, identities, split
+    return model, data
 
 
-def run(sampler: str, seed: int, args, model, feats, identities, split) -> dict:
-    from reidal.core.oracle import SimulatedOracle
-    from reidal.training import EvalSet, SpCLTrainer, TrainConfig
+def run_context(args, model):
+    """The benchmark's head schedule with SpCL's learning rate, ``--iters`` iterations an
+    epoch, the StepLR step at two cycles and the demo's budget."""
+    from reidal.benchmark.budget import BudgetSpec
+    from reidal.benchmark.methods import BenchSchedule, RunContext
+    from reidal.training import TrainConfig
 
-    pool = split.train_idx
-    truth = np.unique(identities[pool], return_inverse=True)[1].reshape(-1)
     n = args.epochs_per_cycle
-    config = TrainConfig(
-        mode="head", device="cpu", epochs=args.cycles * n, epochs_per_cycle=n,
-        iters_per_epoch=args.iters, step_size=2 * n, k1=DEMO_K1, k2=DEMO_K2,
-        min_samples=DEMO_MIN_SAMPLES, budget_per_cycle=DEMO_BUDGET_PER_CYCLE, sampler=sampler,
-        eval_every=n, seed=seed,
-    )
-    t = time.perf_counter()
-    result = SpCLTrainer(config, model).fit(
-        feats[pool], oracle=SimulatedOracle(truth, seed=seed), true_labels=truth,
-        eval_set=EvalSet(feats, identities, split))
-    rows = []
-    for c in range(1, args.cycles + 1):
-        last = result.reports[c * n - 1]
-        cycle_reports = result.reports[(c - 1) * n:c * n]
-        rows.append({
-            "cycle": c,
-            "asked": sum(r.pairs_asked for r in cycle_reports),
-            "budget_pct": last.cumulative_budget_pct,
-            "mAP": last.retrieval["mAP"],
-            "top1": last.retrieval["top1"],
-            "f1": last.quality["f1"],
-        })
-    return {"sampler": sampler, "seed": seed, "seconds": time.perf_counter() - t,
-            "initial": result.initial_retrieval, "rows": rows}
+    schedule = BenchSchedule(lr=TrainConfig.lr, iters_per_epoch=args.iters,
+                             epochs_per_cycle=n, step_size=2 * n)
+    return RunContext(model, schedule, BudgetSpec(DEMO_BUDGET_PER_CYCLE, args.cycles),
+                      error_rate=0.0, progress=lambda _line: None)
 
 
-def initial_f1(model, feats, identities, split) -> float:
-    import torch
+def run(sampler: str, seed: int, data, ctx) -> dict:
+    """One run of ``reidal bench``'s method for ``sampler`` ("none": SpCL alone, "usl")."""
+    from reidal.benchmark.methods import run_method
 
-    from reidal.core.clustering import DBSCANJaccard
-    from reidal.core.evaluation import clustering_quality
-
-    pool = split.train_idx
-    with torch.no_grad():
-        X = model.embed_features(feats[pool]).numpy()
-    labels = DBSCANJaccard(k1=DEMO_K1, k2=DEMO_K2, min_samples=DEMO_MIN_SAMPLES)(X)
-    return float(clustering_quality(labels, identities[pool])["f1"])
+    r = run_method("usl" if sampler == "none" else sampler, data, seed, ctx)
+    rows = [{"cycle": x["cycle"], "asked": x["pairs_asked"], "budget_pct": x["budget_used_pct"],
+             "mAP": x["mAP"], "top1": x["top1"], "f1": x["pl_f1"]} for x in r["rows"]]
+    return {"sampler": sampler, "seed": seed, "seconds": r["seconds"], "initial": r["initial"],
+            "rows": rows}
 
 
 def _ms(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
@@ -146,23 +120,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="also write every run's numbers here")
     args = p.parse_args(argv)
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(args.threads)
-    except (ImportError, AttributeError):  # pragma: no cover
-        pass
-    model, feats, identities, split = load_collection(args.threads)
-    f1_0 = initial_f1(model, feats, identities, split)
+    model, data = load_collection(args.threads)
+    ctx = run_context(args, model)
     results = []
     for seed in args.seeds:
         for sampler in args.samplers:
-            r = run(sampler, seed, args, model, feats, identities, split)
+            r = run(sampler, seed, data, ctx)
             last = r["rows"][-1]
             print(f"  {sampler:>6} seed {seed}: {r['seconds']:.0f} s, final mAP "
                   f"{100 * last['mAP']:.1f} %, Top-1 {100 * last['top1']:.1f} %, "
                   f"F1 {last['f1']:.3f}, {sum(x['asked'] for x in r['rows'])} pairs", flush=True)
             results.append(r)
+    f1_0 = results[0]["initial"]["pl_f1"]  # the untrained model's DBSCAN: every run's
     print_table(results, f1_0, args.cycles)
     if args.json:
         with open(args.json, "w") as fh:

@@ -107,12 +107,11 @@ def _review_port(args: argparse.Namespace) -> int | None:
     what the page calls (collections, sampling, constraints), or the gRPC port wants TLS,
     which the page's own calls do not present yet (reidal.web.start_review_http has the
     hook). With --auth-tokens the page asks each person for their token."""
-    from reidal.serve import resolve_services
+    from reidal.serve import PAGE_SERVICES, resolve_services
 
-    if args.no_http or not {"collections", "sampling", "constraints"} <= set(
-            resolve_services(args.service)):
+    if args.no_http or not PAGE_SERVICES <= set(resolve_services(args.service)):
         return None
-    if getattr(args, "tls_cert", None):
+    if args.tls_cert:
         print("review page off: it cannot call a gRPC port with TLS yet", file=sys.stderr)
         return None
     return args.http_port

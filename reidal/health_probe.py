@@ -5,9 +5,10 @@ callers still need a client inside the image: Docker's ``HEALTHCHECK`` (Docker h
 probe) and Kubernetes exec probes once the server speaks TLS (the native probe is
 plaintext only). The image ships no Go ``grpc_health_probe`` binary, so this is it.
 
-It imports only grpc and the health stubs: run as ``python -m reidal.health_probe`` it costs
-about 0.15 s of CPU, against about 1.5 s for ``reidal health`` (the CLI's parser imports
-the server), which matters for a probe that runs every few seconds in every container.
+It imports only grpc, the health stubs and :mod:`reidal.tls` (which needs grpc alone): run
+as ``python -m reidal.health_probe`` it costs about 0.15 s of CPU, against about 1.5 s for
+``reidal health`` (the CLI's parser imports the server), which matters for a probe that
+runs every few seconds in every container.
 
 Exit status: 0 SERVING; 1 anything else (NOT_SERVING, a service the server does not know,
 unreachable, TLS failure, deadline); 2 usage error.
@@ -43,15 +44,6 @@ class HealthResult:
         return f"{what}: {self.status}" + (f" ({self.detail})" if self.detail else "")
 
 
-def _read(path: str | Path | None, what: str) -> bytes | None:
-    if path is None:
-        return None
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"{what} file {str(p)!r} does not exist")
-    return p.read_bytes()
-
-
 def check(address: str, service: str = "", *, timeout_s: float = 3.0,
           tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
           tls_key: str | Path | None = None, tls_server_name: str | None = None) -> HealthResult:
@@ -65,6 +57,8 @@ def check(address: str, service: str = "", *, timeout_s: float = 3.0,
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from reidal.tls import channel_credentials
+
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
     if (tls_cert is None) != (tls_key is None):
@@ -74,10 +68,7 @@ def check(address: str, service: str = "", *, timeout_s: float = 3.0,
     if tls_ca is None:
         channel = grpc.insecure_channel(address)
     else:
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=_read(tls_ca, "TLS CA"),
-            private_key=_read(tls_key, "TLS client key"),
-            certificate_chain=_read(tls_cert, "TLS client certificate"))
+        creds = channel_credentials(tls_ca, tls_cert, tls_key)
         options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
         channel = grpc.secure_channel(address, creds, options=options)
     try:

@@ -46,6 +46,8 @@ log = logging.getLogger("reidal.serve")
 SERVICES: tuple[str, ...] = ("embedding", "collections", "sampling", "constraints", "training")
 #: Services that need the durable store (a data directory).
 STATEFUL = frozenset({"collections", "sampling", "constraints", "training"})
+#: What the review page (http_port) calls: these services must run in the same process.
+PAGE_SERVICES = frozenset({"collections", "sampling", "constraints"})
 
 
 def resolve_services(services: str | Sequence[str]) -> list[str]:
@@ -276,7 +278,7 @@ def serve(
     this server's gRPC services over loopback.
     """
     names = resolve_services(services)
-    if http_port is not None and not {"collections", "sampling", "constraints"} <= set(names):
+    if http_port is not None and not PAGE_SERVICES <= set(names):
         raise ValueError("the review page (http_port) needs the collections, sampling and "
                          "constraints services in this process")
     if http_port is not None and tls_cert is not None:

@@ -323,29 +323,9 @@ class Store:
 
     # -- images and vectors ---------------------------------------------------------------
     def add_images(self, collection_id: str, images: Iterable[ImageRecord]) -> tuple[int, int]:
-        """Add images idempotently per image id. Returns (added, already_present)."""
-        self.get_collection(collection_id)
-        added = present = 0
-        with self._tx(collection_id) as db:
-            (seq,) = db.execute(
-                "SELECT COALESCE(MAX(seq) + 1, 0) FROM images WHERE collection_id = ?",
-                (collection_id,),
-            ).fetchone()
-            for img in images:
-                if not img.image_id:
-                    raise InvalidArgument("image id must be a non-empty string")
-                cur = db.execute(
-                    "INSERT INTO images (collection_id, image_id, seq, uri, name, metadata, added_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    (collection_id, img.image_id, seq, img.uri, img.name,
-                     json.dumps(img.metadata, sort_keys=True), _now()),
-                )
-                if cur.rowcount:
-                    added += 1
-                    seq += 1
-                else:
-                    present += 1
-        return added, present
+        """Add images idempotently per image id (:meth:`ingest` without sources or
+        vectors). Returns (added, already_present)."""
+        return self.ingest(collection_id, list(images), {})
 
     def images(self, collection_id: str, *, include_excluded: bool = True) -> list[ImageRecord]:
         """Images in ingest order."""
@@ -559,9 +539,8 @@ class Store:
         """Where the pixels of (some of) a collection's images are, by image id (only the
         rows of ``image_ids`` are read when given: one image costs one indexed lookup)."""
         sql = "SELECT image_id, kind, sha256, size FROM image_sources WHERE collection_id = ?"
-        rows = ([r for chunk in self._id_chunks(image_ids)
-                 for r in self._query(f"{sql} AND image_id IN ({chunk[0]})",
-                                      (collection_id, *chunk[1]))]
+        rows = ([r for marks, chunk in self._id_chunks(image_ids)
+                 for r in self._query(f"{sql} AND image_id IN ({marks})", (collection_id, *chunk))]
                 if image_ids is not None else self._query(sql, (collection_id,)))
         return {r["image_id"]: ImageSource(r["kind"], r["sha256"], r["size"]) for r in rows}
 
@@ -575,7 +554,7 @@ class Store:
         return ImageRecord(r["image_id"], r["uri"], r["name"], json.loads(r["metadata"]))
 
     @staticmethod
-    def _id_chunks(ids: Iterable[str], size: int = 500) -> list[tuple[str, list[str]]]:
+    def _id_chunks(ids: Iterable[Any], size: int = 500) -> list[tuple[str, list[Any]]]:
         """(placeholders, ids) per chunk of at most ``size`` distinct ids (SQLite's
         bound-parameter limit)."""
         wanted = sorted(set(ids))
@@ -616,10 +595,10 @@ class Store:
     ) -> tuple[int, int]:
         """Add images with their sources and vectors in one transaction: all or nothing.
 
-        Idempotent per image id like :meth:`add_images` (an id already present keeps its
-        record and source). Vectors are stored for ``vector_ids`` under the model version;
-        a collection whose model version is still empty is pinned to ``model_version``,
-        and vectors of any other version than the collection's are refused.
+        Idempotent per image id (an id already present keeps its record and source).
+        Vectors are stored for ``vector_ids`` under the model version; a collection whose
+        model version is still empty is pinned to ``model_version``, and vectors of any
+        other version than the collection's are refused.
         Returns (added, already_present).
         """
         vecs = None
@@ -732,15 +711,9 @@ class Store:
         return _answer(rows[0])
 
     def answers_by_seq(self, collection_id: str, seqs: Iterable[int]) -> dict[int, StoredAnswer]:
-        wanted = sorted({int(s) for s in seqs})
-        out: dict[int, StoredAnswer] = {}
-        for start in range(0, len(wanted), 500):  # SQLite's bound-parameter limit
-            chunk = wanted[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            for r in self._query(f"SELECT * FROM answers WHERE collection_id = ? AND seq IN ({marks})",
-                                 (collection_id, *chunk)):
-                out[r["seq"]] = _answer(r)
-        return out
+        return {r["seq"]: _answer(r) for marks, chunk in self._id_chunks(int(s) for s in seqs)
+                for r in self._query(f"SELECT * FROM answers WHERE collection_id = ?"
+                                     f" AND seq IN ({marks})", (collection_id, *chunk))}
 
     def list_answers(
         self,
@@ -775,14 +748,9 @@ class Store:
 
     def count_superseded_by(self, collection_id: str, seqs: Sequence[int]) -> int:
         """How many answers the answers ``seqs`` superseded."""
-        total = 0
-        for start in range(0, len(seqs), 500):
-            chunk = [int(s) for s in seqs[start:start + 500]]
-            marks = ",".join("?" * len(chunk))
-            total += int(self._query(
-                f"SELECT COUNT(*) FROM answers WHERE collection_id = ? AND superseded_by IN ({marks})",
-                (collection_id, *chunk))[0][0])
-        return total
+        return sum(int(self._query(f"SELECT COUNT(*) FROM answers WHERE collection_id = ?"
+                                   f" AND superseded_by IN ({marks})", (collection_id, *chunk))[0][0])
+                   for marks, chunk in self._id_chunks(int(s) for s in seqs))
 
     # -- query batches --------------------------------------------------------------------
     def create_batch(
@@ -880,16 +848,10 @@ class Store:
     def pairs_by_id(self, collection_id: str,
                     pair_ids: Iterable[str]) -> dict[str, tuple[str, PairRecord]]:
         """pair id -> (batch id, pair) for the ids that exist."""
-        wanted = sorted(set(pair_ids))
-        out: dict[str, tuple[str, PairRecord]] = {}
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            rows = self._query(f"SELECT * FROM batch_pairs WHERE collection_id = ?"
-                               f" AND pair_id IN ({marks})", (collection_id, *chunk))
-            for r in rows:
-                out[r["pair_id"]] = (r["batch_id"], _pair(r))
-        return out
+        return {r["pair_id"]: (r["batch_id"], _pair(r))
+                for marks, chunk in self._id_chunks(pair_ids)
+                for r in self._query(f"SELECT * FROM batch_pairs WHERE collection_id = ?"
+                                     f" AND pair_id IN ({marks})", (collection_id, *chunk))}
 
     def pending_pairs(self, collection_id: str) -> list[tuple[str, str]]:
         """Pairs asked in some batch that have no non-deleted answer yet."""

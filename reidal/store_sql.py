@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
+from reidal.errors import InvalidArgument
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS collections (
@@ -463,21 +465,32 @@ def _row_factory(cursor: Any) -> Callable[[Sequence[Any]], Row]:
     return lambda values: Row(values, index)
 
 
+@contextmanager
+def _values_checked(psycopg: Any) -> Iterator[None]:
+    """A value PostgreSQL refuses (a NUL character in a text, which SQLite takes; a number
+    out of range) is the caller's error: InvalidArgument, not an internal one."""
+    try:
+        yield
+    except psycopg.DataError as exc:
+        raise InvalidArgument(f"the database refuses a value: {str(exc).strip()}") from exc
+
+
 class _PgTx:
     """A transaction's connection, taking the store's ``?`` SQL. Results come in binary
     format (the same Python values, but vectors travel as bytes rather than hex)."""
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, psycopg: Any) -> None:
         self._conn = conn
+        self._psycopg = psycopg
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
-        return self._conn.execute(postgres_sql(sql), tuple(args) if args else None,
-                                  binary=True)
+        with _values_checked(self._psycopg):
+            return self._conn.execute(postgres_sql(sql), tuple(args) or None, binary=True)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         rows = list(rows)
         if rows:
-            with self._conn.cursor() as cur:
+            with _values_checked(self._psycopg), self._conn.cursor() as cur:
                 cur.executemany(postgres_sql(sql), rows)
 
 
@@ -553,6 +566,10 @@ class PostgresBackend:
         return conn
 
     def install_schema(self, version: int) -> None:
+        # A current schema is left alone: DDL locks whole tables (ADD COLUMN even when the
+        # column exists), so a replica starting would stall the running replicas' writes.
+        if self._schema_version() >= version:
+            return
         with self.tx("schema") as db:  # replicas starting together create it once
             for statement in postgres_schema(SCHEMA).split(";"):
                 if statement.strip():
@@ -562,60 +579,75 @@ class PostgresBackend:
                            f"{postgres_schema(definition)}")
             _record_version(db, version)
 
+    def _schema_version(self) -> int:
+        """The schema version recorded in the database (0 before the first start)."""
+        if not self.query("SELECT to_regclass('meta') IS NOT NULL")[0][0]:
+            return 0
+        rows = self.query("SELECT value FROM meta WHERE key = 'schema_version'")
+        return int(rows[0][0]) if rows else 0
+
     @contextmanager
     def tx(self, lock: str | None = None) -> Iterator[Tx]:
         """One write transaction; with ``lock``, serialised with every other transaction
         of that name in any process (``pg_advisory_xact_lock``, released at the end)."""
         if getattr(self._local, "conn", None) is not None:
             raise RuntimeError("store transactions do not nest")
-        conn = self._begin()
+        conn, _ = self._checkout("BEGIN")
         self._local.conn = conn
         try:
             try:
                 if lock is not None:
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key("tx", lock),))
-                yield _PgTx(conn)
+                yield _PgTx(conn, self._psycopg)
             except BaseException:
                 if not conn.broken:
                     with contextlib.suppress(self._psycopg.Error):
                         conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
+            # A statement that failed inside (its error caught by the caller) aborted the
+            # transaction, and PostgreSQL answers COMMIT with a silent ROLLBACK: say so.
+            if conn.execute("COMMIT").statusmessage != "COMMIT":
+                raise RuntimeError("the transaction was rolled back: a statement in it failed")
         finally:
             self._local.conn = None
             self._pool.put(conn)
 
-    def _begin(self) -> Any:
-        for _ in range(2):
+    def _checkout(self, sql: str, args: Sequence[Any] = (), *,
+                  keep_on_error: bool = True) -> tuple[Any, Any]:
+        """A pooled connection and the cursor of its first statement ``sql``.
+
+        A pooled connection that died while idle (a database restart ends them all) is
+        dropped and the next one tried, each once, so a restart fails no call; a new
+        connection that fails raises. On an error the connection goes back to the pool,
+        which keeps it only if usable, or with ``keep_on_error`` False is closed (a
+        session lock the statement may have taken goes with it)."""
+        while True:
             conn, reused = self._pool.get()
             try:
-                conn.execute("BEGIN")
-                return conn
-            except self._psycopg.OperationalError:
-                self._pool.put(conn)
-                if not (reused and conn.broken):  # a pooled connection that died: once more
+                with _values_checked(self._psycopg):
+                    return conn, conn.execute(postgres_sql(sql), tuple(args) or None,
+                                              binary=True)
+            except BaseException as exc:
+                dead = (reused and conn.broken
+                        and isinstance(exc, self._psycopg.OperationalError))
+                if keep_on_error:
+                    self._pool.put(conn)
+                else:
+                    conn.close()
+                if not dead:
                     raise
-        raise AssertionError("unreachable")
 
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         """Rows of one statement; inside this thread's transaction it sees that
         transaction's writes (a callback run inside :meth:`tx` reads through it)."""
-        params = tuple(args) if args else None
         conn = getattr(self._local, "conn", None)
         if conn is not None:
-            return conn.execute(postgres_sql(sql), params, binary=True).fetchall()
-        for _ in range(2):
-            conn, reused = self._pool.get()
-            try:
-                rows = conn.execute(postgres_sql(sql), params, binary=True).fetchall()
-            except self._psycopg.OperationalError:
-                self._pool.put(conn)
-                if not (reused and conn.broken):
-                    raise
-                continue
+            return _PgTx(conn, self._psycopg).execute(sql, args).fetchall()
+        conn, cur = self._checkout(sql, args)
+        try:
+            return cur.fetchall()
+        finally:
             self._pool.put(conn)
-            return rows
-        raise AssertionError("unreachable")
 
     # -- cross-process locks: session advisory locks -------------------------------------------
     def exclusive(self, name: str) -> contextlib.AbstractContextManager[None]:
@@ -623,12 +655,7 @@ class PostgresBackend:
 
     def _advisory_lock(self, name: str) -> tuple[Any, int]:
         key = lock_key("exclusive", name)
-        conn, _ = self._pool.get()
-        try:
-            conn.execute("SELECT pg_advisory_lock(%s)", (key,))
-        except BaseException:
-            conn.close()
-            raise
+        conn, _ = self._checkout("SELECT pg_advisory_lock(?)", (key,), keep_on_error=False)
         return conn, key
 
     def _advisory_unlock(self, handle: tuple[Any, int]) -> None:
@@ -645,34 +672,39 @@ class PostgresBackend:
         its own: if the process dies, the server ends the session and the mark goes)."""
         with self._owner_lock:
             self._owner = owner
-            self._owner_conn = self._connect()
-            self._owner_conn.execute("SELECT pg_advisory_lock(%s)",
-                                     (lock_key("owner", owner),))
+            self._take_owner_mark()
+
+    def _take_owner_mark(self) -> None:  # under self._owner_lock
+        conn = self._connect()
+        try:
+            conn.execute("SELECT pg_advisory_lock(%s)", (lock_key("owner", self._owner),))
+        except BaseException:
+            conn.close()
+            raise
+        self._owner_conn = conn
 
     def ping(self) -> bool:
         """The database answers; also takes the owner mark again if its session was lost
         (a database restart), so this store's work is not taken for abandoned for long."""
-        if self._closed:
-            raise RuntimeError("the store is closed")
-        with self._owner_lock:
-            conn = self._owner_conn
+        with self._owner_lock:  # one re-take at a time, and none once closed
+            if self._closed:
+                raise RuntimeError("the store is closed")
             try:
-                conn.execute("SELECT 1")
-                lost = False
+                self._owner_conn.execute("SELECT 1")
             except self._psycopg.OperationalError:
-                conn.close()
-                lost = True
-        if lost:
-            self.hold_owner(self._owner)
+                self._owner_conn.close()
+                self._take_owner_mark()
         return self.query("SELECT 1")[0][0] == 1
 
     def owner_alive(self, owner: str) -> bool:
         if not _OWNER_ID.fullmatch(owner):
             return False
         key = lock_key("owner", owner)
-        conn, _ = self._pool.get()  # one session for the try and the release
+        # One session for the try and the release.
+        conn, cur = self._checkout("SELECT pg_try_advisory_lock(?)", (key,),
+                                   keep_on_error=False)
         try:
-            free = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]
+            free = cur.fetchone()[0]
             if free:  # nobody held it: release it at once
                 conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
         except BaseException:
@@ -682,11 +714,11 @@ class PostgresBackend:
         return not free
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._pool.close()
         with self._owner_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._pool.close()
             if self._owner_conn is not None:
                 # Unlock first: closing alone frees the mark only once the server has
                 # noticed, a moment later, and a store opened right after must see it gone.

@@ -192,7 +192,8 @@ def export_version(model: Any, repo: str | Path, model_name: str, *, fmt: str | 
     the repository serves (``fmt`` to force one), keeping the served config's batch size
     and version policy; then ``load(model_name)`` (e.g. Triton's model control). ONNX
     versions keep ``model.pt`` + ``model.json`` beside ``model.onnx`` so later training can
-    start from them. Returns the version number."""
+    start from them. A ``fmt`` other than the served one is refused (ValueError: the
+    model's other versions could no longer be served). Returns the version number."""
     from reidal.embedding.triton_repo import next_version, write_model_repository
 
     repo = Path(repo)
@@ -205,8 +206,7 @@ def export_version(model: Any, repo: str | Path, model_name: str, *, fmt: str | 
         from reidal.embedding.onnx_export import write_onnx_repository
 
         write_onnx_repository(repo, model=model, spec=spec, model_name=model_name,
-                              version=version,
-                              **{k: v for k, v in options.items() if k == "max_batch_size"})
+                              version=version, overwrite=False, **options)
     else:
         write_model_repository(repo, model_name=model_name, version=version, model=model,
                                spec=spec, **options)

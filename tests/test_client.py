@@ -327,3 +327,30 @@ def test_local_parsing_and_progress():
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2 and lines[0].startswith("ingest [##########----")
     assert lines[-1].startswith("ingest [" + "#" * 30 + "] 30/30 images")
+
+
+def test_tokens_and_training_configs_are_checked_before_any_call():
+    from reidal_client import ReidalClient
+    from reidal_client.types import training_config_pb
+
+    for bad in ("", "  ", "bad\ntoken", "tök"):
+        with pytest.raises(ValueError) as err:
+            ReidalClient("127.0.0.1:9", token=bad)
+        assert "bad\ntoken" not in str(err.value) and "tök" not in str(err.value)
+    client = ReidalClient("127.0.0.1:9", token="t1", metadata=[("x-trace", "1")])
+    view = client.with_token("t2")
+    try:
+        assert [m for m in view.metadata if m[0] == "authorization"] == [
+            ("authorization", "Bearer t2")]
+        assert ("x-trace", "1") in view.metadata
+        assert [m for m in client.metadata if m[0] == "authorization"] == [
+            ("authorization", "Bearer t1")]
+    finally:
+        view.close()  # a view leaves the shared channel open
+        client.close()
+    with pytest.raises(ValueError, match="epochs"):
+        training_config_pb({"epochs": -1})
+    with pytest.raises(ValueError, match="mode"):
+        training_config_pb({"mode": 5})
+    with pytest.raises(ValueError, match="unknown training config"):
+        training_config_pb({"colour": "red"})

@@ -48,3 +48,19 @@ def test_cli_export_matches_torch_and_the_committed_config(tmp_path, sample_imag
     assert cfg["instance_group"] == [{"count": 1, "kind": "KIND_GPU"}]
     assert "dynamic_batching" in cfg
     assert spec_from_config(cfg) == spec  # a client discovers the preprocessing on GPU too
+
+
+def test_an_onnx_export_never_replaces_a_python_backend_model(tmp_path):
+    """Writing ONNX into the CPU (python-backend) repository would leave Triton unable to
+    serve the model's python versions: refused, nothing changed."""
+    import pytest
+
+    from reidal.embedding.onnx_export import write_onnx_repository
+    from reidal.embedding.triton_repo import CONFIG_FILE, write_model_repository
+
+    write_model_repository(tmp_path, model_name="m")
+    before = (tmp_path / "m" / CONFIG_FILE).read_text()
+    with pytest.raises(ValueError):
+        write_onnx_repository(tmp_path, model_name="m", version=2, verify=False)
+    assert (tmp_path / "m" / CONFIG_FILE).read_text() == before
+    assert not (tmp_path / "m" / "2").exists()

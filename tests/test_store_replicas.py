@@ -298,3 +298,53 @@ def test_a_store_outlives_a_database_restart(postgres, postgres_url):
     finally:
         a.close()
         b.close()
+
+
+def test_restart_with_many_pooled_connections_and_locks(postgres, postgres_url):
+    """Every idle connection died with the server: each is dropped in turn, calls and the
+    cross-process lock work at once (they used to fail INTERNAL after the first retry)."""
+    a = Store.open(postgres_url)
+    try:
+        a.create_collection("c")
+        a.add_images("c", [ImageRecord("x"), ImageRecord("y")])
+        conns = [a._db._pool.get()[0] for _ in range(4)]  # four idle connections
+        for c in conns:
+            a._db._pool.put(c)
+        postgres.restart()
+        assert [a.counts("c")["images"] for _ in range(3)] == [2, 2, 2]
+        with a.exclusive("z"):
+            pass
+    finally:
+        a.close()
+
+
+def test_a_failed_statement_inside_a_transaction_is_not_reported_committed(postgres_url):
+    """PostgreSQL turns the COMMIT of an aborted transaction into a ROLLBACK: the store
+    must raise instead of returning as if the writes were saved."""
+    a = Store.open(postgres_url)
+    try:
+        a.create_collection("c")
+        with pytest.raises(Exception):  # noqa: B017 - the backend's own error type
+            with a._tx("c") as db:
+                db.execute("INSERT INTO meta (key, value) VALUES ('k', 'v')")
+                try:
+                    db.execute("SELECT * FROM no_such_table")
+                except Exception:  # a caller that swallows the error
+                    pass
+        assert a._query("SELECT value FROM meta WHERE key = 'k'") == []
+    finally:
+        a.close()
+
+
+def test_bad_text_is_invalid_argument_not_internal(postgres_url):
+    from reidal.errors import InvalidArgument, NotFound
+
+    a = Store.open(postgres_url)
+    try:
+        with pytest.raises(InvalidArgument):
+            a.create_collection("a\x00b")  # valid protobuf, refused by PostgreSQL's text
+        with pytest.raises((InvalidArgument, NotFound)):
+            a.get_collection("a\x00b")
+        assert a.list_collections() == []
+    finally:
+        a.close()

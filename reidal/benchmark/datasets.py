@@ -2,10 +2,10 @@
 
 A dataset is loaded once per benchmark: images rendered (synthetic) or listed (CSV), the
 default model's backbone features cached once (head mode trains on them; every method
-shares them), and the open-set split made as ``bench/bench_training.py`` makes it:
-:func:`reidal.core.evaluation.open_set_split` on the dataset's own train/test column when it
-has one, with the gallery chosen by similarity under the untrained model, split seed
-:data:`SPLIT_SEED` for every method and run seed. The training pool is the training images
+shares them), and the open-set split made (``bench/bench_training.py`` loads the same):
+:func:`reidal.core.evaluation.open_set_split` on the dataset's own train/test column when
+every image has one, with the gallery chosen by similarity under the untrained model, split
+seed :data:`SPLIT_SEED` for every method and run seed. The training pool is the training images
 of the known identities, unlabelled; the simulated annotator answers from their identities.
 
 The *fingerprint* says what was loaded without loading it (the synthetic config, or the
@@ -102,26 +102,18 @@ def load_dataset(spec: str, model: Any, *, batch: int = 32) -> BenchDataset:
 
     from reidal.core.evaluation import open_set_split
     from reidal.training import cache_backbone_features
+    from reidal.training.launch import csv_items, synthetic_items
 
     fingerprint = dataset_fingerprint(spec)
+    images: list[Any]
+    splits: np.ndarray | None
     if spec in BUNDLED:
-        from reidal.data.synthetic_images import iter_samples
-
-        samples = list(iter_samples(_synthetic_config(spec)))
-        images: list[Any] = [s.image for s in samples]
-        identities = np.array([s.identity for s in samples])
-        splits: np.ndarray | None = np.array([s.split for s in samples])
+        images, identities, splits = synthetic_items(_synthetic_config(spec))
     else:
-        from reidal.data.wildlife import load_wildlife_csv
-
-        ds = load_wildlife_csv(spec)
-        ds = ds.subset(ds.is_labelled)
-        if len(ds) == 0:
+        images, ids, splits = csv_items(spec, labelled_only=True)
+        if not images:
             raise ValueError(f"dataset {spec!r} has no image with an identity")
-        images = list(ds.paths)
-        identities = np.array([str(i) for i in ds.identities])
-        col = ds.splits
-        splits = None if col is None or any(s is None for s in col) else col.astype(str)
+        identities = ids.astype(str)
     features = cache_backbone_features(model, images, batch)
     with torch.no_grad():
         X0 = model.embed_features(features).numpy()

@@ -52,6 +52,12 @@ QUICK_DATASET = "synthetic-small"
 QUICK_SEEDS = 2
 QUICK_METHODS = ("zero-shot", "usl", "random", "aas")
 QUICK_BUDGET = "0.5%x2"
+#: The schedule's command-line options: (argparse dest, BenchSchedule field); the flag is
+#: the dest with dashes.
+SCHEDULE_OPTIONS = (("lr", "lr"), ("iters", "iters_per_epoch"),
+                    ("epochs_per_cycle", "epochs_per_cycle"), ("step_size", "step_size"),
+                    ("k1", "k1"), ("k2", "k2"), ("min_samples", "min_samples"),
+                    ("num_identities", "num_identities"))
 
 
 @dataclass(frozen=True)
@@ -313,12 +319,9 @@ def _command(config: BenchConfig, out: Path) -> str:
     args += ["--methods", *config.methods, "--budget", str(config.budget), "--seeds",
              ",".join(map(str, config.seeds)), "--error-rate", f"{config.error_rate:g}"]
     s, default = config.schedule, BenchSchedule()
-    for flag, name in (("--lr", "lr"), ("--iters", "iters_per_epoch"),
-                       ("--epochs-per-cycle", "epochs_per_cycle"), ("--step-size", "step_size"),
-                       ("--k1", "k1"), ("--k2", "k2"), ("--min-samples", "min_samples"),
-                       ("--num-identities", "num_identities")):
+    for opt, name in SCHEDULE_OPTIONS:
         if getattr(s, name) != getattr(default, name):
-            args += [flag, f"{getattr(s, name):g}"]
+            args += ["--" + opt.replace("_", "-"), f"{getattr(s, name):g}"]
     args += ["--out", str(out)]
     return shlex.join(args)
 
@@ -390,10 +393,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
     quick = bool(args.quick)
     base = QUICK_SCHEDULE if quick else BenchSchedule()
-    overrides = {name: getattr(args, opt) for opt, name in (
-        ("lr", "lr"), ("iters", "iters_per_epoch"), ("epochs_per_cycle", "epochs_per_cycle"),
-        ("step_size", "step_size"), ("k1", "k1"), ("k2", "k2"), ("min_samples", "min_samples"),
-        ("num_identities", "num_identities")) if getattr(args, opt) is not None}
+    overrides = {name: getattr(args, opt) for opt, name in SCHEDULE_OPTIONS
+                 if getattr(args, opt) is not None}
     schedule = replace(base, **overrides)
     datasets = tuple(args.dataset or ([QUICK_DATASET] if quick else ["synthetic"]))
     methods = tuple(args.methods or (QUICK_METHODS if quick else METHODS))

@@ -28,7 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from reidal.embedding.spec import DEFAULT_MODEL_NAME, ModelSpec, default_spec
-from reidal.embedding.triton_repo import CONFIG_FILE, render_config
+from reidal.embedding.triton_repo import (
+    CONFIG_FILE,
+    DEFAULT_KEEP_VERSIONS,
+    _atomic_write,
+    _check_compatible,
+    parse_config,
+    render_config,
+)
 
 ONNX_FILE = "model.onnx"
 DEFAULT_OPSET = 17
@@ -98,13 +105,20 @@ def write_onnx_repository(
     max_batch_size: int = GPU_MAX_BATCH_SIZE,
     instance_count: int = 1,
     instance_kind: str = "KIND_GPU",
+    keep_versions: int = DEFAULT_KEEP_VERSIONS,
     opset: int = DEFAULT_OPSET,
     verify: bool = True,
+    overwrite: bool = True,
 ) -> Path:
     """Write ``<out_dir>/<model_name>/{config.pbtxt, <version>/model.onnx}`` (with
     ``model.pt`` + ``model.json`` beside it when reidal can rebuild the model, so training
-    can start from that version); return the model folder. ``model`` defaults to the default EmbeddingNet. With ``verify`` the export is
-    compared with torch on a random batch (onnxruntime, CPU) and refused above 1e-4."""
+    can start from that version); return the model folder. ``model`` defaults to the
+    default EmbeddingNet. With ``verify`` the export is compared with torch on a random
+    batch (onnxruntime, CPU) and refused above 1e-4. An existing version is replaced unless
+    ``overwrite`` is false (then FileExistsError). An existing config of another model
+    (other tensors, or another backend such as the CPU repository's python one) is refused:
+    its versions could no longer be served. The config is rewritten only when it changes
+    (Triton reloads every version of a model whose config changed)."""
     from reidal.embedding.model import build_default_model
 
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
@@ -113,6 +127,10 @@ def write_onnx_repository(
     if model is None:
         model = build_default_model(input_size=spec.input_size)
     model_dir = Path(out_dir) / model_name
+    config_path = model_dir / CONFIG_FILE
+    final = model_dir / str(version)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} exists; pass overwrite=True to replace a served version")
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=model_dir))
     try:
@@ -131,18 +149,22 @@ def write_onnx_repository(
         config = render_gpu_config(
             spec, dim=int(dim), max_batch_size=max_batch_size,
             instance_count=instance_count, instance_kind=instance_kind,
+            keep_versions=keep_versions,
         )
+        if config_path.exists():
+            _check_compatible(parse_config(config_path.read_text(encoding="utf-8")),
+                              parse_config(config), config_path)
         try:  # the torch files too, so training can start from this version later
             from reidal.embedding.model import save_model
 
             save_model(model, staging, spec)  # type: ignore[arg-type]
         except ValueError:
             pass  # a module reidal cannot rebuild: ONNX only
-        final = model_dir / str(version)
-        if final.exists():
+        if final.exists() and overwrite:
             shutil.rmtree(final)
-        os.replace(staging, final)
-        (model_dir / CONFIG_FILE).write_text(config, encoding="utf-8")
+        os.replace(staging, final)  # fails if another writer took the version meanwhile
+        if not config_path.exists() or config_path.read_text(encoding="utf-8") != config:
+            _atomic_write(config_path, config)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return model_dir
@@ -155,6 +177,7 @@ def render_gpu_config(
     max_batch_size: int = GPU_MAX_BATCH_SIZE,
     instance_count: int = 1,
     instance_kind: str = "KIND_GPU",
+    keep_versions: int = DEFAULT_KEEP_VERSIONS,
 ) -> str:
     """``config.pbtxt`` of the ONNX model for the NGC Triton image."""
     preferred = tuple(b for b in GPU_PREFERRED_BATCH_SIZES if b <= max_batch_size)
@@ -167,6 +190,7 @@ def render_gpu_config(
         instance_count=instance_count,
         max_queue_delay_us=GPU_QUEUE_DELAY_US,
         preferred_batch_sizes=preferred,
+        keep_versions=keep_versions,
         default_model_filename=ONNX_FILE,
     )
 

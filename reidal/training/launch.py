@@ -58,6 +58,32 @@ def _digest(tensors: Sequence[Any]) -> str:
     return h.hexdigest()
 
 
+def synthetic_items(config: Any) -> tuple[list[Any], np.ndarray, np.ndarray]:
+    """The PIL images, identities and train/test split of a generated collection
+    (``config``: a :class:`reidal.data.synthetic_images.SyntheticConfig`), in memory."""
+    from reidal.data.synthetic_images import iter_samples
+
+    samples = list(iter_samples(config))
+    return ([s.image for s in samples], np.array([s.identity for s in samples]),
+            np.array([s.split for s in samples]))
+
+
+def csv_items(path: str, *, labelled_only: bool = False
+              ) -> tuple[list[str], np.ndarray, np.ndarray | None]:
+    """A WildlifeDatasets metadata CSV's image paths, identities (``""`` = unlabelled;
+    ``labelled_only`` leaves those images out) and split column (None unless every image
+    kept has one: :func:`reidal.core.evaluation.open_set_split` then draws the split)."""
+    from reidal.data.wildlife import load_wildlife_csv
+
+    ds = load_wildlife_csv(path)
+    if labelled_only:
+        ds = ds.subset(ds.is_labelled)
+    ids = np.array(["" if x is None else str(x) for x in ds.identities], dtype=object)
+    col = ds.splits
+    splits = None if col is None or any(s is None for s in col) else col.astype(str)
+    return [str(p) for p in ds.paths], ids, splits
+
+
 def load_items(dataset: str, image_size: int, seed: int) -> tuple[list[Any], np.ndarray,
                                                                   np.ndarray | None, str]:
     """Images (paths or PIL images), identities (``""`` = unlabelled), split column, a name.
@@ -66,19 +92,13 @@ def load_items(dataset: str, image_size: int, seed: int) -> tuple[list[Any], np.
     generator's default collection, or N individuals), rendered in memory.
     """
     if dataset == "synthetic" or dataset.startswith("synthetic:"):
-        from reidal.data.synthetic_images import SyntheticConfig, iter_samples
+        from reidal.data.synthetic_images import SyntheticConfig
 
         n = dataset.partition(":")[2]
         cfg = SyntheticConfig(seed=seed, image_size=image_size,
                               **({"n_individuals": int(n)} if n else {}))
-        samples = list(iter_samples(cfg))
-        return ([s.image for s in samples], np.array([s.identity for s in samples]),
-                np.array([s.split for s in samples]), f"synthetic ({cfg.n_individuals} ids)")
-    from reidal.data.wildlife import load_wildlife_csv
-
-    ds = load_wildlife_csv(dataset)
-    ids = np.array(["" if x is None else str(x) for x in ds.identities], dtype=object)
-    return [str(p) for p in ds.paths], ids, ds.splits, str(dataset)
+        return (*synthetic_items(cfg), f"synthetic ({cfg.n_individuals} ids)")
+    return (*csv_items(dataset), str(dataset))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--evaluate", action="store_true",
                    help="open-set retrieval every cycle (needs identities; the split column "
-                        "when present)")
+                        "when every image has one)")
     p.add_argument("--model-repository", default=None,
                    help="also write the model as the next version of --model-name here")
     p.add_argument("--model-name", default=None,
@@ -147,9 +167,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from reidal.training import distributed as D
     from reidal.training_jobs import export_version, triton_loader
 
-    constraints, store, base = None, None, None
+    constraints, base = None, None
     if args.collection:
-        store, items, constraints, base = _open_collection(args)
+        items, constraints, base = _open_collection(args)
         identities = np.full(len(items), "", dtype=object)
         splits, name = None, f"collection {args.collection!r}"
     else:
@@ -213,8 +233,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                 resume=args.resume)
     finally:
         D.teardown(rank)
-        if store is not None and not rank.is_main:
-            store.close()
     seconds = time.perf_counter() - t0
     train_seconds = sum(r.seconds.get("train", 0.0) for r in result.reports)
     images = sum(r.iterations for r in result.reports) * config.batch_size
@@ -242,13 +260,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 result.model, args.model_repository, name_out, fmt=args.export,
                 load=triton_loader(args.triton_url) if args.triton_url else None)
             summary["model_name"] = name_out
-        if store is not None:
-            try:
-                if args.model_repository:
-                    summary["job_id"] = _record_job(store, args.collection, config, base,
-                                                    summary, result, len(constraints.answers))
-            finally:
-                store.close()
+            if args.collection:
+                summary["job_id"] = _record_job(args, config, base, summary, result,
+                                                len(constraints.answers))
         summary["reports"] = [r.to_dict() for r in result.reports]
         (out / "reports.json").write_text(json.dumps(summary, indent=1, default=str))
         rate = summary["train_images_per_s"]
@@ -259,26 +273,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def _open_collection(args: argparse.Namespace) -> tuple[Any, list[Any], Any, tuple]:
-    """The store, the collection's images and answers, and (model, name, version) to start
-    from."""
-    from reidal.blobs import BlobStore
-    from reidal.embedding.model import build_default_model, load_model
+def _open_store(args: argparse.Namespace) -> Any:
     from reidal.store import Store
-    from reidal.training_jobs import collection_constraints, collection_images
 
     if not args.data_dir:
         raise ValueError("--collection needs --data-dir (the images' blobs; the SQLite store "
                          "too unless --database-url)")
-    store = (Store(database_url=args.database_url) if args.database_url
-             else Store(args.data_dir))
+    return Store(database_url=args.database_url) if args.database_url else Store(args.data_dir)
+
+
+def _open_collection(args: argparse.Namespace) -> tuple[list[Any], Any, tuple]:
+    """The collection's images and answers, and (model, name, version) to start from. The
+    store is closed again before training (rank 0 reopens it to record the job)."""
+    from reidal.blobs import BlobStore
+    from reidal.embedding.model import build_default_model, load_model
+    from reidal.training_jobs import collection_constraints, collection_images
+
+    store = _open_store(args)
     try:
         col = store.get_collection(args.collection)
         ids, images = collection_images(store, BlobStore(Path(args.data_dir) / "blobs"),
                                         args.collection)
         constraints = collection_constraints(store, args.collection, ids)
         if args.model == "pretrained":
-            return store, images, constraints, (
+            return images, constraints, (
                 build_default_model(input_size=(args.image_size, args.image_size)),
                 DEFAULT_MODEL_NAME, "")
         name, _, version = (args.model or "").partition(":")
@@ -298,36 +316,41 @@ def _open_collection(args: argparse.Namespace) -> tuple[Any, list[Any], Any, tup
         if not (folder / "model.json").is_file():
             raise ValueError(f"{folder} holds no torch model (model.pt + model.json) to train "
                              "from; export versions with reidal, or give --model pretrained")
-        return store, images, constraints, (load_model(folder), name, version)
-    except BaseException:
+        return images, constraints, (load_model(folder), name, version)
+    finally:
         store.close()
-        raise
 
 
-def _record_job(store: Any, collection_id: str, config: Any, base: tuple, summary: dict,
+def _record_job(args: argparse.Namespace, config: Any, base: tuple, summary: dict,
                 result: Any, answers: int) -> str:
     """A finished training-job row, so the server lists the version this run produced."""
     from reidal.store import JOB_RUNNING, JOB_SUCCEEDED
 
     last = result.reports[-1] if result.reports else None
-    job = store.create_training_job(collection_id, config.to_dict(),
-                                    base_model_name=base[1], base_model_version=base[2])
-    store.update_training_job(job.job_id, state=JOB_RUNNING)
-    store.update_training_job(
-        job.job_id, state=JOB_SUCCEEDED, model_name=summary["model_name"],
-        model_version=str(summary["repository_version"]),
-        progress={"epoch": len(result.reports), "loss": float(last.loss) if last else 0.0,
-                  "clusters": int(last.n_clusters) if last else 0,
-                  "unclustered": int(last.n_unclustered) if last else 0,
-                  "pairs_asked": 0, "answers_used": answers, "metrics": {}})
+    store = _open_store(args)
+    try:
+        job = store.create_training_job(args.collection, config.to_dict(),
+                                        base_model_name=base[1], base_model_version=base[2])
+        store.update_training_job(job.job_id, state=JOB_RUNNING)
+        store.update_training_job(
+            job.job_id, state=JOB_SUCCEEDED, model_name=summary["model_name"],
+            model_version=str(summary["repository_version"]),
+            progress={"epoch": len(result.reports), "loss": float(last.loss) if last else 0.0,
+                      "clusters": int(last.n_clusters) if last else 0,
+                      "unclustered": int(last.n_unclustered) if last else 0,
+                      "pairs_asked": 0, "answers_used": answers, "metrics": {}})
+    finally:
+        store.close()
     return job.job_id
 
 
 def main(argv: list[str] | None = None) -> int:
+    from reidal.errors import ReidalError
+
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except ValueError as exc:
+    except (ValueError, ReidalError) as exc:  # e.g. NotFound: an unknown collection
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     return 0

@@ -351,9 +351,9 @@ class ReviewAPI:
                 log.exception("review API %s /api/%s failed", method, path)
                 return error_reply(500, "INTERNAL", f"{type(exc).__name__}: {exc}")
         if allowed:
-            return Reply(405, json.dumps({"error": {
-                "code": "METHOD_NOT_ALLOWED", "message": f"use {', '.join(allowed)}",
-                "retryable": False}}).encode(), headers=(("Allow", ", ".join(allowed)),))
+            reply = error_reply(405, "METHOD_NOT_ALLOWED", f"use {', '.join(allowed)}")
+            return Reply(reply.status, reply.body, reply.content_type,
+                         (("Allow", ", ".join(allowed)),))
         return error_reply(404, "NOT_FOUND", f"no API route /api/{path.strip('/')}")
 
     # ------------------------------------------------------------------ sessions
@@ -363,11 +363,13 @@ class ReviewAPI:
 
     def sign_in(self, body: dict[str, Any]) -> Reply:
         """Check the token with the server (a call it must authenticate), then remember
-        it under a new session id set as a cookie."""
+        it under a new session id set as a cookie (the request's old session, if any, is
+        forgotten: its cookie no longer works)."""
         token = _text(body, "token").strip()
         self._client.with_token(token).list_collections()  # UNAUTHENTICATED -> 401
         sid = secrets.token_urlsafe(32)
         with self._sessions_lock:
+            self._sessions.pop(getattr(self._local, "session", ""), None)
             self._sessions[sid] = token
             while len(self._sessions) > MAX_SESSIONS:
                 self._sessions.popitem(last=False)

@@ -174,11 +174,9 @@ def start_review_http(grpc_target: str, *, host: str = "127.0.0.1", port: int = 
     (it keeps the answer and resends it). Raises RuntimeError when the port cannot be
     bound.
     """
-    pairs = list(metadata)
-    if token:
-        pairs.append(("authorization", f"Bearer {token}"))
     client = ReidalClient(grpc_target, timeout_s=timeout_s, retries=retries,
-                          max_backoff_s=2.0, credentials=credentials, metadata=pairs)
+                          max_backoff_s=2.0, credentials=credentials, metadata=metadata,
+                          token=token or None)
     bare = host.strip("[]")
     loopback_only = bare in _LOOPBACK
     server_class = type("ReviewServer", (ThreadingHTTPServer,), {

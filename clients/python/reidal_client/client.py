@@ -110,6 +110,21 @@ def default_channel_options(max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
     }
 
 
+def _with_bearer(metadata: tuple[tuple[str, str], ...], token: str
+                 ) -> tuple[tuple[str, str], ...]:
+    """``metadata`` with its authorization pair (if any) replaced by ``Bearer <token>``.
+    ValueError (never naming the token) for an empty one, or one a gRPC header value cannot
+    carry (printable ASCII only), which would otherwise fail every call as INTERNAL."""
+    if not isinstance(token, str) or not token.strip():
+        raise ValueError("token is empty")
+    token = token.strip()
+    if not all(" " <= ch <= "~" for ch in token):
+        raise ValueError("token has characters a gRPC header cannot carry "
+                         "(only printable ASCII)")
+    return tuple(m for m in metadata if m[0] != "authorization") + (
+        ("authorization", f"Bearer {token}"),)
+
+
 def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
     chunk: list[T] = []
     for item in items:
@@ -177,13 +192,12 @@ class ReidalClient:
             from reidal.tls import channel_credentials
 
             credentials = channel_credentials(tls_ca, tls_cert, tls_key)
-        if token is not None and not token.strip():
-            raise ValueError("token is empty")
-        if token and credentials is None and address.rsplit(":", 1)[0] not in _LOOPBACK:
-            log.warning("sending an access token to %s without TLS: anyone on the network "
-                        "path can read it", address)
-        self.metadata = tuple(metadata) + (
-            (("authorization", f"Bearer {token.strip()}"),) if token else ())
+        self.metadata = tuple(metadata)
+        if token is not None:
+            self.metadata = _with_bearer(self.metadata, token)
+            if credentials is None and address.rsplit(":", 1)[0] not in _LOOPBACK:
+                log.warning("sending an access token to %s without TLS: anyone on the "
+                            "network path can read it", address)
         self.on_retry = on_retry
         options = default_channel_options(max_reconnect_backoff_s=max_backoff_s)
         options.update(dict(channel_options or {}))
@@ -214,12 +228,10 @@ class ReidalClient:
         not close the channel; closing the original does."""
         import copy
 
-        if not isinstance(token, str) or not token.strip():
-            raise ValueError("token is empty")
+        metadata = _with_bearer(self.metadata, token)
         view = copy.copy(self)
         view._owns_channel = False
-        view.metadata = tuple(m for m in self.metadata if m[0] != "authorization") + (
-            ("authorization", f"Bearer {token.strip()}"),)
+        view.metadata = metadata
         return view
 
     def __enter__(self) -> ReidalClient:
@@ -462,31 +474,40 @@ class ReidalClient:
         """Block until the operation is final; return it when it SUCCEEDED, raise
         OperationFailed (with its recorded code) when it FAILED. A watch cut by a server
         restart (UNAVAILABLE) is resumed with the usual retries."""
+        return self._wait_final("CollectionService.WatchOperation", self.watch_operation,
+                                self.get_operation, operation_id, timeout_s, progress)
+
+    def _wait_final(self, method: str, watch: Callable[..., Iterator[Any]],
+                    get: Callable[[str], Any], item_id: str, timeout_s: float | None,
+                    progress: Callable[[Any], None] | None) -> Any:
+        """Follow ``watch(item_id)`` (an Operation or a TrainingJob) until its state is
+        final: return it, or raise OperationFailed when it FAILED. A stream cut by
+        UNAVAILABLE is reopened with the usual retries; one that ends early is completed
+        with ``get(item_id)``."""
         end = None if timeout_s is None else time.monotonic() + timeout_s
         attempt = 0
         while True:
             left = None if end is None else max(end - time.monotonic(), 0.001)
+            last = None
             try:
-                for op in self.watch_operation(operation_id, timeout_s=left):
+                for last in watch(item_id, timeout_s=left):
                     attempt = 0
                     if progress is not None:
-                        progress(op)
-                    if op.finished:
-                        if op.state == "FAILED":
-                            raise operation_failed(op.error_code, op.error_message,
-                                                   operation_id)
-                        return op
+                        progress(last)
+                    if last.finished:
+                        break
             except ReidalClientError as exc:
                 if exc.code != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
                     raise
                 attempt += 1
-                self._retry_wait("CollectionService.WatchOperation", attempt, exc)
+                self._retry_wait(method, attempt, exc)
                 continue
-            op = self.get_operation(operation_id)  # the stream ended without a final state
-            if op.state == "FAILED":
-                raise operation_failed(op.error_code, op.error_message, operation_id)
-            if op.finished:
-                return op
+            if last is None or not last.finished:  # the stream ended without a final state
+                last = get(item_id)
+            if last.state == "FAILED":
+                raise operation_failed(last.error_code, last.error_message, item_id)
+            if last.finished:
+                return last
 
     # ------------------------------------------------------------------ sampling
 
@@ -721,7 +742,6 @@ class ReidalClient:
             raise ValueError("embed got no images")
         return Embeddings(tuple(ids), np.concatenate(parts), ref)
 
-
     # ------------------------------------------------------------------ training
     def start_training(self, collection_id: str, *, timeout_s: float | None = None,
                        **config: Any) -> TrainingJob:
@@ -766,28 +786,8 @@ class ReidalClient:
                  progress: Callable[[TrainingJob], None] | None = None) -> TrainingJob:
         """Block until the job is final and return it (SUCCEEDED or CANCELLED); a FAILED job
         raises OperationFailed with its recorded code. A watch cut by a restart is resumed."""
-        end = None if timeout_s is None else time.monotonic() + timeout_s
-        attempt = 0
-        while True:
-            left = None if end is None else max(end - time.monotonic(), 0.001)
-            job = None
-            try:
-                for job in self.watch_job(job_id, timeout_s=left):
-                    attempt = 0
-                    if progress is not None:
-                        progress(job)
-            except ReidalClientError as exc:
-                if exc.code != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
-                    raise
-                attempt += 1
-                self._retry_wait("TrainingService.WatchJob", attempt, exc)
-                continue
-            if job is None or not job.finished:
-                job = self.get_job(job_id)
-            if job.state == "FAILED":
-                raise operation_failed(job.error_code, job.error_message, job_id)
-            if job.finished:
-                return job
+        return self._wait_final("TrainingService.WatchJob", self.watch_job, self.get_job,
+                                job_id, timeout_s, progress)
 
     def promote_model(self, collection_id: str, version: str, *, model: str = "",
                       wait: bool = True, timeout_s: float | None = None,

@@ -726,14 +726,23 @@ TRAINING_FIELDS = (
 
 
 def training_config_pb(config: Mapping[str, Any]) -> Any:
-    """A TrainingConfig message from keyword values; an unknown name is a ValueError."""
+    """A TrainingConfig message from keyword values; an unknown name, or a value of the
+    wrong type or out of its field's range, is a ValueError naming the field."""
     from reidal.v1 import training_pb2
 
     unknown = sorted(set(config) - set(TRAINING_FIELDS))
     if unknown:
         raise ValueError(f"unknown training config field(s) {unknown}; "
                          f"known: {', '.join(TRAINING_FIELDS)}")
-    return training_pb2.TrainingConfig(**{k: v for k, v in config.items() if v is not None})
+    msg = training_pb2.TrainingConfig()
+    for name, value in config.items():
+        if value is None:
+            continue
+        try:
+            setattr(msg, name, value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"training config {name}={value!r}: {exc}") from None
+    return msg
 
 
 @dataclass(frozen=True)

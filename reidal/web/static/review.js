@@ -147,9 +147,12 @@
     }
     let data = null;
     try { data = await resp.json(); } catch (e) { data = null; }
-    if (resp.status === 401 && path !== "/api/session") {
+    if (resp.status === 401 && path !== "api/session") {
       // Not signed in (or the session was forgotten by a restart): keep whatever was being
-      // sent (retryable) and ask for the token again.
+      // sent (retryable) and ask for the token again. The server evidently wants one even
+      // if the first session check did not get through, so ask for it (else every route
+      // would run into the 401 again and route again).
+      auth.required = true;
       auth.signedIn = false;
       if (view.name !== "view-token") setTimeout(route, 0);
       throw new ApiError(401, "UNAUTHENTICATED", "sign in with your access token", true);
@@ -199,7 +202,6 @@
   // ------------------------------------------------------------------ the outbox
 
   let pumping = false;
-  let inFlight = null;  // request id of the answer or undo being sent now
 
   function findRecord(cid, rid) {
     return session(cid).records.find((r) => r.rid === rid) || null;
@@ -258,7 +260,6 @@
     try {
       while (store.outbox.length) {
         const op = store.outbox[0];
-        inFlight = op.rid;
         try {
           await perform(op);
           store.outbox.shift();
@@ -268,7 +269,6 @@
             refuse(op, err instanceof ApiError ? err : { message: String(err) });
             store.outbox.shift();
           } else {
-            inFlight = null;
             troubled = true;
             const waiting = store.outbox.length;
             announce(offlineText(delay, `${waiting} change${waiting === 1 ? " is" : "s are"} ` +
@@ -279,8 +279,6 @@
             delay = Math.min(delay * 2, MAX_RETRY_MS);
             continue;
           }
-        } finally {
-          inFlight = null;
         }
         save();
         refresh();
@@ -420,8 +418,10 @@
       return;
     }
     const queued = store.outbox.findIndex((op) => op.kind === "answer" && op.rid === r.rid);
-    if (queued >= 0 && !r.sent && inFlight !== r.rid) {
-      store.outbox.splice(queued, 1);  // never left the page: nothing to delete on the server
+    if (queued >= 0 && !r.sent) {
+      // never left the page (perform marks it sent before its first request goes out):
+      // nothing to delete on the server
+      store.outbox.splice(queued, 1);
       r.status = "undone";
       announce(`Undone: ${describe(r)}.`, "saved");
     } else {
@@ -793,7 +793,7 @@
 
   async function signIn(token) {
     try {
-      const s = await api("POST", "/api/session", { token });
+      const s = await api("POST", "api/session", { token });
       auth.signedIn = s.signed_in;
       route();
       if (wake) wake();  // answers waiting for the sign-in go now
@@ -981,7 +981,7 @@
   // ------------------------------------------------------------------ start
 
   save();
-  api("GET", "/api/session").then((s) => {
+  api("GET", "api/session").then((s) => {
     auth.required = s.auth_required;
     auth.signedIn = s.signed_in || !s.auth_required;
   }).catch(() => {}).finally(() => {
