@@ -41,7 +41,7 @@ import statistics
 import sys
 import time
 
-from reidal.demo import DEMO_BUDGET_PER_CYCLE
+from reidal.demo_params import DEMO_BUDGET_PER_CYCLE
 
 
 def load_collection(threads: int):

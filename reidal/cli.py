@@ -611,7 +611,7 @@ def _client_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from reidal.demo import DEMO_BUDGET_PER_CYCLE
+    from reidal.demo_params import DEMO_BUDGET_PER_CYCLE
     from reidal.embedding.spec import DEFAULT_MODEL_NAME
     from reidal.serve import SERVICES
 

@@ -38,17 +38,13 @@ from typing import Any
 import numpy as np
 
 from reidal.core.loop import CycleReport
+from reidal.demo_params import (  # noqa: F401 - re-exported, the demo's defaults
+    DEMO_BUDGET_PER_CYCLE,
+    DEMO_K1,
+    DEMO_K2,
+    DEMO_MIN_SAMPLES,
+)
 
-#: Default budget per cycle, as a fraction of all pairs of the pool. The paper's 0.02 % is
-#: meant for collections of thousands of images; on the demo's few hundred it would be a
-#: handful of pairs, so the demo asks 0.5 % per cycle (a few hundred answers in all).
-DEMO_BUDGET_PER_CYCLE = 0.005
-#: SpCL's k1=30 assumes thousands of images and identities of tens of images; the demo's
-#: identities hold 4-16 images, so the reciprocal neighbourhoods are scaled down with them.
-DEMO_K1 = 10
-DEMO_K2 = 3
-#: DBSCAN's minimum cluster size for identities of 4-16 images.
-DEMO_MIN_SAMPLES = 2
 #: The collection the demo creates (deleted and re-created on every run).
 DEMO_COLLECTION = "demo"
 #: Annotator id recorded with the simulated answers.

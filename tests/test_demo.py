@@ -11,7 +11,7 @@ from reidal.core.clustering import DBSCANJaccard
 from reidal.core.loop import ActiveLearningLoop
 from reidal.core.oracle import SimulatedOracle
 from reidal.data.wildlife import load_wildlife_csv
-from reidal.demo import DEMO_K1, DEMO_K2, DEMO_MIN_SAMPLES
+from reidal.demo_params import DEMO_K1, DEMO_K2, DEMO_MIN_SAMPLES
 from reidal.store import Store
 
 

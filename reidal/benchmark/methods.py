@@ -29,7 +29,7 @@ import numpy as np
 
 from reidal.benchmark.budget import BudgetSpec
 from reidal.benchmark.datasets import BenchDataset
-from reidal.demo import DEMO_K1, DEMO_K2, DEMO_MIN_SAMPLES
+from reidal.demo_params import DEMO_K1, DEMO_K2, DEMO_MIN_SAMPLES
 
 #: Methods in Table 1's order (``triton:MODEL@URL`` rows go after zero-shot).
 METHODS = ("zero-shot", "supervised", "usl", "random", "uncertainty", "nis", "aas")
