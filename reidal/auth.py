@@ -274,9 +274,16 @@ class TokenFile:
         return st.st_mtime_ns, st.st_size
 
     def table(self) -> TokenTable:
+        """The current tokens. A file that disappears revokes every token (fail closed:
+        deleting the file must not leave the last tokens valid); it comes back with the file."""
         stamp = self._stat()
         with self._lock:
-            if stamp != self._stamp and stamp is not None:
+            if stamp is None and self._stamp is not None:
+                self._stamp = None
+                self._table = TokenTable([])
+                log.error("tokens file %s is gone: every call is refused until it is back",
+                          self.path)
+            elif stamp != self._stamp and stamp is not None:
                 self._stamp = stamp
                 try:
                     self._table = TokenTable(load_tokens(self.path))

@@ -615,6 +615,14 @@ def test_tokens_file_reloads_without_restart(world: World, stubs: Stubs):
     world.tokens_path.write_text(json.dumps(doc))
     assert code_of(stubs.col.GetCollection, req, token) == UNAUTH
     assert code_of(stubs.col.GetCollection, req, world.tokens["team-a"]) == OK
+    # Deleting the file revokes every token (fail closed); putting it back restores them.
+    kept = world.tokens_path.read_text()
+    world.tokens_path.unlink()
+    try:
+        assert code_of(stubs.col.GetCollection, req, world.tokens["team-a"]) == UNAUTH
+    finally:
+        world.tokens_path.write_text(kept)
+    assert code_of(stubs.col.GetCollection, req, world.tokens["team-a"]) == OK
 
 
 def test_logs_never_hold_a_token(world: World, stubs: Stubs):
