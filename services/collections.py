@@ -329,20 +329,25 @@ class CollectionsServicer(collections_pb2_grpc.CollectionServiceServicer):
     def GetImage(self, request, context):  # noqa: N802
         cid, iid = request.collection_id, request.image_id
         self.store.get_collection(cid)
-        data, sha = self._image_bytes(cid, iid, context)
+        data, sha = self._image_bytes(cid, iid, context, request.if_none_match)
+        if data is None or sha == request.if_none_match:
+            return collections_pb2.ImageContent(image_id=iid, sha256=sha, not_modified=True)
         return collections_pb2.ImageContent(image_id=iid, data=data, mime_type=mime_type(data),
                                             sha256=sha)
 
-    def _image_bytes(self, cid: str, iid: str, context: grpc.ServicerContext
-                     ) -> tuple[bytes, str]:
+    def _image_bytes(self, cid: str, iid: str, context: grpc.ServicerContext,
+                     if_none_match: str = "") -> tuple[bytes | None, str]:
         """The encoded file of one image and its SHA-256: the kept blob for an image sent
         as bytes, else its URI read again under the embedder's limits (the rules it was
-        accepted under at ingest)."""
+        accepted under at ingest). A kept blob whose digest is ``if_none_match`` is not
+        read: (None, digest)."""
         if not iid:
             raise errors.NotFound(f"image {iid!r} is not in collection {cid!r}")
         record = self.store.image_record(cid, iid)  # NotFound when it is not one
         source = self.store.image_sources(cid, [iid]).get(iid)
         if source is not None and source.kind == "data":
+            if if_none_match and if_none_match == source.sha256:
+                return None, source.sha256
             try:
                 return self.runtime.blobs.get(source.sha256), source.sha256
             except FileNotFoundError as exc:

@@ -140,6 +140,30 @@ def test_get_image_returns_the_ingested_file(server, tmp_path):
             collection_id="formats", image_id="junk"), timeout=10)
         assert (junk.data, junk.mime_type) == (b"not an image at all", "application/octet-stream")
 
+        # if_none_match: a current copy is answered without data, a stale one with the file
+        for iid, data in [("jpeg", encoded["jpeg"]), ("by-path", pic.png)]:
+            sha = hashlib.sha256(data).hexdigest()
+            same = stubs.collections.GetImage(collections_pb2.GetImageRequest(
+                collection_id="formats", image_id=iid, if_none_match=sha), timeout=10)
+            assert (same.not_modified, same.data, same.sha256) == (True, b"", sha)
+            stale = stubs.collections.GetImage(collections_pb2.GetImageRequest(
+                collection_id="formats", image_id=iid, if_none_match="0" * 64), timeout=10)
+            assert (stale.not_modified, stale.data) == (False, data)
+        # a kept image that is current is not even read: its blob gone, it is still current
+        sha = hashlib.sha256(encoded["webp"]).hexdigest()
+        blob = server.runtime.blobs.path(sha)
+        kept = blob.read_bytes()
+        blob.unlink()
+        try:
+            same = stubs.collections.GetImage(collections_pb2.GetImageRequest(
+                collection_id="formats", image_id="webp", if_none_match=sha), timeout=10)
+            assert same.not_modified
+            err = rpc_error(stubs.collections.GetImage, collections_pb2.GetImageRequest(
+                collection_id="formats", image_id="webp"), timeout=10)
+            assert err.code().name == "DATA_LOSS"
+        finally:
+            blob.write_bytes(kept)
+
         on_disk.unlink()
         for request, code in [
             (collections_pb2.GetImageRequest(collection_id="formats", image_id="by-path"),

@@ -430,13 +430,15 @@ class ReidalClient:
             if not token:
                 return out
 
-    def get_image(self, collection_id: str, image_id: str, *,
+    def get_image(self, collection_id: str, image_id: str, *, if_none_match: str = "",
                   timeout_s: float | None = None) -> ImageContent:
         """The encoded file of one image as ingested, with its MIME type (NotFound for an
-        unknown collection or image)."""
+        unknown collection or image). ``if_none_match``: the sha256 of a copy already held;
+        when still current the answer has ``not_modified`` set and no data."""
         return ImageContent.from_pb(self._call(
             "CollectionService.GetImage", self._collections.GetImage,
-            collections_pb2.GetImageRequest(collection_id=collection_id, image_id=image_id),
+            collections_pb2.GetImageRequest(collection_id=collection_id, image_id=image_id,
+                                            if_none_match=if_none_match),
             retry=True, timeout_s=timeout_s))
 
     def embed_collection(self, collection_id: str, *, model: ModelRef | str | None = None,

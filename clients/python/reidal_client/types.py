@@ -342,10 +342,11 @@ class ImageContent:
     data: bytes
     mime_type: str
     sha256: str
+    not_modified: bool = False  # asked with if_none_match and still that file: no data
 
     @classmethod
     def from_pb(cls, msg: collections_pb2.ImageContent) -> ImageContent:
-        return cls(msg.image_id, msg.data, msg.mime_type, msg.sha256)
+        return cls(msg.image_id, msg.data, msg.mime_type, msg.sha256, msg.not_modified)
 
 
 OPERATION_STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED")
