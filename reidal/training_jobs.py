@@ -259,8 +259,9 @@ class TrainingJobs:
         version = col.model_version or self._latest_version(name)
         cancel = threading.Event()
         # One job per collection at a time: two would train from the same base version and
-        # race to export; the check and the insert happen under one lock (in this process).
-        with self._guard:
+        # race to export. The check and the insert happen under the store's cross-process
+        # lock (replicas sharing a database included) and this process's guard.
+        with self.store.exclusive(f"training-start:{collection_id}"), self._guard:
             running = [j.job_id for j in self.store.list_training_jobs(collection_id)
                        if not j.final]
             if running:
