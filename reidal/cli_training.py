@@ -7,7 +7,7 @@
     reidal train promote COLLECTION VERSION
 
 A job trains the embedding head on the collection's images and every answer stored so far
-(server defaults: docs/training.md); ``--promote`` re-embeds the collection with the version
+(server defaults: README, "Training"); ``--promote`` re-embeds the collection with the version
 the job produced once it succeeds, so the next ``reidal pairs`` asks from the better space.
 """
 

@@ -3,7 +3,7 @@
 The binary (``pytriton/tritonserver/bin/tritonserver``, Triton 2.51) runs on a plain model
 repository (see :mod:`reidal.embedding.triton_repo`) with the python backend; the GPU
 deployment runs the NGC image instead and needs none of this. What this module takes care of
-(each point measured on this project's machines, see docs/triton-on-cpu.md):
+(each point measured on this project's machines, see the project brief's shared/docs/triton-on-cpu.md):
 
 * The python backend wants ``libtriton_python.so`` and the stub for *this* interpreter's
   Python version in one folder; the wheel keeps the stubs apart, so a backend folder of
