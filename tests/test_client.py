@@ -327,6 +327,8 @@ def test_local_parsing_and_progress():
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2 and lines[0].startswith("ingest [##########----")
     assert lines[-1].startswith("ingest [" + "#" * 30 + "] 30/30 images")
+    bar(30, 30)  # an operation stream repeats its last state as it finishes: printed once
+    assert len(stream.getvalue().splitlines()) == 2
 
 
 def test_tokens_and_training_configs_are_checked_before_any_call():

@@ -27,6 +27,7 @@ class TextProgress:
         self._t0 = time.perf_counter()
         self._last_print = -1e9
         self._open_line = False
+        self._last_final: tuple[int, int | None] | None = None
 
     def line(self, done: int, total: int | None) -> str:
         rate = done / max(time.perf_counter() - self._t0, 1e-9)
@@ -39,6 +40,10 @@ class TextProgress:
 
     def __call__(self, done: int, total: int | None = None) -> None:
         final = total is not None and done >= total
+        if final and self._last_final == (done, total):
+            return  # a stream that repeats its last state (running, then finished) prints once
+        if final:
+            self._last_final = (done, total)
         now = time.perf_counter()
         if self.tty:
             self.stream.write("\r" + self.line(done, total))
