@@ -17,7 +17,7 @@ import statistics
 from typing import Any
 
 from reidal.benchmark.methods import SAMPLER_METHODS
-from reidal.benchmark.report import final_rows, method_order
+from reidal.benchmark.report import final_rows, mean_std, method_order
 
 _COLOURS = {"aas": "tab:red", "random": "tab:blue", "uncertainty": "tab:green",
             "nis": "tab:purple", "usl": "tab:orange", "zero-shot": "tab:gray",
@@ -26,10 +26,6 @@ _COLOURS = {"aas": "tab:red", "random": "tab:blue", "uncertainty": "tab:green",
 
 def _colour(method: str, k: int) -> str:
     return _COLOURS.get(method, f"C{k % 10}")
-
-
-def _stats(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _png(fig: Any) -> bytes:
@@ -74,15 +70,15 @@ def map_vs_budget_png(rows: list[dict[str, Any]], dataset: str,
                 sel = [r for r in rs if r["method"] == m and r["cycle"] == c]
                 if not sel:
                     continue
-                xs.append(_stats([r["budget_used_pct"] for r in sel])[0])
-                mu, s = _stats([100 * r["mAP"] for r in sel])
+                xs.append(mean_std([r["budget_used_pct"] for r in sel])[0])
+                mu, s = mean_std([100 * r["mAP"] for r in sel])
                 ys.append(mu)
                 sd.append(s)
             ax.plot(xs, ys, marker="o", color=col, label=m, linewidth=1.8)
             ax.fill_between(xs, [y - s for y, s in zip(ys, sd, strict=True)],
                             [y + s for y, s in zip(ys, sd, strict=True)], color=col, alpha=0.15)
         else:
-            mu = _stats([100 * r["mAP"] for r in fin if r["method"] == m])[0]
+            mu = mean_std([100 * r["mAP"] for r in fin if r["method"] == m])[0]
             what = "every label" if m == "supervised" else "no pairs"
             ax.axhline(mu, color=col, linestyle="--", linewidth=1.2, label=f"{m} ({what})")
     ax.set_xlabel("budget used (% of all pairs of the training pool, cumulative)")
@@ -107,7 +103,7 @@ def pairs_per_cycle_png(rows: list[dict[str, Any]], dataset: str) -> bytes:
         mu, sd = [], []
         for c in cycles:
             sel = [float(r["pairs_asked"]) for r in rs if r["method"] == m and r["cycle"] == c]
-            a, b = _stats(sel) if sel else (0.0, 0.0)
+            a, b = mean_std(sel) if sel else (0.0, 0.0)
             mu.append(a)
             sd.append(b)
         x = np.arange(len(cycles)) + (k - (len(methods) - 1) / 2) * width

@@ -74,7 +74,8 @@ def method_order(methods: Iterable[str]) -> list[str]:
     return sorted(names, key=key)
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value) of the non-NaN values."""
     vals = [v for v in values if not math.isnan(v)]
     if not vals:
         return float("nan"), float("nan")
@@ -82,7 +83,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def _ms(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
-    m, s = _mean_std(values)
+    m, s = mean_std(values)
     if math.isnan(m):
         return "-"
     return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
@@ -231,7 +232,7 @@ def summary_markdown(rows: list[dict[str, Any]], *, title: str, settings: Sequen
             for m in method_order(r["method"] for r in fin if r["dataset"] == d):
                 sel = [r for r in fin if r["dataset"] == d and r["method"] == m]
                 per_ds.append({"dataset": d, "method": m, "seed": 0, "cycle": 0, **{
-                    k: _mean_std([float(r[k]) for r in sel])[0]
+                    k: mean_std([float(r[k]) for r in sel])[0]
                     for k in CSV_COLUMNS if k not in ("dataset", "method", "seed", "cycle")}})
         header = ("method", "datasets", "mAP %", "Top-1 %", "AUC-ROC %", "budget used %")
         lines = []

@@ -206,8 +206,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not labelled[train_idx].all():
             raise ValueError(f"--sampler {args.sampler} answers from the dataset's identities, "
                              "and some training images have none: use --sampler none")
-        truth = np.unique(identities[train_idx], return_inverse=True)[1].reshape(-1)
-        oracle = SimulatedOracle(truth, error_rate=args.error_rate, seed=args.seed)
+        oracle = SimulatedOracle(identities[train_idx], error_rate=args.error_rate,
+                                 seed=args.seed)  # answers from any identity values
     data = [items[i] for i in train_idx]
 
     rank = D.setup(torch.device("cuda" if torch.cuda.is_available() else "cpu").type
