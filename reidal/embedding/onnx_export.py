@@ -16,10 +16,7 @@ the TorchScript-based exporter (``dynamo=False``) is used; it handles this plain
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
@@ -31,10 +28,10 @@ from reidal.embedding.spec import DEFAULT_MODEL_NAME, ModelSpec, default_spec
 from reidal.embedding.triton_repo import (
     CONFIG_FILE,
     DEFAULT_KEEP_VERSIONS,
-    _atomic_write,
-    _check_compatible,
-    parse_config,
+    check_config,
     render_config,
+    staged_version,
+    write_config,
 )
 
 ONNX_FILE = "model.onnx"
@@ -127,14 +124,7 @@ def write_onnx_repository(
     if model is None:
         model = build_default_model(input_size=spec.input_size)
     model_dir = Path(out_dir) / model_name
-    config_path = model_dir / CONFIG_FILE
-    final = model_dir / str(version)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} exists; pass overwrite=True to replace a served version")
-    model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=model_dir))
-    try:
-        os.chmod(staging, 0o755)  # mkdtemp makes it 0700; Triton may run as another user
+    with staged_version(model_dir, version, overwrite=overwrite) as staging:
         onnx_path = export_onnx(model, staging / ONNX_FILE, spec, opset=opset)
         batch = np.random.default_rng(0).standard_normal((3, *spec.input_shape)).astype(np.float32)
         if verify:
@@ -151,22 +141,14 @@ def write_onnx_repository(
             instance_count=instance_count, instance_kind=instance_kind,
             keep_versions=keep_versions,
         )
-        if config_path.exists():
-            _check_compatible(parse_config(config_path.read_text(encoding="utf-8")),
-                              parse_config(config), config_path)
+        check_config(model_dir, config)
         try:  # the torch files too, so training can start from this version later
             from reidal.embedding.model import save_model
 
             save_model(model, staging, spec)  # type: ignore[arg-type]
         except ValueError:
             pass  # a module reidal cannot rebuild: ONNX only
-        if final.exists() and overwrite:
-            shutil.rmtree(final)
-        os.replace(staging, final)  # fails if another writer took the version meanwhile
-        if not config_path.exists() or config_path.read_text(encoding="utf-8") != config:
-            _atomic_write(config_path, config)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    write_config(model_dir, config)
     return model_dir
 
 

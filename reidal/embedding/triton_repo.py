@@ -36,7 +36,8 @@ import os
 import py_compile
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -285,18 +286,8 @@ def write_model_repository(
         parameters={P_THREADS: str(num_threads or 0)},
     )
     model_dir = Path(repo_dir) / model_name
-    config_path = model_dir / CONFIG_FILE
-    if config_path.exists():
-        _check_compatible(
-            parse_config(config_path.read_text(encoding="utf-8")), parse_config(config), config_path
-        )
-    final = model_dir / str(version)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} exists; pass overwrite=True to replace a served version")
-    model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=model_dir))
-    try:
-        os.chmod(staging, 0o755)  # mkdtemp makes it 0700; Triton may run as another user
+    check_config(model_dir, config)
+    with staged_version(model_dir, version, overwrite=overwrite) as staging:
         save_model(model, staging, spec)
         (staging / PYTHON_MODEL_FILE).write_text(PYTHON_MODEL_SOURCE, encoding="utf-8")
         # Compile model.py now: otherwise the stub writes __pycache__ into the version folder
@@ -305,16 +296,48 @@ def write_model_repository(
         # 19 s instead of about 10 s for adding a version on 2 busy cores.
         source = str(staging / PYTHON_MODEL_FILE)
         py_compile.compile(source, cfile=importlib.util.cache_from_source(source), doraise=True)
+    write_config(model_dir, config)
+    return model_dir
+
+
+@contextmanager
+def staged_version(model_dir: Path, version: int, *, overwrite: bool) -> Iterator[Path]:
+    """A staging folder for version ``version`` of the model in ``model_dir``; when the block
+    ends without an error it becomes ``model_dir/<version>`` by one rename, so Triton never
+    sees half a version. An existing version is refused unless ``overwrite``
+    (FileExistsError). Shared by the python-backend and the ONNX writers."""
+    final = model_dir / str(version)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} exists; pass overwrite=True to replace a served version")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=model_dir))
+    try:
+        os.chmod(staging, 0o755)  # mkdtemp makes it 0700; Triton may run as another user
+        yield staging
         if final.exists():
             shutil.rmtree(final)
-        os.replace(staging, final)
-        # Rewrite the config only when it changes: Triton reloads every loaded version of a
-        # model whose config file changed, which would needlessly restart the old versions.
-        if not config_path.exists() or config_path.read_text(encoding="utf-8") != config:
-            _atomic_write(config_path, config)
+        os.replace(staging, final)  # fails if another writer took the version meanwhile
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return model_dir
+
+
+def check_config(model_dir: Path, config: str) -> None:
+    """Refuse ``config`` when the model already has a config of another model (other
+    tensors or backend): versions of one model share one config, so its served versions
+    could no longer be loaded."""
+    path = model_dir / CONFIG_FILE
+    if path.exists():
+        _check_compatible(parse_config(path.read_text(encoding="utf-8")), parse_config(config),
+                          path)
+
+
+def write_config(model_dir: Path, config: str) -> None:
+    """Write the model's config, atomically and only when it changes: Triton reloads every
+    loaded version of a model whose config file changed, which would needlessly restart
+    the old versions."""
+    path = model_dir / CONFIG_FILE
+    if not path.exists() or path.read_text(encoding="utf-8") != config:
+        _atomic_write(path, config)
 
 
 def model_versions(repo_dir: str | Path, model_name: str) -> list[int]:
