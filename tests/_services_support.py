@@ -36,10 +36,12 @@ class Picture:
 
 
 @cache
-def pictures(n_individuals: int = 8, per_individual: int = 5, seed: int = 0) -> tuple[Picture, ...]:
-    """Seeded synthetic photos (64 px PNG), ``per_individual`` of each individual."""
+def pictures(n_individuals: int = 8, per_individual: int = 5, seed: int = 0,
+             image_size: int = 64) -> tuple[Picture, ...]:
+    """Seeded synthetic photos (PNG, 64 px by default), ``per_individual`` of each individual."""
     cfg = SyntheticConfig.tiny(n_individuals=n_individuals,
-                               images_per_individual=(per_individual, per_individual), seed=seed)
+                               images_per_individual=(per_individual, per_individual), seed=seed,
+                               image_size=image_size)
     out = []
     for s in iter_samples(cfg):
         buf = io.BytesIO()

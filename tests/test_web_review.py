@@ -22,15 +22,13 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
-from functools import cache
 from pathlib import Path
 
 import pytest
-from _services_support import Picture, Stubs, create_and_fill, rpc_error, running_server
+from _services_support import Picture, Stubs, create_and_fill, pictures, rpc_error, running_server
 from PIL import Image
 
 from reidal.cli import _review_port, build_parser
-from reidal.data.synthetic_images import SyntheticConfig, iter_samples
 from reidal.serve import serve
 from reidal.v1 import collections_pb2, common_pb2
 from reidal.web import start_review_http
@@ -48,17 +46,9 @@ KEYS = {"SAME": "s", "DIFFERENT": "d", "UNSURE": "u"}
 MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
 
-@cache
 def photos() -> tuple[Picture, ...]:
     """8 individuals x 4 photos at 192 px (large enough to look like photos on screen)."""
-    cfg = SyntheticConfig.tiny(n_individuals=8, images_per_individual=(4, 4), image_size=192,
-                               seed=3)
-    out = []
-    for s in iter_samples(cfg):
-        buf = io.BytesIO()
-        s.image.save(buf, format="PNG")
-        out.append(Picture(s.image_id, s.identity, s.viewpoint, buf.getvalue()))
-    return tuple(out)
+    return pictures(8, 4, seed=3, image_size=192)
 
 
 TRUTH = {p.image_id: p.identity for p in photos()}
