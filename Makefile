@@ -80,7 +80,7 @@ demo: setup
 bench: setup
 	$(PY) bench/bench_sampling.py
 	$(PY) bench/bench_embedding.py
-	$(VENV)/bin/reidal bench --dataset synthetic --seeds 4 --threads 1 --out bench-results/synthetic
+	$(VENV)/bin/reidal bench --dataset synthetic --seeds 8 --threads 1 --out bench-results/synthetic
 
 lint: setup
 	$(PY) -m ruff check reidal services clients/python clients/wildbook tests bench

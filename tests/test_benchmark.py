@@ -33,6 +33,7 @@ from reidal.benchmark import (
     summary_markdown,
     wilcoxon_tests,
 )
+from reidal.benchmark.methods import BenchSchedule
 from reidal.cli import main as cli_main
 
 QUICK_SEEDS = 2
@@ -279,3 +280,12 @@ def test_triton_row_matches_the_zero_shot_row(small_data, triton):
     assert len(served) == len(zero) == 2
     for key in ("mAP", "mINP", "top1", "top5", "BAKS", "AUC_ROC", "pl_f1"):
         assert served[-1][key] == pytest.approx(zero[-1][key], abs=1e-3), key
+
+
+def test_bench_schedule_keeps_stored_run_keys_at_defaults():
+    d = BenchSchedule().to_dict()
+    assert "question_rounds" not in d and "aas_os_similarity" not in d
+    v = BenchSchedule(question_rounds=3, aas_os_similarity="cosine")
+    assert v.to_dict()["question_rounds"] == 3
+    c = v.train_config(2, type("B", (), {"per_cycle": 10})(), 0, "aas")
+    assert c.question_rounds == 3 and c.aas_os_similarity == "cosine"

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from reidal.core.aas import AmbiguityAwareSampler
 from reidal.core.clustering import DBSCANJaccard
 from reidal.core.evaluation import clustering_quality
 from reidal.core.np3 import NP3
@@ -367,3 +368,33 @@ def test_fit_starts_from_given_constraints_without_changing_them(collection):
         assert result.labels[i] == result.labels[j] and result.labels[i] >= 0
     with pytest.raises(ValueError, match="constraints are for"):
         SpCLTrainer(config, model).fit(feats, constraints=ConstraintSet(n + 1))
+
+
+def test_question_rounds_ask_what_the_answers_leave(collection):
+    """question_rounds 0 (no cap) asks one draw's batch first, then what the answers leave,
+    within the allowance, and stops early only when the sampler has nothing left."""
+    model, feats, truth = collection
+    budget = 400
+
+    def one_cycle(rounds):
+        config = TrainConfig(**{**SMALL, "epochs": 1, "epochs_per_cycle": 1,
+                                "iters_per_epoch": 1, "budget_per_cycle": budget,
+                                "sampler": "aas", "question_rounds": rounds, "seed": 0})
+        return SpCLTrainer(config, model).fit(feats, oracle=SimulatedOracle(truth))
+
+    one, many = one_cycle(1), one_cycle(0)
+    a1 = [(a.i, a.j) for a in one.constraints.answers]
+    am = [(a.i, a.j) for a in many.constraints.answers]
+    assert 0 < len(a1) < budget  # the premise: AAS's pool is smaller than the allowance
+    assert am[:len(a1)] == a1  # round 0 is the one-draw schedule's batch
+    assert len(a1) < len(am) <= budget  # later rounds asked more, within the allowance
+    assert len(set(am)) == len(am)
+    assert many.reports[0].pairs_asked == len(am)
+    # Stopping below the allowance means the sampler has nothing left on the same features
+    # (cycle 1 clusters the memory's first features: the untrained head's embeddings).
+    with torch.no_grad():
+        X0 = F.normalize(model.embed_features(feats).float(), dim=1).numpy()
+    aas = AmbiguityAwareSampler(dbscan=DBSCANJaccard(k1=10, k2=3, min_samples=2))
+    assert len(aas.sample(X0, many.constraints, budget - len(am), seed=7).pairs) == 0
+    with pytest.raises(ValueError, match="TrainConfig.question_rounds"):
+        TrainConfig(question_rounds=-1)

@@ -56,7 +56,10 @@ class BenchSchedule:
     StepLR step ``step_size`` = 10 epochs (two cycles, SpCL's 20 of 50); DBSCAN's ``k1``,
     ``k2``, ``min_samples`` are the demo's, scaled to identities of 4-16 images (SpCL's 30 /
     6 / 4 assume thousands of images). The cycle count comes from the budget spec. Not
-    tuned per method.
+    tuned per method. ``question_rounds`` = 1: the paper's one draw a cycle; 0 asks a
+    cycle's allowance in rounds until it is spent or the sampler finds nothing
+    (TrainConfig.question_rounds; measured in docs/results/question-rounds: no clear gain
+    for AAS on either set). ``aas_os_similarity``: TrainConfig's (Jaccard, the paper's).
     """
 
     lr: float = 1e-4
@@ -69,6 +72,8 @@ class BenchSchedule:
     eps: float = 0.6
     num_identities: int = 16
     num_instances: int = 4
+    question_rounds: int = 1
+    aas_os_similarity: str = "jaccard"
 
     def train_config(self, cycles: int, budget: BudgetSpec, seed: int, sampler: str) -> Any:
         """The TrainConfig of one run (``sampler``: "none", "random" or "aas")."""
@@ -81,10 +86,23 @@ class BenchSchedule:
             min_samples=self.min_samples, eps=self.eps, num_identities=self.num_identities,
             num_instances=self.num_instances, budget_per_cycle=budget.per_cycle,
             sampler=sampler, eval_every=self.epochs_per_cycle, seed=seed,
+            question_rounds=self.question_rounds, aas_os_similarity=self.aas_os_similarity,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields, leaving out the sampler options (VARIANT_DEFAULTS) at their defaults:
+        the dict is hashed into every run's key, so runs stored before those options existed
+        keep their keys."""
+        out = asdict(self)
+        for name, default in VARIANT_DEFAULTS.items():
+            if out[name] == default:
+                del out[name]
+        return out
+
+
+#: BenchSchedule fields added after results were stored, with the values that reproduce them
+#: (the paper's one draw a cycle and Jaccard U_os); see BenchSchedule.to_dict.
+VARIANT_DEFAULTS: dict[str, Any] = {"question_rounds": 1, "aas_os_similarity": "jaccard"}
 
 
 #: ``--quick``'s schedule: the same recipe, short (CI checks that the pipeline works; its

@@ -57,7 +57,8 @@ QUICK_BUDGET = "0.5%x2"
 SCHEDULE_OPTIONS = (("lr", "lr"), ("iters", "iters_per_epoch"),
                     ("epochs_per_cycle", "epochs_per_cycle"), ("step_size", "step_size"),
                     ("k1", "k1"), ("k2", "k2"), ("min_samples", "min_samples"),
-                    ("num_identities", "num_identities"))
+                    ("num_identities", "num_identities"),
+                    ("question_rounds", "question_rounds"))
 
 
 @dataclass(frozen=True)
@@ -278,7 +279,9 @@ def _settings(config: BenchConfig) -> list[str]:
         f"{config.budget.cycles} cycles x {s.epochs_per_cycle} epochs x {s.iters_per_epoch} "
         f"iterations, Adam lr {s.lr:g}, StepLR every {s.step_size} epochs, batch "
         f"{s.num_identities} x {s.num_instances}; DBSCAN on Jaccard eps {s.eps:g}, k1 {s.k1}, "
-        f"k2 {s.k2}, min_samples {s.min_samples}",
+        f"k2 {s.k2}, min_samples {s.min_samples}; a cycle's allowance asked in "
+        + ("rounds until spent or nothing is left" if s.question_rounds == 0 else
+           f"up to {s.question_rounds} round(s)"),
         "protocol: open-set split (20 % of training identities held out, gallery of up to 5 "
         "images per known identity by similarity under the untrained model, queries = test "
         f"split), split seed {SPLIT_SEED}; metrics after each cycle's last epoch",
@@ -382,6 +385,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"DBSCAN min_samples ({d.min_samples})")
     g.add_argument("--num-identities", type=int, default=None,
                    help=f"pseudo-identities per batch ({d.num_identities}; x 4 images)")
+    g.add_argument("--question-rounds", type=int, default=None,
+                   help=f"rounds a cycle's allowance is asked in, 0 = until spent or nothing "
+                        f"is left, 1 = the paper's one draw ({d.question_rounds})")
     p.add_argument("--triton-spec", default=None, metavar="JSON_OR_TOML",
                    help="ModelSpec file for triton: rows whose model config carries no "
                         "preprocessing parameters")

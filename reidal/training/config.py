@@ -61,6 +61,18 @@ class TrainConfig:
     (float; paper 0.0002 = 0.02 %).
     sampler: ``"aas"`` (Ambiguity-Aware Sampling), ``"random"`` (uniform unanswered pairs)
     or ``"none"`` (SpCL alone: no question is asked).
+    question_rounds (OURS, default 1 = the paper: one draw a cycle): a cycle's allowance is
+    asked in up to this many rounds on the same features (0: no cap, until the allowance is
+    spent or a round finds nothing); each round draws what is left of the allowance after
+    the previous rounds' answers were recorded (NP3 applied), and a round that finds nothing
+    to ask ends the cycle. This is what the server does with a person: each GetNextPairs
+    after a batch of answers samples again with them. A sampler whose pool is smaller than
+    the allowance (AAS, once the clusterings mostly agree) then asks about the disagreement
+    the answers' splits reveal instead of letting the rest of the allowance lapse; a
+    sampler that always fills it asks the same. Each round is one more sampler call (about
+    a minute at 100k items), hence the default.
+    aas_os_similarity (OURS, default "jaccard" = the paper): the similarity AAS's U_os ranks
+    region medoids by, "jaccard" or "cosine" (``AmbiguityAwareSampler(os_similarity=...)``).
     cluster_features: what the per-epoch clustering (and the sampler) sees. ``"memory"``
     (SpCL: the momentum-updated instance features of the hybrid memory) or ``"model"``
     (OURS option: every training item re-embedded by the current model, eval mode).
@@ -100,6 +112,8 @@ class TrainConfig:
     self_paced: bool = True
     budget_per_cycle: int | float = 0.0002
     sampler: str = "aas"
+    question_rounds: int = 1
+    aas_os_similarity: str = "jaccard"
     cluster_features: str = "memory"
     amp: bool = True
     augment: bool = True
@@ -124,7 +138,9 @@ class TrainConfig:
         for name in positive:
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 bad(name, "must be an integer >= 1")
-        for name in ("num_workers", "eval_every", "seed"):
+        if self.aas_os_similarity not in ("jaccard", "cosine"):
+            bad("aas_os_similarity", "must be 'jaccard' or 'cosine'")
+        for name in ("num_workers", "eval_every", "seed", "question_rounds"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
                 bad(name, "must be an integer >= 0")
         for name in ("self_paced", "amp", "augment"):

@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=SAMPLERS, default="none")
     p.add_argument("--budget", type=float, default=0.005,
                    help="pairs per cycle: a fraction of all pairs (< 1) or a count (>= 1)")
+    p.add_argument("--question-rounds", type=int, default=1,
+                   help="rounds a cycle's allowance is asked in (0: until spent or nothing is "
+                        "left; 1: the paper's one draw)")
     p.add_argument("--error-rate", type=float, default=0.0,
                    help="simulated annotator: probability an answer is flipped")
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers (full mode)")
@@ -165,7 +168,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from reidal.embedding.model import build_default_model, save_model
     from reidal.training import EvalSet, SpCLTrainer, TrainConfig
     from reidal.training import distributed as D
-    from reidal.training_jobs import export_version, triton_loader
 
     constraints, base = None, None
     if args.collection:
@@ -183,6 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         epochs_per_cycle=args.epochs_per_cycle, iters_per_epoch=args.iters_per_epoch,
         lr=args.lr, step_size=args.step_size, num_identities=args.num_identities,
         num_instances=args.num_instances, sampler=args.sampler, budget_per_cycle=budget,
+        question_rounds=args.question_rounds,
         num_workers=args.num_workers, amp=not args.no_amp, seed=args.seed,
         checkpoint_dir=args.checkpoint_dir, eval_every=args.epochs_per_cycle, **extra)
     if base is not None:
@@ -255,6 +258,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if rank.is_main:
         save_model(result.model, out / "model")
         if args.model_repository:
+            # Imported here: the export path needs the server's packages (gRPC, the store),
+            # a training node that only writes OUT/model does not.
+            from reidal.training_jobs import export_version, triton_loader
+
             name_out = args.model_name or (base[1] if base else None) or DEFAULT_MODEL_NAME
             summary["repository_version"] = export_version(
                 result.model, args.model_repository, name_out, fmt=args.export,

@@ -272,7 +272,26 @@ class SpCLTrainer:
         from reidal.core.clustering import DBSCANJaccard
 
         return AmbiguityAwareSampler(dbscan=DBSCANJaccard(eps=c.eps, min_samples=c.min_samples,
-                                                          k1=c.k1, k2=c.k2))
+                                                          k1=c.k1, k2=c.k2),
+                                     os_similarity=c.aas_os_similarity)
+
+    def _ask_rounds(self, sampler: Any, X: np.ndarray, constraints: ConstraintSet,
+                    budget: int, oracle: Oracle, cycle: int) -> tuple[int, str]:
+        """One cycle's questions, in up to ``question_rounds`` rounds (see TrainConfig):
+        returns (pairs asked, the last round's reason). Round 0's seed is the one-draw
+        schedule's, so ``question_rounds=1`` asks exactly what it always did."""
+        c = self.config
+        asked, reason = 0, "no question this epoch"
+        # Each round asks at least one pair or ends the cycle, so "no cap" is at most
+        # ``budget`` rounds.
+        for r in range(c.question_rounds or max(budget, 1)):
+            seed = c.seed + cycle if r == 0 else (c.seed + cycle) * 1_000 + r
+            batch, pairs = ask_and_record(sampler, X, constraints, budget - asked, oracle,
+                                          seed=seed)
+            asked, reason = asked + len(pairs), batch.reason
+            if len(pairs) == 0 or asked >= budget:
+                break
+        return asked, reason
 
     def make_labeler(self) -> SpCLPseudoLabeler:
         c = self.config
@@ -455,9 +474,8 @@ class SpCLTrainer:
                 else:
                     rows = None
                     if ctx.is_main:
-                        batch, pairs = ask_and_record(sampler, X, constraints, budget, oracle,
-                                                      seed=c.seed + cycle)
-                        asked, reason = len(pairs), batch.reason
+                        asked, reason = self._ask_rounds(sampler, X, constraints, budget,
+                                                         oracle, cycle)
                         rows = (answers_to_rows(constraints.answers), asked, reason)
                     rows = D.broadcast_object(rows, ctx)
                     if not ctx.is_main:
