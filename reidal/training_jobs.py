@@ -190,7 +190,9 @@ def export_version(model: Any, repo: str | Path, model_name: str, *, fmt: str | 
                    spec: Any = None, load: Callable[[str], None] | None = None) -> int:
     """Write ``model`` as the next version of ``model_name`` in the repository, in the format
     the repository serves (``fmt`` to force one), keeping the served config's batch size
-    and version policy; then ``load(model_name)`` (e.g. Triton's model control). ONNX
+    and version policy, and (through the writers' config merge,
+    :func:`reidal.embedding.triton_repo.merge_config`) its instance groups, dynamic batching
+    and other operator settings; then ``load(model_name)`` (e.g. Triton's model control). ONNX
     versions keep ``model.pt`` + ``model.json`` beside ``model.onnx`` so later training can
     start from them. A ``fmt`` other than the served one is refused (ValueError: the
     model's other versions could no longer be served). Returns the version number."""

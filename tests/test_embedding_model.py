@@ -19,6 +19,7 @@ from reidal.embedding.model import (
 from reidal.embedding.preprocess import preprocess
 from reidal.embedding.spec import IMAGENET_MEAN, LITE_MEAN, LITE_STD, ModelSpec, default_spec
 from reidal.embedding.triton_repo import (
+    merge_config,
     next_version,
     parse_config,
     render_config,
@@ -208,3 +209,38 @@ def test_write_model_repository_versions(tmp_path, model):
         write_model_repository(tmp_path, version=2, model=build_default_model(dim=32))
     assert next_version(tmp_path) == 2  # nothing half-written was left behind
     assert [p.name for p in model_dir.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_new_version_keeps_the_served_configs_operator_settings(tmp_path, model):
+    """The CPU writer shares write_config with the ONNX one: a served config keeps its
+    instance groups, batching and thread count; the owned fields follow the writer."""
+    model_dir = write_model_repository(tmp_path, model=model, max_batch_size=8, num_threads=2)
+    path = model_dir / "config.pbtxt"
+    first = parse_config(path.read_text())
+    assert first["instance_group"] == [{"count": 1, "kind": "KIND_CPU"}]  # first write: defaults
+    operator = (
+        path.read_text()
+        .replace("count: 1", "count: 2")
+        .replace("dynamic_batching {", "dynamic_batching {\n  preferred_batch_size: [4, 8]\n"
+                 "  max_queue_delay_microseconds: 300")
+        + 'parameters { key: "operator_note" value { string_value: "keep me" } }\n'
+    )
+    path.write_text(operator)
+    assert parse_config(operator)["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
+
+    write_model_repository(tmp_path, version=2, model=model, max_batch_size=4)
+    cfg = parse_config(path.read_text())
+    assert cfg["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
+    assert cfg["dynamic_batching"] == {"preferred_batch_size": [4],  # 8 > max_batch_size
+                                       "max_queue_delay_microseconds": "300"}
+    assert cfg["parameters"]["operator_note"]["string_value"] == "keep me"
+    assert cfg["parameters"]["torch_num_threads"]["string_value"] == "2"  # not given: kept
+    assert cfg["max_batch_size"] == 4  # owned
+    assert spec_from_config(cfg) == default_spec()
+
+    write_model_repository(tmp_path, version=3, model=model, max_batch_size=4, num_threads=1)
+    cfg = parse_config(path.read_text())
+    assert cfg["parameters"]["torch_num_threads"]["string_value"] == "1"  # given: written
+    assert cfg["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
+    with pytest.raises(ValueError, match="not ModelConfig fields"):
+        merge_config(path.read_text(), path.read_text(), also_owned=("instance_groups",))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +65,105 @@ def test_an_onnx_export_never_replaces_a_python_backend_model(tmp_path):
         write_onnx_repository(tmp_path, model_name="m", version=2, verify=False)
     assert (tmp_path / "m" / CONFIG_FILE).read_text() == before
     assert not (tmp_path / "m" / "2").exists()
+
+
+# An operator's hand-tuned config of the served ONNX model: two instance groups (2 on GPUs
+# 0 and 1, 2 on CPU), their own dynamic batching and parameter, a stale preprocessing value
+# and a batch size / version policy that the next export sets.
+OPERATOR_EDITS = """
+# tuned for the two-GPU node
+instance_group [ { count: 2 kind: KIND_GPU gpus: [ 0, 1 ] }, { count: 2 kind: KIND_CPU } ]
+dynamic_batching { preferred_batch_size: [ 8, 32 ] max_queue_delay_microseconds: 2000 }
+parameters { key: "operator_note" value { string_value: "keep me" } }
+parameters { key: "preprocess_mean" value { string_value: "0.1,0.2,0.3" } }
+max_batch_size: 48
+version_policy { all { } }
+"""
+
+
+def _operator_config(model_dir: Path) -> str:
+    """The exported config with OPERATOR_EDITS in place of its own values of those fields."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    cfg = text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
+    edits = text_format.Parse(OPERATOR_EDITS, mc.ModelConfig())
+    for field in ("instance_group", "dynamic_batching", "max_batch_size", "version_policy"):
+        cfg.ClearField(field)
+    cfg.MergeFrom(edits)
+    return "# the operator's own comment\n" + text_format.MessageToString(cfg)
+
+
+def test_a_new_version_keeps_the_operators_instance_groups_and_batching(tmp_path):
+    from reidal.embedding.onnx_export import (
+        GPU_PREFERRED_BATCH_SIZES,
+        GPU_QUEUE_DELAY_US,
+        write_onnx_repository,
+    )
+    from reidal.embedding.triton_repo import CONFIG_FILE
+    from reidal.training_jobs import export_version
+
+    spec = replace(default_spec("m"), input_size=(16, 16))
+    # A small module keeps the five exports fast (ONNX only: reidal cannot rebuild it).
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 8))
+    model_dir = write_onnx_repository(tmp_path, model=model, spec=spec, model_name="m",
+                                      verify=False)
+    first = parse_config((model_dir / CONFIG_FILE).read_text())
+    # A first export into an empty folder: the GPU defaults.
+    assert first["instance_group"] == [{"count": 1, "kind": "KIND_GPU"}]
+    assert first["dynamic_batching"] == {
+        "preferred_batch_size": list(GPU_PREFERRED_BATCH_SIZES),
+        "max_queue_delay_microseconds": str(GPU_QUEUE_DELAY_US),  # uint64: a JSON string
+    }
+    assert first["version_policy"] == {"latest": {"num_versions": 2}}
+
+    (model_dir / CONFIG_FILE).write_text(_operator_config(model_dir))
+    edited = parse_config((model_dir / CONFIG_FILE).read_text())
+    operator_groups = [
+        {"count": 2, "kind": "KIND_GPU", "gpus": [0, 1]}, {"count": 2, "kind": "KIND_CPU"},
+    ]
+    assert edited["instance_group"] == operator_groups  # the edit itself took
+
+    # The next version, written the way training writes it.
+    assert export_version(model, tmp_path, "m", spec=spec) == 2
+    cfg = parse_config((model_dir / CONFIG_FILE).read_text())
+    assert (model_dir / "2" / "model.onnx").is_file()
+    assert cfg["instance_group"] == operator_groups
+    assert cfg["dynamic_batching"] == {"preferred_batch_size": [8, 32],
+                                       "max_queue_delay_microseconds": "2000"}
+    assert cfg["parameters"]["operator_note"] == {"string_value": "keep me"}
+    # Owned: the preprocessing a client must follow comes back from the model's spec;
+    # max_batch_size 48 was kept by training (it passes the served one); the version policy
+    # becomes reidal's "latest" one (the old version answers while re-embedding).
+    assert cfg["parameters"]["preprocess_mean"] == first["parameters"]["preprocess_mean"]
+    assert spec_from_config(cfg) == spec
+    assert cfg["max_batch_size"] == 48
+    assert cfg["version_policy"] == {"latest": {"num_versions": 2}}
+    for field in ("backend", "default_model_filename", "input", "output", "name"):
+        assert cfg[field] == first[field]
+
+    # A re-export with a smaller batch: preferred sizes above it go (Triton refuses them),
+    # the rest of the operator's batching stays.
+    write_onnx_repository(tmp_path, model=model, spec=spec, model_name="m", version=3,
+                          max_batch_size=16, keep_versions=3, verify=False)
+    cfg = parse_config((model_dir / CONFIG_FILE).read_text())
+    assert cfg["max_batch_size"] == 16 and cfg["version_policy"]["latest"]["num_versions"] == 3
+    assert cfg["dynamic_batching"] == {"preferred_batch_size": [8],
+                                       "max_queue_delay_microseconds": "2000"}
+    assert cfg["instance_group"] == operator_groups
+
+    # Nothing owned changes: the file is left byte for byte (comments and all), so Triton
+    # does not reload the served versions.
+    text = (model_dir / CONFIG_FILE).read_text()
+    (model_dir / CONFIG_FILE).write_text("# operator again\n" + text)
+    write_onnx_repository(tmp_path, model=model, spec=spec, model_name="m", version=4,
+                          max_batch_size=16, keep_versions=3, verify=False)
+    assert (model_dir / CONFIG_FILE).read_text() == "# operator again\n" + text
+
+    # Instance settings given explicitly (--instances / --kind) replace the group.
+    write_onnx_repository(tmp_path, model=model, spec=spec, model_name="m", version=5,
+                          max_batch_size=16, keep_versions=3, instance_count=3, verify=False)
+    cfg = parse_config((model_dir / CONFIG_FILE).read_text())
+    assert cfg["instance_group"] == [{"count": 3, "kind": "KIND_GPU"}]
+    assert cfg["dynamic_batching"]["max_queue_delay_microseconds"] == "2000"

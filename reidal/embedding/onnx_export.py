@@ -9,6 +9,14 @@ model, so the same :class:`reidal.embedding.triton_client.TritonEmbedder` drives
 ``DIR/<name>/<version>/model.onnx`` with a dynamic batch axis. Unless ``--no-verify``, the
 exported file is run with onnxruntime on CPU against the torch model before it is kept.
 
+Exporting a version into a model folder that already has a config (training's next
+version, a re-export) updates only what the export owns, i.e. the backend, model file
+name, tensors, ``max_batch_size``, version policy and ``preprocess_*`` parameters
+(:data:`reidal.embedding.triton_repo.OWNED_FIELDS`), and keeps the operator's
+``instance_group`` (e.g. 2 instances on gpus [0, 1], or KIND_CPU), ``dynamic_batching``
+(preferred sizes, queue delay) and every other setting; ``--instances`` / ``--kind``, when
+given, replace the instance group. A first export uses the defaults below.
+
 torch 2.13's default (dynamo) exporter needs onnxscript, which reidal does not depend on, so
 the TorchScript-based exporter (``dynamo=False``) is used; it handles this plain CNN fine.
 """
@@ -100,8 +108,8 @@ def write_onnx_repository(
     model_name: str = DEFAULT_MODEL_NAME,
     version: int = 1,
     max_batch_size: int = GPU_MAX_BATCH_SIZE,
-    instance_count: int = 1,
-    instance_kind: str = "KIND_GPU",
+    instance_count: int | None = None,
+    instance_kind: str | None = None,
     keep_versions: int = DEFAULT_KEEP_VERSIONS,
     opset: int = DEFAULT_OPSET,
     verify: bool = True,
@@ -114,7 +122,11 @@ def write_onnx_repository(
     batch (onnxruntime, CPU) and refused above 1e-4. An existing version is replaced unless
     ``overwrite`` is false (then FileExistsError). An existing config of another model
     (other tensors, or another backend such as the CPU repository's python one) is refused:
-    its versions could no longer be served. The config is rewritten only when it changes
+    its versions could no longer be served. An existing config keeps its operator settings
+    (instance groups, dynamic batching, other parameters; see the module docstring) and
+    takes the fields the export owns; ``instance_count`` / ``instance_kind`` (None: keep
+    the served instance group, or 1 x KIND_GPU in a new folder), when either is given,
+    replace the instance group with that one. The config is rewritten only when it changes
     (Triton reloads every version of a model whose config changed)."""
     from reidal.embedding.model import build_default_model
 
@@ -138,8 +150,8 @@ def write_onnx_repository(
         ].shape[1]
         config = render_gpu_config(
             spec, dim=int(dim), max_batch_size=max_batch_size,
-            instance_count=instance_count, instance_kind=instance_kind,
-            keep_versions=keep_versions,
+            instance_count=1 if instance_count is None else instance_count,
+            instance_kind=instance_kind or "KIND_GPU", keep_versions=keep_versions,
         )
         check_config(model_dir, config)
         try:  # the torch files too, so training can start from this version later
@@ -148,7 +160,8 @@ def write_onnx_repository(
             save_model(model, staging, spec)  # type: ignore[arg-type]
         except ValueError:
             pass  # a module reidal cannot rebuild: ONNX only
-    write_config(model_dir, config)
+    explicit = instance_count is not None or instance_kind is not None
+    write_config(model_dir, config, also_owned=("instance_group",) if explicit else ())
     return model_dir
 
 
@@ -192,8 +205,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--name", default=DEFAULT_MODEL_NAME, help="Triton model name")
     parser.add_argument("--version", type=int, default=1)
     parser.add_argument("--max-batch-size", type=int, default=GPU_MAX_BATCH_SIZE)
-    parser.add_argument("--instances", type=int, default=1, help="model instances per GPU")
-    parser.add_argument("--kind", default="KIND_GPU", choices=["KIND_GPU", "KIND_CPU", "KIND_AUTO"])
+    parser.add_argument(
+        "--instances", type=int,
+        help="model instances per GPU (default: keep the existing config's instance group, "
+        "else 1)",
+    )
+    parser.add_argument(
+        "--kind", choices=["KIND_GPU", "KIND_CPU", "KIND_AUTO"],
+        help="instance kind (default: keep the existing config's instance group, else KIND_GPU)",
+    )
     parser.add_argument("--dim", type=int, default=256, help="embedding width (default model)")
     parser.add_argument("--seed", type=int, default=0, help="head seed (default model)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)

@@ -26,6 +26,19 @@ backbone served by their own Triton model).
 Versions: the config keeps the latest ``keep_versions`` (2 by default) loaded, so after
 training writes version N+1 and asks Triton to load the model, version N keeps answering
 until every stored vector has been re-embedded.
+
+Writing a version into a model folder that already has a config keeps the operator's
+settings (:func:`merge_config`). The writer owns only what the version it writes decides
+(:data:`OWNED_FIELDS`): the name, platform / backend / runtime and the model file name (what
+runs the file), the inputs and outputs (the file's tensors), ``max_batch_size`` (and with it
+the dynamic batcher's preferred sizes above it are dropped, which Triton would refuse), the
+version policy (how reidal serves the old version while a collection is re-embedded), and
+the ``parameters`` it writes (the ``preprocess_*`` ones, which a client must follow, and
+``torch_num_threads`` when the CPU writer is given a thread count). Everything else is the
+operator's and stays as served: ``instance_group`` (count, kind, gpus), ``dynamic_batching``
+(preferred sizes, queue delay, ...), ``optimization``, ``model_warmup``, ``response_cache``,
+other parameters. A first write into an empty folder uses the writer's defaults. Both
+writers (python backend and ONNX) go through :func:`write_config`, so both behave so.
 """
 
 from __future__ import annotations
@@ -36,7 +49,7 @@ import os
 import py_compile
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -57,6 +70,13 @@ DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_QUEUE_DELAY_US = 0
 #: Versions of a model Triton keeps loaded (the newest ones).
 DEFAULT_KEEP_VERSIONS = 2
+#: ModelConfig fields a writer sets from the version it writes; an existing config keeps
+#: every other field (see the module docstring), and its ``parameters`` the keys the writer
+#: does not write.
+OWNED_FIELDS = (
+    "name", "platform", "backend", "runtime", "default_model_filename", "max_batch_size",
+    "input", "output", "version_policy",
+)
 
 # Config parameter keys (one place; the client reads the same keys back).
 P_MEAN = "preprocess_mean"
@@ -155,7 +175,6 @@ def render_config(
     default_model_filename: str | None = None,
 ) -> str:
     """Triton ``config.pbtxt`` text for an embedding model (built as a protobuf, so it is valid)."""
-    from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
     if max_batch_size < 1:
@@ -185,8 +204,47 @@ def render_config(
     )
     for key, value in {**spec_parameters(spec), **dict(parameters or {})}.items():
         cfg.parameters[key].string_value = str(value)
+    return _config_text(cfg)
+
+
+def merge_config(existing: str, new: str, *, also_owned: Collection[str] = ()) -> str:
+    """``new`` (a writer's rendered config) applied to the ``existing`` config of the model
+    folder: the :data:`OWNED_FIELDS` (plus ``also_owned``, e.g. ``("instance_group",)`` when
+    the caller was given instance settings explicitly) and the parameters ``new`` sets come
+    from ``new``; every other field and parameter stays as the operator left it. Preferred
+    batch sizes above the resulting ``max_batch_size`` are dropped (Triton refuses them).
+    Comments in ``existing`` are not kept (protobuf text format has none)."""
+    from google.protobuf import json_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    known = set(mc.ModelConfig.DESCRIPTOR.fields_by_name)
+    unknown = sorted(set(also_owned) - known)
+    if unknown:
+        raise ValueError(f"also_owned names {unknown}, which are not ModelConfig fields")
+    old, fresh = parse_config(existing), parse_config(new)
+    merged = {k: v for k, v in old.items() if k != "parameters"}
+    for field in (*OWNED_FIELDS, *also_owned):
+        merged.pop(field, None)
+        if field in fresh:
+            merged[field] = fresh[field]
+    parameters = {**(old.get("parameters") or {}), **(fresh.get("parameters") or {})}
+    if parameters:
+        merged["parameters"] = parameters
+    batching = merged.get("dynamic_batching")
+    if batching and batching.get("preferred_batch_size"):
+        limit = int(merged.get("max_batch_size", 0) or 0)
+        sizes = [b for b in batching["preferred_batch_size"] if int(b) <= limit]
+        merged["dynamic_batching"] = {**batching, "preferred_batch_size": sizes}
+        if not sizes:
+            del merged["dynamic_batching"]["preferred_batch_size"]
+    return _config_text(json_format.ParseDict(merged, mc.ModelConfig()))
+
+
+def _config_text(cfg: Any) -> str:
+    from google.protobuf import text_format
+
     header = (
-        f"# Triton model config for the embedding model {spec.name!r}, written by reidal.\n"
+        f"# Triton model config for the embedding model {cfg.name!r}, written by reidal.\n"
         "# Clients read the preprocessing from `parameters` and the input size from the dims.\n"
     )
     return header + text_format.MessageToString(cfg)
@@ -259,10 +317,12 @@ def write_model_repository(
     EmbeddingNet that :func:`reidal.embedding.model.save_model` can store. ``spec`` defaults
     to :func:`reidal.embedding.spec.default_spec`; its ``name`` is set to ``model_name``.
     ``num_threads``: torch threads of the Triton model instance (``None``: every CPU the
-    server may use). The version folder is built aside and renamed into place, so Triton
-    never sees half a version; an existing version is refused unless ``overwrite``. All
-    versions share ``config.pbtxt``: a version whose input or output shape differs from the
-    existing config is refused (that is a new model: give it a new name).
+    server may use; a served config keeps its own). The version folder is built aside and
+    renamed into place, so Triton never sees half a version; an existing version is refused
+    unless ``overwrite``. All versions share ``config.pbtxt``: a version whose input or
+    output shape differs from the existing config is refused (that is a new model: give it
+    a new name); an existing config keeps its operator settings (instance groups, dynamic
+    batching, ...: :func:`merge_config`), ``max_queue_delay_us`` applies to a first write.
     """
     from reidal.embedding.model import build_default_model, save_model
 
@@ -275,6 +335,9 @@ def write_model_repository(
     spec = replace(spec or default_spec(), name=model_name)
     if model is None:
         model = build_default_model(input_size=spec.input_size)
+    model_dir = Path(repo_dir) / model_name
+    # No thread count given: a served config keeps its own (an operator setting).
+    keep_threads = num_threads is None and (model_dir / CONFIG_FILE).exists()
     config = render_config(
         spec,
         dim=model.dim,
@@ -283,9 +346,8 @@ def write_model_repository(
         instance_kind="KIND_CPU",
         keep_versions=keep_versions,
         max_queue_delay_us=max_queue_delay_us,
-        parameters={P_THREADS: str(num_threads or 0)},
+        parameters={} if keep_threads else {P_THREADS: str(num_threads or 0)},
     )
-    model_dir = Path(repo_dir) / model_name
     check_config(model_dir, config)
     with staged_version(model_dir, version, overwrite=overwrite) as staging:
         save_model(model, staging, spec)
@@ -331,13 +393,21 @@ def check_config(model_dir: Path, config: str) -> None:
                           path)
 
 
-def write_config(model_dir: Path, config: str) -> None:
-    """Write the model's config, atomically and only when it changes: Triton reloads every
-    loaded version of a model whose config file changed, which would needlessly restart
-    the old versions."""
+def write_config(model_dir: Path, config: str, *, also_owned: Collection[str] = ()) -> None:
+    """Write the model's config: ``config`` itself into a folder without one, else ``config``
+    merged into the existing one (:func:`merge_config`: the operator's instance groups,
+    dynamic batching and other settings stay). Atomically, and only when the result differs
+    from the existing config as a ModelConfig (so an unchanged hand-edited file is left as
+    it is): Triton reloads every loaded version of a model whose config changed, which would
+    needlessly restart the old versions. Shared by the python-backend and the ONNX writers."""
     path = model_dir / CONFIG_FILE
-    if not path.exists() or path.read_text(encoding="utf-8") != config:
+    if not path.exists():
         _atomic_write(path, config)
+        return
+    existing = path.read_text(encoding="utf-8")
+    merged = merge_config(existing, config, also_owned=also_owned)
+    if parse_config(merged) != parse_config(existing):
+        _atomic_write(path, merged)
 
 
 def model_versions(repo_dir: str | Path, model_name: str) -> list[int]:
