@@ -104,15 +104,17 @@ def _token(args: argparse.Namespace) -> str | None:
 
 def _review_port(args: argparse.Namespace) -> int | None:
     """The review page's port: --http-port, unless --no-http, the served services lack
-    what the page calls (collections, sampling, constraints), or the gRPC port wants TLS,
-    which the page's own calls do not present yet (reidal.web.start_review_http has the
-    hook). With --auth-tokens the page asks each person for their token."""
+    what the page calls (collections, sampling, constraints), or the gRPC port wants
+    client certificates (--tls-client-ca) and the page was given none of its own
+    (--review-client-cert/--review-client-key). With --tls-cert the page is HTTPS; with
+    --auth-tokens it asks each person for their token."""
     from reidal.serve import PAGE_SERVICES, resolve_services
 
     if args.no_http or not PAGE_SERVICES <= set(resolve_services(args.service)):
         return None
-    if args.tls_cert:
-        print("review page off: it cannot call a gRPC port with TLS yet", file=sys.stderr)
+    if args.tls_client_ca and not args.review_client_cert:
+        print("review page off: under mutual TLS it needs its own client certificate "
+              "(--review-client-cert/--review-client-key)", file=sys.stderr)
         return None
     return args.http_port
 
@@ -134,7 +136,9 @@ def _serve(args: argparse.Namespace) -> int:
                        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                        auth_tokens=args.auth_tokens, **_embedding_channel(args),
                        model_repository=args.model_repository,
-                       http_port=_review_port(args))
+                       http_port=_review_port(args),
+                       review_client_cert=args.review_client_cert,
+                       review_client_key=args.review_client_key)
     except RuntimeError as exc:
         raise CliError(str(exc)) from None
     services = ", ".join(server.services)
@@ -667,6 +671,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the certificate's private key")
     serve.add_argument("--tls-client-ca", default=None, metavar="PEM",
                        help="require client certificates signed by this CA (mutual TLS)")
+    serve.add_argument("--review-client-cert", default=None, metavar="PEM",
+                       help="with --tls-client-ca: the client certificate (signed by that CA) "
+                            "the review page presents to the gRPC port; without it the page "
+                            "is off under mutual TLS")
+    serve.add_argument("--review-client-key", default=None, metavar="PEM",
+                       help="the review page's client certificate's key")
     serve.add_argument("--auth-tokens", default=None, metavar="JSON",
                        help="tokens file: every call needs a token allowed for its "
                             "collection (see `reidal token create`; docs/security.md)")

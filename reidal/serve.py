@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from reidal.auth import Authorizer, TokenFile
 from reidal.blobs import BlobStore
 from reidal.embedding.spec import DEFAULT_MODEL_NAME
@@ -38,7 +40,7 @@ from reidal.grpc_server import RunningServer, ServiceBinding, build_server, log_
 from reidal.metrics import MetricsHTTP, RpcMetrics, start_metrics_http
 from reidal.runtime import Notifier, OperationRunner, Runtime
 from reidal.store import Store
-from reidal.tls import ServerTLS
+from reidal.tls import ServerTLS, https_context, own_server_channel
 
 log = logging.getLogger("reidal.serve")
 
@@ -249,6 +251,8 @@ def serve(
     auth_tokens: str | Path | None = None,
     embedding_credentials: Any = None,
     embedding_token: str | None = None,
+    review_client_cert: str | Path | None = None,
+    review_client_key: str | Path | None = None,
 ) -> ReidalServer:
     """Start ``services`` (names, or "all") on ``address`` and return the running server.
 
@@ -275,22 +279,42 @@ def serve(
 
     http_port: also serve the pair-review web page (:mod:`reidal.web`) on this port (0: any
     free port, read ``.http_url``; None: no page), on the gRPC address's interface; it calls
-    this server's gRPC services over loopback.
+    this server's gRPC services over loopback. With TLS the page is HTTPS with the same
+    certificate and key, and calls the TLS gRPC port trusting exactly this server's own
+    certificate (:func:`reidal.tls.own_server_channel` says why that needs no CA). Under
+    mutual TLS the HTTPS port too requires client certificates from ``tls_client_ca``, and
+    the page presents ``review_client_cert`` / ``review_client_key`` (a client certificate
+    signed by that CA) to the gRPC port: without them the combination is refused, since
+    the page would otherwise need a way in that skips client certificates.
     """
     names = resolve_services(services)
     if http_port is not None and not PAGE_SERVICES <= set(names):
         raise ValueError("the review page (http_port) needs the collections, sampling and "
                          "constraints services in this process")
-    if http_port is not None and tls_cert is not None:
-        raise ValueError("the review page (http_port) cannot call a TLS gRPC port yet: "
-                         "pass http_port=None with TLS")
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("TLS needs both tls_cert and tls_key")
     if tls_client_ca is not None and tls_cert is None:
         raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+    if (review_client_cert is None) != (review_client_key is None):
+        raise ValueError("the review page's client certificate needs both review_client_cert "
+                         "and review_client_key")
+    if review_client_cert is not None and tls_client_ca is None:
+        raise ValueError("review_client_cert / review_client_key are for mutual TLS: pass "
+                         "tls_client_ca too, or leave them out")
+    if http_port is not None and tls_client_ca is not None and review_client_cert is None:
+        raise ValueError("under mutual TLS (tls_client_ca) the review page (http_port) must "
+                         "present a client certificate to the gRPC port like every client: "
+                         "pass review_client_cert and review_client_key (signed by the client "
+                         "CA), or http_port=None")
     # Read the TLS and token files first: a wrong path fails before anything starts.
     tls = None if tls_cert is None else ServerTLS.from_files(tls_cert, tls_key, tls_client_ca)
     tokens = None if auth_tokens is None else TokenFile(auth_tokens)
+    page_ssl, page_credentials, page_options = None, None, []
+    if http_port is not None and tls is not None:
+        assert tls_cert is not None and tls_key is not None
+        page_ssl = https_context(tls_cert, tls_key, tls.client_ca)
+        page_credentials, page_options = own_server_channel(tls, review_client_cert,
+                                                            review_client_key)
     stateful = [n for n in names if n in STATEFUL]
     needs_embedding = bool({"embedding", "collections", "training"} & set(names))
     root = Path(data_dir) if data_dir is not None else None
@@ -368,10 +392,17 @@ def serve(
         if http_port is not None:
             from reidal.web import start_review_http
 
+            target = _page_target(running.address)
             try:
+                if page_credentials is not None:
+                    _check_page_channel(target, page_credentials, page_options,
+                                        mutual=tls_client_ca is not None)
                 started.review_http = start_review_http(
-                    _page_target(running.address), host=running.address.rsplit(":", 1)[0],
-                    port=http_port, auth_required=tokens is not None)
+                    target, host=running.address.rsplit(":", 1)[0],
+                    port=http_port, auth_required=tokens is not None,
+                    pinned_annotator=None if tokens is None else _pinned_annotator(tokens),
+                    ssl_context=page_ssl, credentials=page_credentials,
+                    channel_options=page_options)
             except BaseException:
                 running.stop(grace=0)
                 raise
@@ -395,6 +426,36 @@ def _owners(runtime: Runtime | None) -> dict[str, Callable[[str], str]]:
     store = runtime.store
     return {"operation_id": lambda i: store.operation(i).collection_id,
             "job_id": lambda i: store.get_training_job(i).collection_id}
+
+
+def _pinned_annotator(tokens: TokenFile) -> Callable[[str], str]:
+    """Token -> the annotator it pins ("" when none or unknown): the review page fills its
+    name field with it (the Authorizer refuses any other name)."""
+
+    def pinned(token: str) -> str:
+        entry = tokens.lookup(token)
+        return entry.annotator if entry is not None else ""
+
+    return pinned
+
+
+def _check_page_channel(target: str, credentials: grpc.ChannelCredentials,
+                        options: list[tuple[str, str]], *, mutual: bool) -> None:
+    """One health call over the review page's TLS channel before the page starts, so a
+    client certificate the gRPC port refuses fails the start with the handshake's reason
+    instead of every page request later. Health needs no token."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.secure_channel(target, credentials, options=options) as channel:
+        try:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                      timeout=10)
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                hint = ("; check that review_client_cert is a client certificate signed "
+                        "by tls_client_ca") if mutual else ""
+                raise ValueError(f"the review page cannot call this server's TLS gRPC port "
+                                 f"at {target} ({exc.details()}){hint}") from None
 
 
 def _page_target(address: str) -> str:

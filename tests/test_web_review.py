@@ -310,15 +310,16 @@ def test_serve_and_cli_wiring(server, tmp_path):
     assert server.http_url == f"http://127.0.0.1:{server.http_port}/"
     with pytest.raises(ValueError, match="review page"):
         serve(["sampling"], data_dir=tmp_path, http_port=0)
-    with pytest.raises(ValueError, match="TLS"):
-        serve(["collections", "sampling", "constraints"], data_dir=tmp_path, http_port=0,
-              tls_cert="c.pem", tls_key="k.pem")
     parser = build_parser()
+    tls = ["--tls-cert", "c.pem", "--tls-key", "k.pem"]
     for argv, port in [(["serve"], 8080), (["serve", "--http-port", "0"], 0),
                        (["serve", "--no-http"], None),
                        (["serve", "--service", "embedding"], None),
                        (["serve", "--auth-tokens", "tokens.json"], 8080),
-                       (["serve", "--tls-cert", "c.pem", "--tls-key", "k.pem"], None)]:
+                       (["serve", *tls], 8080),  # HTTPS (tests/test_web_tls.py)
+                       (["serve", *tls, "--tls-client-ca", "ca.pem"], None),
+                       (["serve", *tls, "--tls-client-ca", "ca.pem", "--review-client-cert",
+                         "p.pem", "--review-client-key", "p.key"], 8080)]:
         assert _review_port(parser.parse_args(argv)) == port, argv
 
 
@@ -348,18 +349,24 @@ def secured(triton, tmp_path_factory):
 def test_page_sessions_carry_each_persons_token(secured):
     srv, tokens = secured
     status, body, _ = http(api(srv, "session"))
-    assert status == 200 and body == {"auth_required": True, "signed_in": False}
+    assert status == 200 and body == {"auth_required": True, "signed_in": False,
+                                      "pinned_annotator": ""}
     status, body, _ = http(api(srv, "collections"))
     assert status == 401 and body["error"]["code"] == "UNAUTHENTICATED"
     status, body, _ = http(api(srv, "session"), "POST", {"token": tokens["stranger"]})
     assert status == 401
     status, body, headers = http(api(srv, "session"), "POST", {"token": tokens["alice"]})
-    assert status == 200 and body["signed_in"] is True
+    assert status == 200 and body["signed_in"] is True and body["pinned_annotator"] == "alice"
     cookie = headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert "Secure" not in cookie  # plain HTTP: a Secure cookie would never come back
     assert tokens["alice"] not in cookie and tokens["alice"] not in json.dumps(body)
     jar = {"Cookie": cookie.split(";", 1)[0]}
-    assert http(api(srv, "session"), headers=jar)[1]["signed_in"] is True
+    assert http(api(srv, "session"), headers=jar)[1] == {
+        "auth_required": True, "signed_in": True, "pinned_annotator": "alice"}
+    admin_jar = {"Cookie": http(api(srv, "session"), "POST", {"token": tokens["admin"]}
+                                )[2]["Set-Cookie"].split(";", 1)[0]}
+    assert http(api(srv, "session"), headers=admin_jar)[1]["pinned_annotator"] == ""
     status, body, _ = http(api(srv, "collections"), headers=jar)
     assert status == 200 and [c["collection_id"] for c in body["collections"]] == [CID]
     assert http(api(srv, "collections/other"), headers=jar)[0] == 403
@@ -382,23 +389,61 @@ def test_page_sessions_carry_each_persons_token(secured):
     assert http(api(srv, "collections"), headers=jar)[0] == 401  # the session is gone
 
 
-def test_page_asks_for_the_token_in_the_browser(secured, browser):
+def test_page_asks_for_the_token_then_shows_a_pinned_name_read_only(secured, browser):
+    """The token first; a token pinning "alice" fills the name field with it, read-only (a
+    name typed there would have every answer refused), and the answers are stored as alice.
+    A token without a pinned name keeps the free field."""
     srv, tokens = secured
-    page = browser.new_page()
+    context = browser.new_context()
+    page = context.new_page()
     try:
         page.goto(srv.http_url)
-        Review(page).sign_in("alice")
+        page.evaluate("localStorage.setItem('reidal.annotator', 'mallory')")  # an old name
+        page.reload()
         page.wait_for_selector("#view-token:not([hidden])")
         page.fill("#token-input", "not-a-token")
         page.press("#token-input", "Enter")
         page.wait_for_selector("#token-error:not([hidden])")
         page.fill("#token-input", tokens["alice"])
         page.press("#token-input", "Enter")
+        page.wait_for_selector("#view-name:not([hidden])")
+        assert page.input_value("#name-input") == "alice"
+        assert not page.is_editable("#name-input")
+        assert page.is_visible("#name-pinned")
+        page.click("#name-input")
+        page.keyboard.type("bob")  # typing changes nothing
+        assert page.input_value("#name-input") == "alice"
+        page.click("#name-submit")
         page.wait_for_selector(f"#collection-list a[href='#/c/{CID}/review']")
         assert page.query_selector("#collection-list a[href='#/c/other/review']") is None
+        assert page.inner_text("#who-name") == "alice" and not page.is_visible("#change-name")
         assert tokens["alice"] not in page.content()
+
+        ui = Review(page)
+        batch_id = ui.start_batch(CID, 2)
+        p = ui.current()
+        ui.press(KEYS[_truth(p["image_a"], p["image_b"])])
+        ui.settled()
+        assert page.query_selector("#alert:not([hidden])") is None
+        with ReidalClient(srv.address, token=tokens["admin"]) as c:
+            stored = c.list_constraints(CID, batch_id=batch_id)
+        assert [(a.pair_id, a.annotator_id) for a in stored] == [(p["pair_id"], "alice")]
     finally:
-        page.close()
+        context.close()
+
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        page.goto(srv.http_url)
+        page.fill("#token-input", tokens["admin"])
+        page.press("#token-input", "Enter")
+        page.wait_for_selector("#view-name:not([hidden])")
+        assert page.is_editable("#name-input") and not page.is_visible("#name-pinned")
+        Review(page).sign_in("ops-person")
+        page.wait_for_selector("#collection-list a[href='#/c/other/review']")
+        assert page.inner_text("#who-name") == "ops-person" and page.is_visible("#change-name")
+    finally:
+        context.close()
 
 
 # ------------------------------------------------------------------------ the browser

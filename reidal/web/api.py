@@ -17,7 +17,7 @@ POST      /api/collections/{cid}/answers              SubmitConstraints of one a
 POST      /api/collections/{cid}/undo                 DeleteConstraint of one answer
 GET       /api/collections/{cid}/identities           GetIdentities, contradictions included
 GET       /api/images/{cid}/{iid}                     GetImage: the encoded file
-GET       /api/session                                {auth_required, signed_in}
+GET       /api/session                                {auth_required, signed_in, pinned_...}
 POST      /api/session                                sign in: {token} (checked with the server)
 POST      /api/session/end                            sign out
 ========  ==========================================  ========================================
@@ -27,6 +27,10 @@ own token; the API keeps it in memory under a random session id, set as an HttpO
 SameSite=Strict cookie, and makes that person's calls with it (the gRPC server checks it,
 so what a token may do is decided there, as for every client). The token never goes back
 to the browser and is never logged; images load like every other route, with the cookie.
+A token that pins an annotator (:mod:`reidal.auth`) records answers only under that name:
+the session says which (``pinned_annotator`` of GET and POST /api/session, "" when the
+name is free) and the page fills it in, read-only, instead of letting a person type a
+name every answer would be refused for. The gRPC server's check stays the one that counts.
 
 Errors are ``{"error": {"code": "NOT_FOUND", "message": "...", "retryable": false}}`` with
 the HTTP status of :data:`HTTP_STATUS`; ``retryable`` tells the page to keep the answer and
@@ -279,11 +283,19 @@ class ReviewAPI:
     """The routes of the module docstring over one :class:`ReidalClient`.
 
     auth_required: the gRPC server checks access tokens (the page then asks for one).
+    secure_cookie: the page is served over HTTPS, so the session cookie is ``Secure``.
+    pinned_annotator: token -> the annotator it pins ("" when none); None: unknown here
+    (the page then keeps a free name field).
     """
 
-    def __init__(self, client: ReidalClient, *, auth_required: bool = False) -> None:
+    def __init__(self, client: ReidalClient, *, auth_required: bool = False,
+                 secure_cookie: bool = False,
+                 pinned_annotator: Callable[[str], str] | None = None) -> None:
         self._client = client
         self.auth_required = auth_required
+        self._cookie_flags = "HttpOnly; SameSite=Strict; Path=/" + (
+            "; Secure" if secure_cookie else "")
+        self._pinned_annotator = pinned_annotator
         self._local = threading.local()
         self._sessions: OrderedDict[str, str] = OrderedDict()
         self._sessions_lock = threading.Lock()
@@ -317,12 +329,14 @@ class ReviewAPI:
                 self._sessions.move_to_end(sid)
         self._local.client = self._client.with_token(token) if token else None
         self._local.session = sid if token else ""
+        self._local.token = token or ""
         try:
             return self._route(method, path, body=body, content_type=content_type,
                                if_none_match=if_none_match)
         finally:
             self._local.client = None
             self._local.session = ""
+            self._local.token = ""
 
     def _route(self, method: str, path: str, *, body: bytes, content_type: str,
                if_none_match: str) -> Reply:
@@ -357,9 +371,15 @@ class ReviewAPI:
         return error_reply(404, "NOT_FOUND", f"no API route /api/{path.strip('/')}")
 
     # ------------------------------------------------------------------ sessions
+    def _session_json(self, token: str) -> dict[str, Any]:
+        """What the page knows of its session. pinned_annotator is looked up on every
+        call, so a token file edited while people are signed in applies at once."""
+        pinned = self._pinned_annotator(token) if token and self._pinned_annotator else ""
+        return {"auth_required": self.auth_required, "signed_in": bool(token),
+                "pinned_annotator": pinned}
+
     def session(self) -> Reply:
-        return json_reply({"auth_required": self.auth_required,
-                           "signed_in": bool(getattr(self._local, "session", ""))})
+        return json_reply(self._session_json(getattr(self._local, "token", "")))
 
     def sign_in(self, body: dict[str, Any]) -> Reply:
         """Check the token with the server (a call it must authenticate), then remember
@@ -373,18 +393,17 @@ class ReviewAPI:
             self._sessions[sid] = token
             while len(self._sessions) > MAX_SESSIONS:
                 self._sessions.popitem(last=False)
-        reply = json_reply({"auth_required": self.auth_required, "signed_in": True})
+        reply = json_reply(self._session_json(token))
         return Reply(reply.status, reply.body, reply.content_type, (
-            ("Set-Cookie", f"{SESSION_COOKIE}={sid}; HttpOnly; SameSite=Strict; Path=/"),))
+            ("Set-Cookie", f"{SESSION_COOKIE}={sid}; {self._cookie_flags}"),))
 
     def sign_out(self, body: dict[str, Any]) -> Reply:
         sid = getattr(self._local, "session", "")
         with self._sessions_lock:
             self._sessions.pop(sid, None)
-        reply = json_reply({"auth_required": self.auth_required, "signed_in": False})
+        reply = json_reply(self._session_json(""))
         return Reply(reply.status, reply.body, reply.content_type, (
-            ("Set-Cookie", f"{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; "
-                           "Max-Age=0"),))
+            ("Set-Cookie", f"{SESSION_COOKIE}=; {self._cookie_flags}; Max-Age=0"),))
 
     # ------------------------------------------------------------------ collections
 

@@ -10,15 +10,21 @@ Guards for a page that has no login of its own: POST bodies must be JSON (see
 :func:`reidal.web.api.parse_body`), no CORS headers are ever sent, and when bound to a
 loopback address the ``Host`` header must name loopback, so a web site cannot reach the
 API by pointing its own domain at 127.0.0.1 (DNS rebinding).
+
+HTTPS (``ssl_context``): the TLS handshake of a connection runs in that connection's own
+handler thread, so a client that never finishes it holds up only itself (for at most
+:data:`HANDSHAKE_TIMEOUT_S`), not the accept loop; a failed handshake (plain HTTP, no or
+an unknown client certificate under mutual TLS) just closes the connection.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -36,6 +42,8 @@ _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=
 CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
+#: Seconds a client gets to finish its TLS handshake.
+HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class ReviewHTTP:
@@ -43,13 +51,13 @@ class ReviewHTTP:
     ``close()``: stop serving and close the gRPC channel (idempotent)."""
 
     def __init__(self, server: ThreadingHTTPServer, thread: threading.Thread,
-                 client: ReidalClient, url_host: str) -> None:
+                 client: ReidalClient, url_host: str, scheme: str = "http") -> None:
         self._server = server
         self._thread = thread
         self._client = client
         self._closed = False
         self.port: int = server.server_address[1]
-        self.url: str = f"http://{url_host}:{self.port}/"
+        self.url: str = f"{scheme}://{url_host}:{self.port}/"
 
     def close(self) -> None:
         if self._closed:
@@ -68,6 +76,29 @@ class ReviewHTTP:
 
     def __repr__(self) -> str:
         return f"ReviewHTTP({self.url!r})"
+
+
+class _ReviewServer(ThreadingHTTPServer):
+    """The HTTP server; with ``ssl_context`` set, HTTPS (module docstring)."""
+
+    daemon_threads = True
+    ssl_context: ssl.SSLContext | None = None
+
+    def finish_request(self, request, client_address) -> None:  # type: ignore[override]
+        if self.ssl_context is None:
+            super().finish_request(request, client_address)
+            return
+        try:
+            request.settimeout(HANDSHAKE_TIMEOUT_S)
+            wrapped = self.ssl_context.wrap_socket(request, server_side=True)
+        except OSError as exc:  # ssl.SSLError included
+            log.debug("TLS handshake with %s failed: %s", client_address, exc)
+            return  # process_request_thread closes the socket
+        try:
+            wrapped.settimeout(None)
+            super().finish_request(wrapped, client_address)
+        finally:
+            self.shutdown_request(wrapped)
 
 
 def _static_files() -> dict[str, Path]:
@@ -160,32 +191,41 @@ def start_review_http(grpc_target: str, *, host: str = "127.0.0.1", port: int = 
                       token: str | None = None,
                       credentials: grpc.ChannelCredentials | None = None,
                       metadata: Sequence[tuple[str, str]] = (), retries: int = 3,
-                      timeout_s: float = 60.0, auth_required: bool = False) -> ReviewHTTP:
-    """Serve the pair-review page on ``http://host:port/`` (``port=0``: any free port),
-    calling the reidal gRPC server at ``grpc_target``.
+                      timeout_s: float = 60.0, auth_required: bool = False,
+                      channel_options: Sequence[tuple[str, str]] = (),
+                      ssl_context: ssl.SSLContext | None = None,
+                      pinned_annotator: Callable[[str], str] | None = None) -> ReviewHTTP:
+    """Serve the pair-review page on ``http://host:port/`` (``https://`` with
+    ``ssl_context``; ``port=0``: any free port), calling the reidal gRPC server at
+    ``grpc_target``.
 
     token / credentials / metadata: the hook for a gRPC server that wants authentication
     or TLS: ``token`` is sent as ``authorization: Bearer <token>`` with every call,
-    ``credentials`` makes the channel TLS, ``metadata`` adds other pairs.
+    ``credentials`` makes the channel TLS, ``metadata`` adds other pairs; channel_options:
+    gRPC channel arguments (e.g. ``grpc.ssl_target_name_override``).
     auth_required: the gRPC server checks access tokens, so the page asks each person for
     theirs (:mod:`reidal.web.api`, sessions) and calls with it. Without tokens the page
     has no login: bind it to loopback (the default) unless the network is trusted.
+    pinned_annotator: token -> the annotator name it pins ("" when none), so the page can
+    fill in (and lock) the name of a person whose token pins one; without it the page
+    cannot tell and the gRPC server still refuses another name.
+    ssl_context: serve HTTPS with it (:func:`reidal.tls.https_context`) instead of HTTP.
     retries: UNAVAILABLE retries of each gRPC call before the page is told to retry later
     (it keeps the answer and resends it). Raises RuntimeError when the port cannot be
     bound.
     """
     client = ReidalClient(grpc_target, timeout_s=timeout_s, retries=retries,
                           max_backoff_s=2.0, credentials=credentials, metadata=metadata,
-                          token=token or None)
+                          token=token or None, channel_options=channel_options)
     bare = host.strip("[]")
     loopback_only = bare in _LOOPBACK
-    server_class = type("ReviewServer", (ThreadingHTTPServer,), {
-        "daemon_threads": True,
+    server_class = type("ReviewServer", (_ReviewServer,), {
+        "ssl_context": ssl_context,
         "address_family": socket.AF_INET6 if ":" in bare else socket.AF_INET})
+    api = ReviewAPI(client, auth_required=auth_required, secure_cookie=ssl_context is not None,
+                    pinned_annotator=pinned_annotator)
     try:
-        server = server_class((bare, port), _handler(ReviewAPI(client, auth_required=auth_required),
-                                                     _static_files(),
-                                                     loopback_only))
+        server = server_class((bare, port), _handler(api, _static_files(), loopback_only))
     except OSError as exc:
         client.close()
         raise RuntimeError(f"cannot bind the review page to {host}:{port}: {exc}") from None
@@ -194,6 +234,7 @@ def start_review_http(grpc_target: str, *, host: str = "127.0.0.1", port: int = 
     thread.start()
     url_host = "127.0.0.1" if bare in ("", "0.0.0.0") else \
         "[::1]" if bare == "::" else f"[{bare}]" if ":" in bare else bare
-    log.info("review page on http://%s:%d/ (gRPC %s)", url_host, server.server_address[1],
+    scheme = "https" if ssl_context is not None else "http"
+    log.info("review page on %s://%s:%d/ (gRPC %s)", scheme, url_host, server.server_address[1],
              grpc_target)
-    return ReviewHTTP(server, thread, client, url_host)
+    return ReviewHTTP(server, thread, client, url_host, scheme)

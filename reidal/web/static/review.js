@@ -128,7 +128,15 @@
 
   // Access tokens: when the gRPC server checks them, each person signs in once with their
   // own; the review server keeps it (an HttpOnly session cookie names it), never the page.
-  const auth = { required: false, signedIn: true };
+  // pinned: the annotator name the token records answers as ("" when the name is free):
+  // the gRPC server refuses any other, so the page fills it in and does not let it change.
+  const auth = { required: false, signedIn: true, pinned: "" };
+
+  function learnSession(s) {
+    auth.required = Boolean(s.auth_required);
+    auth.signedIn = Boolean(s.signed_in) || !s.auth_required;
+    auth.pinned = (s.signed_in && s.pinned_annotator) || "";
+  }
 
   async function api(method, path, body) {
     const ctrl = new AbortController();
@@ -778,8 +786,12 @@
     showView("view-name");
     setNav(null);
     $("who").hidden = true;
-    $("name-input").value = annotator();
-    $("name-input").focus();
+    const input = $("name-input");
+    input.readOnly = Boolean(auth.pinned);
+    input.value = auth.pinned || annotator();
+    $("name-pinned").hidden = !auth.pinned;
+    if (auth.pinned) $("name-submit").focus();
+    else input.focus();
   }
 
   function openToken(message) {
@@ -793,8 +805,7 @@
 
   async function signIn(token) {
     try {
-      const s = await api("POST", "api/session", { token });
-      auth.signedIn = s.signed_in;
+      learnSession(await api("POST", "api/session", { token }));
       route();
       if (wake) wake();  // answers waiting for the sign-in go now
     } catch (err) {
@@ -808,15 +819,18 @@
   function route() {
     showAlert("");
     if ($("status").dataset.kind !== "offline") announce("", "");
+    // With tokens the person signs in first: only then is it known whether their token
+    // pins the name (which is then shown, read-only, instead of asked for).
+    if (auth.required && !auth.signedIn) {
+      openToken();
+      return;
+    }
     const name = annotator();
     $("who").hidden = !name;
     $("who-name").textContent = name;
-    if (!name) {
+    $("change-name").hidden = Boolean(auth.pinned);
+    if (!name || (auth.pinned && name !== auth.pinned)) {
       openName();
-      return;
-    }
-    if (auth.required && !auth.signedIn) {
-      openToken();
       return;
     }
     const m = (location.hash || "").match(/^#\/c\/([^/]+)\/(review|summary|recheck)(?:\/(\d+))?$/);
@@ -856,7 +870,7 @@
   $("batch-form").addEventListener("submit", (e) => { e.preventDefault(); requestBatch(); });
   $("name-form").addEventListener("submit", (e) => {
     e.preventDefault();
-    const name = $("name-input").value.trim();
+    const name = auth.pinned || $("name-input").value.trim();
     if (!name) return;
     localStorage.setItem(NAME_KEY, name);
     route();
@@ -981,10 +995,7 @@
   // ------------------------------------------------------------------ start
 
   save();
-  api("GET", "api/session").then((s) => {
-    auth.required = s.auth_required;
-    auth.signedIn = s.signed_in || !s.auth_required;
-  }).catch(() => {}).finally(() => {
+  api("GET", "api/session").then(learnSession).catch(() => {}).finally(() => {
     route();
     pump();  // answers a closed or reloaded page had not sent yet
   });
