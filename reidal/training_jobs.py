@@ -158,12 +158,12 @@ def triton_loader(grpc_url: str, timeout_s: float = 300.0) -> Callable[[str], No
 
 def _repository_options(repo: Path, model_name: str) -> dict[str, Any]:
     """max_batch_size / keep_versions of the served config, so a new version keeps it."""
-    from reidal.embedding.triton_repo import CONFIG_FILE, parse_config
+    from reidal.embedding.triton_repo import CONFIG_FILE, read_config
 
     path = repo / model_name / CONFIG_FILE
     if not path.exists():
         return {}
-    cfg = parse_config(path.read_text(encoding="utf-8"))
+    cfg = read_config(path)
     out: dict[str, Any] = {}
     if cfg.get("max_batch_size"):
         out["max_batch_size"] = int(cfg["max_batch_size"])
@@ -176,12 +176,12 @@ def _repository_options(repo: Path, model_name: str) -> dict[str, Any]:
 def repository_format(repo: str | Path, model_name: str) -> str:
     """``"onnx"`` when the model's config serves ONNX (the NGC GPU repository), else
     ``"python"`` (the python backend of the bundled CPU Triton; also a new model)."""
-    from reidal.embedding.triton_repo import CONFIG_FILE, parse_config
+    from reidal.embedding.triton_repo import CONFIG_FILE, read_config
 
     path = Path(repo) / model_name / CONFIG_FILE
     if not path.exists():
         return "python"
-    cfg = parse_config(path.read_text(encoding="utf-8"))
+    cfg = read_config(path)
     kind = f"{cfg.get('backend', '')} {cfg.get('platform', '')}"
     return "onnx" if "onnx" in kind else "python"
 

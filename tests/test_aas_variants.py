@@ -80,6 +80,9 @@ def test_bad_similarity_and_missing_vectors_raise(world):
         oversegmentation_pool(medoids, D, similarity="euclid")
     with pytest.raises(ValueError, match="needs X"):
         oversegmentation_pool(medoids, D, similarity="cosine")
+    for bad in (np.float32(1.0), X[0]):  # not (n, d): a ValueError, not an IndexError
+        with pytest.raises(ValueError, match="needs X"):
+            oversegmentation_pool(medoids, D, similarity="cosine", X=bad)
     with pytest.raises(ValueError, match="os_similarity"):
         AmbiguityAwareSampler(os_similarity="dot")
     with pytest.raises(ValueError, match="TrainConfig.aas_os_similarity"):

@@ -244,3 +244,48 @@ def test_a_new_version_keeps_the_served_configs_operator_settings(tmp_path, mode
     assert cfg["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
     with pytest.raises(ValueError, match="not ModelConfig fields"):
         merge_config(path.read_text(), path.read_text(), also_owned=("instance_groups",))
+
+
+def test_a_broken_served_config_is_a_clear_error_naming_the_file(tmp_path, model):
+    """A hand edit Triton cannot parse either: the training export (and a direct write)
+    raises ValueError naming the file (the launcher reports ValueErrors as 'error: ...'),
+    not protobuf's bare ParseError, and writes no version."""
+    from reidal.training_jobs import export_version
+
+    model_dir = write_model_repository(tmp_path, model=model, max_batch_size=4)
+    path = model_dir / "config.pbtxt"
+    path.write_text(path.read_text() + "\ninstance_group [ { count: 2 kind: KIND_CPU }\n")
+    before = path.read_text()
+    with pytest.raises(ValueError, match="config.pbtxt"):
+        export_version(model, tmp_path, "reidal_embedder")
+    with pytest.raises(ValueError, match="config.pbtxt"):
+        write_model_repository(tmp_path, version=2, model=model, max_batch_size=4)
+    assert path.read_text() == before and not (model_dir / "2").exists()
+
+
+def test_the_writer_owns_the_preprocess_parameters_and_also_owned_is_honoured(tmp_path, model):
+    """Every ``preprocess_*`` parameter is the writer's (README, OWNED_FIELDS docs): one the
+    new version no longer writes must not linger for clients; other parameters stay. An
+    ``also_owned`` field comes from the new config, ``parameters`` included, and a name that
+    is no ModelConfig field is refused even on a first write."""
+    from reidal.embedding.triton_repo import write_config
+
+    model_dir = write_model_repository(tmp_path, model=model, max_batch_size=4, num_threads=1)
+    path = model_dir / "config.pbtxt"
+    path.write_text(
+        path.read_text()
+        + 'parameters { key: "preprocess_crop" value { string_value: "center" } }\n'
+        + 'parameters { key: "operator_note" value { string_value: "keep me" } }\n'
+    )
+    write_model_repository(tmp_path, version=2, model=model, max_batch_size=4)
+    params = parse_config(path.read_text())["parameters"]
+    assert "preprocess_crop" not in params
+    assert params["operator_note"] == {"string_value": "keep me"}
+    assert spec_from_config(parse_config(path.read_text())) == default_spec()
+
+    fresh = render_config(default_spec(), dim=model.dim, backend="python", max_batch_size=4)
+    merged = parse_config(merge_config(path.read_text(), fresh, also_owned=("parameters",)))
+    assert merged["parameters"] == parse_config(fresh)["parameters"]
+    with pytest.raises(ValueError, match="not ModelConfig fields"):
+        write_config(tmp_path / "new", fresh, also_owned=("instance_groups",))
+    assert not (tmp_path / "new" / "config.pbtxt").exists()

@@ -398,3 +398,25 @@ def test_question_rounds_ask_what_the_answers_leave(collection):
     assert len(aas.sample(X0, many.constraints, budget - len(am), seed=7).pairs) == 0
     with pytest.raises(ValueError, match="TrainConfig.question_rounds"):
         TrainConfig(question_rounds=-1)
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes_at_its_default(collection,
+                                                                            tmp_path):
+    """A checkpoint written before question_rounds / aas_os_similarity existed holds no such
+    keys; it was made with their defaults (the old behaviour), so it resumes under them and
+    is refused only under another value."""
+    model, feats, truth = collection
+    common = dict(**SMALL, epochs=2, epochs_per_cycle=2, iters_per_epoch=2,
+                  budget_per_cycle=5, seed=1, checkpoint_dir=tmp_path)
+    SpCLTrainer(TrainConfig(**common), model).fit(feats, oracle=SimulatedOracle(truth))
+    state = load_checkpoint(tmp_path)
+    for key in ("question_rounds", "aas_os_similarity"):
+        del state["config"][key]
+    state.pop("format")
+    save_checkpoint(tmp_path, state)
+    done = SpCLTrainer(TrainConfig(**common), model).fit(feats, oracle=SimulatedOracle(truth),
+                                                         resume=True)
+    assert done.resumed_from_epoch == 2
+    with pytest.raises(ValueError, match=r"different \['question_rounds'\]"):
+        SpCLTrainer(TrainConfig(**common, question_rounds=0), model).fit(
+            feats, oracle=SimulatedOracle(truth), resume=True)

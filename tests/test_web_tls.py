@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import ssl
+import threading
 import urllib.error
 import urllib.request
 from concurrent import futures
@@ -200,3 +201,38 @@ def test_mutual_tls_page_requires_client_certificates(certs: Path, tmp_path: Pat
             "herd-mtls"]
     finally:
         srv.stop(grace=0)
+
+
+# ------------------------------------------------------------------------ stop
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_stop_ends_kept_alive_connections(certs: Path, tmp_path: Path, tls: bool):
+    """A browser keeps its connection open between requests. After stop() that connection
+    must end (the page then sees a network error, keeps the answer and resends it after
+    the restart), not stay served by a leftover thread whose gRPC channel is closed (which
+    refused the answer for good) and hold a socket and a thread until the browser leaves."""
+    keys = dict(tls_cert=certs / "self.pem", tls_key=certs / "self.key") if tls else {}
+    srv = serve(PAGE_SERVICES, data_dir=tmp_path, triton_url=CLOSED_PORT, model_name="m",
+                health_interval_s=60, http_port=0, **keys)
+    kind = http.client.HTTPSConnection if tls else http.client.HTTPConnection
+    extra = {"context": trusting(certs / "self.pem")} if tls else {}
+    conn = kind("localhost", srv.http_port, timeout=10, **extra)
+    try:
+        conn.request("GET", "/api/collections")
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read()) == {"collections": []}
+        srv.stop(grace=0)
+        body = json.dumps({"image_a": "a", "image_b": "b", "label": "same",
+                           "annotator_id": "tess", "request_id": "after-stop"})
+        with pytest.raises((OSError, http.client.HTTPException)):
+            conn.request("POST", "/api/collections/c/answers", body,
+                         {"Content-Type": "application/json"})
+            conn.getresponse().read()
+    finally:
+        conn.close()
+        srv.stop(grace=0)
+    for thread in threading.enumerate():  # the connection's thread ends with it
+        if "process_request_thread" in thread.name:
+            thread.join(timeout=5)
+            assert not thread.is_alive()

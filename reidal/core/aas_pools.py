@@ -90,8 +90,10 @@ def oversegmentation_pool(
         raise ValueError(f"s_min must be in (0, 1] (absent entries are similarity 0), got {s_min}")
     if similarity not in OS_SIMILARITIES:
         raise ValueError(f"similarity must be one of {OS_SIMILARITIES}, got {similarity!r}")
-    if similarity == "cosine" and (X is None or np.asarray(X).shape[0] != D.shape[0]):
-        raise ValueError("similarity 'cosine' needs X with one row per item of the distance")
+    if similarity == "cosine" and (X is None or np.ndim(X) != 2
+                                   or np.shape(X)[0] != D.shape[0]):
+        raise ValueError("similarity 'cosine' needs X (n, d) with one row per item of the "
+                         "distance")
     if medoids.size < 2 or k_max <= 0:
         return PairPool.empty()
     if similarity == "cosine":

@@ -84,6 +84,9 @@ P_STD = "preprocess_std"
 P_LAYOUT = "preprocess_layout"
 P_RESIZE = "preprocess_resize"
 P_THREADS = "torch_num_threads"
+#: Every parameter named so is the writer's (the preprocessing a client must follow): a
+#: merge drops one the new version no longer writes rather than leave it stale.
+PREPROCESS_PREFIX = "preprocess_"
 
 #: The python-backend entry point copied into every version folder.
 PYTHON_MODEL_SOURCE = '''\
@@ -211,23 +214,25 @@ def merge_config(existing: str, new: str, *, also_owned: Collection[str] = ()) -
     """``new`` (a writer's rendered config) applied to the ``existing`` config of the model
     folder: the :data:`OWNED_FIELDS` (plus ``also_owned``, e.g. ``("instance_group",)`` when
     the caller was given instance settings explicitly) and the parameters ``new`` sets come
-    from ``new``; every other field and parameter stays as the operator left it. Preferred
-    batch sizes above the resulting ``max_batch_size`` are dropped (Triton refuses them).
-    Comments in ``existing`` are not kept (protobuf text format has none)."""
+    from ``new`` (``preprocess_*`` ones it no longer sets are dropped: the writer owns them;
+    ``"parameters"`` in ``also_owned``: only ``new``'s); every other field and parameter
+    stays as the operator left it. Preferred batch sizes above the resulting
+    ``max_batch_size`` are dropped (Triton refuses them). Comments in ``existing`` are not
+    kept (protobuf text format has none)."""
     from google.protobuf import json_format
     from tritonclient.grpc import model_config_pb2 as mc
 
-    known = set(mc.ModelConfig.DESCRIPTOR.fields_by_name)
-    unknown = sorted(set(also_owned) - known)
-    if unknown:
-        raise ValueError(f"also_owned names {unknown}, which are not ModelConfig fields")
+    _check_also_owned(also_owned)
     old, fresh = parse_config(existing), parse_config(new)
     merged = {k: v for k, v in old.items() if k != "parameters"}
     for field in (*OWNED_FIELDS, *also_owned):
         merged.pop(field, None)
         if field in fresh:
             merged[field] = fresh[field]
-    parameters = {**(old.get("parameters") or {}), **(fresh.get("parameters") or {})}
+    kept = {} if "parameters" in also_owned else {
+        k: v for k, v in (old.get("parameters") or {}).items()
+        if not k.startswith(PREPROCESS_PREFIX)}
+    parameters = {**kept, **(fresh.get("parameters") or {})}
     if parameters:
         merged["parameters"] = parameters
     batching = merged.get("dynamic_batching")
@@ -238,6 +243,14 @@ def merge_config(existing: str, new: str, *, also_owned: Collection[str] = ()) -
         if not sizes:
             del merged["dynamic_batching"]["preferred_batch_size"]
     return _config_text(json_format.ParseDict(merged, mc.ModelConfig()))
+
+
+def _check_also_owned(also_owned: Collection[str]) -> None:
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    unknown = sorted(set(also_owned) - set(mc.ModelConfig.DESCRIPTOR.fields_by_name))
+    if unknown:
+        raise ValueError(f"also_owned names {unknown}, which are not ModelConfig fields")
 
 
 def _config_text(cfg: Any) -> str:
@@ -257,6 +270,19 @@ def parse_config(text: str) -> dict[str, Any]:
 
     msg = text_format.Parse(text, mc.ModelConfig())
     return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """:func:`parse_config` of the file at ``path``. A file that does not parse (a hand
+    edit gone wrong, which Triton refuses too) raises ValueError naming the file, not
+    protobuf's bare ParseError, so training and the CLIs report it as a bad input."""
+    from google.protobuf import text_format
+
+    try:
+        return parse_config(Path(path).read_text(encoding="utf-8"))
+    except text_format.ParseError as exc:
+        raise ValueError(f"{path} is not a valid Triton model config ({exc}): fix or remove "
+                         "it") from None
 
 
 def spec_from_config(config: Mapping[str, Any]) -> ModelSpec:
@@ -389,8 +415,7 @@ def check_config(model_dir: Path, config: str) -> None:
     could no longer be loaded."""
     path = model_dir / CONFIG_FILE
     if path.exists():
-        _check_compatible(parse_config(path.read_text(encoding="utf-8")), parse_config(config),
-                          path)
+        _check_compatible(read_config(path), parse_config(config), path)
 
 
 def write_config(model_dir: Path, config: str, *, also_owned: Collection[str] = ()) -> None:
@@ -400,13 +425,14 @@ def write_config(model_dir: Path, config: str, *, also_owned: Collection[str] = 
     from the existing config as a ModelConfig (so an unchanged hand-edited file is left as
     it is): Triton reloads every loaded version of a model whose config changed, which would
     needlessly restart the old versions. Shared by the python-backend and the ONNX writers."""
+    _check_also_owned(also_owned)
     path = model_dir / CONFIG_FILE
     if not path.exists():
         _atomic_write(path, config)
         return
-    existing = path.read_text(encoding="utf-8")
-    merged = merge_config(existing, config, also_owned=also_owned)
-    if parse_config(merged) != parse_config(existing):
+    served = read_config(path)
+    merged = merge_config(path.read_text(encoding="utf-8"), config, also_owned=also_owned)
+    if parse_config(merged) != served:
         _atomic_write(path, merged)
 
 

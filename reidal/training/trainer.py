@@ -34,7 +34,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -582,7 +582,11 @@ class SpCLTrainer:
     def _check_resumable(self, state: dict[str, Any], n: int) -> None:
         if int(state["n_items"]) != n:
             raise ValueError(f"the checkpoint is for {state['n_items']} items, this job has {n}")
-        saved, now = dict(state["config"]), self.config.to_dict()
+        # A field the checkpoint lacks was added later, at the default that keeps the old
+        # behaviour (e.g. question_rounds 1): the checkpoint was made with that default.
+        defaults = {f.name: f.default for f in fields(TrainConfig)}
+        saved = {**defaults, **dict(state["config"])}
+        now = self.config.to_dict()
         changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
         if changed:
             raise ValueError(f"cannot resume: the checkpoint was made with different {changed}")

@@ -50,7 +50,7 @@ class ReviewHTTP:
     """A running review page. ``port``: the bound port; ``url``: where to open it;
     ``close()``: stop serving and close the gRPC channel (idempotent)."""
 
-    def __init__(self, server: ThreadingHTTPServer, thread: threading.Thread,
+    def __init__(self, server: _ReviewServer, thread: threading.Thread,
                  client: ReidalClient, url_host: str, scheme: str = "http") -> None:
         self._server = server
         self._thread = thread
@@ -66,6 +66,7 @@ class ReviewHTTP:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+        self._server.end_connections(wait_s=5)
         self._client.close()
 
     def __enter__(self) -> ReviewHTTP:
@@ -79,26 +80,66 @@ class ReviewHTTP:
 
 
 class _ReviewServer(ThreadingHTTPServer):
-    """The HTTP server; with ``ssl_context`` set, HTTPS (module docstring)."""
+    """The HTTP server; with ``ssl_context`` set, HTTPS (module docstring).
+
+    It knows its open connections so that :meth:`end_connections` can end them: browsers
+    keep a connection open between requests, and its handler thread would otherwise outlive
+    the page, answering with a closed gRPC channel (an error the page cannot retry, so an
+    answer sent during a restart was lost) and holding its socket until the browser leaves.
+    """
 
     daemon_threads = True
     ssl_context: ssl.SSLContext | None = None
 
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        self._open: set[socket.socket] = set()
+        self._open_changed = threading.Condition()
+        self._ending = False
+        super().__init__(*args, **kwargs)
+
+    def _swap(self, old: socket.socket | None, new: socket.socket | None) -> bool:
+        """Forget ``old`` and remember ``new`` as open; False once connections are ending."""
+        with self._open_changed:
+            self._open.discard(old)  # type: ignore[arg-type]
+            self._open_changed.notify_all()
+            if new is None or self._ending:
+                return False
+            self._open.add(new)
+            return True
+
     def finish_request(self, request, client_address) -> None:  # type: ignore[override]
-        if self.ssl_context is None:
-            super().finish_request(request, client_address)
-            return
+        conn = request
         try:
-            request.settimeout(HANDSHAKE_TIMEOUT_S)
-            wrapped = self.ssl_context.wrap_socket(request, server_side=True)
-        except OSError as exc:  # ssl.SSLError included
-            log.debug("TLS handshake with %s failed: %s", client_address, exc)
-            return  # process_request_thread closes the socket
-        try:
-            wrapped.settimeout(None)
-            super().finish_request(wrapped, client_address)
+            if not self._swap(None, request):
+                return
+            if self.ssl_context is not None:
+                try:
+                    request.settimeout(HANDSHAKE_TIMEOUT_S)
+                    wrapped = self.ssl_context.wrap_socket(request, server_side=True)
+                except OSError as exc:  # ssl.SSLError included
+                    log.debug("TLS handshake with %s failed: %s", client_address, exc)
+                    return  # process_request_thread closes the socket
+                conn = wrapped
+                if not self._swap(request, wrapped):
+                    return
+                wrapped.settimeout(None)
+            super().finish_request(conn, client_address)
         finally:
-            self.shutdown_request(wrapped)
+            self._swap(conn, None)
+            if conn is not request:
+                self.shutdown_request(conn)
+
+    def end_connections(self, wait_s: float) -> None:
+        """Stop reading from every open connection, so idle ones end at once and one in
+        the middle of a request ends after its reply, and wait up to ``wait_s`` for them."""
+        with self._open_changed:
+            self._ending = True
+            for conn in self._open:
+                try:  # the plain socket's shutdown: SSLSocket's would drop its TLS state
+                    socket.socket.shutdown(conn, socket.SHUT_RD)
+                except OSError:
+                    pass
+            self._open_changed.wait_for(lambda: not self._open, timeout=wait_s)
 
 
 def _static_files() -> dict[str, Path]:
