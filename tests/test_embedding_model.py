@@ -289,3 +289,36 @@ def test_the_writer_owns_the_preprocess_parameters_and_also_owned_is_honoured(tm
     with pytest.raises(ValueError, match="not ModelConfig fields"):
         write_config(tmp_path / "new", fresh, also_owned=("instance_groups",))
     assert not (tmp_path / "new" / "config.pbtxt").exists()
+
+
+def test_config_writes_from_two_threads_never_leave_a_mixed_file(tmp_path):
+    """Two writers of one model's config at once: every read sees one writer's whole file
+    (a shared temporary name let one writer rename the other's half-written file)."""
+    import threading
+
+    from reidal.embedding.triton_repo import _atomic_write
+
+    path = tmp_path / "config.pbtxt"
+    texts = ["a" * 200_000 + "\n", "b" * 200_000 + "\n"]
+    errors: list[BaseException] = []
+
+    def write(text: str) -> None:
+        try:
+            for _ in range(40):
+                _atomic_write(path, text)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in texts]
+    for t in threads:
+        t.start()
+    seen = set()
+    while any(t.is_alive() for t in threads):
+        if path.exists():
+            seen.add(path.read_text())
+    for t in threads:
+        t.join()
+    assert not errors
+    assert seen <= set(texts) and path.read_text() in texts
+    assert oct(path.stat().st_mode & 0o777) == "0o644"
+    assert [p.name for p in tmp_path.iterdir()] == ["config.pbtxt"]  # no temporaries left
