@@ -10,7 +10,9 @@ sharing a SQLite data directory), a :class:`Notifier` that wakes streaming calls
 
 The store is the source of truth: a notification only says "look again". A streaming call
 re-reads the store when woken and also every ``poll_s`` seconds, so it never misses a change
-made by another process on the same data directory.
+made by another process on the same data directory. On PostgreSQL the notifier also reaches
+the other replicas (:mod:`reidal.notify_pg`, LISTEN/NOTIFY): their streams wake at once, and
+the poll stays the safety net.
 """
 
 from __future__ import annotations
@@ -46,29 +48,57 @@ class Embedder(Protocol):
     def close(self) -> None: ...
 
 
+class Closeable(Protocol):
+    def close(self) -> None: ...
+
+
 class Notifier:
-    """Version counters per key with a condition to wait on; ``close`` wakes everybody."""
+    """Version counters per key with a condition to wait on; ``close`` wakes everybody.
+
+    A publisher (:meth:`set_publisher`, e.g. :class:`reidal.notify_pg.PgNotifications`)
+    is told of every local bump so other processes on the same database wake too; what they
+    send back is bumped with ``publish=False``, so nothing is sent on twice.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._versions: dict[Hashable, int] = {}
+        self._epoch = 0  # added to every key's version: wake_all moves them all at once
+        self._publisher: Callable[[Hashable], None] | None = None
         self.closed = False
+
+    def set_publisher(self, publisher: Callable[[Hashable], None] | None) -> None:
+        """Call ``publisher(key)`` after every bump made here (None: stop publishing)."""
+        self._publisher = publisher
+
+    def _version(self, key: Hashable) -> int:  # under self._cond
+        return self._versions.get(key, 0) + self._epoch
 
     def version(self, key: Hashable) -> int:
         with self._cond:
-            return self._versions.get(key, 0)
+            return self._version(key)
 
-    def bump(self, key: Hashable) -> None:
+    def bump(self, key: Hashable, *, publish: bool = True) -> None:
+        """``key`` changed: wake its waiters here, and (``publish``) in other processes."""
         with self._cond:
             self._versions[key] = self._versions.get(key, 0) + 1
+            self._cond.notify_all()
+        publisher = self._publisher
+        if publish and publisher is not None:
+            publisher(key)
+
+    def wake_all(self) -> None:
+        """Every key may have changed (notifications were lost): all waiters look again."""
+        with self._cond:
+            self._epoch += 1
             self._cond.notify_all()
 
     def wait(self, key: Hashable, seen: int, timeout: float) -> int:
         """Block until ``key`` moves past ``seen``, the notifier closes, or ``timeout``."""
         with self._cond:
-            self._cond.wait_for(lambda: self.closed or self._versions.get(key, 0) != seen,
+            self._cond.wait_for(lambda: self.closed or self._version(key) != seen,
                                 timeout=timeout)
-            return self._versions.get(key, 0)
+            return self._version(key)
 
     def close(self) -> None:
         with self._cond:
@@ -241,7 +271,12 @@ class OperationRunner:
 
 @dataclass
 class Runtime:
-    """Shared state of the stateful services in one process (see the module docstring)."""
+    """Shared state of the stateful services in one process (see the module docstring).
+
+    ``notifications``: what carries the notifier's bumps to and from other processes
+    (:class:`reidal.notify_pg.PgNotifications` on PostgreSQL; None: this process only);
+    :meth:`close` closes it after the operations, so their last bumps still go out.
+    """
 
     store: Store
     blobs: BlobStore
@@ -249,6 +284,7 @@ class Runtime:
     notifier: Notifier = field(default_factory=Notifier)
     operations: OperationRunner | None = None
     embed_chunk: int = 64  # images per embedding call of EmbedCollection
+    notifications: Closeable | None = None
     _locks: dict[str, SharedLock] = field(default_factory=dict)
     _locks_guard: threading.Lock = field(default_factory=threading.Lock)
     #: Held between writing blobs and referencing them, and by blob GC (all processes).
@@ -284,3 +320,5 @@ class Runtime:
         self.notifier.close()
         if self.operations is not None:
             self.operations.close(wait=True)
+        if self.notifications is not None:
+            self.notifications.close()

@@ -363,6 +363,10 @@ def serve(
                                          classify=classify)
             started.runtime = Runtime(store, BlobStore(root / "blobs"), started.embedder,
                                       notifier, operations)
+            if database_url is not None:  # the other replicas' watch streams wake at once
+                from reidal.notify_pg import PgNotifications
+
+                started.runtime.notifications = PgNotifications(database_url, notifier)
         training = None
         if "training" in names:
             from reidal.training_jobs import TrainingJobs, triton_loader
