@@ -38,6 +38,13 @@ CHANNEL = "reidal_changes"
 MAX_PAYLOAD = 7000
 #: application_name of the listening and sending connections (pg_stat_activity).
 APPLICATION_NAME = "reidal-notify"
+#: TCP settings of both connections (a ``database_url`` that names one wins): a database
+#: host that vanishes without closing them (node lost, failover, a NAT dropping the flow) is
+#: noticed within ~25 s by the idle listener (keepalives; the kernel default waits 2 h) and
+#: within 15 s by a send waiting on it (tcp_user_timeout; default: ~15 min of retransmits,
+#: all that time holding the send lock, so every bump of the process waits behind it).
+DEAD_PEER = (("keepalives", "1"), ("keepalives_idle", "10"), ("keepalives_interval", "5"),
+             ("keepalives_count", "3"), ("tcp_user_timeout", "15000"))
 
 
 def encode(origin: str, key: Hashable) -> str:
@@ -60,9 +67,19 @@ def decode(payload: str) -> tuple[str, Hashable | None]:
         origin, key = data["o"], data["k"]
     except (ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"not a reidal notification: {payload[:80]!r}") from exc
+    key = _as_key(key)
     if not isinstance(origin, str):
         raise ValueError(f"not a reidal notification: {payload[:80]!r}")
-    return origin, tuple(key) if isinstance(key, list) else key
+    try:
+        hash(key)
+    except TypeError:  # a JSON object: no key of ours, and the notifier cannot hold it
+        raise ValueError(f"not a reidal notification: {payload[:80]!r}") from None
+    return origin, key
+
+
+def _as_key(value: Any) -> Any:
+    """JSON lists back to the tuples :func:`encode` sent, at every depth."""
+    return tuple(_as_key(v) for v in value) if isinstance(value, list) else value
 
 
 class PgNotifications:
@@ -90,12 +107,13 @@ class PgNotifications:
         self._max_backoff_s = max_backoff_s
         given = conninfo_to_dict(url)
         self._extra = {k: v for k, v in (("connect_timeout", str(connect_timeout_s)),
-                                         ("application_name", APPLICATION_NAME))
+                                         ("application_name", APPLICATION_NAME), *DEAD_PEER)
                        if k not in given}
         self._send_lock = threading.Lock()
         self._send_conn: Any = None
         self._send_pause_s = send_pause_s
         self._send_paused_until = 0.0
+        self._closed = False  # set by close(): a late publish must not reopen a connection
         self._stop = threading.Event()
         self._wake_channel = f"reidal_wake_{self.origin}"  # close() wakes the listener here
         self._listen_conn = self._listen()  # the first LISTEN is done when this returns
@@ -136,7 +154,7 @@ class PgNotifications:
 
     def _send(self, channel: str, payload: str) -> None:
         with self._send_lock:
-            if time.monotonic() < self._send_paused_until:
+            if self._closed or time.monotonic() < self._send_paused_until:
                 return
             while True:
                 reused = self._send_conn is not None
@@ -216,6 +234,7 @@ class PgNotifications:
         self._send(self._wake_channel, "")  # the listener sees the stop now
         self._thread.join(timeout)
         with self._send_lock:
+            self._closed = True
             if self._send_conn is not None:
                 self._send_conn.close()
                 self._send_conn = None

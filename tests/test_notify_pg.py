@@ -6,7 +6,9 @@ server leaves no listener behind. Every wait here is 30 s; the tests require sec
 
 from __future__ import annotations
 
+import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -80,6 +82,48 @@ def test_payloads_round_trip_and_stay_under_the_limit():
         assert len(payload.encode()) <= MAX_PAYLOAD and decode(payload) == ("me", None)
     with pytest.raises(ValueError, match="not a reidal notification"):
         decode("hello")
+    # A nested tuple comes back as the same (hashable) key; a JSON object is not a key.
+    assert decode(encode("me", ("queue", ("a", 1)))) == ("me", ("queue", ("a", 1)))
+    with pytest.raises(ValueError, match="not a reidal notification"):
+        decode('{"o":"me","k":{"a":1}}')
+
+
+def test_an_odd_payload_neither_drops_the_listener_nor_stops_the_others(replicas,
+                                                                         postgres_url):
+    """A payload that decodes to no hashable key (another version, someone's NOTIFY by
+    hand) is skipped or bumped: it must not cost a reconnection (and a wake_all of every
+    watcher) each time."""
+    (a, _), (b, pb) = replicas
+    old = pb.listener_pid
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        for payload in ('{"o":"x","k":["queue",["nested"]]}', '{"o":"x","k":{"a":1}}'):
+            conn.execute("SELECT pg_notify('reidal_changes', %s)", (payload,))
+    _wait_count(b, ("queue", ("nested",)), 1)
+    a.bump(("operation", "after"))
+    _wait_count(b, ("operation", "after"), 1)
+    assert pb.listener_pid == old and pb.running
+
+
+def _tcp(conn: psycopg.Connection) -> socket.socket:
+    """The connection's own TCP socket (a duplicate descriptor: its options are shared)."""
+    return socket.socket(fileno=os.dup(conn.pgconn.socket))
+
+
+def test_a_peer_that_vanished_is_noticed_within_seconds(replicas):
+    """A database host that vanishes (node lost, failover, a NAT forgetting the flow) sends
+    no FIN: the idle listener would wait on a dead socket for the kernel's default 2 h of
+    keepalive idle, and a send on it would hold the send lock (every bump of the process
+    behind it) for the ~15 min of TCP retransmissions. Both connections bound that."""
+    (a, pa), _ = replicas
+    a.bump(("warm", "up"))  # opens the sending connection
+    for conn in (pa._listen_conn, pa._send_conn):
+        with _tcp(conn) as s:
+            assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            idle = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
+            interval = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL)
+            count = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)
+            assert idle + interval * count <= 60
+            assert 0 < s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) <= 30_000
 
 
 def test_a_bump_wakes_the_other_replica_at_once_and_nothing_loops(replicas):
@@ -137,6 +181,9 @@ def test_closing_stops_the_listener_and_its_connections(postgres_url):
     assert not p.running
     assert _eventually(lambda: _sessions(postgres_url) == [])
     n.bump(("queue", "c"))  # no publisher any more: a local bump only
+    assert _sessions(postgres_url) == []
+    # A bump that took the publisher just before close() sends after it: nothing reopens.
+    p.publish(("queue", "c"))
     assert _sessions(postgres_url) == []
     p.close()  # idempotent
 
