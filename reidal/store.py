@@ -33,7 +33,7 @@ import numpy as np
 from reidal.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from reidal.store_sql import PostgresBackend, SqliteBackend, Tx, is_database_url, redact_url
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 LABELS = ("SAME", "DIFFERENT", "UNSURE")
 
 
@@ -46,7 +46,9 @@ JOB_FINAL_STATES = frozenset({JOB_SUCCEEDED, JOB_FAILED, JOB_CANCELLED})
 @dataclass(frozen=True)
 class TrainingJobRecord:
     """One training job as stored. ``progress``: epoch, loss, clusters, unclustered,
-    pairs_asked, answers_used, metrics of the last finished epoch."""
+    pairs_asked, answers_used, metrics of the last finished epoch. ``cancel_requested``:
+    CancelJob asked it to stop (on any replica); the process running it stops at its next
+    check (:meth:`Store.request_training_job_cancel`)."""
 
     job_id: str
     collection_id: str
@@ -61,6 +63,7 @@ class TrainingJobRecord:
     error_message: str = ""
     created_at: float = 0.0
     updated_at: float = 0.0
+    cancel_requested: bool = False
 
     @property
     def final(self) -> bool:
@@ -981,8 +984,9 @@ class Store:
                         base_model_name, base_model_version, now, now, self.owner))
         return self.get_training_job(job_id)
 
-    def update_training_job(self, job_id: str, **changes: Any) -> None:
-        """Set columns of a job (``progress`` a dict); a final state is never left."""
+    def update_training_job(self, job_id: str, **changes: Any) -> bool:
+        """Set columns of a job (``progress`` a dict); a final state is never left. False
+        when nothing changed: the job is final already (e.g. cancelled while queued)."""
         unknown = set(changes) - _JOB_COLUMNS
         if unknown:
             raise InvalidArgument(f"training jobs have no column(s) {sorted(unknown)}")
@@ -990,9 +994,32 @@ class Store:
             changes["progress"] = json.dumps(changes["progress"])
         cols = ", ".join(f"{k} = ?" for k in changes)
         with self._tx() as db:
-            db.execute(f"UPDATE training_jobs SET {cols}, updated_at = ? WHERE id = ?"
-                       " AND state NOT IN ('SUCCEEDED', 'FAILED', 'CANCELLED')",
-                       (*changes.values(), _now(), job_id))
+            cur = db.execute(f"UPDATE training_jobs SET {cols}, updated_at = ? WHERE id = ?"
+                             " AND state NOT IN ('SUCCEEDED', 'FAILED', 'CANCELLED')",
+                             (*changes.values(), _now(), job_id))
+            return cur.rowcount > 0
+
+    def request_training_job_cancel(self, job_id: str) -> TrainingJobRecord:
+        """Record that the job must stop, where every replica sees it: the process running
+        the job reads ``cancel_requested`` between training steps and ends it CANCELLED. A
+        job nobody runs ends CANCELLED at once: one still QUEUED (its runner finds it final
+        and never starts) or one whose owner's store is closed (its process is gone). A
+        final job is left as it is. Returns the job as stored afterwards; NotFound for an
+        unknown id."""
+        rows = self._query("SELECT owner FROM training_jobs WHERE id = ?", (job_id,))
+        if not rows:
+            raise NotFound(f"training job {job_id!r} not found")
+        owner = rows[0]["owner"]
+        # An owner that is gone never comes back (ids are per store instance), so deciding
+        # before the write is safe.
+        orphaned = owner != self.owner and not self._db.owner_alive(owner)
+        stop_now = (JOB_QUEUED, JOB_RUNNING if orphaned else JOB_QUEUED)
+        with self._tx() as db:
+            db.execute("UPDATE training_jobs SET cancel_requested = 1, updated_at = ?,"
+                       " state = CASE WHEN state IN (?, ?) THEN ? ELSE state END"
+                       " WHERE id = ? AND state NOT IN ('SUCCEEDED', 'FAILED', 'CANCELLED')",
+                       (_now(), *stop_now, JOB_CANCELLED, job_id))
+        return self.get_training_job(job_id)
 
     def get_training_job(self, job_id: str) -> TrainingJobRecord:
         rows = self._query("SELECT * FROM training_jobs WHERE id = ?", (job_id,))
@@ -1025,7 +1052,7 @@ def _training_job(r: Any) -> TrainingJobRecord:
         r["id"], r["collection_id"], r["state"], json.loads(r["config"]),
         json.loads(r["progress"]), r["base_model_name"], r["base_model_version"],
         r["model_name"], r["model_version"], r["error_code"], r["error_message"],
-        r["created_at"], r["updated_at"])
+        r["created_at"], r["updated_at"], bool(r["cancel_requested"]))
 
 
 def _collection(r: Any) -> Collection:

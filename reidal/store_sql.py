@@ -209,9 +209,12 @@ CREATE INDEX IF NOT EXISTS operations_by_collection ON operations (collection_id
 #: Columns added to a table after its first release, as (table, column, definition): a
 #: store adds the missing ones when it opens, so an older database upgrades in place.
 #: Schema 3: ``owner``, the store instance (process) that runs an operation or a job.
+#: Schema 4: ``cancel_requested`` of a training job (1: CancelJob asked, on any replica; the
+#: process running the job reads it and stops).
 ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("operations", "owner", "TEXT NOT NULL DEFAULT ''"),
     ("training_jobs", "owner", "TEXT NOT NULL DEFAULT ''"),
+    ("training_jobs", "cancel_requested", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 _POSTGRES_TYPES = (

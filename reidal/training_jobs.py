@@ -13,18 +13,23 @@ Jobs are rows of the store's ``training_jobs`` table. A job survives its client;
 start marks jobs left QUEUED or RUNNING as FAILED
 (:meth:`reidal.store.Store.fail_interrupted_training_jobs`), so none is ever shown running
 after a restart.
+
+A job runs in the process that started it, but CancelJob may reach any replica on the
+database: the request is recorded in the store (``cancel_requested``) and the running
+process finds it through :class:`CancelSignal`, the flag its trainer checks between steps.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from reidal.errors import FailedPrecondition, InvalidArgument
+from reidal.errors import FailedPrecondition, InvalidArgument, NotFound
 from reidal.grpc_server import log_kv
 from reidal.runtime import Runtime
 from reidal.store import (
@@ -45,6 +50,9 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
 FINAL_STATES = JOB_FINAL_STATES
 JobRecord = TrainingJobRecord
 INTERRUPTED = "interrupted by a server restart"
+#: Seconds between a running job's reads of its stored cancel request (one made on another
+#: replica) when no notification brought it sooner (operational, not part of the method).
+CANCEL_CHECK_S = 2.0
 
 #: TrainConfig fields a client may set (TrainingConfig in training.proto).
 CLIENT_FIELDS: tuple[str, ...] = (
@@ -225,6 +233,50 @@ def job_key(job_id: str) -> tuple[str, str]:
     return ("training_job", job_id)
 
 
+class CancelSignal(threading.Event):
+    """The cancel flag of one running job, as the trainer sees it (``is_set`` before every
+    training step): set in this process (a local CancelJob, a server stop) or found in the
+    store, where CancelJob on any replica records it.
+
+    The store is read when the job's notifier key has moved since the last read (another
+    replica's bump arrives by PostgreSQL NOTIFY; the job's own progress bumps it once per
+    epoch) and otherwise every ``check_s`` seconds, so the per-step check is a clock and a
+    counter read. A failed read is logged and retried later: the local flag still works.
+    """
+
+    def __init__(self, store: Store, job_id: str, notifier: Any,
+                 check_s: float = CANCEL_CHECK_S) -> None:
+        super().__init__()
+        self._store = store
+        self._job_id = job_id
+        self._notifier = notifier
+        self._check_s = check_s
+        self._due = 0.0  # the first check reads the store
+        self._seen = -1
+
+    def is_set(self) -> bool:
+        if super().is_set():
+            return True
+        if (time.monotonic() >= self._due
+                or self._notifier.version(job_key(self._job_id)) != self._seen):
+            return self.check_store()
+        return False
+
+    def check_store(self) -> bool:
+        """Read the stored request now (e.g. right before exporting); the flag after."""
+        self._seen = self._notifier.version(job_key(self._job_id))
+        self._due = time.monotonic() + self._check_s
+        try:
+            if self._store.get_training_job(self._job_id).cancel_requested:
+                self.set()
+        except NotFound:
+            pass  # the collection was deleted under the job: nothing asked it to stop
+        except Exception:
+            log.exception("could not read the cancel request of training job %s",
+                          self._job_id)
+        return super().is_set()
+
+
 class TrainingJobs:
     """Starts, runs, cancels and watches the training jobs of one server process.
 
@@ -234,12 +286,14 @@ class TrainingJobs:
     """
 
     def __init__(self, runtime: Runtime, repository: str | Path | None,
-                 load_model: Callable[[str], None] | None, model_name: str) -> None:
+                 load_model: Callable[[str], None] | None, model_name: str, *,
+                 cancel_check_s: float = CANCEL_CHECK_S) -> None:
         self.runtime = runtime
         self.store = runtime.store
         self.repository = Path(repository) if repository is not None else None
         self.load_model = load_model
         self.model_name = model_name
+        self.cancel_check_s = cancel_check_s
         self._cancel: dict[str, threading.Event] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._guard = threading.Lock()
@@ -259,7 +313,6 @@ class TrainingJobs:
                                      "with start_triton or pass model_repository")
         name = col.model_name or self.model_name
         version = col.model_version or self._latest_version(name)
-        cancel = threading.Event()
         # One job per collection at a time: two would train from the same base version and
         # race to export. The check and the insert happen under the store's cross-process
         # lock (replicas sharing a database included) and this process's guard.
@@ -272,6 +325,8 @@ class TrainingJobs:
                     "queued or running: wait for it or cancel it first")
             job = self.store.create_training_job(collection_id, config.to_dict(),
                                                  base_model_name=name, base_model_version=version)
+            cancel = CancelSignal(self.store, job.job_id, self.runtime.notifier,
+                                  self.cancel_check_s)
             thread = threading.Thread(target=self._run, args=(job, config, cancel),
                                       name=f"training-{job.job_id[:8]}", daemon=True)
             self._cancel[job.job_id] = cancel
@@ -287,17 +342,23 @@ class TrainingJobs:
             self.store.get_collection(collection_id)
         return self.store.list_training_jobs(collection_id)
 
-    def cancel(self, job_id: str) -> JobRecord:
-        job = self.store.get_training_job(job_id)
-        if job.final:
-            return job
+    def cancel(self, job_id: str, *, wait_s: float = 30.0) -> JobRecord:
+        """Ask the job to stop, whichever replica runs it: the request is recorded in the
+        store (a job nobody runs ends CANCELLED at once); a job running here is also told
+        now and waited for (up to ``wait_s``). The job as stored afterwards: a job another
+        replica runs is still RUNNING, with ``cancel_requested``, until that replica's next
+        check stops it. A final job is returned unchanged."""
+        job = self.store.request_training_job_cancel(job_id)
+        if job.final and not job.cancel_requested:
+            return job  # it had finished: nothing was recorded
+        self.runtime.notifier.bump(job_key(job_id))  # watchers, and a runner elsewhere
         with self._guard:
             event = self._cancel.get(job_id)
+            thread = self._threads.get(job_id)
         if event is not None:
             event.set()
-        thread = self._threads.get(job_id)
         if thread is not None:
-            thread.join(timeout=30.0)
+            thread.join(timeout=wait_s)
         return self.store.get_training_job(job_id)
 
     def watch(self, job_id: str, is_active: Callable[[], bool], *,
@@ -338,19 +399,25 @@ class TrainingJobs:
             raise FailedPrecondition(f"the model repository has no version of {name!r}")
         return str(versions[-1])
 
-    def _update(self, job_id: str, **changes: Any) -> None:
-        self.store.update_training_job(job_id, **changes)
+    def _update(self, job_id: str, **changes: Any) -> bool:
+        changed = self.store.update_training_job(job_id, **changes)
         self.runtime.notifier.bump(job_key(job_id))
+        return changed
 
-    def _run(self, job: JobRecord, config: Any, cancel: threading.Event) -> None:
+    def _run(self, job: JobRecord, config: Any, cancel: CancelSignal) -> None:
         try:
-            self._update(job.job_id, state=RUNNING)
+            if not self._update(job.job_id, state=RUNNING):
+                return  # final already: cancelled while queued, so it never starts
             produced = self._train(job, config, cancel)
-            if produced is None and self._closing:
-                self._update(job.job_id, state=FAILED, error_code="ABORTED",
-                             error_message="interrupted by a server stop")
-            elif produced is None:
-                self._update(job.job_id, state=CANCELLED)
+            if produced is None:
+                # stopped: by a stop of this server, unless someone (anywhere) asked first
+                stopped = (self._closing
+                           and not self.store.get_training_job(job.job_id).cancel_requested)
+                if stopped:
+                    self._update(job.job_id, state=FAILED, error_code="ABORTED",
+                                 error_message="interrupted by a server stop")
+                else:
+                    self._update(job.job_id, state=CANCELLED)
             else:
                 self._update(job.job_id, state=SUCCEEDED, model_name=job.base_model_name,
                              model_version=produced)
@@ -369,7 +436,7 @@ class TrainingJobs:
                 self._cancel.pop(job.job_id, None)
                 self._threads.pop(job.job_id, None)
 
-    def _train(self, job: JobRecord, config: Any, cancel: threading.Event) -> str | None:
+    def _train(self, job: JobRecord, config: Any, cancel: CancelSignal) -> str | None:
         """Train and export; the version produced, or None when cancelled."""
         import torch
 
@@ -402,7 +469,7 @@ class TrainingJobs:
 
         result = SpCLTrainer(config, model, spec=spec).fit(
             features, constraints=answers, on_epoch=on_epoch, cancel=cancel)
-        if result.cancelled or cancel.is_set():
+        if result.cancelled or cancel.check_store():  # a request up to this moment counts
             return None
         with self._export_lock:
             version = export_version(result.model, self.repository, job.base_model_name,
@@ -437,6 +504,6 @@ def promote(runtime: Runtime, collection_id: str, model_name: str, version: str)
 
 
 __all__ = [
-    "CLIENT_FIELDS", "FINAL_STATES", "INTERRUPTED", "JobRecord",
-    "TrainingJobs", "build_config", "collection_constraints", "promote", "triton_loader",
+    "CANCEL_CHECK_S", "CLIENT_FIELDS", "FINAL_STATES", "INTERRUPTED", "CancelSignal",
+    "JobRecord", "TrainingJobs", "build_config", "collection_constraints", "promote", "triton_loader",
 ]

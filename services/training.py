@@ -43,7 +43,8 @@ def job_pb(job: JobRecord) -> training_pb2.TrainingJob:
                                        version=job.base_model_version),
         model=common_pb2.ModelRef(name=job.model_name, version=job.model_version),
         error_code=job.error_code, error_message=job.error_message,
-        created_at=timestamp(job.created_at), updated_at=timestamp(job.updated_at))
+        created_at=timestamp(job.created_at), updated_at=timestamp(job.updated_at),
+        cancel_requested=job.cancel_requested)
 
 
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):

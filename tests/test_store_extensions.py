@@ -169,6 +169,28 @@ def test_schema_1_file_upgrades_in_place(tmp_path):
         s.close()
 
 
+def test_schema_3_database_gets_the_cancel_column(store_target):
+    """A database written before schema 4 (no ``cancel_requested``) opens, keeps its jobs
+    and takes cancel requests, on both backends."""
+    s = Store.open(store_target)
+    s.create_collection("old", model_name="m")
+    job = s.create_training_job("old", {"epochs": 1}, base_model_name="m",
+                                base_model_version="1")
+    with s._tx() as db:  # back to the schema-3 layout
+        db.execute("ALTER TABLE training_jobs DROP COLUMN cancel_requested")
+        db.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    s.close()
+    s = Store.open(store_target)
+    try:
+        assert s._query("SELECT value FROM meta WHERE key = 'schema_version'")[0][0] == str(
+            SCHEMA_VERSION)
+        assert not s.get_training_job(job.job_id).cancel_requested
+        done = s.request_training_job_cancel(job.job_id)  # QUEUED, its owner gone
+        assert (done.state, done.cancel_requested) == ("CANCELLED", True)
+    finally:
+        s.close()
+
+
 def test_blob_store(tmp_path):
     blobs = BlobStore(tmp_path / "blobs")
     sha = blobs.put(b"pixels")

@@ -19,7 +19,7 @@ import pytest
 from _services_support import Stubs, by_images, create_and_fill, pictures
 
 from reidal.blobs import BlobStore
-from reidal.errors import AlreadyExists
+from reidal.errors import AlreadyExists, NotFound
 from reidal.runtime import Runtime
 from reidal.serve import serve
 from reidal.store import AnswerIn, ImageRecord, PairRecord, Store
@@ -187,6 +187,59 @@ os.kill(os.getpid(), signal.SIGKILL)
     if "://" not in store_target:  # SQLite: only the open store's owner file is left
         assert [p.name for p in Path(store_target, "locks").glob("owner-*")] == [
             f"owner-{b.owner}.lock"]
+
+
+def test_a_cancel_request_recorded_by_one_store_reaches_the_runner_in_another(two):
+    """CancelJob on replica B for a job replica A runs: B records the request, A's job sees
+    it at its next store read (rate-limited, or at once when the job's key moves)."""
+    from reidal.runtime import Notifier
+    from reidal.training_jobs import CancelSignal, job_key
+
+    a, b = two
+    running = a.create_training_job("c", {"epochs": 9}, base_model_name="m",
+                                    base_model_version="1")
+    assert a.update_training_job(running.job_id, state="RUNNING")
+    notifier = Notifier()
+    signal = CancelSignal(a, running.job_id, notifier, check_s=3600.0)
+    assert not signal.is_set()  # the first check reads the store: nothing asked
+    asked = b.request_training_job_cancel(running.job_id)
+    # a's store is open, so a runs it: still RUNNING, flagged, until a's runner stops it
+    assert (asked.state, asked.cancel_requested) == ("RUNNING", True)
+    assert a.get_training_job(running.job_id).cancel_requested
+    assert not signal.is_set()  # no store read before check_s...
+    notifier.bump(job_key(running.job_id))  # ...unless the job's key moved (NOTIFY from b)
+    assert signal.is_set()
+    assert CancelSignal(a, running.job_id, Notifier()).is_set()  # a fresh one reads at once
+    # the runner's own final update still lands, as a local cancel's does
+    assert a.update_training_job(running.job_id, state="CANCELLED")
+    done = b.get_training_job(running.job_id)
+    assert (done.state, done.cancel_requested) == ("CANCELLED", True)
+    # a final job is left as it was
+    assert b.request_training_job_cancel(running.job_id) == done
+    assert not a.update_training_job(running.job_id, state="RUNNING")
+
+    # a queued job is cancelled at once, wherever the request lands
+    queued = a.create_training_job("c", {"epochs": 1}, base_model_name="m",
+                                   base_model_version="1")
+    now = b.request_training_job_cancel(queued.job_id)
+    assert (now.state, now.cancel_requested) == ("CANCELLED", True)
+    assert not a.update_training_job(queued.job_id, state="RUNNING")  # its runner never starts
+    untouched = a.create_training_job("c", {"epochs": 1}, base_model_name="m",
+                                      base_model_version="1")
+    assert not b.get_training_job(untouched.job_id).cancel_requested
+
+    # a running job whose owner is gone is nobody's: cancelled at once too
+    orphan = a.create_training_job("c", {"epochs": 9}, base_model_name="m",
+                                   base_model_version="1")
+    a.update_training_job(orphan.job_id, state="RUNNING")
+    a.close()
+    deadline = time.monotonic() + 10  # PostgreSQL drops the owner mark a moment later
+    while (got := b.request_training_job_cancel(orphan.job_id)).state == "RUNNING":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert got.state == "CANCELLED"
+    with pytest.raises(NotFound):
+        b.request_training_job_cancel("nope")
 
 
 def test_text_compares_bytewise_whatever_the_database_locale(store_target):

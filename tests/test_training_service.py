@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 import numpy as np
@@ -11,9 +13,11 @@ import pytest
 from _services_support import Stubs, create_and_fill, pictures, rpc_error, running_server
 
 from reidal.embedding.triton_repo import model_versions
+from reidal.serve import serve
 from reidal.store import Store
 from reidal.training_jobs import FAILED, INTERRUPTED, RUNNING
 from reidal.v1 import collections_pb2, common_pb2, training_pb2, training_pb2_grpc
+from reidal_client.types import TrainingJob
 
 #: A job small enough for a test: one epoch of two steps on batches of 4 x 2 images.
 TINY = dict(epochs=1, iters_per_epoch=2, num_identities=4, num_instances=2, min_samples=2,
@@ -33,25 +37,32 @@ def _restore_triton_index(triton):
         triton.server.restart()
 
 
-@pytest.fixture()
-def server(triton, tmp_path, _restore_triton_index):
+@contextmanager
+def _repository_kept(triton, touched: list) -> Iterator[None]:
+    """Afterwards, put the shared repository back: only the versions it had, Triton
+    serving them (``touched`` collects the versions removed)."""
     before = model_versions(triton.repo, triton.model_name)
-    with running_server(triton, tmp_path / "data", model_repository=triton.repo) as srv:
-        stubs = Stubs.connect(srv.address)
-        training = training_pb2_grpc.TrainingServiceStub(stubs.channel)
-        try:
-            yield srv, stubs, training
-        finally:
-            stubs.close()
-    # put the shared repository back: only the versions it had, Triton serving them
+    yield
     added = [v for v in model_versions(triton.repo, triton.model_name) if v not in before]
-    _restore_triton_index.extend(added)
+    touched.extend(added)
     for v in added:
         shutil.rmtree(triton.repo / triton.model_name / str(v))
     if added:
         triton.server.load_model(triton.model_name)  # unloads the removed versions
         assert _version_ready(triton, "1")
         assert not any(_version_ready(triton, str(v)) for v in added)
+
+
+@pytest.fixture()
+def server(triton, tmp_path, _restore_triton_index):
+    with _repository_kept(triton, _restore_triton_index), \
+            running_server(triton, tmp_path / "data", model_repository=triton.repo) as srv:
+        stubs = Stubs.connect(srv.address)
+        training = training_pb2_grpc.TrainingServiceStub(stubs.channel)
+        try:
+            yield srv, stubs, training
+        finally:
+            stubs.close()
 
 
 def _watch_to_end(training, job_id: str) -> list[training_pb2.TrainingJob]:
@@ -128,6 +139,63 @@ def test_cancel_leaves_served_model_unchanged(server, triton):
     assert model_versions(triton.repo, triton.model_name) == before
     col = stubs.collections.GetCollection(collections_pb2.GetCollectionRequest(collection_id="c"))
     assert col.model.version == "1"
+
+
+def test_cancel_on_another_replica_stops_the_job(triton, postgres_url, tmp_path,
+                                                _restore_triton_index):
+    """Two servers on one PostgreSQL database (and one data directory, as replicas share
+    it): a job runs on A, CancelJob reaches B. B answers at once with the request
+    recorded; A stops the job, CANCELLED on both; the served model is unchanged."""
+    kwargs = dict(data_dir=tmp_path / "data", database_url=postgres_url,
+                  triton_url=triton.grpc_url, model_repository=triton.repo,
+                  health_interval_s=60)
+    with _repository_kept(triton, _restore_triton_index):
+        a = serve(["collections", "training"], **kwargs)
+        b = None
+        try:
+            b = serve(["training"], **kwargs)
+            stubs_a = Stubs.connect(a.address)
+            train_a = training_pb2_grpc.TrainingServiceStub(stubs_a.channel)
+            channel_b = grpc.insecure_channel(b.address)
+            train_b = training_pb2_grpc.TrainingServiceStub(channel_b)
+            create_and_fill(stubs_a, "c", pictures()[:16])
+            before = model_versions(triton.repo, triton.model_name)
+            job = train_a.StartTraining(training_pb2.StartTrainingRequest(
+                collection_id="c", config=training_pb2.TrainingConfig(
+                    **{**TINY, "epochs": 50, "iters_per_epoch": 400})), timeout=30)
+            _wait_state(train_b, job.job_id, {training_pb2.JOB_STATE_RUNNING})
+
+            tic = time.monotonic()
+            answer = train_b.CancelJob(training_pb2.CancelJobRequest(job_id=job.job_id),
+                                       timeout=30)
+            assert time.monotonic() - tic < 5  # B does not wait for A's job
+            assert answer.cancel_requested
+            assert answer.state in (training_pb2.JOB_STATE_RUNNING,
+                                    training_pb2.JOB_STATE_CANCELLED)
+            final_b = list(train_b.WatchJob(training_pb2.GetJobRequest(job_id=job.job_id),
+                                            timeout=60))[-1]
+            stopped_s = time.monotonic() - tic
+            final_a = train_a.GetJob(training_pb2.GetJobRequest(job_id=job.job_id), timeout=10)
+            for final in (final_b, final_a):
+                assert final.state == training_pb2.JOB_STATE_CANCELLED, final.error_message
+                assert final.cancel_requested and final.model.version == ""
+            seen = TrainingJob.from_pb(final_a)  # the Python client carries the flag too
+            assert seen.cancel_requested and seen.finished
+            assert final_a.epoch < 50 and stopped_s < 20
+            assert model_versions(triton.repo, triton.model_name) == before
+            col = stubs_a.collections.GetCollection(
+                collections_pb2.GetCollectionRequest(collection_id="c"))
+            assert col.model.version == "1"
+            # a final job: cancelling it again changes nothing
+            again = train_b.CancelJob(training_pb2.CancelJobRequest(job_id=job.job_id),
+                                      timeout=30)
+            assert again == final_b
+            channel_b.close()
+            stubs_a.close()
+        finally:
+            a.stop(grace=1)
+            if b is not None:
+                b.stop(grace=1)
 
 
 @pytest.mark.parametrize("config, field", [

@@ -767,6 +767,8 @@ class TrainingJob:
     config: dict[str, Any]
     created_at: datetime | None
     updated_at: datetime | None
+    #: CancelJob was asked; the replica running the job stops it at its next check.
+    cancel_requested: bool = False
 
     @property
     def finished(self) -> bool:
@@ -783,4 +785,5 @@ class TrainingJob:
                    msg.epoch, msg.epochs, msg.loss, msg.clusters, msg.unclustered,
                    msg.answers_used, dict(msg.metrics), ModelRef.from_pb(msg.base_model),
                    ModelRef.from_pb(msg.model), msg.error_code, msg.error_message, config,
-                   _time(msg, "created_at"), _time(msg, "updated_at"))
+                   _time(msg, "created_at"), _time(msg, "updated_at"),
+                   bool(msg.cancel_requested))
