@@ -1010,8 +1010,11 @@ class Store:
         if not rows:
             raise NotFound(f"training job {job_id!r} not found")
         owner = rows[0]["owner"]
-        # An owner that is gone never comes back (ids are per store instance), so deciding
-        # before the write is safe.
+        # Ids are per store instance, so a dead owner never comes back. But on PostgreSQL a
+        # live owner's mark is also missing for a moment after a database restart (until its
+        # next readiness probe takes it again): its job is then CANCELLED here while it still
+        # runs, and it stops at its next check (cancel_requested is set too); only one in the
+        # middle of its export exports anyway (logged by the runner, the job stays CANCELLED).
         orphaned = owner != self.owner and not self._db.owner_alive(owner)
         stop_now = (JOB_QUEUED, JOB_RUNNING if orphaned else JOB_QUEUED)
         with self._tx() as db:
