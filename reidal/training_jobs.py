@@ -194,6 +194,12 @@ def repository_format(repo: str | Path, model_name: str) -> str:
     return "onnx" if "onnx" in kind else "python"
 
 
+#: Version numbers export_version tries when other writers keep taking the one it picked.
+#: Each lost attempt means another writer completed a version meanwhile, so only a folder
+#: that something else keeps filling exhausts it.
+EXPORT_ATTEMPTS = 20
+
+
 def export_version(model: Any, repo: str | Path, model_name: str, *, fmt: str | None = None,
                    spec: Any = None, load: Callable[[str], None] | None = None) -> int:
     """Write ``model`` as the next version of ``model_name`` in the repository, in the format
@@ -210,16 +216,24 @@ def export_version(model: Any, repo: str | Path, model_name: str, *, fmt: str | 
     fmt = fmt or repository_format(repo, model_name)
     if fmt not in ("python", "onnx"):
         raise ValueError(f"export format must be 'python' or 'onnx', got {fmt!r}")
-    version = next_version(repo, model_name)
     options = _repository_options(repo, model_name)
-    if fmt == "onnx":
-        from reidal.embedding.onnx_export import write_onnx_repository
+    for attempt in range(EXPORT_ATTEMPTS):
+        # Another process (a replica's job, the cluster launcher) may take the number we
+        # picked before our rename: pick the next one and write again, never overwrite.
+        version = next_version(repo, model_name)
+        try:
+            if fmt == "onnx":
+                from reidal.embedding.onnx_export import write_onnx_repository
 
-        write_onnx_repository(repo, model=model, spec=spec, model_name=model_name,
-                              version=version, overwrite=False, **options)
-    else:
-        write_model_repository(repo, model_name=model_name, version=version, model=model,
-                               spec=spec, **options)
+                write_onnx_repository(repo, model=model, spec=spec, model_name=model_name,
+                                      version=version, overwrite=False, **options)
+            else:
+                write_model_repository(repo, model_name=model_name, version=version,
+                                       model=model, spec=spec, **options)
+            break
+        except FileExistsError:
+            if attempt == EXPORT_ATTEMPTS - 1:
+                raise
     if load is not None:
         load(model_name)
     return version

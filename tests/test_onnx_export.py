@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from reidal.embedding.model import build_default_model, save_model
@@ -167,3 +168,48 @@ def test_a_new_version_keeps_the_operators_instance_groups_and_batching(tmp_path
     cfg = parse_config((model_dir / CONFIG_FILE).read_text())
     assert cfg["instance_group"] == [{"count": 3, "kind": "KIND_GPU"}]
     assert cfg["dynamic_batching"]["max_queue_delay_microseconds"] == "2000"
+
+
+def test_concurrent_exports_each_get_their_own_version(tmp_path):
+    """Writers that pick the same next version (two replicas' jobs, the cluster launcher
+    beside a server) each end with a version of their own: the later rename is refused,
+    never replaces the other's files, and export_version takes the next number."""
+    import threading
+
+    from reidal.embedding.triton_repo import model_versions, staged_version
+    from reidal.training_jobs import export_version
+
+    # The mechanism: a version renamed into place while ours was staged is not replaced.
+    model_dir = tmp_path / "solo"
+    with pytest.raises(FileExistsError, match="another writer"):
+        with staged_version(model_dir, 1, overwrite=False) as mine:
+            (mine / "who").write_text("mine")
+            with staged_version(model_dir, 1, overwrite=False) as theirs:
+                (theirs / "who").write_text("theirs")
+    assert (model_dir / "1" / "who").read_text() == "theirs"
+
+    # Writers in threads of one process (torch's ONNX exporter is not thread-safe, so the
+    # python-backend format; the server itself serialises its own exports): each picks the
+    # next number from the folder, as two processes do.
+    model = build_default_model()
+    export_version(model, tmp_path, "m")  # version 1 and the config
+    got: list[int] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(3)
+
+    def export_some() -> None:
+        start.wait()
+        try:
+            for _ in range(4):
+                got.append(export_version(model, tmp_path, "m"))
+        except BaseException as exc:  # pragma: no cover - reported by the assert below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=export_some) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(got) == list(range(2, 14))  # twelve exports, twelve distinct versions
+    assert model_versions(tmp_path, "m") == list(range(1, 14))

@@ -43,6 +43,7 @@ writers (python backend and ONNX) go through :func:`write_config`, so both behav
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -393,7 +394,8 @@ def staged_version(model_dir: Path, version: int, *, overwrite: bool) -> Iterato
     """A staging folder for version ``version`` of the model in ``model_dir``; when the block
     ends without an error it becomes ``model_dir/<version>`` by one rename, so Triton never
     sees half a version. An existing version is refused unless ``overwrite``
-    (FileExistsError). Shared by the python-backend and the ONNX writers."""
+    (FileExistsError, also when another writer renames the same version into place first).
+    Shared by the python-backend and the ONNX writers."""
     final = model_dir / str(version)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} exists; pass overwrite=True to replace a served version")
@@ -402,9 +404,14 @@ def staged_version(model_dir: Path, version: int, *, overwrite: bool) -> Iterato
     try:
         os.chmod(staging, 0o755)  # mkdtemp makes it 0700; Triton may run as another user
         yield staging
-        if final.exists():
+        if final.exists() and overwrite:
             shutil.rmtree(final)
-        os.replace(staging, final)  # fails if another writer took the version meanwhile
+        try:
+            os.replace(staging, final)
+        except OSError as exc:  # another writer took the version meanwhile
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            raise FileExistsError(f"{final} was written by another writer meanwhile") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
