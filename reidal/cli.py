@@ -41,6 +41,8 @@ EMBEDDING_TOKEN_ENV = "REIDAL_EMBEDDING_TOKEN"
 DEBUG_ENV = "REIDAL_DEBUG"
 #: Environment variable with the PostgreSQL URL of `reidal serve` (as --database-url).
 DATABASE_URL_ENV = "REIDAL_DATABASE_URL"
+#: Environment variable with the image roots of `reidal serve` (as --image-roots).
+IMAGE_ROOTS_ENV = "REIDAL_IMAGE_ROOTS"
 DEFAULT_SERVER = "127.0.0.1:50051"
 DEFAULT_PORT = 50051
 #: Port of the pair-review web page of `reidal serve` (--http-port).
@@ -138,7 +140,8 @@ def _serve(args: argparse.Namespace) -> int:
                        model_repository=args.model_repository,
                        http_port=_review_port(args),
                        review_client_cert=args.review_client_cert,
-                       review_client_key=args.review_client_key)
+                       review_client_key=args.review_client_key,
+                       image_roots=[r for r in args.image_roots.split(",") if r.strip()])
     except RuntimeError as exc:
         raise CliError(str(exc)) from None
     services = ", ".join(server.services)
@@ -687,6 +690,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--embedding-tls-key", default=None, metavar="PEM",
                        help="with --embedding-url: the client certificate's key (its token: "
                             f"${EMBEDDING_TOKEN_ENV})")
+    serve.add_argument("--image-roots", default=os.environ.get(IMAGE_ROOTS_ENV, ""),
+                       metavar="DIR[,DIR...]",
+                       help="directories whose files an image URI (a path or file://) may "
+                            "name, symlinks resolved (default: $" + IMAGE_ROOTS_ENV + "; "
+                            "none: no local path is read, clients send bytes)")
     serve.add_argument("--log-json", action="store_true", help="JSON log lines")
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(func=_serve)

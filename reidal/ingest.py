@@ -19,6 +19,7 @@ from typing import Any
 
 from reidal.blobs import sha256_hex
 from reidal.collection_state import check_id
+from reidal.embedding.images import ImageLimits, check_uri
 from reidal.errors import FailedPrecondition, InvalidArgument
 from reidal.runtime import Progress, Runtime
 from reidal.store import ImageRecord, ImageSource
@@ -68,8 +69,10 @@ class IngestOutcome:
             self.model_name, self.model_version = other.model_name, other.model_version
 
 
-def check_items(items: Sequence[IngestItem]) -> None:
-    """Ids valid and unique within the call, exactly one source each, metadata bounded."""
+def check_items(items: Sequence[IngestItem], limits: ImageLimits | None = None) -> None:
+    """Ids valid and unique within the call, exactly one source each, metadata bounded;
+    with ``limits``, every URI one the server may read (inside its image roots), so a URI
+    stored without embedding (defer_embedding) is refused now, never read later."""
     if not items:
         raise InvalidArgument("the request has no images")
     if len(items) > MAX_IMAGES_PER_CALL:
@@ -87,6 +90,8 @@ def check_items(items: Sequence[IngestItem]) -> None:
             raise InvalidArgument(f"image {item.image_id!r} must set exactly one of data or uri")
         if item.data is not None and not item.data:
             raise InvalidArgument(f"image {item.image_id!r} has empty data")
+        if item.uri is not None and limits is not None:
+            check_uri(item.uri, item_id=item.image_id, limits=limits)
         if len(item.name) > MAX_NAME_LENGTH:
             raise InvalidArgument(f"image {item.image_id!r}: name is longer than "
                                   f"{MAX_NAME_LENGTH} characters")
@@ -112,7 +117,7 @@ def ingest(runtime: Runtime, collection_id: str, items: Sequence[IngestItem], *,
     """Add one batch of images (see the module docstring)."""
     store = runtime.store
     col = store.get_collection(collection_id)
-    check_items(items)
+    check_items(items, runtime.image_limits)
     ids = [it.image_id for it in items]
     present = store.present_image_ids(collection_id, ids)
     known = store.image_sources(collection_id, present)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from reidal.blobs import BlobStore
+from reidal.embedding.images import SERVER_LIMITS, ImageLimits
 from reidal.errors import FailedPrecondition, ReidalError
 from reidal.grpc_server import log_kv, status_for
 from reidal.store import OperationRecord, Store
@@ -276,6 +277,8 @@ class Runtime:
     ``notifications``: what carries the notifier's bumps to and from other processes
     (:class:`reidal.notify_pg.PgNotifications` on PostgreSQL; None: this process only);
     :meth:`close` closes it after the operations, so their last bumps still go out.
+    ``image_limits``: what an image URI a caller stores may name, and what GetImage and
+    training read again (a server's default: no local path; ``serve(image_roots=...)``).
     """
 
     store: Store
@@ -285,6 +288,7 @@ class Runtime:
     operations: OperationRunner | None = None
     embed_chunk: int = 64  # images per embedding call of EmbedCollection
     notifications: Closeable | None = None
+    image_limits: ImageLimits = SERVER_LIMITS
     _locks: dict[str, SharedLock] = field(default_factory=dict)
     _locks_guard: threading.Lock = field(default_factory=threading.Lock)
     #: Held between writing blobs and referencing them, and by blob GC (all processes).

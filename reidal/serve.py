@@ -35,6 +35,7 @@ import grpc
 
 from reidal.auth import Authorizer, TokenFile
 from reidal.blobs import BlobStore
+from reidal.embedding.images import ImageLimits
 from reidal.embedding.spec import DEFAULT_MODEL_NAME
 from reidal.grpc_server import RunningServer, ServiceBinding, build_server, log_kv
 from reidal.metrics import MetricsHTTP, RpcMetrics, start_metrics_http
@@ -253,6 +254,7 @@ def serve(
     embedding_token: str | None = None,
     review_client_cert: str | Path | None = None,
     review_client_key: str | Path | None = None,
+    image_roots: Sequence[str | Path] | None = None,
 ) -> ReidalServer:
     """Start ``services`` (names, or "all") on ``address`` and return the running server.
 
@@ -286,6 +288,13 @@ def serve(
     the page presents ``review_client_cert`` / ``review_client_key`` (a client certificate
     signed by that CA) to the gRPC port: without them the combination is refused, since
     the page would otherwise need a way in that skips client certificates.
+
+    image_roots: the directories whose files an image URI (a path or ``file://``) may name,
+    in AddImages, Embed, GetImage, EmbedCollection and training; every symlink is resolved
+    first, so a link out of a root is refused, and every refused path gets the same message.
+    None or empty (the default): no local path is read at all, callers send bytes
+    (:class:`reidal.embedding.images.ImageLimits`). A root that is not a directory is a
+    ValueError.
     """
     names = resolve_services(services)
     if http_port is not None and not PAGE_SERVICES <= set(names):
@@ -306,6 +315,7 @@ def serve(
                          "present a client certificate to the gRPC port like every client: "
                          "pass review_client_cert and review_client_key (signed by the client "
                          "CA), or http_port=None")
+    limits = ImageLimits(allowed_roots=tuple(str(r) for r in image_roots or ()))
     # Read the TLS and token files first: a wrong path fails before anything starts.
     tls = None if tls_cert is None else ServerTLS.from_files(tls_cert, tls_key, tls_client_ca)
     tokens = None if auth_tokens is None else TokenFile(auth_tokens)
@@ -347,7 +357,8 @@ def serve(
                     started.triton = _start_triton(root, model_name, triton_startup_timeout_s)
                     triton_url = started.triton.grpc_url
                 embedding_servicer = EmbeddingServicer(triton_url, model_name,
-                                                       batch_size=embed_batch_size)
+                                                       batch_size=embed_batch_size,
+                                                       limits=limits)
                 started.embedder = embedding_servicer
         if stateful:
             from reidal.services.collections import classify
@@ -362,7 +373,7 @@ def serve(
             operations = OperationRunner(store, notifier, workers=operation_workers,
                                          classify=classify)
             started.runtime = Runtime(store, BlobStore(root / "blobs"), started.embedder,
-                                      notifier, operations)
+                                      notifier, operations, image_limits=limits)
             if database_url is not None:  # the other replicas' watch streams wake at once
                 from reidal.notify_pg import PgNotifications
 
@@ -417,7 +428,7 @@ def serve(
     log_kv(log, logging.INFO, "reidal_serving", address=running.address, services=names,
            data_dir=str(root) if root else "", triton=triton_url or "",
            store=started.runtime.store.describe() if started.runtime else "",
-           embedding=embedding_url or "",
+           embedding=embedding_url or "", image_roots=list(limits.allowed_roots or ()),
            review_page=started.review_http.url if started.review_http else "")
     return ReidalServer(running, started, names, root,
                         triton_url if needs_embedding and embedding_url is None else None)

@@ -119,13 +119,15 @@ def collection_constraints(store: Store, collection_id: str, image_ids: list[str
     return constraints_from_answers(image_ids, store.answers(collection_id)).constraints
 
 
-def collection_images(store: Store, blobs: Any, collection_id: str
-                      ) -> tuple[list[str], list[Any]]:
+def collection_images(store: Store, blobs: Any, collection_id: str,
+                      limits: Any = None) -> tuple[list[str], list[Any]]:
     """Ids and PIL images of the collection's images that are not excluded (the rows
     sampling uses): bytes kept in the blob store, or the file an image's URI names
-    (read again now; a file gone since ingest fails with FailedPrecondition naming it)."""
-    from reidal.embedding.images import ImageError, decode_image
+    (read again now under ``limits``, a server's image roots; None: any path, for an
+    operator's own run; a file gone since ingest fails with FailedPrecondition naming it)."""
+    from reidal.embedding.images import DEFAULT_LIMITS, ImageError, decode_image
 
+    limits = DEFAULT_LIMITS if limits is None else limits
     sources = store.image_sources(collection_id)
     ids, out = [], []
     for img in store.images(collection_id, include_excluded=False):
@@ -134,7 +136,7 @@ def collection_images(store: Store, blobs: Any, collection_id: str
             if src is not None and src.kind == "data":
                 pixels = decode_image(blobs.get(src.sha256), None, item_id=img.image_id)
             elif img.uri:
-                pixels = decode_image(None, img.uri, item_id=img.image_id)
+                pixels = decode_image(None, img.uri, item_id=img.image_id, limits=limits)
             else:
                 raise FailedPrecondition(f"image {img.image_id!r} has neither kept bytes "
                                          "nor a URI to train on")
@@ -491,7 +493,8 @@ class TrainingJobs:
         return str(version)
 
     def _images(self, collection_id: str) -> tuple[list[str], list[Any]]:
-        return collection_images(self.store, self.runtime.blobs, collection_id)
+        return collection_images(self.store, self.runtime.blobs, collection_id,
+                                 self.runtime.image_limits)
 
 
 def promote(runtime: Runtime, collection_id: str, model_name: str, version: str) -> Any:

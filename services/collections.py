@@ -25,7 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from reidal import errors
 from reidal.blobs import sha256_hex
 from reidal.collection_state import ImageFilter, check_id, effective_params
-from reidal.embedding.images import DEFAULT_LIMITS, ImageError, read_uri
+from reidal.embedding.images import ImageError, read_uri
 from reidal.embedding.triton_client import (
     ModelInfo,
 )
@@ -338,8 +338,8 @@ class CollectionsServicer(collections_pb2_grpc.CollectionServiceServicer):
     def _image_bytes(self, cid: str, iid: str, context: grpc.ServicerContext,
                      if_none_match: str = "") -> tuple[bytes | None, str]:
         """The encoded file of one image and its SHA-256: the kept blob for an image sent
-        as bytes, else its URI read again under the embedder's limits (the rules it was
-        accepted under at ingest). A kept blob whose digest is ``if_none_match`` is not
+        as bytes, else its URI read again under the server's image limits (the rules it
+        was accepted under at ingest: only inside the image roots). A kept blob whose digest is ``if_none_match`` is not
         read: (None, digest)."""
         if not iid:
             raise errors.NotFound(f"image {iid!r} is not in collection {cid!r}")
@@ -356,9 +356,8 @@ class CollectionsServicer(collections_pb2_grpc.CollectionServiceServicer):
         uri = record.uri
         if not uri:
             raise errors.FailedPrecondition(f"image {iid!r} has neither kept bytes nor a uri")
-        limits = getattr(self.runtime.embedder, "limits", DEFAULT_LIMITS)
         try:
-            data = read_uri(uri, item_id=iid, limits=limits)
+            data = read_uri(uri, item_id=iid, limits=self.runtime.image_limits)
         except ImageError as exc:
             raise errors.FailedPrecondition(f"cannot read image {iid!r} again from its uri: "
                                             f"{exc.reason}") from None

@@ -35,7 +35,7 @@ import grpc
 import numpy as np
 
 from reidal import errors
-from reidal.embedding.images import DEFAULT_LIMITS, ImageError, ImageLimits, decode_image
+from reidal.embedding.images import SERVER_LIMITS, ImageError, ImageLimits, decode_image
 from reidal.embedding.preprocess import preprocess
 from reidal.embedding.spec import DEFAULT_MODEL_NAME, ModelSpec
 from reidal.embedding.triton_client import (
@@ -118,7 +118,8 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     pipelined (one in flight while the next sub-batch is decoded and preprocessed), so on a
     CPU the decoding overlaps inference (the client splits further if the model's
     max_batch_size is smaller); default min(8, batch_size).
-    limits: what an image may be. decode_workers: threads decoding images in parallel (Pillow
+    limits: what an image may be, and which local paths a URI may name (default: none, a
+    remote caller must not read the server's files; :class:`ImageLimits`). decode_workers: threads decoding images in parallel (Pillow
     releases the GIL while decoding). triton_timeout_s: bound of one Triton call.
     max_images: most images per request.
     """
@@ -131,7 +132,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         batch_size: int = 32,
         *,
         infer_batch: int | None = None,
-        limits: ImageLimits = DEFAULT_LIMITS,
+        limits: ImageLimits = SERVER_LIMITS,
         decode_workers: int = 2,
         triton_timeout_s: float = 30.0,
         probe_timeout_s: float = 2.0,

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from reidal.embedding.images import ImageLimits
 from reidal.embedding.preprocess import preprocess
 from reidal.grpc_server import RunningServer, build_server
 from reidal.metrics import RpcMetrics
@@ -66,9 +67,13 @@ def rpc_registry() -> CollectorRegistry:
 
 
 @pytest.fixture(scope="module")
-def service(triton, rpc_registry) -> Iterator[tuple[RunningServer, EmbeddingServicer]]:
-    # batch_size 5 with the fixture's max_batch_size 8: requests span several batches.
-    servicer = EmbeddingServicer(triton.grpc_url, triton.model_name, batch_size=5)
+def service(triton, rpc_registry, tmp_path_factory
+            ) -> Iterator[tuple[RunningServer, EmbeddingServicer]]:
+    # batch_size 5 with the fixture's max_batch_size 8: requests span several batches;
+    # URIs may name the tests' temporary files.
+    servicer = EmbeddingServicer(triton.grpc_url, triton.model_name, batch_size=5,
+                                 limits=ImageLimits(allowed_roots=(
+                                     str(tmp_path_factory.getbasetemp()),)))
     running = build_server([servicer.binding()], metrics=RpcMetrics.create(rpc_registry),
                            health_interval_s=60)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -11,7 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reidal.embedding.images import DEFAULT_LIMITS, ImageError, ImageLimits, decode_image
+from reidal.embedding.images import (
+    DEFAULT_LIMITS,
+    PATH_REFUSED,
+    PATHS_OFF,
+    SERVER_LIMITS,
+    ImageError,
+    ImageLimits,
+    check_uri,
+    decode_image,
+)
 from reidal.errors import InvalidArgument
 
 
@@ -89,17 +99,39 @@ def test_paths_and_file_uris(tmp_path: Path) -> None:
         np.testing.assert_array_equal(np.asarray(decode_image(None, uri, item_id="p")), arr)
 
 
-def test_allowed_roots_confine_paths(tmp_path: Path) -> None:
+def test_allowed_roots_confine_paths_with_one_answer_for_every_refusal(tmp_path: Path) -> None:
     inside = tmp_path / "ok"
-    inside.mkdir()
+    (inside / "sub").mkdir(parents=True)
     (inside / "a.png").write_bytes(_encode(_pixels(), "PNG"))
     (tmp_path / "b.png").write_bytes(_encode(_pixels(), "PNG"))
+    (tmp_path / "b.txt").write_bytes(b"not an image")
+    (inside / "escape.png").symlink_to(tmp_path / "b.png")  # a link out of the root
+    (inside / "sub" / "in.png").symlink_to(inside / "a.png")  # a link within it
+    os.mkfifo(inside / "fifo.png")
     limits = ImageLimits(allowed_roots=(str(inside),))
     decode_image(None, str(inside / "a.png"), item_id="a", limits=limits)
-    with pytest.raises(ImageError, match="outside the allowed"):
-        decode_image(None, str(tmp_path / "b.png"), item_id="b", limits=limits)
-    with pytest.raises(ImageError, match="outside the allowed"):  # .. does not escape
-        decode_image(None, str(inside / ".." / "b.png"), item_id="b", limits=limits)
+    decode_image(None, (inside / "sub" / "in.png").as_uri(), item_id="a", limits=limits)
+    refused = [str(tmp_path / "b.png"), str(inside / ".." / "b.png"), str(inside / "escape.png"),
+               str(tmp_path / "b.txt"), str(tmp_path / "nope.png"), str(inside / "nope.png"),
+               str(inside), str(inside / "fifo.png"), "/etc/passwd", "/proc/self/environ",
+               (tmp_path / "b.png").as_uri(), "a\0b"]
+    reasons = {_refusal(None, uri, "x", allowed_roots=(str(inside),)) for uri in refused}
+    assert reasons == {PATH_REFUSED}  # nothing tells what exists where
+    (inside / "c.txt").write_bytes(b"not an image")  # inside, a decode error may say so
+    assert "cannot decode" in _refusal(None, str(inside / "c.txt"), "c",
+                                       allowed_roots=(str(inside),))
+    with pytest.raises(ValueError, match="not a directory"):
+        ImageLimits(allowed_roots=(str(tmp_path / "b.png"),))
+
+
+def test_a_server_without_roots_reads_no_path(tmp_path: Path) -> None:
+    path = tmp_path / "a.png"
+    path.write_bytes(_encode(_pixels(), "PNG"))
+    for uri in (str(path), path.as_uri(), "/etc/passwd", str(tmp_path / "nope.png")):
+        assert _refusal(None, uri, "x", allowed_roots=()) == PATHS_OFF
+        with pytest.raises(ImageError, match="reads no local paths"):
+            check_uri(uri, item_id="x", limits=SERVER_LIMITS)
+    check_uri(str(path), item_id="x", limits=ImageLimits(allowed_roots=(str(tmp_path),)))
 
 
 def _refusal(data: bytes | None, uri: str | None, item_id: str, **limits: object) -> str:
@@ -156,9 +188,9 @@ def test_byte_limit(tmp_path: Path) -> None:
 
 
 def test_missing_file_bad_scheme_and_http_off(tmp_path: Path) -> None:
-    assert "not found" in _refusal(None, str(tmp_path / "nope.jpg"), "gone")
-    assert "not found" in _refusal(None, (tmp_path / "nope.jpg").as_uri(), "gone2")
-    assert "not a regular file" in _refusal(None, str(tmp_path), "dir")
+    assert "no readable image file" in _refusal(None, str(tmp_path / "nope.jpg"), "gone")
+    assert "no readable image file" in _refusal(None, (tmp_path / "nope.jpg").as_uri(), "gone2")
+    assert "no readable image file" in _refusal(None, str(tmp_path), "dir")
     assert "unsupported URI scheme" in _refusal(None, "s3://bucket/key.jpg", "s3")
     assert "disabled" in _refusal(None, "http://127.0.0.1:9/x.jpg", "web")
     assert "remote host" in _refusal(None, "file://otherhost/x.jpg", "remote")

@@ -47,7 +47,8 @@ SAME, DIFFERENT, UNSURE = (K.ANSWER_LABEL_SAME, K.ANSWER_LABEL_DIFFERENT,
 
 @pytest.fixture(scope="module")
 def server(triton, tmp_path_factory):
-    with running_server(triton, tmp_path_factory.mktemp("reidal-e2e")) as srv:
+    with running_server(triton, tmp_path_factory.mktemp("reidal-e2e"),
+                        image_roots=[tmp_path_factory.getbasetemp()]) as srv:
         yield srv
 
 

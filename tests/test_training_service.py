@@ -56,7 +56,8 @@ def _repository_kept(triton, touched: list) -> Iterator[None]:
 @pytest.fixture()
 def server(triton, tmp_path, _restore_triton_index):
     with _repository_kept(triton, _restore_triton_index), \
-            running_server(triton, tmp_path / "data", model_repository=triton.repo) as srv:
+            running_server(triton, tmp_path / "data", model_repository=triton.repo,
+                           image_roots=[tmp_path]) as srv:
         stubs = Stubs.connect(srv.address)
         training = training_pb2_grpc.TrainingServiceStub(stubs.channel)
         try:

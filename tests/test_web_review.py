@@ -56,7 +56,8 @@ TRUTH = {p.image_id: p.identity for p in photos()}
 
 @pytest.fixture(scope="module")
 def server(triton, tmp_path_factory):
-    with running_server(triton, tmp_path_factory.mktemp("reidal-web"), http_port=0) as srv:
+    with running_server(triton, tmp_path_factory.mktemp("reidal-web"), http_port=0,
+                        image_roots=[tmp_path_factory.getbasetemp()]) as srv:
         stubs = Stubs.connect(srv.address)
         create_and_fill(stubs, CID, photos(), species="plains zebra")
         stubs.close()

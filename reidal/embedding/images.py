@@ -13,11 +13,12 @@ the gRPC layer turns into INVALID_ARGUMENT.
 from __future__ import annotations
 
 import io
+import os
+import stat
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 
 from PIL import Image, ImageOps
 
@@ -50,8 +51,15 @@ class ImageLimits:
     allow_http: fetch ``http://`` / ``https://`` URIs (off by default: a server that
         fetches arbitrary URLs on request can be aimed at internal hosts).
     http_timeout_s: connect + read timeout of one download.
-    allowed_roots: when non-empty, file paths must resolve inside one of these directories
-        (symlinks resolved first); empty means any path the server process may read.
+    allowed_roots: which local paths (plain or ``file://``) may be read. None: any file
+        the process may read (the library default, for a local user's own paths); an empty
+        tuple: none at all (a server's default: a remote caller must not read the server's
+        files); directories: only regular files whose real path (every symlink resolved)
+        is inside one of them. Every refused path gets the same message
+        (:data:`PATH_REFUSED`, or :data:`PATHS_OFF` when none is allowed), whether it is
+        outside the roots, missing, not a regular file or unreadable, so the answer tells
+        a caller nothing about the server's files. The roots must be existing directories;
+        they are stored resolved.
     """
 
     max_bytes: int = 20 * 1024 * 1024
@@ -59,9 +67,15 @@ class ImageLimits:
     min_side: int = 1
     allow_http: bool = False
     http_timeout_s: float = 10.0
-    allowed_roots: tuple[str, ...] = ()
+    allowed_roots: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.allowed_roots is not None:
+            roots = tuple(os.path.realpath(r) for r in self.allowed_roots)
+            for given, root in zip(self.allowed_roots, roots, strict=True):
+                if not os.path.isdir(root):
+                    raise ValueError(f"image root {str(given)!r} is not a directory")
+            object.__setattr__(self, "allowed_roots", roots)
         if self.max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {self.max_bytes}")
         if self.max_pixels < 1:
@@ -73,6 +87,15 @@ class ImageLimits:
 
 
 DEFAULT_LIMITS = ImageLimits()
+#: What a server reads when it was given no image roots: no local path at all.
+SERVER_LIMITS = ImageLimits(allowed_roots=())
+
+#: The one reason given for every local path a server refuses (see ImageLimits).
+PATH_REFUSED = ("no readable image file at this path among the directories this server "
+                "reads (its --image-roots); send the image bytes instead")
+#: The reason given for every local path when the server reads none.
+PATHS_OFF = ("this server reads no local paths (start it with --image-roots DIR to allow "
+             "files under DIR); send the image bytes instead")
 
 
 def decode_image(
@@ -136,10 +159,37 @@ def decode_image(
 def read_uri(uri: str, *, item_id: str, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
     """The encoded bytes an image URI names (a path, ``file://`` or, when
     ``limits.allow_http``, ``http(s)://``), within the size limits; ImageError otherwise."""
+    kind, target = _locate(uri, item_id=item_id, limits=limits)
+    if kind == "http":
+        return _download(target, item_id=item_id, limits=limits)
+    fd = _open_file(target, item_id=item_id, limits=limits)
+    with os.fdopen(fd, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > limits.max_bytes:
+            raise ImageError(item_id, f"file is {size} bytes, over the limit of "
+                                      f"{limits.max_bytes}")
+        try:
+            return fh.read(limits.max_bytes + 1)  # the size check above may race a writer
+        except OSError:
+            raise ImageError(item_id, _refusal(target, limits)) from None
+
+
+def check_uri(uri: str, *, item_id: str, limits: ImageLimits = DEFAULT_LIMITS) -> None:
+    """Refuse (ImageError) a URI :func:`read_uri` would refuse before reading a byte: a
+    scheme that is off, or a local path outside the allowed roots or not a readable regular
+    file. Cheap (a file is opened and closed), so a server checks URIs it stores without
+    embedding them (AddImages with defer_embedding)."""
+    kind, target = _locate(uri, item_id=item_id, limits=limits)
+    if kind == "file":
+        os.close(_open_file(target, item_id=item_id, limits=limits))
+
+
+def _locate(uri: str, *, item_id: str, limits: ImageLimits) -> tuple[str, str]:
+    """("file", path) or ("http", url) of a URI, or ImageError for a refused scheme."""
     if not uri:
         raise ImageError(item_id, "URI is empty")
     if "://" not in uri and not uri.lower().startswith("file:"):
-        return _read_file(Path(uri), item_id=item_id, limits=limits)  # a plain path
+        return "file", uri  # a plain path
     parsed = urllib.parse.urlsplit(uri)
     scheme = parsed.scheme.lower()
     if scheme in ("http", "https"):
@@ -147,35 +197,56 @@ def read_uri(uri: str, *, item_id: str, limits: ImageLimits = DEFAULT_LIMITS) ->
             raise ImageError(
                 item_id, "http(s) URIs are disabled on this server; send the bytes instead"
             )
-        return _download(uri, item_id=item_id, limits=limits)
+        return "http", uri
     if scheme == "file":
         if parsed.netloc not in ("", "localhost"):
             raise ImageError(item_id, f"file URI names a remote host {parsed.netloc!r}")
-        return _read_file(Path(urllib.parse.unquote(parsed.path)), item_id=item_id, limits=limits)
+        return "file", urllib.parse.unquote(parsed.path)
     raise ImageError(item_id, f"unsupported URI scheme {scheme!r} (use a path, file:// or bytes)")
 
 
-def _read_file(path: Path, *, item_id: str, limits: ImageLimits) -> bytes:
+def _refusal(path: str, limits: ImageLimits) -> str:
+    """The reason for a refused path: a server's fixed text, or (no roots: a local user's
+    own paths) one naming the path."""
+    if limits.allowed_roots is None:
+        return f"no readable image file at {path!r}"
+    return PATHS_OFF if limits.allowed_roots == () else PATH_REFUSED
+
+
+def _open_file(path: str, *, item_id: str, limits: ImageLimits) -> int:
+    """A read-only descriptor of the regular file ``path`` resolves to, inside the allowed
+    roots; one ImageError text for every refusal (no oracle for what exists where).
+
+    The path is resolved once (every symlink), checked against the roots, and the resolved
+    path is opened without following a last symlink and checked with ``fstat`` on the open
+    descriptor, so a file swapped after the check is not read (non-blocking open: a FIFO
+    cannot hang the call)."""
+    roots = limits.allowed_roots
+    refused = _refusal(path, limits)
+    if roots == ():
+        raise ImageError(item_id, refused)
     try:
-        resolved = path.resolve(strict=True)
-    except (OSError, RuntimeError):
-        raise ImageError(item_id, f"file not found: {str(path)!r}") from None
-    if limits.allowed_roots and not any(
-        resolved.is_relative_to(Path(root).resolve()) for root in limits.allowed_roots
-    ):
-        raise ImageError(item_id, f"path {str(path)!r} is outside the allowed image directories")
+        resolved = os.path.realpath(path, strict=True)
+    except (OSError, ValueError):
+        raise ImageError(item_id, refused) from None
+    if roots is not None and not any(_inside(resolved, root) for root in roots):
+        raise ImageError(item_id, refused)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        if not resolved.is_file():
-            raise ImageError(item_id, f"not a regular file: {str(path)!r}")
-        size = resolved.stat().st_size
-        if size > limits.max_bytes:
-            raise ImageError(
-                item_id, f"file {str(path)!r} is {size} bytes, over the limit of {limits.max_bytes}"
-            )
-        with open(resolved, "rb") as fh:
-            return fh.read(limits.max_bytes + 1)  # the size check above may race a writer
-    except OSError as exc:
-        raise ImageError(item_id, f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
+        fd = os.open(resolved, flags)
+    except (OSError, ValueError):
+        raise ImageError(item_id, refused) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageError(item_id, refused)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def _download(url: str, *, item_id: str, limits: ImageLimits) -> bytes:
