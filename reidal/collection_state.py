@@ -25,7 +25,7 @@ import numpy as np
 
 from reidal.core.aas import AmbiguityAwareSampler
 from reidal.core.clustering import DBSCANJaccard
-from reidal.core.constraints import Answer, ConstraintSet, Contradiction
+from reidal.core.constraints import ConstraintSet, Contradiction
 from reidal.core.validation import resolve_budget
 from reidal.errors import FailedPrecondition, InvalidArgument, NotFound
 from reidal.store import Collection, ImageRecord, Store, StoredAnswer
@@ -262,20 +262,16 @@ def constraints_from_answers(row_ids: Sequence[str],
     a_rows = rows_of(row_ids, [a.image_a for a in current])
     b_rows = rows_of(row_ids, [a.image_b for a in current])
     inside = (a_rows >= 0) & (b_rows >= 0)
-    core: list[Answer] = []
-    unsure: list[tuple[int, int]] = []
-    used: dict[int, StoredAnswer] = {}
-    for k in np.flatnonzero(inside).tolist():  # one step per answer, not per pair of images
-        a = current[k]
-        i, j = int(a_rows[k]), int(b_rows[k])
-        used[a.seq] = a
-        if a.label == "UNSURE":
-            unsure.append((min(i, j), max(i, j)))
-        else:
-            core.append(Answer(i, j, a.label == "SAME", a.seq))
-    cs = ConstraintSet.from_answers(len(row_ids), core)
-    pairs = np.array(unsure, dtype=np.int64).reshape(-1, 2)
-    return AnswerConstraints(cs, pairs, used, int((~inside).sum()))
+    label = np.array([a.label for a in current], dtype=object)
+    seq = np.array([a.seq for a in current], dtype=np.int64)
+    used = {current[k].seq: current[k] for k in np.flatnonzero(inside).tolist()}
+    unsure = inside & (label == "UNSURE")
+    core = inside & ~unsure
+    cs = ConstraintSet.from_arrays(len(row_ids), a_rows[core], b_rows[core],
+                                   label[core] == "SAME", seq[core])
+    pairs = np.sort(np.stack([a_rows[unsure], b_rows[unsure]], axis=1), axis=1)
+    return AnswerConstraints(cs, pairs.reshape(-1, 2).astype(np.int64), used,
+                             int((~inside).sum()))
 
 
 # --------------------------------------------------------------------------- a view

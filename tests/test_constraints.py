@@ -277,3 +277,46 @@ def test_ten_thousand_answers_on_100k_items_is_fast():
           f"{len(cs.contradictions)} contradictions")
     assert len(cs.contradictions) > 100
     assert elapsed < 3.0  # target well under 1 s; slack for a shared CI machine
+
+
+@settings(max_examples=100, deadline=None)
+@given(answer_lists(), st.randoms(use_true_random=False))
+def test_remove_equals_a_rebuild_without_the_answer(case, rnd):
+    n, answers = case
+    cs = ConstraintSet.from_answers(n, answers)
+    kept = list(answers)
+    for _ in range(min(3, len(kept))):
+        gone = kept.pop(rnd.randrange(len(kept)))
+        cs.remove(gone.answer_id)
+        ref = ConstraintSet.from_answers(n, kept)
+        assert cs.contradictions == ref.contradictions
+        assert applied_ids(cs) == applied_ids(ref) and len(cs) == len(ref)
+        np.testing.assert_array_equal(cs.ml_pairs(), ref.ml_pairs())
+        np.testing.assert_array_equal(cs.cl_group_edges(), ref.cl_group_edges())
+
+
+def test_grow_adds_unconstrained_items():
+    cs = ConstraintSet.from_answers(2, [Answer(0, 1, True, 1)])
+    cs.grow(4)
+    assert cs.add(Answer(2, 3, False, 2)) is None
+    assert cs.add(Answer(1, 2, True, 3)) is None
+    np.testing.assert_array_equal(cs.ml_groups(), [0, 0, 0, 1])
+    assert cs.implied(0, 3) is False
+    with pytest.raises(KeyError):
+        cs.remove(99)
+
+
+def test_from_arrays_equals_from_answers():
+    rng = np.random.default_rng(3)
+    pairs = rng.integers(0, 300, (2000, 2))
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    same = rng.random(len(pairs)) < 0.7
+    ids = rng.permutation(len(pairs)) * 2 + 1
+    a = ConstraintSet.from_arrays(300, pairs[:, 0], pairs[:, 1], same, ids)
+    b = ConstraintSet.from_answers(300, [Answer(int(i), int(j), bool(s), int(k)) for (i, j), s, k
+                                         in zip(pairs.tolist(), same.tolist(), ids.tolist(),
+                                                strict=True)])
+    assert a.contradictions == b.contradictions and len(a.contradictions) > 10
+    np.testing.assert_array_equal(a.ml_pairs(), b.ml_pairs())
+    with pytest.raises(ValueError, match="duplicate"):
+        ConstraintSet.from_arrays(3, [0, 1], [1, 2], [True, True], [4, 4])

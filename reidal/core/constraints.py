@@ -24,7 +24,11 @@ The rule is **the newer answer wins**:
 Processing newest first makes the applied set a pure function of the answers given, so
 :meth:`ConstraintSet.add` of an answer newer than all before can apply it incrementally,
 while an answer that contradicts older applied ones (or one older than the newest) triggers
-a rebuild from all answers, which drops the older answers it overrules. Answers repeating a
+a rebuild from all answers, which drops the older answers it overrules; so does
+:meth:`ConstraintSet.remove` of an applied answer (a union-find cannot split a group).
+A rebuild is vectorised: the answers are kept as arrays, ML groups are connected
+components (scipy), and only the answers of a part of the answer graph that holds a
+contradiction are applied one by one. Answers repeating a
 pair are all kept and all treated as constraints; superseding an answer is the service
 layer's job (it passes only current answers here).
 
@@ -39,6 +43,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from reidal.core.validation import check_pairs
 
@@ -68,6 +74,27 @@ class _UnionFind:
         self.parent = np.arange(n, dtype=np.int64)
         self.size = np.ones(n, dtype=np.int64)
 
+    def grow(self, n: int) -> None:
+        """Add singleton items up to ``n``."""
+        old = len(self.parent)
+        if n > old:
+            self.parent = np.concatenate([self.parent, np.arange(old, n, dtype=np.int64)])
+            self.size = np.concatenate([self.size, np.ones(n - old, dtype=np.int64)])
+
+    def set_components(self, comp: np.ndarray, keep: np.ndarray) -> None:
+        """Start from the partition ``comp`` (component label per item) restricted to the
+        items where ``keep`` holds (the others stay singletons), in one vectorised step:
+        each component's smallest item is its root."""
+        n = len(self.parent)
+        items = np.arange(n, dtype=np.int64)
+        first = np.full(int(comp.max()) + 1 if n else 0, n, dtype=np.int64)
+        np.minimum.at(first, comp[keep], items[keep])
+        self.parent = np.where(keep, first[comp], items)
+        self.size = np.ones(n, dtype=np.int64)
+        counts = np.bincount(self.parent, minlength=n)
+        roots = self.parent == items
+        self.size[roots] = counts[roots]
+
     def find(self, x: int) -> int:
         parent = self.parent
         root = x
@@ -96,6 +123,74 @@ class _UnionFind:
             parent[:] = grand
 
 
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected-component label of each of ``n`` items under the edges (a, b)."""
+    if not len(a):
+        return np.arange(n, dtype=np.int64)
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n)).tocsr()
+    return connected_components(graph, directed=False)[1].astype(np.int64)
+
+
+class _AnswerTable:
+    """The answers of a set as parallel arrays (id, i, j, same), appendable, with removal.
+
+    Arrays rather than one object per answer, so a set of a million answers is built, and
+    its ML / CL pairs listed, in vectorised steps; the id -> position map is built the
+    first time a single answer is looked up.
+    """
+
+    def __init__(self, ids: np.ndarray, i: np.ndarray, j: np.ndarray, same: np.ndarray) -> None:
+        self._ids, self._i, self._j, self._same = ids, i, j, same
+        self._live = np.ones(len(ids), dtype=bool)
+        self._m = len(ids)
+        self._pos: dict[int, int] | None = None
+        self.n_live = len(ids)
+
+    @classmethod
+    def empty(cls) -> _AnswerTable:
+        z = np.empty(0, dtype=np.int64)
+        return cls(z, z.copy(), z.copy(), np.empty(0, dtype=bool))
+
+    def _positions(self) -> dict[int, int]:
+        if self._pos is None:
+            live = np.flatnonzero(self._live[:self._m])
+            self._pos = dict(zip(self._ids[live].tolist(), live.tolist(), strict=True))
+        return self._pos
+
+    def __contains__(self, answer_id: int) -> bool:
+        return answer_id in self._positions()
+
+    def get(self, answer_id: int) -> Answer:
+        k = self._positions()[answer_id]
+        return Answer(int(self._i[k]), int(self._j[k]), bool(self._same[k]), answer_id)
+
+    def append(self, a: Answer) -> None:
+        pos = self._positions()
+        if self._m == len(self._ids):  # capacity doubling: amortised O(1) per answer
+            cap = max(16, 2 * self._m)
+            self._ids, self._i, self._j, self._same, self._live = (
+                np.resize(arr, cap) for arr in (self._ids, self._i, self._j, self._same,
+                                                self._live))
+        k = self._m
+        self._ids[k], self._i[k], self._j[k], self._same[k] = a.answer_id, a.i, a.j, a.same
+        self._live[k] = True
+        self._m += 1
+        pos[a.answer_id] = k
+        self.n_live += 1
+
+    def remove(self, answer_id: int) -> Answer:
+        a = self.get(answer_id)
+        self._live[self._positions().pop(answer_id)] = False
+        self.n_live -= 1
+        return a
+
+    def live(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, i, j, same) of the answers present, in id order."""
+        live = np.flatnonzero(self._live[:self._m])
+        order = live[np.argsort(self._ids[live], kind="stable")]
+        return self._ids[order], self._i[order], self._j[order], self._same[order]
+
+
 def _as_answer(answer: Answer, n_items: int, check_range: bool = True) -> Answer:
     if not isinstance(answer, Answer):
         raise ValueError(f"expected an Answer, got {type(answer).__name__}")
@@ -122,20 +217,25 @@ class ConstraintSet:
         if n_items < 0:
             raise ValueError(f"n_items must be >= 0, got {n_items}")
         self.n_items = int(n_items)
+        self._table = _AnswerTable.empty()
+        #: How many times the set was computed from all its answers (a rebuild); an
+        #: incremental :meth:`add` leaves it unchanged.
+        self.rebuilds = 0
         self._reset()
 
     def _reset(self) -> None:
-        self._answers: dict[int, Answer] = {}
-        self._applied: set[int] = set()
+        self._dropped: set[int] = set()
         self._uf = _UnionFind(self.n_items)
         # ML spanning forest: item -> [(neighbour, answer id)]; only MLs that joined groups.
         # Each tree is also kept rooted (parent, edge to parent, depth; absent = a root) so
-        # the path joining two items is found by climbing, in O(path length).
+        # the path joining two items is found by climbing, in O(path length). Only a
+        # rebuild that meets a contradiction reads it (to name the answers involved).
         self._forest: dict[int, list[tuple[int, int]]] = {}
         self._up: dict[int, tuple[int, int]] = {}
         self._depth: dict[int, int] = {}
-        # CL between groups: root -> {other root: id of one CL answer joining them}.
-        self._cl_adj: dict[int, dict[int, int]] = {}
+        # CL between groups: root -> {other root: id of one CL answer joining them}; None
+        # until first needed (derived from the applied CLs then).
+        self._cl_adj_d: dict[int, dict[int, int]] | None = {}
         self._max_id: int | None = None
         self.contradictions: list[Contradiction] = []
         self._cache: dict[str, np.ndarray] = {}
@@ -144,8 +244,37 @@ class ConstraintSet:
     @classmethod
     def from_answers(cls, n_items: int, answers: Iterable[Answer]) -> ConstraintSet:
         """Build from answers in any order; the result depends only on the ids."""
+        checked = [_as_answer(a, n_items, check_range=False) for a in answers]
+        return cls.from_arrays(
+            n_items, np.array([a.i for a in checked], dtype=np.int64),
+            np.array([a.j for a in checked], dtype=np.int64),
+            np.array([a.same for a in checked], dtype=bool),
+            np.array([a.answer_id for a in checked], dtype=np.int64))
+
+    @classmethod
+    def from_arrays(cls, n_items: int, i: object, j: object, same: object,
+                    answer_ids: object) -> ConstraintSet:
+        """Build from parallel arrays (answer k: items ``i[k]``, ``j[k]``, ML when
+        ``same[k]``, id ``answer_ids[k]``) in vectorised steps: only answers in a part of
+        the answer graph that holds a contradiction are applied one by one."""
         cs = cls(n_items)
-        cs._build(answers)
+        pairs = check_pairs(np.stack([np.asarray(i, dtype=np.int64).ravel(),
+                                      np.asarray(j, dtype=np.int64).ravel()], axis=1)
+                            if np.size(i) else np.empty((0, 2), dtype=np.int64),
+                            cs.n_items, name="answers")
+        ids = np.asarray(answer_ids, dtype=np.int64).ravel()
+        same_arr = np.asarray(same).ravel()
+        if same_arr.dtype != bool:
+            raise ValueError("`same` must be booleans")
+        if not (len(ids) == len(same_arr) == len(pairs)):
+            raise ValueError(f"i, j, same and answer_ids differ in length "
+                             f"({len(pairs)}, {len(same_arr)}, {len(ids)})")
+        uniq, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(f"duplicate answer_id {int(uniq[counts > 1][0])}")
+        cs._table = _AnswerTable(ids.copy(), pairs[:, 0].copy(), pairs[:, 1].copy(),
+                                 same_arr.astype(bool))
+        cs._build()
         return cs
 
     @classmethod
@@ -153,53 +282,126 @@ class ConstraintSet:
         """Build from (m, 2) ML and (c, 2) CL index arrays; ids run 0.. over ML, then CL."""
         ml_arr = check_pairs(ml, n_items, name="ml")
         cl_arr = check_pairs(cl, n_items, name="cl")
-        answers = [Answer(int(a), int(b), True, k) for k, (a, b) in enumerate(ml_arr.tolist())]
-        m = len(answers)
-        answers += [
-            Answer(int(a), int(b), False, m + k) for k, (a, b) in enumerate(cl_arr.tolist())
-        ]
-        return cls.from_answers(n_items, answers)
+        both = np.concatenate([ml_arr, cl_arr]).reshape(-1, 2)
+        same = np.arange(len(both)) < len(ml_arr)
+        return cls.from_arrays(n_items, both[:, 0], both[:, 1], same,
+                               np.arange(len(both), dtype=np.int64))
 
-    def _build(self, answers: Iterable[Answer]) -> None:
-        checked = [_as_answer(a, self.n_items, check_range=False) for a in answers]
-        check_pairs(np.array([(a.i, a.j) for a in checked], dtype=np.int64).reshape(-1, 2),
-                    self.n_items, name="answers")
-        by_id: dict[int, Answer] = {}
-        for a in checked:
-            if a.answer_id in by_id:
-                raise ValueError(f"duplicate answer_id {a.answer_id}")
-            by_id[a.answer_id] = a
+    def _build(self) -> None:
+        """Apply every answer under the newest-first rule.
+
+        Answers in different connected components of the answer graph (ML and CL edges)
+        never interact, so components without a CL inside one ML group (no contradiction
+        possible: every answer applies) are set in one vectorised step, and only the
+        answers of the other components are applied one by one, newest first.
+        """
         self._reset()
-        self._answers = by_id
-        for aid in sorted(by_id, reverse=True):
-            found = self._apply(by_id[aid])
+        self.rebuilds += 1
+        ids, i, j, same = self._table.live()
+        if not len(ids):
+            return
+        self._max_id = int(ids[-1])
+        n = self.n_items
+        ml_comp = _components(n, i[same], j[same])
+        cl = ~same
+        inside = ml_comp[i[cl]] == ml_comp[j[cl]]
+        if not inside.any():
+            self._uf.set_components(ml_comp, np.ones(n, dtype=bool))
+            self._cl_adj_d = None
+            return
+        comp = _components(n, i, j)
+        dirty_comp = np.zeros(n, dtype=bool)
+        dirty_comp[comp[i[cl][inside]]] = True
+        dirty_item = dirty_comp[comp]
+        dirty = dirty_item[i]
+        self._uf.set_components(ml_comp, ~dirty_item)
+        clean_cl = cl & ~dirty
+        self._cl_adj_d = self._cl_adjacency(i[clean_cl], j[clean_cl], ids[clean_cl])
+        for k in np.flatnonzero(dirty)[::-1].tolist():  # one step per answer, newest first
+            found = self._apply(Answer(int(i[k]), int(j[k]), bool(same[k]), int(ids[k])))
             if found is not None:
                 self.contradictions.append(found)
-        self._max_id = max(by_id) if by_id else None
+                self._dropped.add(found.dropped_answer_id)
+
+    def _cl_adjacency(self, ci: np.ndarray, cj: np.ndarray,
+                      cids: np.ndarray) -> dict[int, dict[int, int]]:
+        """root -> {other root: a CL id} for the CLs (ci, cj) under the current groups."""
+        adj: dict[int, dict[int, int]] = {}
+        if not len(cids):
+            return adj
+        roots = self._uf.roots()
+        ri, rj = roots[ci], roots[cj]
+        order = np.argsort(-cids, kind="stable")  # newest first, as a rebuild applies them
+        for a, b, k in zip(ri[order].tolist(), rj[order].tolist(), cids[order].tolist(),
+                           strict=True):
+            adj.setdefault(a, {}).setdefault(b, k)
+            adj.setdefault(b, {}).setdefault(a, k)
+        return adj
+
+    @property
+    def _cl_adj(self) -> dict[int, dict[int, int]]:
+        if self._cl_adj_d is None:
+            ids, i, j, same = self._applied_arrays()
+            cl = ~same
+            self._cl_adj_d = self._cl_adjacency(i[cl], j[cl], ids[cl])
+        return self._cl_adj_d
 
     def add(self, answer: Answer) -> Contradiction | None:
         """Add one answer; return the contradiction it causes, if any.
 
-        If the rebuild drops several older answers, the first one found is returned; all of
-        them are in :attr:`contradictions`.
+        An answer newer than all before that contradicts nothing applied is applied
+        incrementally; any other answer makes the set rebuild. If the rebuild drops
+        several older answers, the first one found is returned; all of them are in
+        :attr:`contradictions`.
         """
         answer = _as_answer(answer, self.n_items)
-        if answer.answer_id in self._answers:
+        if answer.answer_id in self._table:
             raise ValueError(f"duplicate answer_id {answer.answer_id}")
+        self._table.append(answer)
         if self._max_id is None or answer.answer_id > self._max_id:
-            self._answers[answer.answer_id] = answer
             self._max_id = answer.answer_id
             if self._apply(answer, probe=True) is None:
                 return None
-        else:
-            self._answers[answer.answer_id] = answer
         # The answer overrules older applied ones, or is itself older than the newest:
         # recompute the whole set under the newest-first rule.
         before = {c.dropped_answer_id for c in self.contradictions}
-        self._build(list(self._answers.values()))
+        self._build()
         new = [c for c in self.contradictions if c.dropped_answer_id not in before]
         own = [c for c in new if c.dropped_answer_id == answer.answer_id]
         return (own or new or [None])[0]
+
+    def remove(self, answer_id: int) -> None:
+        """Take an answer out (it was superseded or deleted). Removing an answer that is
+        not applied changes nothing else; removing an applied one rebuilds the set."""
+        answer_id = int(answer_id)
+        if answer_id not in self._table:
+            raise KeyError(f"no answer with id {answer_id}")
+        self._table.remove(answer_id)
+        if answer_id in self._dropped:
+            self._dropped.discard(answer_id)
+            self.contradictions = [c for c in self.contradictions
+                                   if c.dropped_answer_id != answer_id]
+            self._cache.clear()
+            if answer_id == self._max_id:
+                ids = self._table.live()[0]
+                self._max_id = int(ids[-1]) if len(ids) else None
+        else:
+            self._build()
+
+    def rebuild(self) -> None:
+        """Recompute from all answers (what :meth:`from_answers` would give)."""
+        self._build()
+
+    def grow(self, n_items: int) -> None:
+        """Add unconstrained items up to ``n_items`` (answers may then name them)."""
+        if n_items > self.n_items:
+            self._uf.grow(int(n_items))
+            self.n_items = int(n_items)
+            self._cache.clear()
+
+    def group_of(self, item: int) -> int:
+        """The root item of ``item``'s ML group (changes as groups merge)."""
+        return self._uf.find(int(item))
 
     # ----------------------------------------------------------------- core update
     def _apply(self, a: Answer, probe: bool = False) -> Contradiction | None:
@@ -215,7 +417,7 @@ class ConstraintSet:
                 if cl_id is not None:
                     if probe:
                         return Contradiction((), a.answer_id)
-                    cl = self._answers[cl_id]
+                    cl = self._table.get(cl_id)
                     c, d = (cl.i, cl.j) if uf.find(cl.i) == ri else (cl.j, cl.i)
                     ids = (cl_id, a.answer_id, *self._forest_path(c, a.i),
                            *self._forest_path(a.j, d))
@@ -228,9 +430,9 @@ class ConstraintSet:
                     return Contradiction((), a.answer_id)
                 ids = (a.answer_id, *self._forest_path(a.i, a.j))
                 return Contradiction(tuple(sorted(ids)), a.answer_id)
-            self._cl_adj.setdefault(ri, {}).setdefault(rj, a.answer_id)
-            self._cl_adj.setdefault(rj, {}).setdefault(ri, a.answer_id)
-        self._applied.add(a.answer_id)
+            adj = self._cl_adj
+            adj.setdefault(ri, {}).setdefault(rj, a.answer_id)
+            adj.setdefault(rj, {}).setdefault(ri, a.answer_id)
         self._cache.clear()
         return None
 
@@ -285,22 +487,29 @@ class ConstraintSet:
 
     # ----------------------------------------------------------------- queries
     def __len__(self) -> int:
-        return len(self._applied)
+        return self._table.n_live - len(self._dropped)
 
     @property
     def answers(self) -> tuple[Answer, ...]:
         """Every answer given, applied or not, ordered by ``answer_id``."""
-        return tuple(self._answers[k] for k in sorted(self._answers))
+        ids, i, j, same = self._table.live()
+        return tuple(Answer(a, b, s, k) for k, a, b, s in zip(
+            ids.tolist(), i.tolist(), j.tolist(), same.tolist(), strict=True))
+
+    def _applied_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, i, j, same) of the applied answers, by id."""
+        ids, i, j, same = self._table.live()
+        if self._dropped:
+            keep = ~np.isin(ids, np.fromiter(self._dropped, dtype=np.int64))
+            ids, i, j, same = ids[keep], i[keep], j[keep], same[keep]
+        return ids, i, j, same
 
     def _applied_pairs(self, same: bool) -> np.ndarray:
         key = "ml" if same else "cl"
         if key not in self._cache:
-            rows = [
-                (a.i, a.j)
-                for k, a in sorted(self._answers.items())
-                if a.same == same and k in self._applied
-            ]
-            arr = np.array(rows, dtype=np.int64).reshape(-1, 2)
+            _, i, j, s = self._applied_arrays()
+            mask = s == same
+            arr = np.stack([i[mask], j[mask]], axis=1).reshape(-1, 2)
             arr.setflags(write=False)
             self._cache[key] = arr
         return self._cache[key]
@@ -334,7 +543,10 @@ class ConstraintSet:
         if "cl_edges" not in self._cache:
             cl = self.cl_pairs()
             g = self.ml_groups()[cl] if cl.size else np.empty((0, 2), dtype=np.int64)
-            edges = np.unique(np.sort(g, axis=1), axis=0).reshape(-1, 2)
+            lo, hi = np.minimum(g[:, 0], g[:, 1]), np.maximum(g[:, 0], g[:, 1])
+            width = np.int64(self.n_items) + 1
+            keys = np.unique(lo * width + hi)  # one 1-d sort, not a row-wise unique
+            edges = np.stack([keys // width, keys % width], axis=1).reshape(-1, 2)
             edges.setflags(write=False)
             self._cache["cl_edges"] = edges
         return self._cache["cl_edges"]
