@@ -11,7 +11,9 @@ The rules (constraints.proto has the contract):
 - Contradictions are found among the current answers right after the insert (inside the same
   transaction, so concurrent submitters each see exactly the answers committed before them)
   by :class:`~reidal.core.constraints.ConstraintSet`: the newer answer wins, the oldest
-  answer of the contradicting set is not applied, every answer stays stored.
+  answer of the contradicting set is not applied, every answer stays stored. The set is the
+  collection's :class:`~reidal.answer_state.AnswerState`, caught up with the store inside
+  the transaction, so a submit costs O(its answers), not O(history).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from reidal.answer_state import answer_states
 from reidal.collection_state import constraints_from_answers
 from reidal.errors import AlreadyExists, InvalidArgument, NotFound
 from reidal.grpc_server import log_kv
@@ -150,7 +153,9 @@ def fingerprint(batch_id: str, submissions: Sequence[AnswerSubmission]) -> str:
 
 
 def current_contradictions(store: Store, collection_id: str) -> list[ContradictionReport]:
-    """Every contradiction among the current answers between images not excluded."""
+    """Every contradiction among the current answers between images not excluded, computed
+    from the whole history (what the incremental state of :mod:`reidal.answer_state` must
+    agree with)."""
     rows = [img.image_id for img in store.images(collection_id, include_excluded=False)]
     found = constraints_from_answers(rows, store.answers(collection_id)).contradictions()
     return [ContradictionReport(tuple(c.answer_ids), c.dropped_answer_id) for c in found]
@@ -164,17 +169,21 @@ def submit(store: Store, collection_id: str, submissions: Sequence[AnswerSubmiss
     answers = _resolve(store, collection_id, submissions, batch_id)
     print_ = fingerprint(batch_id, submissions)
 
+    states = answer_states(store)
+
     def respond(seqs: list[int]) -> dict[str, Any]:
-        mine = set(seqs)
-        found = [c for c in current_contradictions(store, collection_id)
-                 if mine.intersection(c.answer_seqs)]
+        found = states.sync(store, collection_id).contradictions_with(seqs)
         return {"fingerprint": print_, "seqs": seqs,
                 "superseded": store.count_superseded_by(collection_id, seqs),
-                "contradictions": [{"answers": list(c.answer_seqs), "dropped": c.dropped_seq}
+                "contradictions": [{"answers": list(c.answer_ids), "dropped": c.dropped_answer_id}
                                    for c in found]}
 
-    response, replayed = store.submit_answers_once(collection_id, answers,
-                                                   request_id=request_id, respond=respond)
+    try:
+        response, replayed = store.submit_answers_once(collection_id, answers,
+                                                       request_id=request_id, respond=respond)
+    except BaseException:
+        states.forget(collection_id)  # it may hold answers of the rolled-back transaction
+        raise
     if replayed and response.get("fingerprint") != print_:
         raise AlreadyExists(
             f"request id {request_id!r} was already used for other answers in collection "

@@ -33,8 +33,12 @@ import numpy as np
 from reidal.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from reidal.store_sql import PostgresBackend, SqliteBackend, Tx, is_database_url, redact_url
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 LABELS = ("SAME", "DIFFERENT", "UNSURE")
+#: Counter moved by every write that changes the current answers of a collection other
+#: than by inserting new ones (a deletion, an exclusion or restore of an image): a cached
+#: answer state (:mod:`reidal.answer_state`) seeing it move reloads instead of catching up.
+ANSWERS_EPOCH = "answers_epoch"
 
 
 #: States of a training job; a job in a final state never changes again.
@@ -123,6 +127,27 @@ class StoredAnswer:
     deleted: bool
     started_at: float | None = None
     ended_at: float | None = None
+
+
+@dataclass(frozen=True)
+class AnswerLogVersion:
+    """Where a collection's answers stand: the collection's creation time (a re-created
+    collection of the same id differs), :data:`ANSWERS_EPOCH` and the newest answer seq
+    (-1 when none)."""
+
+    created_at: float
+    epoch: int
+    max_seq: int
+
+
+@dataclass(frozen=True)
+class AnswerRow:
+    """The part of an answer the constraint state needs."""
+
+    seq: int
+    image_a: str
+    image_b: str
+    label: str
 
 
 @dataclass(frozen=True)
@@ -283,6 +308,11 @@ class Store:
             (collection_id, action, actor, json.dumps(detail, sort_keys=True), _now()),
         )
 
+    def _bump_answers_epoch(self, db: Tx, collection_id: str) -> None:
+        db.execute("INSERT INTO counters (collection_id, name, value) VALUES (?, ?, 1)"
+                   " ON CONFLICT (collection_id, name) DO UPDATE SET value = counters.value + 1",
+                   (collection_id, ANSWERS_EPOCH))
+
     # -- collections ----------------------------------------------------------------------
     def create_collection(self, collection_id: str, *, species: str = "", model_name: str = "",
                           model_version: str = "", params: dict[str, Any] | None = None) -> Collection:
@@ -354,6 +384,7 @@ class Store:
             )
             if cur.rowcount == 0:
                 raise NotFound(f"image {image_id!r} is not in collection {collection_id!r}")
+            self._bump_answers_epoch(db, collection_id)
             self._audit(db, collection_id, "exclude_image", actor, {"image_id": image_id, "reason": reason})
 
     def put_vectors(self, collection_id: str, model_name: str, model_version: str,
@@ -518,6 +549,7 @@ class Store:
                 cur = db.execute("UPDATE answers SET superseded_by = NULL WHERE seq = ?"
                                  " AND superseded_by IS NOT NULL", (prev,))
                 restored = int(prev) if cur.rowcount else None
+            self._bump_answers_epoch(db, collection_id)
             self._audit(db, collection_id, "delete_answer", actor, {"seq": seq, "reason": reason})
         return restored
 
@@ -683,6 +715,7 @@ class Store:
             )
             if cur.rowcount == 0:
                 raise NotFound(f"image {image_id!r} is not in collection {collection_id!r}")
+            self._bump_answers_epoch(db, collection_id)
             self._audit(db, collection_id, "restore_image", actor, {"image_id": image_id})
 
     def counts(self, collection_id: str) -> dict[str, int]:
@@ -754,6 +787,41 @@ class Store:
         return sum(int(self._query(f"SELECT COUNT(*) FROM answers WHERE collection_id = ?"
                                    f" AND superseded_by IN ({marks})", (collection_id, *chunk))[0][0])
                    for marks, chunk in self._id_chunks(int(s) for s in seqs))
+
+    def answer_log_version(self, collection_id: str) -> AnswerLogVersion:
+        """Where the collection's answers stand (three indexed lookups; NotFound when the
+        collection does not exist). Inside a write transaction it sees that transaction's
+        inserts."""
+        rows = self._query(
+            "SELECT c.created_at,"
+            " (SELECT value FROM counters WHERE collection_id = c.id AND name = ?) AS epoch,"
+            " (SELECT MAX(seq) FROM answers WHERE collection_id = c.id) AS max_seq"
+            " FROM collections c WHERE c.id = ?", (ANSWERS_EPOCH, collection_id))
+        if not rows:
+            raise NotFound(f"collection {collection_id!r} does not exist")
+        r = rows[0]
+        return AnswerLogVersion(float(r["created_at"]), int(r["epoch"] or 0),
+                                -1 if r["max_seq"] is None else int(r["max_seq"]))
+
+    def answer_rows(self, collection_id: str, *, after_seq: int | None = None) -> list[AnswerRow]:
+        """Answers in seq order: the current ones (``after_seq`` None), or every one newer
+        than ``after_seq`` whether superseded since or not (what a cached state catches up
+        with, together with :meth:`supersessions_after`)."""
+        if after_seq is None:
+            sql, args = (" AND superseded_by IS NULL AND deleted_at IS NULL", ())
+        else:
+            sql, args = " AND seq > ?", (int(after_seq),)
+        rows = self._query("SELECT seq, image_a, image_b, label FROM answers"
+                           f" WHERE collection_id = ?{sql} ORDER BY seq", (collection_id, *args))
+        return [AnswerRow(int(r[0]), r[1], r[2], r[3]) for r in rows]
+
+    def supersessions_after(self, collection_id: str, after_seq: int) -> list[tuple[int, int]]:
+        """(superseded seq, superseding seq) for the answers newer than ``after_seq`` that
+        superseded another, by superseding seq."""
+        rows = self._query("SELECT seq, superseded_by FROM answers WHERE collection_id = ?"
+                           " AND superseded_by > ? ORDER BY superseded_by, seq",
+                           (collection_id, int(after_seq)))
+        return [(int(r[0]), int(r[1])) for r in rows]
 
     # -- query batches --------------------------------------------------------------------
     def create_batch(

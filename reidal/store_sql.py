@@ -93,6 +93,10 @@ CREATE TABLE IF NOT EXISTS answers (
     CHECK (image_a < image_b)
 );
 CREATE INDEX IF NOT EXISTS answers_by_pair ON answers (collection_id, image_a, image_b);
+-- Schema 5: the newest answer of a collection, and the answers a given answer superseded,
+-- found without a scan (the incremental answer state reads both inside every submit).
+CREATE INDEX IF NOT EXISTS answers_by_seq ON answers (collection_id, seq);
+CREATE INDEX IF NOT EXISTS answers_by_superseder ON answers (collection_id, superseded_by);
 CREATE TABLE IF NOT EXISTS requests (
     collection_id TEXT NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
     request_id TEXT NOT NULL,

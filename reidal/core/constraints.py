@@ -135,14 +135,17 @@ class _AnswerTable:
     """The answers of a set as parallel arrays (id, i, j, same), appendable, with removal.
 
     Arrays rather than one object per answer, so a set of a million answers is built, and
-    its ML / CL pairs listed, in vectorised steps; the id -> position map is built the
-    first time a single answer is looked up.
+    its ML / CL pairs listed, in vectorised steps. While the ids are stored in increasing
+    order (always, when answers arrive in time order) an id is found by binary search;
+    otherwise an id -> position map is built the first time one is looked up.
     """
 
     def __init__(self, ids: np.ndarray, i: np.ndarray, j: np.ndarray, same: np.ndarray) -> None:
-        self._ids, self._i, self._j, self._same = ids, i, j, same
+        order = np.argsort(ids, kind="stable")
+        self._ids, self._i, self._j, self._same = ids[order], i[order], j[order], same[order]
         self._live = np.ones(len(ids), dtype=bool)
         self._m = len(ids)
+        self._sorted = True
         self._pos: dict[int, int] | None = None
         self.n_live = len(ids)
 
@@ -151,44 +154,58 @@ class _AnswerTable:
         z = np.empty(0, dtype=np.int64)
         return cls(z, z.copy(), z.copy(), np.empty(0, dtype=bool))
 
-    def _positions(self) -> dict[int, int]:
+    def _find(self, answer_id: int) -> int:
+        """Position of a present answer, -1 when absent."""
+        if self._sorted:
+            k = int(np.searchsorted(self._ids[:self._m], answer_id))
+            ok = k < self._m and self._ids[k] == answer_id and self._live[k]
+            return k if ok else -1
         if self._pos is None:
             live = np.flatnonzero(self._live[:self._m])
             self._pos = dict(zip(self._ids[live].tolist(), live.tolist(), strict=True))
-        return self._pos
+        return self._pos.get(answer_id, -1)
 
     def __contains__(self, answer_id: int) -> bool:
-        return answer_id in self._positions()
+        return self._find(answer_id) >= 0
 
     def get(self, answer_id: int) -> Answer:
-        k = self._positions()[answer_id]
+        k = self._find(answer_id)
+        if k < 0:
+            raise KeyError(f"no answer with id {answer_id}")
         return Answer(int(self._i[k]), int(self._j[k]), bool(self._same[k]), answer_id)
 
     def append(self, a: Answer) -> None:
-        pos = self._positions()
+        """Add an answer whose id is not present (the caller checked)."""
         if self._m == len(self._ids):  # capacity doubling: amortised O(1) per answer
             cap = max(16, 2 * self._m)
             self._ids, self._i, self._j, self._same, self._live = (
                 np.resize(arr, cap) for arr in (self._ids, self._i, self._j, self._same,
                                                 self._live))
         k = self._m
+        if self._sorted and k and a.answer_id < self._ids[k - 1]:
+            self._sorted = False
+            self._pos = None
         self._ids[k], self._i[k], self._j[k], self._same[k] = a.answer_id, a.i, a.j, a.same
         self._live[k] = True
         self._m += 1
-        pos[a.answer_id] = k
+        if self._pos is not None:
+            self._pos[a.answer_id] = k
         self.n_live += 1
 
     def remove(self, answer_id: int) -> Answer:
         a = self.get(answer_id)
-        self._live[self._positions().pop(answer_id)] = False
+        self._live[self._find(answer_id)] = False
+        if self._pos is not None:
+            del self._pos[answer_id]
         self.n_live -= 1
         return a
 
     def live(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(ids, i, j, same) of the answers present, in id order."""
         live = np.flatnonzero(self._live[:self._m])
-        order = live[np.argsort(self._ids[live], kind="stable")]
-        return self._ids[order], self._i[order], self._j[order], self._same[order]
+        if not self._sorted:
+            live = live[np.argsort(self._ids[live], kind="stable")]
+        return self._ids[live], self._i[live], self._j[live], self._same[live]
 
 
 def _as_answer(answer: Answer, n_items: int, check_range: bool = True) -> Answer:
@@ -355,10 +372,11 @@ class ConstraintSet:
         :attr:`contradictions`.
         """
         answer = _as_answer(answer, self.n_items)
-        if answer.answer_id in self._table:
+        newest = self._max_id is None or answer.answer_id > self._max_id
+        if not newest and answer.answer_id in self._table:
             raise ValueError(f"duplicate answer_id {answer.answer_id}")
         self._table.append(answer)
-        if self._max_id is None or answer.answer_id > self._max_id:
+        if newest:
             self._max_id = answer.answer_id
             if self._apply(answer, probe=True) is None:
                 return None
@@ -387,6 +405,14 @@ class ConstraintSet:
                 self._max_id = int(ids[-1]) if len(ids) else None
         else:
             self._build()
+
+    def __contains__(self, answer_id: object) -> bool:
+        """Whether an answer with this id is in the set (applied or not)."""
+        return isinstance(answer_id, (int, np.integer)) and int(answer_id) in self._table
+
+    def answer(self, answer_id: int) -> Answer:
+        """The answer with this id (KeyError when absent)."""
+        return self._table.get(int(answer_id))
 
     def rebuild(self) -> None:
         """Recompute from all answers (what :meth:`from_answers` would give)."""

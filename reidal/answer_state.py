@@ -1,0 +1,151 @@
+"""A collection's current answers as a constraint set kept up to date per answer.
+
+SubmitConstraints must report the contradictions its answers take part in, under the
+rule of :mod:`reidal.core.constraints` applied to every current answer of the collection
+(between images not excluded). Recomputing that from the whole history on each call
+costs O(history) inside the write transaction. Instead each process keeps, per
+collection, an :class:`AnswerState`: a :class:`~reidal.core.constraints.ConstraintSet`
+over the answered images (item index by first appearance) whose answer ids are the
+store's seqs, built once from the store and then moved forward answer by answer, so a
+submit costs O(its own answers) (a rebuild, vectorised, only when an answer contradicts
+or supersedes an applied one).
+
+The store stays the source of truth. Inside each write transaction the state is checked
+against :meth:`~reidal.store.Store.answer_log_version`: answers another process (a
+replica) wrote since are applied from the rows newer than the state's last seq; a
+deletion, exclusion or restore anywhere (the store's answers epoch moved) or a
+re-created collection makes it reload. If the transaction fails after the state moved,
+the state is dropped (the next call reloads), so it never holds an answer that was not
+committed.
+
+Exactness: what the reply reports is what a full rebuild would report. An incremental
+add applies exactly the answers a rebuild applies, but a rebuild may name other answers
+for an older contradiction (the path through a new must-link); so when answers applied
+without a rebuild touch the ML group of an answer already dropped, the set is rebuilt.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from reidal.core.constraints import Answer, ConstraintSet, Contradiction
+from reidal.store import AnswerLogVersion, AnswerRow, Store
+
+
+@dataclass
+class AnswerState:
+    """The current SAME / DIFFERENT answers of one collection (see the module docstring)."""
+
+    version: AnswerLogVersion
+    excluded: frozenset[str]
+    items: dict[str, int]
+    constraints: ConstraintSet
+
+    @property
+    def max_seq(self) -> int:
+        return self.version.max_seq
+
+    @classmethod
+    def load(cls, store: Store, collection_id: str, version: AnswerLogVersion) -> AnswerState:
+        """Build from the store's current answers (once per process, or after a reload)."""
+        excluded = frozenset(store.excluded_images(collection_id))
+        rows = [r for r in store.answer_rows(collection_id) if r.label != "UNSURE"
+                and r.image_a not in excluded and r.image_b not in excluded]
+        items: dict[str, int] = {}
+        for r in rows:  # one step per answer, once per process
+            items.setdefault(r.image_a, len(items))
+            items.setdefault(r.image_b, len(items))
+        cs = ConstraintSet.from_arrays(
+            len(items), np.fromiter((items[r.image_a] for r in rows), np.int64, len(rows)),
+            np.fromiter((items[r.image_b] for r in rows), np.int64, len(rows)),
+            np.fromiter((r.label == "SAME" for r in rows), bool, len(rows)),
+            np.fromiter((r.seq for r in rows), np.int64, len(rows)))
+        return cls(version, excluded, items, cs)
+
+    def _item(self, image_id: str) -> int:
+        k = self.items.get(image_id)
+        if k is None:
+            k = self.items[image_id] = len(self.items)
+            if k >= self.constraints.n_items:  # capacity doubling: amortised O(1)
+                self.constraints.grow(max(64, 2 * self.constraints.n_items))
+        return k
+
+    def catch_up(self, rows: Sequence[AnswerRow], supersessions: Iterable[tuple[int, int]],
+                 version: AnswerLogVersion) -> None:
+        """Apply answers newer than the state (in seq order) and the supersessions they
+        made, then make the contradictions those of a full rebuild."""
+        cs = self.constraints
+        rebuilds = cs.rebuilds
+        superseded: dict[int, list[int]] = {}
+        for old, new in supersessions:
+            superseded.setdefault(new, []).append(old)
+        touched: list[int] = []
+        for r in rows:  # one step per new answer
+            for old in superseded.get(r.seq, ()):
+                if old in cs:
+                    cs.remove(old)
+            if r.label == "UNSURE" or r.image_a in self.excluded or r.image_b in self.excluded:
+                continue
+            i, j = self._item(r.image_a), self._item(r.image_b)
+            cs.add(Answer(i, j, r.label == "SAME", r.seq))
+            touched += (i, j)
+        if cs.rebuilds == rebuilds and cs.contradictions and touched:
+            groups = {cs.group_of(x) for x in touched}
+            for c in cs.contradictions:
+                dropped = cs.answer(c.dropped_answer_id)
+                if cs.group_of(dropped.i) in groups or cs.group_of(dropped.j) in groups:
+                    cs.rebuild()
+                    break
+        self.version = version
+
+    def contradictions_with(self, seqs: Iterable[int]) -> list[Contradiction]:
+        """The contradictions (of the whole collection) that involve one of ``seqs``."""
+        mine = set(seqs)
+        return [c for c in self.constraints.contradictions if mine.intersection(c.answer_ids)]
+
+
+class AnswerStates:
+    """The :class:`AnswerState` of each collection of one store, for this process."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, AnswerState] = {}
+        self._guard = threading.Lock()
+
+    def sync(self, store: Store, collection_id: str) -> AnswerState:
+        """The collection's state, caught up with the store. Call it inside the
+        collection's write transaction (which serialises every writer of the collection,
+        in every process), and :meth:`forget` the collection if that transaction fails."""
+        version = store.answer_log_version(collection_id)
+        with self._guard:
+            state = self._states.get(collection_id)
+        if (state is None or (state.version.created_at, state.version.epoch)
+                != (version.created_at, version.epoch) or state.max_seq > version.max_seq):
+            state = AnswerState.load(store, collection_id, version)
+        elif state.max_seq < version.max_seq:
+            state.catch_up(store.answer_rows(collection_id, after_seq=state.max_seq),
+                           store.supersessions_after(collection_id, state.max_seq), version)
+        with self._guard:
+            self._states[collection_id] = state
+        return state
+
+    def forget(self, collection_id: str) -> None:
+        with self._guard:
+            self._states.pop(collection_id, None)
+
+
+_STATES: weakref.WeakKeyDictionary[Store, AnswerStates] = weakref.WeakKeyDictionary()
+_STATES_GUARD = threading.Lock()
+
+
+def answer_states(store: Store) -> AnswerStates:
+    """The answer states kept for ``store`` (one set per open store, i.e. per process)."""
+    with _STATES_GUARD:
+        states = _STATES.get(store)
+        if states is None:
+            states = _STATES[store] = AnswerStates()
+        return states

@@ -1,0 +1,134 @@
+"""The incremental answer state behind SubmitConstraints, over a real store (no gRPC).
+
+The reference is the full recomputation from the store (answers.current_contradictions):
+whatever answers arrive in whatever calls, from this store handle or another one on the
+same database, a submit reports exactly the contradictions of the full rebuild that
+involve its answers.
+"""
+
+import itertools
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from reidal.answer_state import answer_states
+from reidal.answers import AnswerSubmission, current_contradictions, submit
+from reidal.store import ImageRecord, Store
+
+IMAGES = [f"i{k}" for k in range(7)]
+_names = itertools.count()
+
+
+@pytest.fixture()
+def store(store_target):
+    s = Store.open(store_target)
+    yield s
+    s.close()
+
+
+def new_collection(store: Store) -> str:
+    cid = f"c{next(_names)}"
+    store.create_collection(cid)
+    store.add_images(cid, [ImageRecord(i) for i in IMAGES])
+    return cid
+
+
+def reference(store: Store, cid: str, seqs) -> list[tuple[tuple[int, ...], int]]:
+    mine = set(seqs)
+    return [(c.answer_seqs, c.dropped_seq) for c in current_contradictions(store, cid)
+            if mine.intersection(c.answer_seqs)]
+
+
+def reported(outcome) -> list[tuple[tuple[int, ...], int]]:
+    return [(c.answer_seqs, c.dropped_seq) for c in outcome.contradictions]
+
+
+answer_st = st.tuples(st.integers(0, len(IMAGES) - 1), st.integers(1, len(IMAGES) - 1),
+                      st.sampled_from(["SAME", "SAME", "DIFFERENT", "UNSURE"]))
+call_st = st.lists(answer_st, min_size=1, max_size=4)
+event_st = st.one_of(call_st, st.tuples(st.just("exclude"), st.integers(0, len(IMAGES) - 1)),
+                     st.tuples(st.just("delete"), st.integers(0, 50)))
+
+
+def as_submissions(call):
+    return [AnswerSubmission(label, image_a=IMAGES[a], image_b=IMAGES[(a + d) % len(IMAGES)])
+            for a, d, label in call]
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(event_st, min_size=1, max_size=10))
+def test_submits_in_several_calls_report_what_a_full_rebuild_reports(store, events):
+    cid = new_collection(store)
+    given_seqs: list[int] = []
+    for event in events:
+        if event[0] == "exclude":
+            image = IMAGES[event[1]]
+            if image in store.excluded_images(cid):
+                store.restore_image(cid, image)
+            else:
+                store.exclude_image(cid, image, "test")
+            continue
+        if event[0] == "delete":
+            if given_seqs:
+                seq = given_seqs[event[1] % len(given_seqs)]
+                if not store.answer(cid, seq).deleted:
+                    store.delete_answer(cid, seq)
+            continue
+        out = submit(store, cid, as_submissions(event))
+        given_seqs += out.seqs
+        assert reported(out) == reference(store, cid, out.seqs)
+    # the state now equals the rebuild as a whole, not only around the last answers
+    state = answer_states(store).sync(store, cid)
+    assert [(c.answer_ids, c.dropped_answer_id) for c in state.constraints.contradictions] \
+        == [(c.answer_seqs, c.dropped_seq) for c in current_contradictions(store, cid)]
+
+
+def test_a_chain_contradiction_is_reported_once_formed_and_a_revision_clears_it(store):
+    cid = new_collection(store)
+    first = submit(store, cid, as_submissions([(0, 1, "SAME"), (1, 1, "SAME")]))
+    assert not first.contradictions
+    clash = submit(store, cid, as_submissions([(0, 2, "DIFFERENT")]))
+    [(seqs, dropped)] = reported(clash)
+    assert set(seqs) == {*first.seqs, *clash.seqs} and dropped == min(first.seqs)
+    revised = submit(store, cid, as_submissions([(0, 1, "DIFFERENT")]))  # supersedes i0-i1
+    assert revised.superseded == 1 and not revised.contradictions
+    assert current_contradictions(store, cid) == []
+
+
+def test_answers_written_through_another_store_handle_are_picked_up(store, store_target):
+    cid = new_collection(store)
+    submit(store, cid, as_submissions([(0, 1, "SAME")]))  # this handle's state exists now
+    other = Store.open(store_target)  # a second process / replica on the same database
+    try:
+        theirs = submit(other, cid, as_submissions([(1, 1, "SAME")]))
+        other.exclude_image(cid, "i6", "blurred")
+    finally:
+        other.close()
+    mine = submit(store, cid, as_submissions([(0, 2, "DIFFERENT"), (5, 1, "SAME")]))
+    [(seqs, _)] = reported(mine)
+    assert theirs.seqs[0] in seqs and mine.seqs[0] in seqs
+    assert reported(mine) == reference(store, cid, mine.seqs)  # i5-i6 not applied: excluded
+    assert answer_states(store).sync(store, cid).constraints.contradictions[0].answer_ids == seqs
+
+
+def test_a_recreated_collection_starts_from_nothing(store):
+    cid = new_collection(store)
+    submit(store, cid, as_submissions([(0, 1, "SAME"), (1, 1, "SAME")]))
+    store.delete_collection(cid)
+    store.create_collection(cid)
+    store.add_images(cid, [ImageRecord(i) for i in IMAGES])
+    out = submit(store, cid, as_submissions([(0, 2, "DIFFERENT")]))
+    assert not out.contradictions
+
+
+def test_consistent_answers_are_applied_without_rebuilding(store):
+    cid = new_collection(store)
+    submit(store, cid, as_submissions([(0, 1, "SAME")]))
+    state = answer_states(store).sync(store, cid)
+    before = state.constraints.rebuilds
+    for call in ([(1, 1, "SAME")], [(3, 1, "DIFFERENT"), (4, 2, "UNSURE")], [(5, 1, "SAME")]):
+        submit(store, cid, as_submissions(call))
+    state = answer_states(store).sync(store, cid)
+    assert state.constraints.rebuilds == before and len(state.constraints) == 4
