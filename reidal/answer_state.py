@@ -80,21 +80,26 @@ class AnswerState:
         """Apply answers newer than the state (in seq order) and the supersessions they
         made, then make the contradictions those of a full rebuild."""
         cs = self.constraints
-        rebuilds = cs.rebuilds
         superseded: dict[int, list[int]] = {}
         for old, new in supersessions:
             superseded.setdefault(new, []).append(old)
-        touched: list[int] = []
+        touched: list[int] = []  # items of the answers applied since the last rebuild
         for r in rows:  # one step per new answer
             for old in superseded.get(r.seq, ()):
                 if old in cs:
+                    rebuilds = cs.rebuilds
                     cs.remove(old)
+                    touched = [] if cs.rebuilds != rebuilds else touched
             if r.label == "UNSURE" or r.image_a in self.excluded or r.image_b in self.excluded:
                 continue
             i, j = self._item(r.image_a), self._item(r.image_b)
+            rebuilds = cs.rebuilds
             cs.add(Answer(i, j, r.label == "SAME", r.seq))
-            touched += (i, j)
-        if cs.rebuilds == rebuilds and cs.contradictions and touched:
+            if cs.rebuilds != rebuilds:
+                touched = []
+            else:
+                touched += (i, j)
+        if cs.contradictions and touched:
             groups = {cs.group_of(x) for x in touched}
             for c in cs.contradictions:
                 dropped = cs.answer(c.dropped_answer_id)
