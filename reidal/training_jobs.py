@@ -42,6 +42,7 @@ from reidal.store import (
     Store,
     TrainingJobRecord,
 )
+from reidal.training_limits import check_job_config
 
 log = logging.getLogger("reidal.training_jobs")
 
@@ -76,8 +77,9 @@ def build_config(overrides: Mapping[str, Any], n_images: int,
     (:data:`reidal.training.config.HEAD_SCHEDULE`) and the collection's own DBSCAN
     parameters (``clustering``: the stored ``params["clustering"]``), so the job's
     pseudo-labels are the clusters the collection's sampling and identities see.
-    InvalidArgument names the bad field (TrainConfig's own checks, mode "full", a batch
-    larger than the collection)."""
+    InvalidArgument names the bad field (TrainConfig's own checks, mode "full", a value
+    beyond the server's bounds (:mod:`reidal.training_limits`), a batch larger than the
+    collection)."""
     from reidal.training import TrainConfig
     from reidal.training.config import HEAD_SCHEDULE
 
@@ -96,6 +98,7 @@ def build_config(overrides: Mapping[str, Any], n_images: int,
     if cfg.mode != "head":
         raise InvalidArgument(f"config.mode {cfg.mode!r}: the server trains in 'head' mode "
                               "only (run 'full' mode with reidal.training under torchrun)")
+    check_job_config(cfg)
     if (cfg.batch_size > n_images and "num_identities" not in overrides
             and n_images >= 2 * cfg.num_instances):
         # the default P x K = 16 x 4 suits collections of hundreds; a smaller one gets
@@ -146,6 +149,25 @@ def collection_images(store: Store, blobs: Any, collection_id: str,
         ids.append(img.image_id)
         out.append(pixels)
     return ids, out
+
+
+def cached_features(model: Any, images: list[Any], batch: int, spec: Any,
+                    cancel: threading.Event) -> Any:
+    """The backbone features of ``images`` (head mode trains on them), computed one batch
+    at a time with ``cancel`` checked before each, so a job on a large collection stops
+    within one batch of a request; None when cancelled."""
+    import torch
+
+    from reidal.training import cache_backbone_features
+
+    parts = []
+    for start in range(0, max(len(images), 1), batch):
+        if cancel.is_set():
+            return None
+        with torch.no_grad():
+            parts.append(cache_backbone_features(model, images[start:start + batch],
+                                                 batch=batch, spec=spec))
+    return torch.cat(parts)
 
 
 # ------------------------------------------------------------------------ Triton
@@ -251,8 +273,9 @@ def job_key(job_id: str) -> tuple[str, str]:
 
 class CancelSignal(threading.Event):
     """The cancel flag of one running job, as the trainer sees it (``is_set`` before every
-    training step): set in this process (a local CancelJob, a server stop) or found in the
-    store, where CancelJob on any replica records it.
+    training step): set in this process (a local CancelJob, a server stop: the runtime's
+    notifier closes first thing in a stop, so a job stops while calls drain, not after
+    the grace) or found in the store, where CancelJob on any replica records it.
 
     The store is read when the job's notifier key has moved since the last read (another
     replica's bump arrives by PostgreSQL NOTIFY; the job's own progress bumps it once per
@@ -272,6 +295,9 @@ class CancelSignal(threading.Event):
 
     def is_set(self) -> bool:
         if super().is_set():
+            return True
+        if self._notifier.closed:  # the server is stopping: the job ends with it
+            self.set()
             return True
         if (time.monotonic() >= self._due
                 or self._notifier.version(job_key(self._job_id)) != self._seen):
@@ -395,15 +421,27 @@ class TrainingJobs:
             notifier.wait(key, seen, poll_s)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop running jobs and wait for their threads (they end FAILED: interrupted)."""
+        """Stop running jobs and wait for their threads, ``timeout`` seconds in all (they
+        end FAILED: interrupted). A job still running then (in a step that checks no flag)
+        is recorded FAILED now, so the stop never waits on it and the store never shows it
+        running; its thread is a daemon and ends with the process."""
         with self._guard:
             self._closing = True
+            running = dict(self._threads)
             events = list(self._cancel.values())
-            threads = list(self._threads.values())
         for e in events:
             e.set()
-        for t in threads:
-            t.join(timeout)
+        deadline = time.monotonic() + timeout
+        for job_id, t in running.items():
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                log_kv(log, logging.WARNING, "training_job_abandoned", job=job_id,
+                       waited_s=timeout)
+                try:
+                    self._update(job_id, state=FAILED, error_code="ABORTED",
+                                 error_message="interrupted by a server stop")
+                except Exception:
+                    log.exception("could not record the stop of training job %s", job_id)
 
     # -- the job ------------------------------------------------------------------------
     def _latest_version(self, name: str) -> str:
@@ -427,7 +465,7 @@ class TrainingJobs:
             produced = self._train(job, config, cancel)
             if produced is None:
                 # stopped: by a stop of this server, unless someone (anywhere) asked first
-                stopped = (self._closing
+                stopped = ((self._closing or self.runtime.notifier.closed)
                            and not self.store.get_training_job(job.job_id).cancel_requested)
                 if stopped:
                     self._update(job.job_id, state=FAILED, error_code="ABORTED",
@@ -454,10 +492,8 @@ class TrainingJobs:
 
     def _train(self, job: JobRecord, config: Any, cancel: CancelSignal) -> str | None:
         """Train and export; the version produced, or None when cancelled."""
-        import torch
-
         from reidal.embedding.model import load_model, load_spec
-        from reidal.training import SpCLTrainer, cache_backbone_features
+        from reidal.training import SpCLTrainer
 
         assert self.repository is not None and self.load_model is not None
         version_dir = self.repository / job.base_model_name / job.base_model_version
@@ -469,11 +505,9 @@ class TrainingJobs:
         ids, images = self._images(job.collection_id)
         answers = collection_constraints(self.store, job.collection_id, ids)
         used = len(answers.answers)
-        if cancel.is_set():
+        features = cached_features(model, images, config.embed_batch_size, spec, cancel)
+        if features is None:
             return None
-        with torch.no_grad():
-            features = cache_backbone_features(model, images, batch=config.embed_batch_size,
-                                               spec=spec)
 
         def on_epoch(report: Any) -> None:
             self._update(job.job_id, progress={

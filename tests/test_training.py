@@ -301,6 +301,38 @@ def test_cancel_stops_between_iterations_and_leaves_the_model_alone(collection):
     assert result.model is not model
 
 
+class _EpochStartSignal(threading.Event):
+    """A cancel flag that also says when the trainer first looked at it (the first epoch's
+    start), so a test can cancel once the epoch is under way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.looked = threading.Event()
+
+    def is_set(self) -> bool:
+        self.looked.set()
+        return super().is_set()
+
+
+def test_cancel_reaches_an_epoch_of_any_length(collection):
+    """An epoch of 10**9 steps: its batches are drawn as it goes, so a cancel made while it
+    starts stops it at its first steps (it used to build the whole list first: memory and
+    minutes in proportion to iters_per_epoch before the first check)."""
+    model, feats, _truth = collection
+    config = TrainConfig(**SMALL, sampler="none", epochs=1, iters_per_epoch=10**9)
+    cancel = _EpochStartSignal()
+    out = {}
+    worker = threading.Thread(
+        target=lambda: out.update(result=SpCLTrainer(config, model).fit(feats, cancel=cancel)),
+        daemon=True)
+    worker.start()
+    assert cancel.looked.wait(120)
+    cancel.set()
+    worker.join(120)  # a generous bound: the point is that it ends at all
+    assert not worker.is_alive(), "the epoch did not stop on cancel"
+    assert out["result"].cancelled and out["result"].reports == []
+
+
 def test_checkpoint_write_is_atomic(tmp_path):
     save_checkpoint(tmp_path, {"next_epoch": 3, "w": torch.ones(3)})
     with pytest.raises(Exception):  # noqa: B017 - whatever pickling raises

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +16,7 @@ import pytest
 from _services_support import Stubs, create_and_fill, pictures, rpc_error, running_server
 
 from reidal.embedding.triton_repo import model_versions
+from reidal.embedding.triton_server import free_ports
 from reidal.serve import serve
 from reidal.store import Store
 from reidal.training_jobs import FAILED, INTERRUPTED, RUNNING
@@ -204,6 +208,11 @@ def test_cancel_on_another_replica_stops_the_job(triton, postgres_url, tmp_path,
     (dict(epochs=0), "epochs"),
     (dict(num_identities=16, num_instances=4), "num_identities"),
     (dict(lr=-1.0), "lr"),
+    # beyond the server's bounds (reidal.training_limits; stated in training.proto)
+    (dict(iters_per_epoch=4294967295), "iters_per_epoch"),
+    (dict(epochs=1000, iters_per_epoch=100_000), "iters_per_epoch"),
+    (dict(num_instances=65), "num_instances"),
+    (dict(lr=1e6), "lr"),
 ])
 def test_bad_configs_are_invalid_argument(server, config, field):
     srv, stubs, training = server
@@ -213,6 +222,66 @@ def test_bad_configs_are_invalid_argument(server, config, field):
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in err.details()
     assert not training.ListTrainingJobs(training_pb2.ListTrainingJobsRequest()).jobs
+
+
+#: The largest schedule a client may ask for (reidal.training_limits.MAX_TOTAL_STEPS).
+LARGEST = {**TINY, "epochs": 10, "iters_per_epoch": 100_000}
+
+
+def test_a_large_valid_job_is_cancelled(server, triton):
+    """The largest schedule the server accepts still stops on CancelJob: the job ends
+    CANCELLED (the call waits for it), having exported nothing."""
+    _srv, stubs, training = server
+    create_and_fill(stubs, "c", pictures()[:16])
+    before = model_versions(triton.repo, triton.model_name)
+    job = training.StartTraining(training_pb2.StartTrainingRequest(
+        collection_id="c", config=training_pb2.TrainingConfig(**LARGEST)), timeout=30)
+    _wait_state(training, job.job_id, {training_pb2.JOB_STATE_RUNNING})
+    cancelled = training.CancelJob(training_pb2.CancelJobRequest(job_id=job.job_id), timeout=60)
+    assert cancelled.state == training_pb2.JOB_STATE_CANCELLED, cancelled.error_message
+    assert cancelled.epoch < cancelled.epochs and cancelled.model.version == ""
+    assert model_versions(triton.repo, triton.model_name) == before
+
+
+def test_sigterm_stops_serve_with_a_job_running(triton, tmp_path, _restore_triton_index):
+    """`reidal serve` with a large job running exits on SIGTERM within --grace plus a
+    margin; the job is recorded FAILED (interrupted by the stop), the collection kept."""
+    grace, margin = 2.0, 45.0  # the margin covers a loaded machine, not a target
+    data = tmp_path / "data"
+    (port,) = free_ports(1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reidal.cli", "serve", "--service", "collections", "training",
+         "--port", str(port), "--data-dir", str(data), "--triton-url", triton.grpc_url,
+         "--model-repository", str(triton.repo), "--grace", str(grace), "--no-http"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with _repository_kept(triton, _restore_triton_index):
+            first = proc.stdout.readline()
+            assert first.startswith("reidal serving"), first + proc.stderr.read()
+            stubs = Stubs.connect(f"127.0.0.1:{port}")
+            training = training_pb2_grpc.TrainingServiceStub(stubs.channel)
+            create_and_fill(stubs, "c", pictures()[:16])
+            job = training.StartTraining(training_pb2.StartTrainingRequest(
+                collection_id="c", config=training_pb2.TrainingConfig(**LARGEST)), timeout=30)
+            _wait_state(training, job.job_id, {training_pb2.JOB_STATE_RUNNING})
+            stubs.close()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace + margin)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"reidal serve still running {grace + margin:.0f} s after SIGTERM")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert proc.returncode == 0
+    store = Store(data)
+    try:
+        rec = store.get_training_job(job.job_id)
+        assert rec.state == FAILED and rec.error_message == "interrupted by a server stop"
+        assert len(store.images("c")) == 16
+    finally:
+        store.close()
 
 
 def test_unknown_collection_and_job(server):

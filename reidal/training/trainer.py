@@ -33,7 +33,7 @@ import copy
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -133,7 +133,7 @@ class _FeatureInputs:
     def __len__(self) -> int:
         return self.features.shape[0]
 
-    def train_batches(self, batches: list[np.ndarray], seed: int, config: TrainConfig):
+    def train_batches(self, batches: Iterable[np.ndarray], seed: int, config: TrainConfig):
         for idx in batches:
             t = torch.from_numpy(idx).to(self.device)
             yield self.features.index_select(0, t), t
@@ -174,10 +174,12 @@ class _ImageInputs:
             prefetch_factor=4 if self.num_workers else None,
         )
 
-    def train_batches(self, batches: list[np.ndarray], seed: int, config: TrainConfig):
+    def train_batches(self, batches: Iterable[np.ndarray], seed: int, config: TrainConfig):
         rng = np.random.default_rng([seed, 2])
-        keyed = [list(zip(b.tolist(), rng.integers(0, 2**63 - 1, b.size).tolist(),
-                          strict=True)) if config.augment else b.tolist() for b in batches]
+        # A generator, like ``batches``: the loader draws index lists as it goes, so an
+        # epoch's batch list is never held whole (nor built before the first cancel check).
+        keyed = (list(zip(b.tolist(), rng.integers(0, 2**63 - 1, b.size).tolist(),
+                          strict=True)) if config.augment else b.tolist() for b in batches)
         for x, idx in self._loader(self.train_set, keyed):
             yield (x.to(self.device, non_blocking=True),
                    idx.to(self.device, non_blocking=True))
@@ -553,9 +555,11 @@ class SpCLTrainer:
         # Everything random in the epoch derives from (seed, epoch): a resumed job repeats it.
         torch.manual_seed(c.seed * 1_000_003 + epoch)
         rng = np.random.default_rng([c.seed, epoch, 1])
-        batches = [shard_batch(b, ctx.rank, ctx.world_size)
+        # Drawn lazily, one batch per step: building the epoch's whole list first took
+        # memory and time in proportion to iters_per_epoch before the first cancel check.
+        batches = (shard_batch(b, ctx.rank, ctx.world_size)
                    for b in pk_batches(labels, c.num_instances, c.batch_size, c.iters_per_epoch,
-                                       rng)]
+                                       rng))
         if c.mode == "head":
             model.head.train()
         else:
