@@ -41,6 +41,7 @@ from reidal.v1 import (
     embedding_pb2,
     embedding_pb2_grpc,
 )
+from reidal_client.client import default_channel_options
 
 log = logging.getLogger("reidal.collections")
 
@@ -420,10 +421,11 @@ class RemoteEmbedder:
     def __init__(self, address: str, default_model: str = "", *, timeout_s: float = 120.0,
                  max_message_mb: float = 64, credentials: grpc.ChannelCredentials | None = None,
                  token: str | None = None) -> None:
-        limit = int(max_message_mb * 1024 * 1024)
         self.address = address
-        options = [("grpc.max_receive_message_length", limit),
-                   ("grpc.max_send_message_length", limit)]
+        # The client's options: message limits, and a reconnect within about a second of
+        # a restarted embedding pod being back (gRPC's own backoff grows to 120 s, and
+        # every ingest would fail UNAVAILABLE meanwhile).
+        options = list(default_channel_options(max_message_mb).items())
         self._channel = (grpc.secure_channel(address, credentials, options=options)
                          if credentials is not None
                          else grpc.insecure_channel(address, options=options))

@@ -97,7 +97,7 @@ RetryCallback = Callable[[str, int, float, ReidalClientError], None]
 ProgressCallback = Callable[[int, int | None], None]
 
 
-def default_channel_options(max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+def default_channel_options(max_message_mb: float = DEFAULT_MAX_MESSAGE_MB,
                             max_reconnect_backoff_s: float = 2.0) -> dict[str, Any]:
     limit = int(max_message_mb * 1024 * 1024)
     return {
