@@ -2,6 +2,7 @@
 
     reidal serve [--service all|embedding|collections|sampling|constraints ...]
     reidal collection create|list|show|delete
+    reidal image delete COLLECTION IMAGE...
     reidal ingest COLLECTION (FOLDER | --csv metadata.csv)
     reidal pairs COLLECTION [--budget N|0.0002] [--out pairs.csv]
     reidal answer COLLECTION (--csv answers.csv | --interactive)
@@ -304,6 +305,15 @@ def _collection_delete(args: argparse.Namespace) -> int:
                 return 1
         client.delete_collection(args.collection, actor=args.actor)
     _out(f"deleted collection {args.collection!r}")
+    return 0
+
+
+def _image_delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for image_id in args.image:
+            retired = client.delete_image(args.collection, image_id, actor=args.actor)
+            _out(f"deleted image {image_id!r} from {args.collection!r} ({retired} answer(s) "
+                 "about it retired)")
     return 0
 
 
@@ -757,6 +767,18 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("--actor", default=os.environ.get("USER", ""),
                         help="who deletes (audit log)")
     delete.set_defaults(func=_collection_delete)
+
+    image = sub.add_parser("image", help="one image of a collection")
+    isub = image.add_subparsers(dest="action", required=True, metavar="ACTION")
+    idelete = isub.add_parser(
+        "delete", parents=[client], help="delete images (e.g. ones that cannot be embedded)",
+        description="Delete images from a collection with their vectors; answers about them "
+                    "are retired (kept in the history, never applied again).")
+    idelete.add_argument("collection")
+    idelete.add_argument("image", nargs="+", help="image id(s)")
+    idelete.add_argument("--actor", default=os.environ.get("USER", ""),
+                         help="who deletes (audit log)")
+    idelete.set_defaults(func=_image_delete)
 
     ingest = sub.add_parser(
         "ingest", parents=[client], help="add images from a folder or a WildlifeDatasets CSV",

@@ -169,36 +169,113 @@ def resolve_model(runtime: Runtime, model_name: str, version: str) -> tuple[str,
 def embed_missing(runtime: Runtime, collection_id: str, model_name: str, version: str,
                   progress: Progress | None = None) -> dict[str, Any]:
     """Embed every image (excluded ones too) lacking a vector of the model version, then
-    switch the collection to it. Returns the result stored with the operation."""
+    switch the collection to it. Returns the result stored with the operation.
+
+    An image that cannot be embedded (undecodable bytes kept by a deferred ingest, a URI
+    no longer readable) does not stop the others: every other vector is stored. A bad
+    excluded image is then only listed (``skipped_image_ids``); a bad image that is not
+    excluded fails the operation (InvalidArgument naming each one) without switching, so
+    the caller excludes or deletes it and runs EmbedCollection again, which embeds only
+    what still lacks a vector."""
     store = runtime.store
     embedder = runtime.require_embedder()
     images = store.images(collection_id)
+    excluded = store.excluded_images(collection_id)
     have = store.vector_ids(collection_id, model_name, version)
     todo = [img for img in images if img.image_id not in have]
     sources = store.image_sources(collection_id)
     if progress is not None:
         progress.update(total=len(todo), done=0, stage="embedding")
+    bad: list[tuple[str, str]] = []
     for start in range(0, len(todo), runtime.embed_chunk):
-        chunk = todo[start:start + runtime.embed_chunk]
         items = []
-        for img in chunk:
-            src = sources.get(img.image_id)
-            if src is not None and src.kind == "data":
-                items.append(IngestItem(img.image_id, data=runtime.blobs.get(src.sha256)))
-            elif img.uri:
-                items.append(IngestItem(img.image_id, uri=img.uri))
+        for img in todo[start:start + runtime.embed_chunk]:
+            item = _stored_item(runtime, img, sources.get(img.image_id))
+            if isinstance(item, str):
+                bad.append((img.image_id, item))
             else:
+                items.append(item)
+        result, rejected = _embed_good(embedder, items, model_name, version)
+        bad.extend(rejected)
+        if result is not None:
+            if result.model_version != version:
                 raise FailedPrecondition(
-                    f"image {img.image_id!r} has neither kept bytes nor a uri to embed from")
-        result = embedder.embed(_embed_items(items), model_name, version)
-        if result.model_version != version:
-            raise FailedPrecondition(
-                f"Triton answered with model {model_name} version {result.model_version} "
-                f"instead of {version}")
-        store.put_vectors(collection_id, model_name, version, result.ids, result.vectors)
+                    f"Triton answered with model {model_name} version {result.model_version} "
+                    f"instead of {version}")
+            store.put_vectors(collection_id, model_name, version, result.ids, result.vectors)
         if progress is not None:
-            progress.update(done=start + len(chunk))
+            progress.update(done=min(start + runtime.embed_chunk, len(todo)))
+    blocking = [(i, why) for i, why in bad if i not in excluded]
+    if blocking:
+        listed = "; ".join(f"{i!r}: {why}" for i, why in blocking[:MAX_LISTED_BAD])
+        more = f"; and {len(blocking) - MAX_LISTED_BAD} more" if len(blocking) > MAX_LISTED_BAD else ""
+        raise InvalidArgument(
+            f"{len(blocking)} image(s) cannot be embedded ({listed}{more}); the other "
+            f"{len(todo) - len(bad)} vector(s) are stored. Exclude (ExcludeImage) or delete "
+            "(DeleteImage) these images and run EmbedCollection again")
     store.set_model(collection_id, model_name, version, actor="EmbedCollection")
     if progress is not None:
         progress.update(stage="done")
-    return {"model_name": model_name, "model_version": version, "embedded": len(todo)}
+    return {"model_name": model_name, "model_version": version,
+            "embedded": len(todo) - len(bad), "skipped_image_ids": [i for i, _ in bad]}
+
+
+#: How many unembeddable images an EmbedCollection failure names.
+MAX_LISTED_BAD = 20
+
+
+def _stored_item(runtime: Runtime, img: ImageRecord, src: ImageSource | None
+                 ) -> IngestItem | str:
+    """What to embed a stored image from (its kept bytes, else its URI), or why not."""
+    if src is not None and src.kind == "data":
+        try:
+            return IngestItem(img.image_id, data=runtime.blobs.get(src.sha256))
+        except FileNotFoundError:
+            return "its kept bytes are missing from the data directory"
+    if img.uri:
+        return IngestItem(img.image_id, uri=img.uri)
+    return "it has neither kept bytes nor a uri to embed from"
+
+
+def _embed_good(embedder: Any, items: list[IngestItem], model_name: str, version: str
+                ) -> tuple[Any, list[tuple[str, str]]]:
+    """Embed ``items`` leaving out the ones the embedder rejects as bad images:
+    (result or None when none is left, [(id, reason)] of the rejected)."""
+    rejected: list[tuple[str, str]] = []
+    while items:
+        try:
+            return embedder.embed(_embed_items(items), model_name, version), rejected
+        except Exception as exc:
+            found = _rejected(exc, embedder, items, model_name, version)
+            if not found:
+                raise
+        rejected.extend(found)
+        gone = {i for i, _ in found}
+        items = [it for it in items if it.image_id not in gone]
+    return None, rejected
+
+
+def _rejected(exc: Exception, embedder: Any, items: list[IngestItem], model_name: str,
+              version: str) -> list[tuple[str, str]]:
+    """The (id, reason) of each bad image a failed embedding call names: from the
+    in-process servicer's BadImages, or, from a remote embedding service's
+    INVALID_ARGUMENT (which names them only in words), by embedding each image alone."""
+    import grpc
+
+    from reidal.services.embedding import BadImages
+
+    if isinstance(exc, BadImages):
+        return [(p.item_id, p.reason) for p in exc.problems]
+    if not (isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call)
+            and exc.code() == grpc.StatusCode.INVALID_ARGUMENT):
+        return []
+    found = []
+    for it in items:
+        try:
+            embedder.embed(_embed_items([it]), model_name, version)
+        except grpc.RpcError as one:
+            if isinstance(one, grpc.Call) and one.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                found.append((it.image_id, one.details()))
+            else:
+                raise
+    return found

@@ -387,20 +387,51 @@ class Store:
             self._bump_answers_epoch(db, collection_id)
             self._audit(db, collection_id, "exclude_image", actor, {"image_id": image_id, "reason": reason})
 
+    def delete_image(self, collection_id: str, image_id: str, *, actor: str = "") -> int:
+        """Delete one image: its record, source, vectors of every version and saved
+        identity, in one audited transaction. Answers about it stay stored but are retired
+        (marked deleted by ``actor``, superseded ones too), so they never apply again, not
+        even to a later image with the same id; answers about other images are untouched.
+        Returns how many answers were retired. NotFound for an unknown collection or image.
+        The caller collects the image's blob (Runtime.gc_blobs)."""
+        self.get_collection(collection_id)
+        with self._tx(collection_id) as db:
+            cur = db.execute("DELETE FROM images WHERE collection_id = ? AND image_id = ?",
+                             (collection_id, image_id))
+            if cur.rowcount == 0:
+                raise NotFound(f"image {image_id!r} is not in collection {collection_id!r}")
+            for table in ("image_sources", "vectors", "identities"):
+                db.execute(f"DELETE FROM {table} WHERE collection_id = ? AND image_id = ?",
+                           (collection_id, image_id))
+            retired = db.execute(
+                "UPDATE answers SET deleted_at = ?, deleted_by = ? WHERE collection_id = ?"
+                " AND (image_a = ? OR image_b = ?) AND deleted_at IS NULL",
+                (_now(), actor, collection_id, image_id, image_id)).rowcount
+            self._audit(db, collection_id, "delete_image", actor,
+                        {"image_id": image_id, "answers_retired": retired})
+        return int(retired)
+
     def put_vectors(self, collection_id: str, model_name: str, model_version: str,
                     image_ids: Sequence[str], vectors: np.ndarray) -> None:
+        """Store vectors of images of the collection; those of an image deleted meanwhile
+        (:meth:`delete_image` while EmbedCollection ran) are dropped, so a later image with
+        the same id never inherits them."""
         vecs = np.ascontiguousarray(vectors, dtype=np.float32)
         if vecs.ndim != 2 or vecs.shape[0] != len(image_ids):
             raise InvalidArgument(
                 f"got {len(image_ids)} image ids but vectors of shape {vecs.shape}"
             )
         with self._tx(collection_id) as db:
+            present = {r[0] for marks, chunk in self._id_chunks(image_ids)
+                       for r in db.execute(f"SELECT image_id FROM images WHERE collection_id = ?"
+                                           f" AND image_id IN ({marks})",
+                                           (collection_id, *chunk)).fetchall()}
             db.executemany(
                 "INSERT INTO vectors (collection_id, model_name, model_version, image_id, vector)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (collection_id, model_name, model_version,"
                 " image_id) DO UPDATE SET vector = excluded.vector",
                 [(collection_id, model_name, model_version, iid, v.tobytes())
-                 for iid, v in zip(image_ids, vecs, strict=True)],
+                 for iid, v in zip(image_ids, vecs, strict=True) if iid in present],
             )
 
     def get_vectors(self, collection_id: str, model_name: str,

@@ -31,7 +31,7 @@ from reidal.embedding.triton_client import (
 )
 from reidal.grpc_server import ServiceBinding, deadline_left
 from reidal.ingest import IngestItem, IngestOutcome, embed_missing, ingest, resolve_model
-from reidal.runtime import Runtime
+from reidal.runtime import Runtime, queue_key
 from reidal.services.embedding import Embedded, ImageItem, embedding_status
 from reidal.store import Collection, ImageRecord, ImageRow, OperationRecord, Store
 from reidal.v1 import (
@@ -175,6 +175,7 @@ def operation_pb(op: OperationRecord) -> collections_pb2.Operation:
         model=common_pb2.ModelRef(name=r.get("model_name", ""),
                                   version=r.get("model_version", "")),
         created_at=timestamp(op.created_at), updated_at=timestamp(op.updated_at),
+        skipped_image_ids=r.get("skipped_image_ids", []),
     )
 
 
@@ -234,7 +235,7 @@ class CollectionsServicer(collections_pb2_grpc.CollectionServiceServicer):
 
     def DeleteCollection(self, request, context):  # noqa: N802
         self.store.delete_collection(request.collection_id, actor=request.actor)
-        self.runtime.notifier.bump(("queue", request.collection_id))
+        self.runtime.notifier.bump(queue_key(request.collection_id))
         self.runtime.gc_blobs()
         return collections_pb2.DeleteCollectionResponse(collection_id=request.collection_id)
 
@@ -335,6 +336,14 @@ class CollectionsServicer(collections_pb2_grpc.CollectionServiceServicer):
             return collections_pb2.ImageContent(image_id=iid, sha256=sha, not_modified=True)
         return collections_pb2.ImageContent(image_id=iid, data=data, mime_type=mime_type(data),
                                             sha256=sha)
+
+    def DeleteImage(self, request, context):  # noqa: N802
+        retired = self.store.delete_image(request.collection_id, request.image_id,
+                                          actor=request.actor)
+        self.runtime.notifier.bump(queue_key(request.collection_id))  # its pairs left
+        self.runtime.gc_blobs()
+        return collections_pb2.DeleteImageResponse(image_id=request.image_id,
+                                                   answers_retired=retired)
 
     def _image_bytes(self, cid: str, iid: str, context: grpc.ServicerContext,
                      if_none_match: str = "") -> tuple[bytes | None, str]:

@@ -1,12 +1,12 @@
 """Images as an attacker or a clumsy client sends them, over real loopback gRPC with the
 real Triton (issue 15): local paths confined to the server's image roots with one answer
-for every refused path.
+for every refused path (finding 1); an undecodable stored image excluded or deleted no
+longer blocks its collection (finding 6).
 """
 
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -115,3 +115,105 @@ def test_an_image_root_must_be_a_directory(tmp_path):
     with pytest.raises(ValueError, match="not a directory"):
         serve(["collections"], data_dir=tmp_path / "data", triton_url="127.0.0.1:1",
               image_roots=[tmp_path / "missing"])
+
+
+# ------------------------------------------------------------------------ finding 6: a bad
+# stored image
+
+
+def _embed_to_end(stubs: Stubs, cid: str) -> C.Operation:
+    op = stubs.collections.EmbedCollection(C.EmbedCollectionRequest(collection_id=cid),
+                                           timeout=30)
+    return list(stubs.collections.WatchOperation(
+        C.GetOperationRequest(operation_id=op.operation_id), timeout=120))[-1]
+
+
+def test_an_undecodable_deferred_image_no_longer_blocks_its_collection(triton, tmp_path,
+                                                                       capsys):
+    from _services_support import SMALL_CLUSTERING, by_images, ingest_message, pictures
+
+    from reidal.v1 import constraints_pb2, sampling_pb2
+
+    pics = pictures()[:12]
+    good = [p.image_id for p in pics]
+    with running_server(triton, tmp_path / "data") as srv:
+        stubs = Stubs.connect(srv.address)
+        col = stubs.collections
+        try:
+            col.CreateCollection(C.CreateCollectionRequest(collection_id="c",
+                                                           clustering=SMALL_CLUSTERING),
+                                 timeout=30)
+            message = ingest_message("c", pics, defer=True)
+            message.images.add(image=common_pb2.Image(id="bad", data=b"not an image at all"))
+            assert col.AddImages(iter([message]), timeout=60).added == 13
+            stubs.constraints.SubmitConstraints(constraints_pb2.SubmitConstraintsRequest(
+                collection_id="c", answers=[by_images(good[0], good[1], True),
+                                            by_images(good[0], "bad", False),
+                                            by_images(good[2], "bad", None)]), timeout=30)
+
+            def sample() -> sampling_pb2.QueryBatch:
+                return stubs.sampling.GetQueryPairs(sampling_pb2.GetQueryPairsRequest(
+                    collection_id="c", budget=C.Budget(count=4)), timeout=60)
+
+            # the bad image fails only itself: named, the 12 good vectors stored
+            done = _embed_to_end(stubs, "c")
+            assert done.state == C.OPERATION_STATE_FAILED
+            assert done.error_code == "INVALID_ARGUMENT" and "'bad'" in done.error_message
+            assert "DeleteImage" in done.error_message
+            assert len(srv.runtime.store.vector_ids("c", triton.model_name, "1")) == 12
+            assert rpc_error(sample).code() == grpc.StatusCode.FAILED_PRECONDITION
+
+            # excluded: EmbedCollection succeeds, listing it as skipped; sampling works
+            stubs.constraints.ExcludeImage(constraints_pb2.ExcludeImageRequest(
+                collection_id="c", image_id="bad", reason="undecodable"), timeout=30)
+            done = _embed_to_end(stubs, "c")
+            assert done.state == C.OPERATION_STATE_SUCCEEDED, done.error_message
+            assert list(done.skipped_image_ids) == ["bad"]
+            assert sample().sampled_images == 12
+
+            # restored it blocks sampling again; deleted it is gone for good
+            stubs.constraints.RestoreImage(constraints_pb2.RestoreImageRequest(
+                collection_id="c", image_id="bad"), timeout=30)
+            assert rpc_error(sample).code() == grpc.StatusCode.FAILED_PRECONDITION
+            deleted = col.DeleteImage(C.DeleteImageRequest(collection_id="c", image_id="bad",
+                                                           actor="curator"), timeout=30)
+            assert deleted.answers_retired == 2
+            assert sample().sampled_images == 12
+            info = col.GetCollection(C.GetCollectionRequest(collection_id="c"), timeout=30)
+            assert (info.image_count, info.embedded_image_count, info.answer_count) == (12, 12, 1)
+            current = stubs.constraints.ListConstraints(constraints_pb2.ListConstraintsRequest(
+                collection_id="c"), timeout=30)
+            assert [(a.image_a, a.image_b) for a in current.constraints] == [
+                tuple(sorted(good[:2]))]  # the answer about other images is untouched
+            history = stubs.constraints.ListConstraints(constraints_pb2.ListConstraintsRequest(
+                collection_id="c", include_history=True), timeout=30)
+            assert sorted(a.status for a in history.constraints) == [  # retired, kept
+                constraints_pb2.CONSTRAINT_STATUS_CURRENT] + [
+                constraints_pb2.CONSTRAINT_STATUS_DELETED] * 2
+            for call, request in (
+                    (col.GetImage, C.GetImageRequest(collection_id="c", image_id="bad")),
+                    (col.DeleteImage, C.DeleteImageRequest(collection_id="c", image_id="bad")),
+                    (col.DeleteImage, C.DeleteImageRequest(collection_id="nope", image_id="x"))):
+                assert rpc_error(call, request, timeout=30).code() == grpc.StatusCode.NOT_FOUND
+
+            # the id added again (good bytes) starts afresh: no vector, no answer inherited
+            again = ingest_message("c", [pics[0]], defer=True)
+            again.images[0].image.id = "bad"
+            col.AddImages(iter([again]), timeout=60)
+            assert _embed_to_end(stubs, "c").state == C.OPERATION_STATE_SUCCEEDED
+            info = col.GetCollection(C.GetCollectionRequest(collection_id="c"), timeout=30)
+            assert (info.image_count, info.embedded_image_count, info.answer_count) == (13, 13, 1)
+            assert sample().sampled_images == 13
+
+            # the CLI (through the Python client) deletes it again
+            from reidal.cli import main as cli_main
+
+            assert cli_main(["image", "delete", "c", "bad", "--server", srv.address,
+                             "--actor", "curator"]) == 0
+            assert "deleted image 'bad'" in capsys.readouterr().out
+            assert cli_main(["image", "delete", "c", "bad", "--server", srv.address]) == 1
+            assert "NOT_FOUND" in capsys.readouterr().err
+            assert col.GetCollection(C.GetCollectionRequest(collection_id="c"),
+                                     timeout=30).image_count == 12
+        finally:
+            stubs.close()

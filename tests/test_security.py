@@ -447,6 +447,7 @@ def _calls_on(cid: str, w: World) -> dict[str, tuple]:
         "AddImages": ("col", iter([ingest_message(cid, pictures()[16:17], defer=True)])),
         "EmbedCollection": ("col", C.EmbedCollectionRequest(collection_id=cid)),
         "DeleteCollection": ("col", C.DeleteCollectionRequest(collection_id=cid)),
+        "DeleteImage": ("col", C.DeleteImageRequest(collection_id=cid, image_id=img[5])),
         "GetQueryPairs": ("samp", S.GetQueryPairsRequest(collection_id=cid,
                                                          budget=C.Budget(count=3))),
         "StartQueryPairs": ("samp", S.GetQueryPairsRequest(collection_id=cid,
@@ -538,7 +539,8 @@ def test_roles(world: World, stubs: Stubs):
         collection_id="A", budget=C.Budget(count=2)), t["reader-a"]) == DENIED
     assert code_of(stubs.col.GetCollection, C.GetCollectionRequest(collection_id="A"),
                    t["reader-a"]) == OK
-    for name in ("DeleteCollection", "AddImages", "EmbedCollection", "StartTraining"):
+    for name in ("DeleteCollection", "DeleteImage", "AddImages", "EmbedCollection",
+                 "StartTraining"):
         svc, req = _calls_on("A", world)[name]
         assert code_of(getattr(getattr(stubs, svc), name), req, t["team-a"]) == DENIED, name
     assert world.store.get_collection("A").id == "A"

@@ -375,6 +375,19 @@ class ReidalClient:
                    retry=True, timeout_s=timeout_s,
                    done_on_retry={grpc.StatusCode.NOT_FOUND: lambda: None})
 
+    def delete_image(self, collection_id: str, image_id: str, *, actor: str = "",
+                     timeout_s: float | None = None) -> int:
+        """Delete one image (e.g. one that cannot be embedded); returns how many answers
+        about it were retired with it (kept in the history, never applied again). NotFound
+        when the collection or image is absent."""
+        response = self._call(
+            "CollectionService.DeleteImage", self._collections.DeleteImage,
+            collections_pb2.DeleteImageRequest(collection_id=collection_id, image_id=image_id,
+                                               actor=actor),
+            retry=True, timeout_s=timeout_s,
+            done_on_retry={grpc.StatusCode.NOT_FOUND: lambda: None})  # an earlier try did it
+        return int(response.answers_retired) if response is not None else 0
+
     def add_images(self, collection_id: str, images: Iterable[ImageInput | Sequence[Any]], *,
                    batch_size: int = DEFAULT_INGEST_BATCH, messages_per_call: int = 1,
                    defer_embedding: bool = False, total: int | None = None,

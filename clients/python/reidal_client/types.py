@@ -369,6 +369,8 @@ class Operation:
     model: ModelRef
     created_at: datetime | None
     updated_at: datetime | None
+    #: embed_collection: excluded images that could not be embedded (left without a vector).
+    skipped_image_ids: tuple[str, ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -380,7 +382,7 @@ class Operation:
                    _enum_name(collections_pb2.OperationState, msg.state, "OPERATION_STATE_"),
                    msg.done, msg.total, msg.stage, msg.error_code, msg.error_message,
                    msg.batch_id, ModelRef.from_pb(msg.model), _time(msg, "created_at"),
-                   _time(msg, "updated_at"))
+                   _time(msg, "updated_at"), tuple(msg.skipped_image_ids))
 
 
 # ------------------------------------------------------------------------- sampling
