@@ -598,7 +598,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     run_demo(args.out, cycles=args.cycles, budget_per_cycle=parse_budget(args.budget),
              seed=args.seed, n_individuals=args.individuals, dataset_csv=args.dataset,
-             train=not args.no_train)
+             train=not args.no_train, preset=args.preset)
     return 0
 
 
@@ -855,6 +855,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--individuals", type=int, default=None,
                       help="individuals in the generated collection (default: the generator's)")
+    demo.add_argument("--preset", default="default", metavar="NAME",
+                      help="which generated collection: 'default' (40 individuals) or "
+                           "'hard' (reidal.data.synthetic_images.PRESETS) (80 individuals in shared scenes, near-duplicate "
+                           "frames, look-alikes: weak features; ~2,400 images)")
     demo.add_argument("--dataset", default=None, metavar="CSV",
                       help="run on a WildlifeDatasets metadata CSV (image_id, identity, path) "
                            "instead of the generated collection")

@@ -100,14 +100,16 @@ def _budget_text(budget: float | int, n_pairs: int) -> str:
 def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
              budget_per_cycle: float | int = DEMO_BUDGET_PER_CYCLE, seed: int = 0,
              n_individuals: int | None = None, dataset_csv: str | Path | None = None,
-             train: bool = True) -> DemoResult:
+             train: bool = True, preset: str = "default") -> DemoResult:
     """Run the demo; with ``dataset_csv`` (WildlifeDatasets layout) on that data instead of
-    the generated collection; ``train``: end with the training step. Output lands in
+    the generated collection (``preset``: a name of
+    :data:`reidal.data.synthetic_images.PRESETS`, e.g. "hard"); ``train``: end with the
+    training step. Output lands in
     ``out_dir``; the server's state in ``out_dir/server`` (its model repository is reused
     by the next run; the collection always starts from the pretrained version 1)."""
     from reidal.core.evaluation import clustering_quality, evaluate_open_set, open_set_split
     from reidal.core.oracle import SimulatedOracle
-    from reidal.data.synthetic_images import SyntheticConfig, generate_dataset
+    from reidal.data.synthetic_images import generate_dataset, preset_config
     from reidal.data.wildlife import load_wildlife_csv
     from reidal.embedding.spec import DEFAULT_MODEL_NAME
     from reidal.serve import serve
@@ -125,8 +127,8 @@ def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
         raise ValueError(f"cycles must be >= 1, got {cycles}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = SyntheticConfig(seed=seed) if n_individuals is None else SyntheticConfig(
-        seed=seed, n_individuals=n_individuals)
+    config = preset_config(preset, seed=seed) if n_individuals is None else preset_config(
+        preset, seed=seed, n_individuals=n_individuals)
 
     t = time.perf_counter()
     if dataset_csv is not None:

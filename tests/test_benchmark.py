@@ -147,6 +147,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     t = time.perf_counter()
     rc = cli_main(["bench", "--quick", "--methods", *METHODS, "--threads", "1",
+                   "--feature-cache", str(tmp_path_factory.mktemp("features")),
                    "--out", str(out)])
     assert rc == 0
     return out, time.perf_counter() - t
@@ -216,7 +217,9 @@ def test_rerun_skips_finished_runs_and_leaves_files_alone(quick_run, capsys):
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
     capsys.readouterr()
     t = time.perf_counter()
-    assert cli_main(["bench", "--quick", "--methods", *METHODS, "--out", str(out)]) == 0
+    # the same --threads: the thread count is part of every run's key
+    assert cli_main(["bench", "--quick", "--methods", *METHODS, "--threads", "1",
+                     "--feature-cache", "none", "--out", str(out)]) == 0
     seconds = time.perf_counter() - t
     text = capsys.readouterr().out
     n = len(METHODS) * QUICK_SEEDS

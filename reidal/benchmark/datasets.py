@@ -10,28 +10,37 @@ of the known identities, unlabelled; the simulated annotator answers from their 
 
 The *fingerprint* says what was loaded without loading it (the synthetic config, or the
 SHA-256 of the CSV's bytes), so a resumed benchmark knows whether its stored runs still
-describe this data before spending any time on it.
+describe this data before spending any time on it. The backbone features are kept on disk
+between invocations (:func:`backbone_features`), keyed by the fingerprint, the backbone's
+weights and the preprocessing (a CSV's key covers its bytes, not the image files it names:
+a changed image under an unchanged CSV needs ``--feature-cache none`` or a new folder).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from reidal.data.synthetic_images import HARD_PRESET
+
 #: The open-set split's seed: one split per dataset, shared by every method and run seed.
 SPLIT_SEED = 0
 #: Bundled names: ``synthetic`` is the default generated set (``SyntheticConfig()``: 40
 #: individuals, 4-16 images each, 128 px); ``synthetic-small`` a 20-individual 64 px set for
-#: ``--quick`` (about 120 images, a pool of about 60).
+#: ``--quick`` (about 120 images, a pool of about 60); ``synthetic-hard`` the hard preset
+#: (:data:`reidal.data.synthetic_images.HARD_PRESET`: weak features, shared scenes,
+#: near-duplicate frames, look-alikes; about 2,400 images of 80 individuals).
 BUNDLED = {
     "synthetic": {},
     "synthetic-small": {"n_individuals": 20, "images_per_individual": (4, 8), "image_size": 64,
                         "n_species": 4},
+    "synthetic-hard": HARD_PRESET,
 }
 
 
@@ -92,16 +101,92 @@ def dataset_fingerprint(spec: str) -> str:
     return hashlib.sha256(payload).hexdigest()[:16]
 
 
-def load_dataset(spec: str, model: Any, *, batch: int = 32) -> BenchDataset:
-    """Load ``spec`` (a bundled name or a WildlifeDatasets CSV), cache ``model``'s backbone
-    features of every image and make the open-set split.
+#: Images embedded between two progress lines while backbone features are computed.
+FEATURE_CHUNK = 256
+#: Environment variable naming the feature cache's folder (``--feature-cache`` wins).
+CACHE_ENV = "REIDAL_CACHE_DIR"
+
+
+def default_feature_cache() -> Path:
+    """Where backbone features are kept between invocations: ``$REIDAL_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/reidal`` (``~/.cache/reidal``), with ``bench-features`` below it."""
+    import os
+
+    root = os.environ.get(CACHE_ENV) or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "reidal"
+    return Path(root) / "bench-features"
+
+
+def feature_cache_key(fingerprint: str, model: Any) -> str:
+    """What decides a dataset's backbone features: the dataset's content (fingerprint), the
+    backbone's name and weights (hashed) and the preprocessing (input size, normalisation)."""
+    from reidal.training.data import spec_for
+
+    spec = spec_for(model)
+    h = hashlib.sha256()
+    h.update(json.dumps({"dataset": fingerprint, "arch": model.arch.get("backbone"),
+                         "input_size": list(spec.input_size), "mean": list(spec.mean),
+                         "std": list(spec.std)}, sort_keys=True).encode())
+    for name, t in sorted(model.backbone.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def backbone_features(images: list[Any], model: Any, key: str, *,
+                      cache_dir: str | Path | None,
+                      progress: Callable[[str], None] | None = None,
+                      batch: int = 32) -> Any:
+    """The backbone features of ``images``: read from ``cache_dir/<key>.pt`` when there,
+    else computed in chunks of :data:`FEATURE_CHUNK` images with a progress line each
+    (minutes on thousands of images on a busy CPU) and stored there (atomically).
+    ``cache_dir`` None: computed, not stored."""
+    import os
+    import pickle
+    import time
+
+    import torch
+
+    from reidal.training import cache_backbone_features
+
+    say = progress or (lambda line: None)
+    path = None if cache_dir is None else Path(cache_dir) / f"{key}.pt"
+    if path is not None and path.is_file():
+        try:
+            feats = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(feats, torch.Tensor) and feats.shape[0] == len(images):
+                say(f"  backbone features read from {path}")
+                return feats
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError):
+            pass  # unreadable or truncated: recompute and overwrite
+    parts, t = [], time.perf_counter()
+    for s in range(0, len(images), FEATURE_CHUNK):
+        parts.append(cache_backbone_features(model, images[s:s + FEATURE_CHUNK], batch))
+        done = min(s + FEATURE_CHUNK, len(images))
+        rate = done / max(time.perf_counter() - t, 1e-9)
+        say(f"  backbone features {done}/{len(images)} images ({rate:.1f}/s)")
+    feats = torch.cat(parts) if parts else cache_backbone_features(model, images, batch)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        torch.save(feats, tmp)
+        os.replace(tmp, path)
+        say(f"  backbone features stored in {path}")
+    return feats
+
+
+def load_dataset(spec: str, model: Any, *, batch: int = 32,
+                 cache_dir: str | Path | None = None,
+                 progress: Callable[[str], None] | None = None) -> BenchDataset:
+    """Load ``spec`` (a bundled name or a WildlifeDatasets CSV), get ``model``'s backbone
+    features of every image (from ``cache_dir`` when computed before: see
+    :func:`backbone_features`) and make the open-set split.
 
     CSV images without an identity cannot be evaluated or answered, so they are left out.
     """
     import torch
 
     from reidal.core.evaluation import open_set_split
-    from reidal.training import cache_backbone_features
     from reidal.training.launch import csv_items, synthetic_items
 
     fingerprint = dataset_fingerprint(spec)
@@ -114,7 +199,8 @@ def load_dataset(spec: str, model: Any, *, batch: int = 32) -> BenchDataset:
         if not images:
             raise ValueError(f"dataset {spec!r} has no image with an identity")
         identities = ids.astype(str)
-    features = cache_backbone_features(model, images, batch)
+    features = backbone_features(images, model, feature_cache_key(fingerprint, model),
+                                 cache_dir=cache_dir, progress=progress, batch=batch)
     with torch.no_grad():
         X0 = model.embed_features(features).numpy()
     split = open_set_split(identities, split=splits, X=X0, seed=SPLIT_SEED)

@@ -9,8 +9,8 @@ Output folder::
     <dataset>_pairs_per_cycle.png
 
 Resuming: a run whose JSON exists with the same key (a hash of everything that decides its
-numbers: the dataset's fingerprint, method, seed, schedule, budget, error rate, split seed
-and model) is not recomputed; a run whose key differs is run again and overwritten. When
+numbers: the dataset's fingerprint, method, seed, schedule, budget, error rate, split seed,
+model and ``--threads`` when given) is not recomputed; a run whose key differs is run again and overwritten. When
 every run is done the dataset is not even loaded. Outputs are rewritten only when their
 bytes change. Memory: one dataset's cached features at a time, one trainer alive at a time
 (each run's model copy is dropped before the next starts).
@@ -73,6 +73,10 @@ class BenchConfig:
     schedule: BenchSchedule = field(default_factory=BenchSchedule)
     threads: int | None = None
     triton_spec: str | None = None  # ModelSpec file (.json/.toml) for triton: rows
+    #: Folder of the on-disk backbone feature cache (None: compute, keep nothing);
+    #: see reidal.benchmark.datasets.backbone_features. Not part of a run's key: the
+    #: cached features are the ones that would be computed.
+    feature_cache: str | None = None
 
     def __post_init__(self) -> None:
         if not self.datasets:
@@ -112,6 +116,11 @@ def run_key(config: BenchConfig, fingerprint: str, method: str, seed: int) -> tu
         "model": {"backbone": DEFAULT_BACKBONE, "dim": DEFAULT_DIM, "head_seed": 0},
         "triton_spec": spec,
     }
+    # torch's and faiss's CPU kernels sum in a thread-count-dependent order, so the numbers
+    # depend on --threads: a run with a thread count is its own run. Left out when not
+    # given (the libraries' own choice), so keys stored before this stay valid.
+    if config.threads is not None:
+        what["threads"] = int(config.threads)
     blob = json.dumps(what, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:20], what
 
@@ -244,7 +253,7 @@ def _run_all(config: BenchConfig, out: Path, todo: list, total: int,
     for spec in dict.fromkeys(t[1] for t in todo):
         t = time.perf_counter()
         progress(f"loading {spec}: images, backbone features (once), open-set split")
-        data = load_dataset(spec, model)
+        data = load_dataset(spec, model, cache_dir=config.feature_cache, progress=progress)
         progress(f"  {len(data.identities)} images; pool {data.pool.size} images of "
                  f"{len(set(data.identities[data.pool]))} known identities, "
                  f"{data.split.query_idx.size} queries, {data.split.gallery_idx.size} gallery; "
@@ -320,7 +329,9 @@ def _command(config: BenchConfig, out: Path) -> str:
     for d in config.datasets:
         args += ["--dataset", d]
     args += ["--methods", *config.methods, "--budget", str(config.budget), "--seeds",
-             ",".join(map(str, config.seeds)), "--error-rate", f"{config.error_rate:g}"]
+             format_seeds(config.seeds), "--error-rate", f"{config.error_rate:g}"]
+    if config.threads is not None:
+        args += ["--threads", str(config.threads)]
     s, default = config.schedule, BenchSchedule()
     for opt, name in SCHEDULE_OPTIONS:
         if getattr(s, name) != getattr(default, name):
@@ -333,19 +344,38 @@ def _command(config: BenchConfig, out: Path) -> str:
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
-    """``"4"`` -> seeds 0..3; ``"0,2,7"`` -> those seeds."""
+    """``"4"`` -> 4 seeds, 0..3 (``"1"``: exactly one, seed 0); ``"0,2,7"`` -> those seeds;
+    ``"5,"`` -> seed 5 alone. ``"0"`` is refused: a count of no seeds (seed 0 alone is
+    ``"1"`` or ``"0,"``)."""
     s = text.strip()
     try:
         if "," in s:
             seeds = tuple(int(x) for x in s.split(",") if x.strip())
+            if not seeds:
+                raise ValueError
         else:
             count = int(s)
-            if count < 1:
+            if count == 0:
+                raise ValueError("--seeds 0 is a count of no seeds: for seed 0 alone write "
+                                 "--seeds 1 (a count) or --seeds 0, (a list)")
+            if count < 0:
                 raise ValueError
             seeds = tuple(range(count))
-    except ValueError:
-        raise ValueError(f"--seeds must be a count (4) or a list (0,2,7), got {text!r}") from None
+    except ValueError as err:
+        if str(err).startswith("--seeds"):
+            raise
+        raise ValueError(f"--seeds must be a count (4 = seeds 0..3) or a list (0,2,7; one "
+                         f"seed: 5,), got {text!r}") from None
     return seeds
+
+
+def format_seeds(seeds: Sequence[int]) -> str:
+    """The ``--seeds`` text :func:`parse_seeds` reads back as ``seeds``: a count for 0..N-1,
+    else a list (one seed with a trailing comma)."""
+    seeds = tuple(seeds)
+    if seeds == tuple(range(len(seeds))):
+        return str(len(seeds))
+    return ",".join(map(str, seeds)) + ("," if len(seeds) == 1 else "")
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -361,7 +391,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"per-cycle budget x cycles: 0.5%%x5, 0.005x5 or 100x5 pairs "
                         f"(default {DEFAULT_BUDGET.replace('%', '%%')})")
     p.add_argument("--seeds", default=None, metavar="N|LIST",
-                   help=f"number of seeds (0..N-1) or a list 0,2,7 (default {DEFAULT_SEEDS})")
+                   help=f"number of seeds (N: seeds 0..N-1) or a list 0,2,7 (one seed: 5,) "
+                        f"(default {DEFAULT_SEEDS})")
     p.add_argument("--error-rate", type=float, default=0.0,
                    help="probability that the simulated annotator flips an answer (default 0)")
     p.add_argument("--out", default="bench-output", help="output folder (default: %(default)s)")
@@ -371,7 +402,13 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "schedule "
                         "(options given explicitly still win)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch and faiss (default: their own)")
+                   help="CPU threads for torch and faiss (default: their own); the numbers "
+                        "depend on it, so a run with a thread count is kept apart from one "
+                        "without (part of the resume key)")
+    p.add_argument("--feature-cache", default=None, metavar="DIR|none",
+                   help="folder keeping the backbone features between invocations (default: "
+                        "$REIDAL_CACHE_DIR/bench-features, else ~/.cache/reidal/bench-features; "
+                        "'none' = compute every time)")
     g = p.add_argument_group("schedule (the same for every method; defaults: see BenchSchedule)")
     g.add_argument("--lr", type=float, default=None, help=f"Adam learning rate ({d.lr:g})")
     g.add_argument("--iters", type=int, default=None,
@@ -407,9 +444,17 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     budget = parse_budget_spec(args.budget or (QUICK_BUDGET if quick else DEFAULT_BUDGET))
     seeds = parse_seeds(args.seeds) if args.seeds else tuple(
         range(QUICK_SEEDS if quick else DEFAULT_SEEDS))
+    cache = args.feature_cache
+    if cache is None:
+        from reidal.benchmark.datasets import default_feature_cache
+
+        cache = str(default_feature_cache())
+    elif cache.strip().lower() == "none":
+        cache = None
     return BenchConfig(datasets=datasets, methods=methods, seeds=seeds, budget=budget,
                        error_rate=float(args.error_rate), schedule=schedule,
-                       threads=args.threads, triton_spec=args.triton_spec)
+                       threads=args.threads, triton_spec=args.triton_spec,
+                       feature_cache=cache)
 
 
 def bench_command(args: argparse.Namespace) -> int:

@@ -55,7 +55,7 @@ PATTERN_KINDS = ("stripes", "spots", "rosettes", "reticulated")
 
 # Seed streams: one independent SeedSequence branch per purpose, so adding draws to one
 # purpose never shifts the random numbers of another.
-_S_SPECIES, _S_INDIVIDUAL, _S_IMAGE, _S_COUNT, _S_SPLIT = range(5)
+_S_SPECIES, _S_INDIVIDUAL, _S_IMAGE, _S_COUNT, _S_SPLIT, _S_SCENE, _S_FRAME = range(7)
 
 # Body coordinates: u runs tail (-) to head (+), v runs back (-) to feet (+).
 _U_RANGE = (-1.35, 1.35)
@@ -126,12 +126,25 @@ class SyntheticConfig:
     #: Fraction of each remaining identity's images that goes to the test split.
     test_image_fraction: float = 0.25
     jpeg_quality: int = 92
+    #: Shared scenes (camera sites, pens): 0 gives every photo its own background; N > 0
+    #: deals the individuals (seeded, balanced, across species) into N scenes, and every
+    #: photo of an individual is taken in front of its scene's one background, so the
+    #: members of a scene share most of their pixels (what an ImageNet model matches on).
+    n_scenes: int = 0
+    #: Near-duplicate frames: an individual's photos come in bursts of this many
+    #: consecutive video-like frames sharing background, lighting and occluder, their pose
+    #: differing by ``burst_jitter``; 1 = every photo drawn independently.
+    burst_size: int = 1
+    #: How far a burst's frames move apart, as a fraction of each pose range (rotation,
+    #: scale, stretch, shear, bend, translation); 0 = identical poses (sensor noise only).
+    burst_jitter: float = 0.1
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
             raise ValueError(f"SyntheticConfig.{name} {why}, got {getattr(self, name)!r}")
 
-        for name in ("n_individuals", "image_size", "n_species", "seed", "jpeg_quality"):
+        for name in ("n_individuals", "image_size", "n_species", "seed", "jpeg_quality",
+                     "n_scenes", "burst_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 bad(name, "must be an int")
@@ -143,6 +156,10 @@ class SyntheticConfig:
             bad("image_size", "must be >= 32 pixels")
         if self.seed < 0:
             bad("seed", "must be >= 0")
+        if self.n_scenes < 0:
+            bad("n_scenes", "must be >= 0 (0: a background per photo)")
+        if self.burst_size < 1:
+            bad("burst_size", "must be >= 1 (1: no near-duplicate frames)")
         if not 1 <= self.jpeg_quality <= 100:
             bad("jpeg_quality", "must be in [1, 100]")
         # accept lists (e.g. from JSON) but store tuples, so configs compare and hash
@@ -156,7 +173,7 @@ class SyntheticConfig:
             bad("scale_range", "must satisfy 0 < min <= max <= 2")
         for name in ("pattern_similarity", "flip_probability", "occlusion_probability",
                      "grayscale_probability", "clutter", "lighting",
-                     "test_identity_fraction", "test_image_fraction"):
+                     "test_identity_fraction", "test_image_fraction", "burst_jitter"):
             if not 0.0 <= _number(self, name) <= 1.0:
                 bad(name, "must be in [0, 1]")
         if self.test_identity_fraction >= 1.0:
@@ -175,14 +192,26 @@ class SyntheticConfig:
         base.update(overrides)
         return cls(**base)  # type: ignore[arg-type]
 
+    @classmethod
+    def hard(cls, **overrides: object) -> SyntheticConfig:
+        """The hard preset (:data:`HARD_PRESET`): weak features on purpose, the regime of a
+        new species (see there), with ``overrides`` on top."""
+        return preset_config("hard", **overrides)
+
     def to_json_dict(self) -> dict[str, object]:
-        """A JSON-safe dict (tuples as lists) that :meth:`from_json_dict` inverts."""
+        """A JSON-safe dict (tuples as lists) that :meth:`from_json_dict` inverts.
+
+        Fields added after data was generated and fingerprinted (:data:`LATER_FIELDS`) are
+        left out while at their defaults, so a config that existed before them keeps its
+        dict (and the benchmark's fingerprint and the cached folders stay valid).
+        """
         def plain(v: object) -> object:
             if isinstance(v, tuple):
                 return [plain(x) for x in v]
             return v.item() if isinstance(v, np.generic) else v
 
-        return {k: plain(v) for k, v in asdict(self).items()}
+        return {k: plain(v) for k, v in asdict(self).items()
+                if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
     @classmethod
     def from_json_dict(cls, data: dict[str, object]) -> SyntheticConfig:
@@ -193,6 +222,36 @@ class SyntheticConfig:
             raise ValueError(f"unknown SyntheticConfig field(s): {sorted(unknown)}")
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**kw)  # type: ignore[arg-type]
+
+
+#: Fields added after the first datasets were fingerprinted, with the defaults that draw
+#: exactly the pixels those datasets had (see SyntheticConfig.to_json_dict).
+LATER_FIELDS: dict[str, object] = {"n_scenes": 0, "burst_size": 1, "burst_jitter": 0.1}
+
+#: The hard generated set (``SyntheticConfig.hard()``, ``reidal bench --dataset
+#: synthetic-hard``, ``reidal demo --preset hard``): the failure of issue 13 reproduced on
+#: purpose. ~80 individuals of 20-50 photos; two species of near-identical templates
+#: (look-alikes: only the layout of the marks differs); every individual photographed in
+#: one of 10 shared scenes (8 individuals a scene) where it fills less of the frame than
+#: in the default set, so background dominates an ImageNet model's features; photos in
+#: bursts of 5 near-duplicate frames (video). Measured zero-shot difficulty (default
+#: model, benchmark protocol): :data:`HARD_ZERO_SHOT`.
+HARD_PRESET: dict[str, object] = {
+    "n_individuals": 80, "images_per_individual": (20, 50), "n_species": 2,
+    "pattern_similarity": 0.9, "n_scenes": 10, "burst_size": 5, "burst_jitter": 0.1,
+    "scale_range": (0.45, 0.7), "clutter": 0.6,
+}
+
+
+#: Named presets (``reidal demo --preset NAME``): overrides of SyntheticConfig's defaults.
+PRESETS: dict[str, dict[str, object]] = {"default": {}, "hard": HARD_PRESET}
+
+
+def preset_config(name: str, **overrides: object) -> SyntheticConfig:
+    """The config of preset ``name`` (:data:`PRESETS`) with ``overrides`` on top."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown synthetic preset {name!r}; known: {', '.join(PRESETS)}")
+    return SyntheticConfig(**{**PRESETS[name], **overrides})  # type: ignore[arg-type]
 
 
 def _number(config: SyntheticConfig, name: str) -> float:
@@ -243,6 +302,16 @@ def species_name(config: SyntheticConfig, species: int) -> str:
     return f"{PATTERN_KINDS[species % len(PATTERN_KINDS)]}-{species}"
 
 
+def scene_of(config: SyntheticConfig, individual: int) -> int:
+    """The scene an individual is photographed in (-1 when ``n_scenes`` is 0): a seeded
+    permutation dealt round-robin, so scenes are balanced and mix species."""
+    if config.n_scenes == 0:
+        return -1
+    order = _rng(config, _S_SCENE).permutation(config.n_individuals)
+    rank = int(np.flatnonzero(order == individual)[0])
+    return rank % config.n_scenes
+
+
 def images_per_individual(config: SyntheticConfig) -> np.ndarray:
     """Image count of each individual: few for most, many for some (long tail)."""
     lo, hi = (int(x) for x in config.images_per_individual)
@@ -258,7 +327,8 @@ def plan_dataset(config: SyntheticConfig) -> list[PlannedImage]:
 
     The split serves the open-set protocol: a seeded ``test_identity_fraction`` of the
     identities is test-only (never seen in training); every other identity keeps at least
-    one training image and sends ``test_image_fraction`` of its images to test.
+    one training image and sends ``test_image_fraction`` of its images (of its bursts, with
+    ``burst_size`` > 1) to test.
     """
     counts = images_per_individual(config)
     n = config.n_individuals
@@ -272,9 +342,14 @@ def plan_dataset(config: SyntheticConfig) -> list[PlannedImage]:
         if i in unseen:
             test = np.ones(k, dtype=bool)
         else:
-            n_test = min(k - 1, int(round(config.test_image_fraction * k)))
-            test = np.zeros(k, dtype=bool)
-            test[_rng(config, _S_SPLIT, i).permutation(k)[:n_test]] = True
+            # Whole bursts go to one side: a test photo is never a frame of a training burst
+            # (another encounter, as in a real split by video or by day).
+            burst = np.arange(k) // config.burst_size
+            nb = int(burst[-1]) + 1
+            n_test = min(nb - 1, int(round(config.test_image_fraction * nb)))
+            test_bursts = np.zeros(nb, dtype=bool)
+            test_bursts[_rng(config, _S_SPLIT, i).permutation(nb)[:n_test]] = True
+            test = test_bursts[burst]
         sp = species_name(config, species_of(config, i))
         for j in range(k):
             out.append(PlannedImage(
@@ -605,19 +680,30 @@ def _occluder(rng: np.random.Generator, config: SyntheticConfig, x: np.ndarray, 
 def _photo(config: SyntheticConfig, individual: int, index: int, tex: np.ndarray,
            grid: tuple[np.ndarray, np.ndarray]) -> tuple[Image.Image, str]:
     """One photo of one individual; returns the image and the visible flank (viewpoint)."""
-    rng = _rng(config, _S_IMAGE, individual, index)
+    # A burst's frames share one draw of everything (the first frame's stream); each frame
+    # then moves a little by its own stream (``frame``). Without bursts: one stream a photo.
+    burst = config.burst_size
+    rng = _rng(config, _S_IMAGE, individual, index - index % burst)
+    frame = _rng(config, _S_FRAME, individual, index) if burst > 1 else None
     x, y = grid
     S = config.image_size
-    bg = _background(rng, config, x, y)
+    scene = scene_of(config, individual)
+    bg = _background(rng if scene < 0 else _rng(config, _S_SCENE, scene), config, x, y)
 
-    scale = rng.uniform(*config.scale_range)
-    theta = math.radians(rng.uniform(-config.rotation_deg, config.rotation_deg))
-    st = math.exp(rng.uniform(-config.stretch, config.stretch))
-    shear = rng.uniform(-config.shear, config.shear)
-    persp = rng.uniform(-config.shear, config.shear)
-    bend = rng.uniform(-config.bend, config.bend)
+    def pose(lo: float, hi: float) -> float:
+        value = rng.uniform(lo, hi)
+        if frame is not None:
+            value += frame.uniform(-1.0, 1.0) * config.burst_jitter * (hi - lo) / 2
+        return value
+
+    scale = pose(*config.scale_range)
+    theta = math.radians(pose(-config.rotation_deg, config.rotation_deg))
+    st = math.exp(pose(-config.stretch, config.stretch))
+    shear = pose(-config.shear, config.shear)
+    persp = pose(-config.shear, config.shear)
+    bend = pose(-config.bend, config.bend)
     flip = rng.random() < config.flip_probability
-    tx, ty = rng.uniform(-config.translate, config.translate, size=2)
+    tx, ty = pose(-config.translate, config.translate), pose(-config.translate, config.translate)
 
     # image -> body coordinates (the inverse of: pose, flip, shear, stretch, rotate, move)
     xs, ys = x - tx, y - ty
@@ -657,7 +743,8 @@ def _photo(config: SyntheticConfig, individual: int, index: int, tex: np.ndarray
         g = img @ np.array([0.299, 0.587, 0.114], np.float32)
         img = np.repeat(g[..., None], 3, axis=2)
     if config.noise > 0:
-        img = img + config.noise * rng.standard_normal(size=img.shape, dtype=np.float32)
+        img = img + config.noise * (rng if frame is None else frame).standard_normal(
+            size=img.shape, dtype=np.float32)
     out = Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), mode="RGB")
     radius = rng.uniform(0, config.blur_max) * S / 128
     if radius > 0.25:
