@@ -16,6 +16,8 @@ given to the core is the store's sequence number, which grows with time.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
@@ -272,6 +274,25 @@ def constraints_from_answers(row_ids: Sequence[str],
     pairs = np.sort(np.stack([a_rows[unsure], b_rows[unsure]], axis=1), axis=1)
     return AnswerConstraints(cs, pairs.reshape(-1, 2).astype(np.int64), used,
                              int((~inside).sum()))
+
+
+# --------------------------------------------------------------------------- state key
+
+
+def state_key(store: Store, collection_id: str, request: Mapping[str, Any]) -> str:
+    """A digest of everything a computation over the collection reads, with ``request``
+    (what the caller asked): the collection (and its re-creation), its model version and
+    parameters, its images (count, newest position), its answers (newest seq, and the
+    epoch that deletions, exclusions and restores move). Equal keys: the same inputs, so
+    the same result (a cached one may be served). A few indexed lookups, no answer read.
+    NotFound when the collection does not exist.
+    """
+    col = store.get_collection(collection_id)
+    version = store.answer_log_version(collection_id)
+    payload = [col.created_at, col.model_name, col.model_version, col.params,
+               store.image_count(collection_id), version.epoch, version.max_seq, request]
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 # --------------------------------------------------------------------------- a view

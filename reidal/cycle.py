@@ -25,6 +25,7 @@ from reidal.collection_state import (
     make_sampler,
     pair_rows_of,
     sampling_param,
+    state_key,
 )
 from reidal.core.aas import REASON_AGREE
 from reidal.core.sampling import REASON_ALL_RESOLVED, REASON_FULL, REASON_SMALL_POOL
@@ -70,17 +71,49 @@ class CycleRequest:
 STAGES = ("loading vectors and answers", "clustering and sampling", "storing the batch")
 
 
-def run_cycle(store: Store, collection_id: str, request: CycleRequest,
-              progress: Progress | None = None) -> tuple[BatchRecord, bool]:
-    """Run one cycle and store its batch; returns ``(batch, created)``.
+def pairs_state_key(store: Store, collection_id: str, request: CycleRequest) -> str:
+    """The state key (:func:`~reidal.collection_state.state_key`) of a cycle for
+    ``request``: the collection's state and the budget and filter asked."""
+    return state_key(store, collection_id, {
+        "kind": "pairs", "budget": request.budget,
+        "filter": request.image_filter.to_dict() if request.image_filter else {}})
 
-    With a request id already used, the stored batch comes back (``created`` False) and
-    nothing runs. The caller serialises cycles of one collection.
+
+def open_batch(store: Store, collection_id: str, request: CycleRequest) -> BatchRecord | None:
+    """The stored batch that answers ``request`` without a new cycle, if any.
+
+    The batch of the request id when it was used already; otherwise (unless
+    ``skip_pending``, which asks for pairs beyond the batches out) the collection's newest
+    batch when it was drawn from the state this request would sample (same
+    :func:`pairs_state_key`: no answer, image, exclusion, model or parameter changed, same
+    budget and filter). That batch is recorded for the request id, so a retry gets it too.
     """
     if request.request_id:
         earlier = store.batch_by_request(collection_id, request.request_id)
         if earlier is not None:
-            return earlier, False
+            return earlier
+    if request.skip_pending:
+        return None
+    newest = store.newest_batch(collection_id)
+    if newest is None or newest.stats.get("state_key") != pairs_state_key(
+            store, collection_id, request):
+        return None
+    if request.request_id:
+        return store.record_batch_request(collection_id, request.request_id, newest.batch_id)
+    return newest
+
+
+def run_cycle(store: Store, collection_id: str, request: CycleRequest,
+              progress: Progress | None = None) -> tuple[BatchRecord, bool]:
+    """Run one cycle and store its batch; returns ``(batch, created)``.
+
+    When :func:`open_batch` finds a stored batch for the request, it comes back
+    (``created`` False) and nothing runs. The caller serialises cycles of one collection.
+    """
+    earlier = open_batch(store, collection_id, request)
+    if earlier is not None:
+        return earlier, False
+    key = None if request.skip_pending else pairs_state_key(store, collection_id, request)
     tic = time.perf_counter()
 
     def stage(k: int) -> None:
@@ -127,6 +160,8 @@ def run_cycle(store: Store, collection_id: str, request: CycleRequest,
         "resolved": st.get("U_os_resolved", 0) + st.get("U_us_resolved", 0),
         "seconds": seconds, "pending_skipped": pending,
     }
+    if key is not None:
+        stats["state_key"] = key
 
     stage(2)
     batch, created = store.create_batch(

@@ -21,13 +21,21 @@ considered now (an excluded image leaves its identity without changing its id).
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from reidal.collection_state import CollectionView, load_view, make_dbscan, make_sampler
+from reidal.collection_state import (
+    CollectionView,
+    load_view,
+    make_dbscan,
+    make_sampler,
+    state_key,
+)
 from reidal.core.np3 import NP3
 from reidal.store import Store
 
@@ -189,3 +197,49 @@ def compute_identities(store: Store, collection_id: str) -> IdentitiesResult:
         view.collection.cycle, len(cs),
         [(tuple(c.answer_ids), c.dropped_answer_id) for c in cs.contradictions],
     )
+
+
+class LatestIdentities:
+    """GetIdentities that does not queue behind the computation of a newer state.
+
+    Per collection this process keeps the last computed result with its state key
+    (:func:`~reidal.collection_state.state_key`). A call whose key equals it gets it at
+    once. Otherwise one call at a time computes (under ``lock(collection_id)``, the
+    runtime's per-collection lock shared with sampling cycles) while the other calls get
+    the last computed result at once; only when there is none yet do they wait for that
+    computation. So a result may lag answers committed while another call was computing;
+    its ``applied_answers`` and ``cycle`` say which state it is.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._latest: dict[str, tuple[str, IdentitiesResult]] = {}
+        self._running: dict[str, threading.Event] = {}
+
+    def get(self, store: Store, collection_id: str,
+            lock: Callable[[str], AbstractContextManager[None]]) -> IdentitiesResult:
+        key = state_key(store, collection_id, {"kind": "identities"})
+        while True:
+            with self._guard:
+                latest = self._latest.get(collection_id)
+                if latest is not None and latest[0] == key:
+                    return latest[1]
+                running = self._running.get(collection_id)
+                if running is None:
+                    done = self._running[collection_id] = threading.Event()
+            if running is not None:
+                if latest is not None:
+                    return latest[1]  # the last computed state, while a newer one is computed
+                running.wait()
+                continue
+            try:
+                with lock(collection_id):
+                    key = state_key(store, collection_id, {"kind": "identities"})
+                    result = compute_identities(store, collection_id)
+                with self._guard:
+                    self._latest[collection_id] = (key, result)
+                return result
+            finally:
+                with self._guard:
+                    del self._running[collection_id]
+                done.set()

@@ -33,7 +33,7 @@ import numpy as np
 from reidal.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from reidal.store_sql import PostgresBackend, SqliteBackend, Tx, is_database_url, redact_url
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 LABELS = ("SAME", "DIFFERENT", "UNSURE")
 #: Counter moved by every write that changes the current answers of a collection other
 #: than by inserting new ones (a deletion, an exclusion or restore of an image): a cached
@@ -882,8 +882,9 @@ class Store:
         """
         with self._tx(collection_id) as db:
             if request_id:
-                row = db.execute("SELECT * FROM batches WHERE collection_id = ? AND request_id = ?",
-                                 (collection_id, request_id)).fetchone()
+                row = db.execute(
+                    _BATCH_OF_REQUEST,
+                    (collection_id, request_id, request_id)).fetchone()
                 if row is not None:
                     return _batch(row), False
             col = db.execute("SELECT cycle FROM collections WHERE id = ?",
@@ -924,11 +925,36 @@ class Store:
         return _batch(rows[0])
 
     def batch_by_request(self, collection_id: str, request_id: str) -> BatchRecord | None:
+        """The batch a request id created, or was answered with (:meth:`record_batch_request`)."""
         if not request_id:
             return None
-        rows = self._query("SELECT * FROM batches WHERE collection_id = ? AND request_id = ?",
-                           (collection_id, request_id))
+        rows = self._query(
+            _BATCH_OF_REQUEST,
+            (collection_id, request_id, request_id))
         return _batch(rows[0]) if rows else None
+
+    def record_batch_request(self, collection_id: str, request_id: str, batch_id: str) -> BatchRecord:
+        """Answer ``request_id`` with the existing batch ``batch_id`` (a retry gets it again);
+        a request id already used keeps its first batch, which is returned."""
+        with self._tx(collection_id) as db:
+            db.execute("INSERT INTO batch_requests (collection_id, request_id, batch_id)"
+                       " SELECT ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM batches WHERE"
+                       " collection_id = ? AND request_id = ?) ON CONFLICT DO NOTHING",
+                       (collection_id, request_id, batch_id, collection_id, request_id))
+        batch = self.batch_by_request(collection_id, request_id)
+        assert batch is not None
+        return batch
+
+    def newest_batch(self, collection_id: str) -> BatchRecord | None:
+        rows = self._query("SELECT * FROM batches WHERE collection_id = ? ORDER BY cycle DESC"
+                           " LIMIT 1", (collection_id,))
+        return _batch(rows[0]) if rows else None
+
+    def image_count(self, collection_id: str) -> tuple[int, int]:
+        """(images, newest image position): what tells that images were added or removed."""
+        r = self._query("SELECT COUNT(*), COALESCE(MAX(seq), -1) FROM images"
+                        " WHERE collection_id = ?", (collection_id,))[0]
+        return int(r[0]), int(r[1])
 
     def batches(self, collection_id: str, *, after_cycle: int = 0) -> list[BatchRecord]:
         """Batches with a cycle above ``after_cycle``, oldest first."""
@@ -1144,6 +1170,12 @@ class Store:
                                     "state = ?, error_code = 'ABORTED', error_message = ?",
                                     (JOB_FAILED, message))
 
+
+#: The batch a request id created or was answered with (batch_requests), by request id.
+_BATCH_OF_REQUEST = (
+    "SELECT b.* FROM batches b WHERE b.collection_id = ? AND (b.request_id = ? OR"
+    " b.batch_id IN (SELECT r.batch_id FROM batch_requests r"
+    " WHERE r.collection_id = b.collection_id AND r.request_id = ?))")
 
 _JOB_COLUMNS = frozenset({"state", "progress", "model_name", "model_version", "error_code",
                           "error_message"})

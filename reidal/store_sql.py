@@ -177,6 +177,17 @@ CREATE TABLE IF NOT EXISTS batch_pairs (
         ON DELETE CASCADE,
     CHECK (image_a < image_b)
 );
+-- Schema 6: a request answered with an existing open batch (GetQueryPairs on an unchanged
+-- state) is recorded here, so its retry returns that batch as a first call's retry does.
+CREATE TABLE IF NOT EXISTS batch_requests (
+    collection_id TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    batch_id TEXT NOT NULL,
+    PRIMARY KEY (collection_id, request_id),
+    FOREIGN KEY (collection_id, batch_id) REFERENCES batches (collection_id, batch_id)
+        ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS images_by_seq ON images (collection_id, seq);
 CREATE INDEX IF NOT EXISTS batch_pairs_by_batch ON batch_pairs (collection_id, batch_id, position);
 CREATE INDEX IF NOT EXISTS batch_pairs_by_images ON batch_pairs (collection_id, image_a, image_b);
 -- The identity of every image at the last GetIdentities, so ids stay stable across calls.

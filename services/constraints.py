@@ -18,7 +18,7 @@ from reidal.answers import (
     submit,
 )
 from reidal.grpc_server import ServiceBinding
-from reidal.identities import compute_identities
+from reidal.identities import LatestIdentities
 from reidal.runtime import Runtime
 from reidal.services.collections import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, seconds_of, timestamp
 from reidal.store import StoredAnswer
@@ -94,6 +94,7 @@ class ConstraintsServicer(constraints_pb2_grpc.ConstraintServiceServicer):
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self._identities = LatestIdentities()
 
     def binding(self) -> ServiceBinding:
         return ServiceBinding(
@@ -176,8 +177,7 @@ class ConstraintsServicer(constraints_pb2_grpc.ConstraintServiceServicer):
 
     def GetIdentities(self, request, context):  # noqa: N802
         cid = request.collection_id
-        with self.runtime.lock(cid):
-            result = compute_identities(self.runtime.store, cid)
+        result = self._identities.get(self.runtime.store, cid, self.runtime.lock)
         reports = [ContradictionReport(ids, dropped) for ids, dropped in result.contradictions]
         return constraints_pb2.GetIdentitiesResponse(
             collection_id=cid,

@@ -1,7 +1,8 @@
 """SamplingService: query batches by Ambiguity-Aware Sampling (sampling.proto).
 
 A thin layer over :mod:`reidal.cycle`: one cycle per GetQueryPairs (serialised per
-collection by the runtime's lock), the same cycle in the background for StartQueryPairs,
+collection by the runtime's lock) unless a stored batch already answers it (the request
+id's, or the open batch of an unchanged state: found before waiting for the lock), the same cycle in the background for StartQueryPairs,
 stored batches read back by GetQueryBatch, and WatchQueue streaming every new batch. The
 store is the source of truth for WatchQueue: the runtime's notifier only wakes it early.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import grpc
 
-from reidal.cycle import REASON_CODES, CycleRequest, run_cycle
+from reidal.cycle import REASON_CODES, CycleRequest, open_batch, run_cycle
 from reidal.grpc_server import ServiceBinding
 from reidal.runtime import Runtime, queue_key
 from reidal.services.collections import (
@@ -77,6 +78,9 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
             readiness=self.runtime.store.ping)
 
     def _cycle(self, collection_id: str, request: CycleRequest, progress=None) -> BatchRecord:
+        ready = open_batch(self.runtime.store, collection_id, request)  # no wait for the lock
+        if ready is not None:
+            return ready
         with self.runtime.lock(collection_id):
             batch, created = run_cycle(self.runtime.store, collection_id, request, progress)
         if created:
