@@ -85,19 +85,25 @@ class AnswerState:
             superseded.setdefault(new, []).append(old)
         touched: list[int] = []  # items of the answers applied since the last rebuild
         for r in rows:  # one step per new answer
-            for old in superseded.get(r.seq, ()):
-                if old in cs:
-                    rebuilds = cs.rebuilds
-                    cs.remove(old)
-                    touched = [] if cs.rebuilds != rebuilds else touched
-            if r.label == "UNSURE" or r.image_a in self.excluded or r.image_b in self.excluded:
-                continue
-            i, j = self._item(r.image_a), self._item(r.image_b)
+            olds = [old for old in superseded.get(r.seq, ()) if old in cs]
+            constraint = not (r.label == "UNSURE" or r.image_a in self.excluded
+                              or r.image_b in self.excluded)
             rebuilds = cs.rebuilds
-            cs.add(Answer(i, j, r.label == "SAME", r.seq))
+            if constraint:
+                i, j = self._item(r.image_a), self._item(r.image_b)
+                answer = Answer(i, j, r.label == "SAME", r.seq)
+                if len(olds) == 1:  # a revision: no rebuild when it says the same again
+                    cs.replace(olds[0], answer)
+                else:
+                    for old in olds:
+                        cs.remove(old)
+                    cs.add(answer)
+            else:
+                for old in olds:
+                    cs.remove(old)
             if cs.rebuilds != rebuilds:
                 touched = []
-            else:
+            elif constraint:
                 touched += (i, j)
         if cs.contradictions and touched:
             groups = {cs.group_of(x) for x in touched}

@@ -320,3 +320,20 @@ def test_from_arrays_equals_from_answers():
     np.testing.assert_array_equal(a.ml_pairs(), b.ml_pairs())
     with pytest.raises(ValueError, match="duplicate"):
         ConstraintSet.from_arrays(3, [0, 1], [1, 2], [True, True], [4, 4])
+
+
+@settings(max_examples=100, deadline=None)
+@given(answer_lists(), st.randoms(use_true_random=False))
+def test_replace_by_the_same_answer_keeps_the_rebuild_state(case, rnd):
+    n, answers = case
+    if not answers:
+        return
+    cs = ConstraintSet.from_answers(n, answers)
+    old = rnd.choice(answers)
+    new = Answer(old.j, old.i, old.same, max(a.answer_id for a in answers) + 1)
+    cs.replace(old.answer_id, new)
+    ref = ConstraintSet.from_answers(n, [a for a in answers if a is not old] + [new])
+    assert applied_ids(cs) == applied_ids(ref) and len(cs) == len(ref)
+    np.testing.assert_array_equal(cs.ml_groups(), ref.ml_groups())
+    np.testing.assert_array_equal(cs.cl_group_edges(), ref.cl_group_edges())
+    np.testing.assert_array_equal(cs.ml_pairs(), ref.ml_pairs())

@@ -414,6 +414,28 @@ class ConstraintSet:
         """The answer with this id (KeyError when absent)."""
         return self._table.get(int(answer_id))
 
+    def replace(self, old_id: int, answer: Answer) -> Contradiction | None:
+        """Supersede answer ``old_id`` by ``answer`` (a newer answer on the same pair).
+
+        When both say the same of the same pair, the old one is applied and no
+        contradiction names it, the groups do not change: the new answer takes its place
+        without a rebuild. Anything else is :meth:`remove` then :meth:`add`.
+        """
+        answer = _as_answer(answer, self.n_items)
+        old_id = int(old_id)
+        old = self._table.get(old_id)
+        if ({old.i, old.j} == {answer.i, answer.j} and old.same == answer.same
+                and self._max_id is not None and answer.answer_id > self._max_id
+                and old_id not in self._dropped
+                and not any(old_id in c.answer_ids for c in self.contradictions)):
+            self._table.remove(old_id)
+            self._table.append(answer)
+            self._max_id = answer.answer_id
+            self._cache.clear()
+            return None
+        self.remove(old_id)
+        return self.add(answer)
+
     def rebuild(self) -> None:
         """Recompute from all answers (what :meth:`from_answers` would give)."""
         self._build()
