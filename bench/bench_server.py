@@ -1,0 +1,370 @@
+"""The server as its clients see it: a real ``reidal serve`` (a subprocess) on loopback.
+
+    .venv/bin/python bench/bench_server.py [--quick] [--stored 0 100000 1000000]
+                                           [--clients 8] [--read-clients 16] [--seconds 10]
+                                           [--images 2000] [--ingest 256] [--out results.json]
+
+What it measures, each figure from this run:
+
+* durable answers/s: ``--clients`` threads (one channel each) send SubmitConstraints with
+  1 and with 50 answers a call for ``--seconds`` each, on a collection that already holds
+  0, 100k, 1M answers (``--stored``). An answer counts once its call returned (it is on
+  disk then: SQLite ``synchronous=FULL``). The answers are drawn on random pairs of 20,000
+  images and labelled from a hidden identity per image, so they agree with each other (no
+  contradictions), as an annotator's mostly do; a pair already answered is revised with
+  the same label. ``first_submit_s``: the first call after the server started (it loads
+  the collection's answer state once per process).
+* reads: ``--read-clients`` threads, half calling GetQueryPairs (budget 10), half
+  GetIdentities, on a collection of ``--images`` images with stored vectors, while one
+  more client submits an answer every 0.5 s (so the state keeps changing); p50 / p99 of
+  each. ``identities_idle_s``: GetIdentities alone, computing a changed state, and
+  ``identities_cached_s``: alone on an unchanged state.
+* ingest: ``--ingest`` synthetic 128 px PNG images streamed through AddImages (16 a
+  message) into a server with every service and the bundled Triton on CPU: images/s,
+  embedding included (skipped with ``--ingest 0``; ``--quick`` skips it).
+
+Pre-filled data goes in through the store API (``Store``: collections, images, vectors)
+and, for the stored answers, one ``executemany`` INSERT into the answers table inside one
+store transaction before the server starts: a million SubmitConstraints calls would take
+hours, and the server reads what is stored exactly as it reads its own answers.
+
+The last line printed is one JSON object with every figure. ``--quick``: tiny sizes, for
+the smoke test in the suite (tests/test_bench_server.py). The machine's other load is not
+controlled: run it on an idle machine for figures to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from reidal.collection_state import effective_params
+from reidal.core.synthetic import make_reid_embeddings
+from reidal.store import ImageRecord, Store
+from reidal.v1 import (
+    collections_pb2,
+    collections_pb2_grpc,
+    common_pb2,
+    constraints_pb2,
+    constraints_pb2_grpc,
+    sampling_pb2,
+    sampling_pb2_grpc,
+)
+
+ANSWER_IMAGES = 20_000  # images of each answers collection (--quick: 1000)
+PER_IDENTITY = 10  # images per hidden identity (answers' labels)
+READS_COLLECTION = "reads"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """``reidal serve`` as a subprocess; started, waited for, stopped (SIGTERM)."""
+
+    def __init__(self, data_dir: Path, services: list[str], timeout_s: float = 300.0) -> None:
+        self.address = f"127.0.0.1:{free_port()}"
+        exe = Path(sys.executable).with_name("reidal")
+        self.proc = subprocess.Popen(
+            [str(exe), "serve", "--service", *services, "--data-dir", str(data_dir),
+             "--host", "127.0.0.1", "--port", self.address.rsplit(":", 1)[1], "--no-http",
+             "--workers", "32", "--log-level", "WARNING"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + timeout_s
+        assert self.proc.stdout is not None
+        while True:
+            line = self.proc.stdout.readline()
+            if line.startswith("reidal serving"):
+                break
+            if not line and self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"reidal serve did not start: {line!r}")
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # drain
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.address)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# --------------------------------------------------------------------------- pre-fill
+
+
+def answer_collection(store: Store, cid: str, stored: int, rng: np.random.Generator) -> None:
+    """A collection of ANSWER_IMAGES images holding ``stored`` answers (direct INSERT)."""
+    store.create_collection(cid)
+    ids = [f"{cid}-{k:06d}" for k in range(ANSWER_IMAGES)]
+    store.add_images(cid, [ImageRecord(i) for i in ids])
+    if not stored:
+        return
+    identity = np.arange(ANSWER_IMAGES) // PER_IDENTITY
+    pairs = np.unique(np.sort(rng.integers(0, ANSWER_IMAGES, (int(stored * 1.05) + 10, 2)),
+                              axis=1), axis=0)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    pairs = pairs[rng.permutation(len(pairs))[:stored]]
+    same = identity[pairs[:, 0]] == identity[pairs[:, 1]]
+    now = time.time()
+    rows = [(cid, ids[a], ids[b], "SAME" if s else "DIFFERENT", "prefill", now)
+            for (a, b), s in zip(pairs.tolist(), same.tolist(), strict=True)]
+    with store._tx(cid) as db:  # noqa: SLF001 - the documented direct pre-fill
+        db.executemany("INSERT INTO answers (collection_id, image_a, image_b, label,"
+                       " annotator, received_at) VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+
+def reads_collection(store: Store, n: int) -> list[str]:
+    data = make_reid_embeddings(n_identities=max(2, n // 10), dim=64, seed=0)
+    X = data.X[:n].astype(np.float32)
+    ids = [f"r{k:06d}" for k in range(len(X))]
+    store.create_collection(READS_COLLECTION, model_name="bench", model_version="1",
+                            params=effective_params(None, None))
+    store.add_images(READS_COLLECTION, [ImageRecord(i) for i in ids])
+    store.put_vectors(READS_COLLECTION, "bench", "1", ids, X)
+    return ids
+
+
+# --------------------------------------------------------------------------- load
+
+
+def by_images(a: str, b: str, same: bool) -> constraints_pb2.AnswerInput:
+    return constraints_pb2.AnswerInput(
+        images=constraints_pb2.ImagePair(image_a=a, image_b=b), annotator_id="bench",
+        label=constraints_pb2.ANSWER_LABEL_SAME if same else constraints_pb2.ANSWER_LABEL_DIFFERENT)
+
+
+def random_answers(cid: str, rng: np.random.Generator, k: int) -> list[constraints_pb2.AnswerInput]:
+    pairs = rng.integers(0, ANSWER_IMAGES, (k, 2))
+    pairs[:, 1] = np.where(pairs[:, 0] == pairs[:, 1], (pairs[:, 1] + 1) % ANSWER_IMAGES,
+                           pairs[:, 1])
+    same = pairs[:, 0] // PER_IDENTITY == pairs[:, 1] // PER_IDENTITY
+    return [by_images(f"{cid}-{a:06d}", f"{cid}-{b:06d}", bool(s))
+            for (a, b), s in zip(pairs.tolist(), same.tolist(), strict=True)]
+
+
+def run_clients(n: int, seconds: float, work: Callable[[int, np.random.Generator], int],
+                ) -> tuple[int, int, list[float]]:
+    """``n`` threads calling ``work(k, rng)`` (returns items done) for ``seconds``:
+    (calls, items, per-call latencies)."""
+    stop = time.monotonic() + seconds
+    lock = threading.Lock()
+    totals = [0, 0]
+    latencies: list[float] = []
+    errors: list[BaseException] = []
+
+    def loop(k: int) -> None:
+        rng = np.random.default_rng(1000 + k)
+        try:
+            while time.monotonic() < stop:
+                t0 = time.perf_counter()
+                done = work(k, rng)
+                dt = time.perf_counter() - t0
+                with lock:
+                    totals[0] += 1
+                    totals[1] += done
+                    latencies.append(dt)
+        except BaseException as exc:  # reported below, after the other threads stop
+            errors.append(exc)
+
+    threads = [threading.Thread(target=loop, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return totals[0], totals[1], latencies
+
+
+def submit_load(server: Server, cid: str, per_call: int, clients: int,
+                seconds: float) -> dict[str, float]:
+    stubs = [constraints_pb2_grpc.ConstraintServiceStub(server.channel()) for _ in range(clients)]
+
+    def work(k: int, rng: np.random.Generator) -> int:
+        out = stubs[k].SubmitConstraints(constraints_pb2.SubmitConstraintsRequest(
+            collection_id=cid, answers=random_answers(cid, rng, per_call)), timeout=600)
+        return out.stored_count
+
+    t0 = time.perf_counter()
+    calls, answers, lat = run_clients(clients, seconds, work)
+    wall = time.perf_counter() - t0
+    return {"answers_per_s": answers / wall, "calls_per_s": calls / wall,
+            "p50_ms": 1000 * float(np.percentile(lat, 50)),
+            "p99_ms": 1000 * float(np.percentile(lat, 99))}
+
+
+def pct(lat: list[float], q: float) -> float | None:
+    return float(np.percentile(lat, q)) if lat else None
+
+
+def read_load(server: Server, image_ids: list[str], clients: int,
+              seconds: float) -> dict[str, float | None]:
+    ch = server.channel()
+    ident = constraints_pb2_grpc.ConstraintServiceStub(ch)
+    ask = constraints_pb2.GetIdentitiesRequest(collection_id=READS_COLLECTION)
+    writer_rng = np.random.default_rng(7)
+
+    def one_answer() -> None:
+        a, b = writer_rng.choice(len(image_ids), 2, replace=False)
+        ident.SubmitConstraints(constraints_pb2.SubmitConstraintsRequest(
+            collection_id=READS_COLLECTION,
+            answers=[by_images(image_ids[a], image_ids[b], False)]), timeout=60)
+
+    ident.GetIdentities(ask, timeout=600)  # first computation (warm-up)
+    one_answer()
+    t0 = time.perf_counter()
+    ident.GetIdentities(ask, timeout=600)
+    idle = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ident.GetIdentities(ask, timeout=600)
+    cached = time.perf_counter() - t0
+
+    samplers = [sampling_pb2_grpc.SamplingServiceStub(server.channel()) for _ in range(clients)]
+    readers = [constraints_pb2_grpc.ConstraintServiceStub(server.channel())
+               for _ in range(clients)]
+    pair_lat: list[float] = []
+    ident_lat: list[float] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        while not stop.wait(0.5):
+            one_answer()
+
+    def work(k: int, rng: np.random.Generator) -> int:
+        t0 = time.perf_counter()
+        if k % 2:
+            samplers[k].GetQueryPairs(sampling_pb2.GetQueryPairsRequest(
+                collection_id=READS_COLLECTION, budget=collections_pb2.Budget(count=10)),
+                timeout=600)
+            pair_lat.append(time.perf_counter() - t0)
+        else:
+            readers[k].GetIdentities(ask, timeout=600)
+            ident_lat.append(time.perf_counter() - t0)
+        return 1
+
+    w = threading.Thread(target=writer)
+    w.start()
+    try:
+        run_clients(clients, seconds, work)
+    finally:
+        stop.set()
+        w.join()
+    return {"identities_idle_s": idle, "identities_cached_s": cached,
+            "identities_p50_s": pct(ident_lat, 50), "identities_p99_s": pct(ident_lat, 99),
+            "pairs_p50_s": pct(pair_lat, 50), "pairs_p99_s": pct(pair_lat, 99),
+            "identities_calls": len(ident_lat), "pairs_calls": len(pair_lat)}
+
+
+def ingest(data_dir: Path, n: int) -> dict[str, float]:
+    import io
+
+    from reidal.data.synthetic_images import SyntheticConfig, iter_samples
+
+    cfg = SyntheticConfig.tiny(n_individuals=max(2, n // 8), images_per_individual=(8, 8),
+                               seed=0, image_size=128)
+    pics = []
+    for s in iter_samples(cfg):
+        buf = io.BytesIO()
+        s.image.save(buf, format="PNG")
+        pics.append((s.image_id, buf.getvalue()))
+    pics = pics[:n]
+    t0 = time.perf_counter()
+    server = Server(data_dir, ["all"])
+    started = time.perf_counter() - t0
+    try:
+        stub = collections_pb2_grpc.CollectionServiceStub(server.channel())
+        stub.CreateCollection(collections_pb2.CreateCollectionRequest(collection_id="ingest"))
+        msgs = [collections_pb2.AddImagesRequest(collection_id="ingest", images=[
+            collections_pb2.IngestImage(image=common_pb2.Image(id=i, data=d))
+            for i, d in pics[s:s + 16]]) for s in range(0, len(pics), 16)]
+        t0 = time.perf_counter()
+        out = stub.AddImages(iter(msgs), timeout=3600)
+        seconds = time.perf_counter() - t0
+    finally:
+        server.stop()
+    return {"ingest_images": out.added, "ingest_images_per_s": out.added / seconds,
+            "ingest_embedded": out.embedded, "server_start_s": started}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    ap.add_argument("--stored", type=int, nargs="+", default=[0, 100_000, 1_000_000])
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--read-clients", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=10.0, help="per measured phase")
+    ap.add_argument("--images", type=int, default=2000, help="images of the reads collection")
+    ap.add_argument("--ingest", type=int, default=256, help="images to ingest (0: skip)")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.stored, args.seconds, args.images, args.ingest = [0, 2000], 0.5, 120, 0
+        args.clients, args.read_clients = 4, 4
+        global ANSWER_IMAGES
+        ANSWER_IMAGES = 1000
+    rng = np.random.default_rng(0)
+    result: dict[str, object] = {
+        "machine": f"{platform.node()} {os.cpu_count()} cpu", "clients": args.clients,
+        "read_clients": args.read_clients, "seconds": args.seconds, "answers": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
+        data = Path(tmp) / "data"
+        store = Store(data)
+        t0 = time.perf_counter()
+        for stored in args.stored:
+            answer_collection(store, f"answers-{stored}", stored, rng)
+        image_ids = reads_collection(store, args.images)
+        store.close()
+        print(f"pre-fill: {time.perf_counter() - t0:.1f} s", flush=True)
+        server = Server(data, ["sampling", "constraints"])
+        try:
+            for stored in args.stored:
+                cid = f"answers-{stored}"
+                stub = constraints_pb2_grpc.ConstraintServiceStub(server.channel())
+                t0 = time.perf_counter()
+                stub.SubmitConstraints(constraints_pb2.SubmitConstraintsRequest(
+                    collection_id=cid, answers=random_answers(cid, rng, 1)), timeout=3600)
+                row: dict[str, object] = {"first_submit_s": time.perf_counter() - t0}
+                for per_call in (1, 50):
+                    row[f"per_call_{per_call}"] = submit_load(server, cid, per_call,
+                                                              args.clients, args.seconds)
+                result["answers"][str(stored)] = row  # type: ignore[index]
+                print(f"{stored} stored answers: {json.dumps(row)}", flush=True)
+            result["reads"] = read_load(server, image_ids, args.read_clients, args.seconds)
+            print(f"reads: {json.dumps(result['reads'])}", flush=True)
+        finally:
+            server.stop()
+        if args.ingest:
+            result["ingest"] = ingest(Path(tmp) / "ingest", args.ingest)
+            print(f"ingest: {json.dumps(result['ingest'])}", flush=True)
+    line = json.dumps(result, sort_keys=True)
+    if args.out:
+        Path(args.out).write_text(line + "\n")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
