@@ -407,6 +407,7 @@ class Store:
                 "UPDATE answers SET deleted_at = ?, deleted_by = ? WHERE collection_id = ?"
                 " AND (image_a = ? OR image_b = ?) AND deleted_at IS NULL",
                 (_now(), actor, collection_id, image_id, image_id)).rowcount
+            self._bump_answers_epoch(db, collection_id)
             self._audit(db, collection_id, "delete_image", actor,
                         {"image_id": image_id, "answers_retired": retired})
         return int(retired)

@@ -104,6 +104,8 @@ def test_answers_written_through_another_store_handle_are_picked_up(store, store
     try:
         theirs = submit(other, cid, as_submissions([(1, 1, "SAME")]))
         other.exclude_image(cid, "i6", "blurred")
+        submit(other, cid, as_submissions([(3, 1, "SAME"), (3, 2, "DIFFERENT")]))
+        other.delete_image(cid, "i4")  # retires the answers about it
     finally:
         other.close()
     mine = submit(store, cid, as_submissions([(0, 2, "DIFFERENT"), (5, 1, "SAME")]))
@@ -132,3 +134,11 @@ def test_consistent_answers_are_applied_without_rebuilding(store):
         submit(store, cid, as_submissions(call))
     state = answer_states(store).sync(store, cid)
     assert state.constraints.rebuilds == before and len(state.constraints) == 4
+
+
+def test_a_deleted_image_takes_its_answers_out_of_the_state(store):
+    cid = new_collection(store)
+    submit(store, cid, as_submissions([(0, 1, "SAME"), (1, 3, "SAME"), (4, 5, "SAME")]))
+    store.delete_image(cid, "i4")  # the chain i0 - i1 - i4 - i2 loses its middle
+    out = submit(store, cid, as_submissions([(0, 2, "DIFFERENT")]))
+    assert not out.contradictions and reference(store, cid, out.seqs) == []
