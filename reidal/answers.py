@@ -31,6 +31,7 @@ from reidal.answer_state import answer_states
 from reidal.collection_state import constraints_from_answers
 from reidal.errors import AlreadyExists, InvalidArgument, NotFound
 from reidal.grpc_server import log_kv
+from reidal.limits import MAX_NOTE_LENGTH
 from reidal.metrics import counter
 from reidal.store import LABELS, AnswerIn, Store, StoredAnswer
 
@@ -38,7 +39,6 @@ log = logging.getLogger("reidal.constraints")
 
 #: Most answers per request.
 MAX_ANSWERS_PER_REQUEST = 10_000
-MAX_NOTE_LENGTH = 4096
 MAX_LISTED = 20
 #: Tags an answer may carry (AnswerTag in constraints.proto, lower case).
 TAGS = ("photobomb", "scenery_match", "poor_quality")

@@ -57,6 +57,7 @@ from typing import Any
 import grpc
 
 from reidal import errors
+from reidal.request_checks import UnparsedRequest
 
 log = logging.getLogger("reidal.auth")
 
@@ -395,6 +396,8 @@ class Authorizer(grpc.ServerInterceptor):
                         context: grpc.ServicerContext) -> Iterator[tuple[str, str]]:
         """(collection id, how it was found) of everything the request names."""
         desc = getattr(request, "DESCRIPTOR", None)
+        if isinstance(request, UnparsedRequest):
+            return  # bytes that are no message: INVALID_ARGUMENT from the request checks
         if desc is None:  # not a protobuf message: its collection cannot be told
             if entry.collections is not None:
                 context.abort(grpc.StatusCode.PERMISSION_DENIED,

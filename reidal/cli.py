@@ -134,7 +134,8 @@ def _serve(args: argparse.Namespace) -> int:
                        triton_url=args.triton_url, start_triton=start_triton,
                        embedding_url=args.embedding_url,
                        **({"model_name": args.model} if args.model else {}),
-                       metrics_port=args.metrics_port, max_workers=args.workers,
+                       metrics_port=args.metrics_port, metrics_addr=args.metrics_host,
+                       max_workers=args.workers,
                        max_message_mb=args.max_message_mb, tls_cert=args.tls_cert,
                        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                        auth_tokens=args.auth_tokens, **_embedding_channel(args),
@@ -668,6 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "volume), where training writes new model versions")
     serve.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus /metrics on this port (default: none)")
+    serve.add_argument("--metrics-host", default=None,
+                       help="interface of the metrics port (default: the --host interface)")
     serve.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
                        help="serve the pair-review web page on this port, on the --host "
                             "interface (default: %(default)s; 0 = any free port)")

@@ -30,10 +30,8 @@ from reidal.core.clustering import DBSCANJaccard
 from reidal.core.constraints import ConstraintSet, Contradiction
 from reidal.core.validation import resolve_budget
 from reidal.errors import FailedPrecondition, InvalidArgument, NotFound
+from reidal.limits import MAX_ID_LENGTH
 from reidal.store import Collection, ImageRecord, Store, StoredAnswer
-
-#: Longest caller id (collection, image) accepted.
-MAX_ID_LENGTH = 256
 
 #: Clustering defaults: SpCL's (method.md step 1).
 DEFAULT_CLUSTERING: dict[str, Any] = {"dbscan_eps": 0.6, "min_samples": 4, "k1": 30, "k2": 6}

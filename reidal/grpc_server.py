@@ -13,7 +13,12 @@ gets, so that no servicer re-implements it:
   (:mod:`reidal.metrics`), logs one structured line per call, turns reidal's domain errors
   (:mod:`reidal.errors`) into their status codes in this one place, turns any other
   exception into INTERNAL with its message logged, and refuses calls whose deadline is
-  already over.
+  already over. Status messages are cut to ``MAX_STATUS_DETAILS`` bytes and logged values
+  to ``MAX_LOG_VALUE`` characters, whatever a handler put in them.
+- Every request message checked against the API's limits (:mod:`reidal.request_checks`)
+  after authentication and before the servicer: INVALID_ARGUMENT naming the field. Request
+  bytes that do not parse get INVALID_ARGUMENT too (after UNAUTHENTICATED when tokens are
+  on), not gRPC's INTERNAL with a traceback.
 - Optional TLS (mutual with a client CA, :mod:`reidal.tls`) and access tokens checked on
   every call but health and reflection (:mod:`reidal.auth`), installed here for every
   service alike. ``max_message_mb`` bounds messages both ways (RESOURCE_EXHAUSTED beyond).
@@ -41,6 +46,12 @@ from grpc_reflection.v1alpha import reflection
 from reidal import errors
 from reidal.auth import Authorizer
 from reidal.metrics import RpcMetrics
+from reidal.request_checks import (
+    UnparsedRequest,
+    check_request,
+    lenient,
+    request_type_name,
+)
 from reidal.tls import ServerTLS
 
 log = logging.getLogger("reidal.server")
@@ -53,6 +64,12 @@ ERROR_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
 )
+
+#: Longest status message sent (bytes of UTF-8): gRPC carries it in a header, and a header
+#: beyond the client's limit turns any status into RESOURCE_EXHAUSTED.
+MAX_STATUS_DETAILS = 4096
+#: Longest value written into a log line (characters); longer ones are cut.
+MAX_LOG_VALUE = 1000
 
 #: Services whose calls are logged at DEBUG only (probes every few seconds would drown the
 #: log); they are still counted in the metrics.
@@ -88,6 +105,17 @@ class ServiceBinding:
 # ---------------------------------------------------------------------------------- logs
 
 
+def bounded(text: str, limit: int, unit: str = "characters") -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... (cut: {len(text)} {unit})"
+
+
+def _log_value(value: object) -> object:
+    return bounded(value, MAX_LOG_VALUE) if isinstance(value, str) else value
+
+
 def _kv_value(value: object) -> str:
     if isinstance(value, list | tuple | set | frozenset):
         text = ",".join(str(v) for v in value)
@@ -102,9 +130,11 @@ def log_kv(logger: logging.Logger, level: int, event: str, **fields: object) -> 
     """Log ``event k=v k=v ...`` (values quoted when needed) with the fields attached.
 
     The fields also travel as ``record.fields`` so :class:`JsonFormatter` can emit them as
-    JSON keys: one call, readable in a terminal and parseable by a log pipeline.
+    JSON keys: one call, readable in a terminal and parseable by a log pipeline. String
+    values are cut to ``MAX_LOG_VALUE`` characters: a log line never holds a huge input.
     """
     if logger.isEnabledFor(level):
+        fields = {k: _log_value(v) for k, v in fields.items()}
         text = " ".join([event, *(f"{k}={_kv_value(v)}" for k, v in fields.items())])
         logger.log(level, text, extra={"fields": {"event": event, **fields}}, stacklevel=2)
 
@@ -230,14 +260,20 @@ class _RpcObserver(grpc.ServerInterceptor):
         if isinstance(exc, grpc.RpcError) or not isinstance(exc, Exception):
             return
         if context.code() not in (None, grpc.StatusCode.OK):
-            return  # context.abort() was called: its code and message stand
+            # context.abort() was called: its code stands, its message within bounds (the
+            # status is sent after this returns, with the details the context holds then).
+            details = context.details() or b""
+            if len(details) > MAX_STATUS_DETAILS:
+                context.set_details(_status_details(details.decode("utf-8", "replace")))
+            return
         code = status_for(exc)
         if code is not None:
-            context.abort(code, str(exc))
+            context.abort(code, _status_details(str(exc)))
         log_kv(rpc_log, logging.ERROR, "rpc_exception", service=service, method=method,
                error=type(exc).__name__, detail=str(exc))
         rpc_log.error("unhandled exception in %s/%s", service, method, exc_info=exc)
-        context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        context.abort(grpc.StatusCode.INTERNAL,
+                      _status_details(f"internal error: {type(exc).__name__}: {exc}"))
 
     def _end(self, service: str, method: str, context: grpc.ServicerContext, start: float,
              error: BaseException | None, *, count_in_flight: bool = True,
@@ -264,8 +300,68 @@ class _RpcObserver(grpc.ServerInterceptor):
         if code != "OK":
             details = context.details()
             if details:
-                fields["detail"] = details.decode("utf-8", "replace")[:500]
+                fields["detail"] = bounded(details.decode("utf-8", "replace"), 500)
         log_kv(rpc_log, level, "rpc", **fields)
+
+
+def _status_details(text: str) -> str:
+    """A status message of at most MAX_STATUS_DETAILS bytes."""
+    data = text.encode("utf-8")
+    if len(data) <= MAX_STATUS_DETAILS:
+        return text
+    cut = data[:MAX_STATUS_DETAILS - 64].decode("utf-8", "ignore")
+    return f"{cut}... (cut: {len(data)} bytes)"
+
+
+class _RequestChecks(grpc.ServerInterceptor):
+    """Refuses request messages outside the API's limits, and request bytes that do not
+    parse, with INVALID_ARGUMENT (:mod:`reidal.request_checks`).
+
+    Installed inside the token check, so an unauthenticated caller learns nothing about
+    its request but UNAUTHENTICATED. The handler's deserializer is made lenient here: a
+    deserializer that raises makes gRPC answer INTERNAL and log a traceback before any
+    interceptor's code runs. Callback-style handlers (health Watch) are left as they are.
+    """
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        kind = (f"{'stream' if handler.request_streaming else 'unary'}_"
+                f"{'stream' if handler.response_streaming else 'unary'}")
+        behavior = getattr(handler, kind)
+        if getattr(behavior, "experimental_non_blocking", False):
+            return handler
+        type_name = request_type_name(handler.request_deserializer)
+
+        if handler.request_streaming:
+            def checked_stream(requests: Iterator[Any], context: grpc.ServicerContext):
+                for index, request in enumerate(requests):
+                    _check(request, context, f"message {index}: ")
+                    yield request
+
+            def call(requests, context):
+                return behavior(checked_stream(requests, context), context)
+        else:
+            def call(request, context):
+                _check(request, context)
+                return behavior(request, context)
+
+        factory = getattr(grpc, f"{kind}_rpc_method_handler")
+        return factory(call,
+                       request_deserializer=lenient(handler.request_deserializer, type_name),
+                       response_serializer=handler.response_serializer)
+
+
+def _check(request: Any, context: grpc.ServicerContext, where: str = "") -> None:
+    """Abort with INVALID_ARGUMENT when ``request`` did not parse or is outside the limits."""
+    if isinstance(request, UnparsedRequest):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, where + request.message())
+    if hasattr(request, "DESCRIPTOR"):
+        try:
+            check_request(request)
+        except errors.InvalidArgument as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, where + str(exc))
 
 
 # -------------------------------------------------------------------------------- server
@@ -396,7 +492,7 @@ def build_server(
     servers never silently share a port). tls: serve TLS (mutual when it has a client CA)
     instead of plaintext. auth: check access tokens on every call but health and reflection
     (:mod:`reidal.auth`); it runs inside the logging interceptor, so refusals are logged and
-    counted like any other status.
+    counted like any other status, and outside the request checks, so it answers first.
     """
     if not bindings:
         raise ValueError("build_server needs at least one ServiceBinding")
@@ -416,7 +512,7 @@ def build_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="reidal-rpc"),
         interceptors=[_RpcObserver(metrics or RpcMetrics.create()),
-                      *([auth] if auth is not None else []), *interceptors],
+                      *([auth] if auth is not None else []), _RequestChecks(), *interceptors],
         options=options,
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )

@@ -21,14 +21,12 @@ from reidal.blobs import sha256_hex
 from reidal.collection_state import check_id
 from reidal.embedding.images import ImageLimits, check_uri
 from reidal.errors import FailedPrecondition, InvalidArgument
+from reidal.limits import MAX_METADATA_ENTRIES, MAX_METADATA_TEXT, MAX_NAME_LENGTH
 from reidal.runtime import Progress, Runtime
 from reidal.store import ImageRecord, ImageSource
 
 #: Most images per ingest call (one AddImages message); the embedding service's limit.
 MAX_IMAGES_PER_CALL = 1024
-MAX_METADATA_ENTRIES = 64
-MAX_METADATA_TEXT = 1024
-MAX_NAME_LENGTH = 256
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,7 @@ class MetricsHTTP:
     def __init__(self, server: Any, thread: threading.Thread) -> None:
         self._server = server
         self._thread = thread
+        self.host: str = server.server_address[0]
         self.port: int = server.server_address[1]
 
     def close(self) -> None:
@@ -112,7 +113,8 @@ def start_metrics_http(port: int, addr: str = "0.0.0.0",
     """Serve the registry in Prometheus text format at ``http://addr:port/metrics``.
 
     ``port=0`` picks a free port (read it from the result). The default address listens on
-    every interface because a Prometheus scraper runs on another host or pod.
+    every interface because a Prometheus scraper runs on another host or pod;
+    :func:`reidal.serve.serve` passes the gRPC host unless told otherwise.
     """
     server, thread = start_http_server(port, addr=addr, registry=registry)
     return MetricsHTTP(server, thread)

@@ -114,6 +114,12 @@ class ReidalServer:
         return m.port if m is not None else None
 
     @property
+    def metrics_address(self) -> str | None:
+        """``host:port`` the metrics endpoint listens on (None when not served)."""
+        m = self._started.metrics_http
+        return f"{m.host}:{m.port}" if m is not None else None
+
+    @property
     def http_url(self) -> str | None:
         """Where the pair-review web page is (None when not served)."""
         page = self._started.review_http
@@ -234,7 +240,7 @@ def serve(
     embedding_url: str | None = None,
     model_name: str = DEFAULT_MODEL_NAME,
     metrics_port: int | None = None,
-    metrics_addr: str = "0.0.0.0",
+    metrics_addr: str | None = None,
     max_workers: int = 16,
     max_message_mb: float = 64,
     max_concurrent_rpcs: int | None = None,
@@ -264,7 +270,9 @@ def serve(
     which still holds the blobs. triton_url / start_triton / embedding_url: how
     images are embedded (module docstring); ignored when no served service embeds.
     model_name: the default embedding model. metrics_port: serve Prometheus ``/metrics``
-    there (0: any free port, read ``.metrics_port``; None: no endpoint). max_message_mb:
+    there (0: any free port, read ``.metrics_port``; None: no endpoint), on the interface
+    ``metrics_addr`` (None: the gRPC address's host, so a server bound to loopback does not
+    expose its metrics on every interface). max_message_mb:
     largest gRPC message either way (RESOURCE_EXHAUSTED beyond). The rest tune the server
     (see :func:`reidal.grpc_server.build_server`). model_repository / load_model: where
     training writes new model versions and how it asks Triton to load them (defaults:
@@ -400,7 +408,8 @@ def serve(
                                else Authorizer(tokens, _owners(started.runtime)))
         if metrics_port is not None:
             try:
-                started.metrics_http = start_metrics_http(metrics_port, metrics_addr)
+                started.metrics_http = start_metrics_http(
+                    metrics_port, metrics_addr if metrics_addr is not None else _host(running.address))
             except BaseException:
                 running.stop(grace=0)
                 raise
@@ -413,7 +422,7 @@ def serve(
                     _check_page_channel(target, page_credentials, page_options,
                                         mutual=tls_client_ca is not None)
                 started.review_http = start_review_http(
-                    target, host=running.address.rsplit(":", 1)[0],
+                    target, host=_host(running.address),
                     port=http_port, auth_required=tokens is not None,
                     pinned_annotator=None if tokens is None else _pinned_annotator(tokens),
                     ssl_context=page_ssl, credentials=page_credentials,
@@ -497,3 +506,8 @@ def _cleanup(started: Started) -> None:
             step()
         except Exception:
             log.exception("cleanup after a failed start")
+
+
+def _host(address: str) -> str:
+    """The host of a gRPC ``host:port`` address, without an IPv6 address's brackets."""
+    return address.rsplit(":", 1)[0].strip("[]")

@@ -31,6 +31,7 @@ from reidal.embedding.triton_client import (
 )
 from reidal.grpc_server import ServiceBinding, deadline_left
 from reidal.ingest import IngestItem, IngestOutcome, embed_missing, ingest, resolve_model
+from reidal.request_checks import page_size, parse_page_token
 from reidal.runtime import Runtime, queue_key
 from reidal.services.embedding import Embedded, ImageItem, embedding_status
 from reidal.store import Collection, ImageRecord, ImageRow, OperationRecord, Store
@@ -46,8 +47,6 @@ from reidal_client.client import default_channel_options
 log = logging.getLogger("reidal.collections")
 
 SERVICE_NAME: str = collections_pb2.DESCRIPTOR.services_by_name["CollectionService"].full_name
-MAX_PAGE_SIZE = 1000
-DEFAULT_PAGE_SIZE = 100
 
 _CLUSTERING_FIELDS = ("dbscan_eps", "min_samples", "k1", "k2")
 _SAMPLING_SCALARS = ("mixture_eps", "k_max", "s_min", "seed")
@@ -271,8 +270,9 @@ class CollectionsServicer(collections_pb2_grpc.CollectionServiceServicer):
 
     def ListImages(self, request, context):  # noqa: N802
         col = self.store.get_collection(request.collection_id)
-        size = _page_size(request.page_size)
-        after = _page_token(request.page_token)
+        size = page_size(request.page_size)
+        after = parse_page_token(request.page_token)
+        after = -1 if after is None else after
         image_filter = filter_from_pb(request.filter)
         missing = sorted(set(image_filter.image_ids)
                          - self.store.present_image_ids(col.id, image_filter.image_ids))
@@ -389,21 +389,6 @@ def mime_type(data: bytes) -> str:
         if data[offset:offset + len(magic)] == magic and (offset == 0 or data[:4] == b"RIFF"):
             return mime
     return "application/octet-stream"
-
-
-def _page_size(value: int) -> int:
-    if value > MAX_PAGE_SIZE:
-        raise errors.InvalidArgument(f"page_size must be at most {MAX_PAGE_SIZE}, got {value}")
-    return value or DEFAULT_PAGE_SIZE
-
-
-def _page_token(token: str) -> int:
-    if not token:
-        return -1
-    if not token.isdigit():
-        raise errors.InvalidArgument(f"malformed page_token {token!r}: pass next_page_token "
-                                     "of the previous page unchanged")
-    return int(token)
 
 
 def _records(rows: Sequence[ImageRow]) -> list[ImageRecord]:

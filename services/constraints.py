@@ -19,8 +19,9 @@ from reidal.answers import (
 )
 from reidal.grpc_server import ServiceBinding
 from reidal.identities import LatestIdentities
+from reidal.request_checks import page_size, parse_page_token
 from reidal.runtime import Runtime
-from reidal.services.collections import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, seconds_of, timestamp
+from reidal.services.collections import seconds_of, timestamp
 from reidal.store import StoredAnswer
 from reidal.v1 import common_pb2, constraints_pb2, constraints_pb2_grpc
 
@@ -124,17 +125,8 @@ class ConstraintsServicer(constraints_pb2_grpc.ConstraintServiceServicer):
     def ListConstraints(self, request, context):  # noqa: N802
         store = self.runtime.store
         store.get_collection(request.collection_id)
-        if request.page_size > MAX_PAGE_SIZE:
-            raise errors.InvalidArgument(
-                f"page_size must be at most {MAX_PAGE_SIZE}, got {request.page_size}")
-        size = request.page_size or DEFAULT_PAGE_SIZE
-        before = None
-        if request.page_token:
-            if not request.page_token.isdigit():
-                raise errors.InvalidArgument(
-                    f"malformed page_token {request.page_token!r}: pass next_page_token of the "
-                    "previous page unchanged")
-            before = int(request.page_token)
+        size = page_size(request.page_size)
+        before = parse_page_token(request.page_token)
         label = _label(request.label, "filter") if request.label else ""
         rows = store.list_answers(
             request.collection_id, image_id=request.image_id, annotator=request.annotator_id,
