@@ -18,8 +18,10 @@ everywhere. The BatchNorm starts at its identity (running mean 0, variance 1, af
 it changes nothing until training updates it.
 The same ``seed`` gives the same head on every machine (CPU generator, QR sign-fixed).
 
-Training's CPU mode trains only the head on cached :meth:`EmbeddingNet.backbone_features`, then
+Training's head mode trains only the head on cached :meth:`EmbeddingNet.backbone_features`, then
 calls :meth:`EmbeddingNet.embed_features`: the two halves of :meth:`EmbeddingNet.forward`.
+Partial mode splits the backbone itself (:meth:`LiteFeatures.lower` / :meth:`LiteFeatures.upper`)
+and trains its last stages; the saved and served model is the whole network either way.
 
 On disk a model is a folder with ``model.pt`` (state_dict) and ``model.json`` (what to build
 before loading the state_dict, plus the serving spec); see :func:`save_model`/:func:`load_model`.
@@ -59,6 +61,51 @@ class LiteFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(x)
+
+    # The two halves of ``forward`` around block ``first``, for training's partial mode: the
+    # lower half is frozen and cached, the upper half (blocks ``first``.. + the 1x1 conv head)
+    # trains. Both repeat ``extract_features`` step by step (the same drop-connect rate per
+    # block), so ``upper(lower(x, k), k) == forward(x)`` for every k.
+    @property
+    def n_blocks(self) -> int:
+        return len(self.net._blocks)
+
+    def stage_starts(self) -> list[int]:
+        """Index of the first MBConv block of each stage (a stage: consecutive blocks with
+        the same output width; EfficientNet-Lite0: [0, 1, 3, 5, 8, 11, 15])."""
+        widths = [b._block_args.output_filters for b in self.net._blocks]
+        return [i for i, w in enumerate(widths) if i == 0 or w != widths[i - 1]]
+
+    def first_trainable_block(self, trainable_stages: int) -> int:
+        """The first block of the last ``trainable_stages`` stages."""
+        starts = self.stage_starts()
+        if not 1 <= trainable_stages <= len(starts):
+            raise ValueError(f"trainable_stages must be in 1..{len(starts)} (the backbone's "
+                             f"stages), got {trainable_stages}")
+        return starts[-trainable_stages]
+
+    def _block(self, idx: int, x: torch.Tensor) -> torch.Tensor:
+        rate = self.net._global_params.drop_connect_rate
+        if rate:
+            rate *= float(idx) / self.n_blocks
+        return self.net._blocks[idx](x, drop_connect_rate=rate)
+
+    def lower(self, x: torch.Tensor, first: int) -> torch.Tensor:
+        """Stem + blocks ``0 .. first-1``: the input of block ``first``."""
+        x = self.net._swish(self.net._bn0(self.net._conv_stem(x)))
+        for idx in range(first):
+            x = self._block(idx, x)
+        return x
+
+    def upper(self, x: torch.Tensor, first: int) -> torch.Tensor:
+        """Blocks ``first ..`` + the 1x1 conv head: the (B, 1280, h, w) feature map."""
+        for idx in range(first, self.n_blocks):
+            x = self._block(idx, x)
+        return self.net._swish(self.net._bn1(self.net._conv_head(x)))
+
+    def upper_modules(self, first: int) -> list[nn.Module]:
+        """The modules :meth:`upper` runs (what partial mode trains)."""
+        return [*self.net._blocks[first:], self.net._conv_head, self.net._bn1]
 
 
 class EmbeddingHead(nn.Module):
@@ -104,10 +151,11 @@ class EmbeddingNet(nn.Module):
 
     def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features (B, feature_dim): what training caches in CPU mode."""
-        f = self.backbone(x)
-        if f.dim() == 4:
-            f = f.mean(dim=(2, 3))
-        return f
+        return self.pooled(self.backbone(x))
+
+    def pooled(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """Global average pool of a backbone feature map (pooled features pass through)."""
+        return feature_map.mean(dim=(2, 3)) if feature_map.dim() == 4 else feature_map
 
     def embed_features(self, features: torch.Tensor) -> torch.Tensor:
         """Head + L2 normalisation applied to pooled features (B, feature_dim) -> (B, dim)."""

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-MODES = ("head", "full")
+MODES = ("head", "partial", "full")
 DEVICES = ("cpu", "cuda", "auto")
 SAMPLERS = ("aas", "random", "none")
 CLUSTER_FEATURES = ("memory", "model")
@@ -34,9 +34,21 @@ class TrainConfig:
     """Configuration of one training job (see the module docstring for where defaults come from).
 
     mode: ``"head"`` trains only the embedding head on backbone features cached once (the
-    CPU default: minutes for a few hundred images); ``"full"`` fine-tunes the backbone on
+    CPU default: minutes for a few hundred images); ``"partial"`` also fine-tunes the last
+    ``trainable_stages`` stages of the backbone, on feature maps cached below them
+    (reidal.training.partial: CPU, bounded time); ``"full"`` fine-tunes the backbone on
     images (the GPU mode; mixed precision on CUDA, a DataLoader feeding it, data-parallel
-    under torchrun). One code path serves both; only what a batch holds differs.
+    under torchrun). One code path serves all three; only what a batch holds differs.
+    trainable_stages (partial mode): how many of EfficientNet-Lite0's 7 stages train,
+    counted from the last (1: its last block + the 1x1 conv head; 2: the last 5 blocks + the
+    conv head; ...). The input size is the model's own (``build_default_model(input_size=)``).
+    augment_views (partial mode, OURS): augmented views cached per image beside the clean
+    one (0: train on the clean images only); crop_scale, color_jitter: their random resized
+    crop's smallest area fraction and colour jitter strength (reidal.training.augment).
+    pair_loss_weight (OURS, any mode; 0 = off, SpCL's loss alone): weight of the contrastive
+    loss on the answered and implied SAME / DIFFERENT pairs (reidal.training.pair_loss)
+    added to the hybrid-memory loss; pair_margin: the similarity above which a DIFFERENT pair
+    is penalised.
     device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available).
 
     epochs, epochs_per_cycle: the schedule. An active-learning cycle starts at every epoch
@@ -91,6 +103,12 @@ class TrainConfig:
     """
 
     mode: str = "head"
+    trainable_stages: int = 1
+    augment_views: int = 4
+    crop_scale: float = 0.4
+    color_jitter: float = 0.4
+    pair_loss_weight: float = 0.0
+    pair_margin: float = 0.5
     device: str = "auto"
     epochs: int = 50
     epochs_per_cycle: int = 10
@@ -134,13 +152,13 @@ class TrainConfig:
                 bad(name, f"must be one of {options}")
         positive = ("epochs", "epochs_per_cycle", "iters_per_epoch", "num_identities",
                     "num_instances", "step_size", "min_samples", "k1", "k2",
-                    "embed_batch_size", "checkpoint_every")
+                    "embed_batch_size", "checkpoint_every", "trainable_stages")
         for name in positive:
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 bad(name, "must be an integer >= 1")
         if self.aas_os_similarity not in ("jaccard", "cosine"):
             bad("aas_os_similarity", "must be 'jaccard' or 'cosine'")
-        for name in ("num_workers", "eval_every", "seed", "question_rounds"):
+        for name in ("num_workers", "eval_every", "seed", "question_rounds", "augment_views"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
                 bad(name, "must be an integer >= 0")
         for name in ("self_paced", "amp", "augment"):
@@ -167,6 +185,14 @@ class TrainConfig:
             bad("eps_gap", "must be in [0, eps)")
         if not number("eps") + number("eps_gap") < 1.0:
             bad("eps", "plus eps_gap must be < 1 (a Jaccard distance of 1 means no overlap)")
+        if not 0.0 < number("crop_scale") <= 1.0:
+            bad("crop_scale", "must be in (0, 1]")
+        if not 0.0 <= number("color_jitter") <= 1.0:
+            bad("color_jitter", "must be in [0, 1]")
+        if number("pair_loss_weight") < 0:
+            bad("pair_loss_weight", "must be >= 0")
+        if not -1.0 <= number("pair_margin") < 1.0:
+            bad("pair_margin", "must be in [-1, 1)")
         if not 0.0 <= number("reliability_percentile") <= 1.0:
             bad("reliability_percentile", "must be in [0, 1]")
         b = self.budget_per_cycle

@@ -18,11 +18,17 @@ One epoch (docs/method.md, step 3; SpCL's ``spcl_train_usl.py``):
 The features clustered are the hybrid memory's (SpCL), initialised from the model's first
 embedding of every item; ``cluster_features="model"`` re-embeds every item instead.
 
-Two modes, one loop: ``head`` trains only the embedding head on backbone features cached
-once (the CPU mode), ``full`` fine-tunes the backbone on images (the GPU mode: float16
-autocast + gradient scaling on CUDA, a DataLoader with workers decoding and augmenting,
-DistributedDataParallel under torchrun). They differ only in what a batch holds and how
-it is embedded (:class:`_FeatureInputs`, :class:`_ImageInputs`).
+Three modes, one loop: ``head`` trains only the embedding head on backbone features cached
+once (the CPU mode), ``partial`` also the last backbone stages, on feature maps cached below
+them (CPU, reidal.training.partial), ``full`` fine-tunes the backbone on images (the GPU
+mode: float16 autocast + gradient scaling on CUDA, a DataLoader with workers decoding and
+augmenting, DistributedDataParallel under torchrun). They differ only in what a batch holds
+and how it is embedded (:class:`_FeatureInputs`, :class:`reidal.training.partial.MapInputs`,
+:class:`_ImageInputs`).
+
+With ``pair_loss_weight`` > 0 (any mode) the answers also enter the loss directly: a
+contrastive term on every answered or implied SAME / DIFFERENT pair with an item of the batch
+(reidal.training.pair_loss), added to the hybrid-memory loss.
 
 The model passed in is never modified: ``fit`` trains a deep copy and returns it.
 """
@@ -57,6 +63,8 @@ from reidal.training.config import TrainConfig
 from reidal.training.data import ImageDataset, check_image_items, spec_for
 from reidal.training.features import cache_backbone_features
 from reidal.training.memory import HybridMemory
+from reidal.training.pair_loss import AnswerPairs
+from reidal.training.partial import LowerFeatures, MapInputs, cache_lower_features, lite_backbone
 from reidal.training.pk_sampler import pk_batches, shard_batch
 from reidal.training.pseudo_labels import SpCLPseudoLabeler, fixed_pseudo_labels
 
@@ -302,8 +310,26 @@ class SpCLTrainer:
                                  self_paced=c.self_paced)
 
     def _inputs(self, data: object, model: EmbeddingNet, device: torch.device,
-                name: str) -> _FeatureInputs | _ImageInputs:
+                name: str, *, train: bool = True) -> _FeatureInputs | MapInputs | _ImageInputs:
         c = self.config
+        if c.mode == "partial":
+            first = lite_backbone(model).first_trainable_block(c.trainable_stages)
+            if isinstance(data, LowerFeatures):
+                if data.first_block != first:
+                    raise ValueError(f"{name} caches the input of block {data.first_block}, "
+                                     f"but trainable_stages {c.trainable_stages} splits at "
+                                     f"block {first}")
+                feats = data
+            elif _is_feature_matrix(data):
+                raise ValueError(f"partial mode trains backbone stages, so {name} must be "
+                                 "images (PIL images or paths) or LowerFeatures")
+            else:
+                feats = cache_lower_features(
+                    model, check_image_items(data), first,
+                    views=c.augment_views if train else 0, seed=c.seed,
+                    crop_scale=c.crop_scale, jitter=c.color_jitter,
+                    spec=spec_for(model, self.spec), batch=c.embed_batch_size, device=device)
+            return MapInputs(feats, device, c.embed_batch_size)
         if c.mode == "head":
             if _is_feature_matrix(data):
                 feats = _as_features(data, model.feature_dim, name)
@@ -352,7 +378,7 @@ class SpCLTrainer:
         constraints); the reports' quality compares these labels with ``true_labels``.
         """
         c = self.config
-        n_data = int(data.shape[0]) if _is_feature_matrix(data) else len(data)
+        n_data = (int(data.shape[0]) if _is_feature_matrix(data) else len(data))
         if n_data < c.batch_size:
             raise ValueError(
                 f"a batch of {c.num_identities} identities x {c.num_instances} images = "
@@ -382,8 +408,8 @@ class SpCLTrainer:
 
         ctx = D.setup("cuda" if _resolve_device(c).type == "cuda" else "cpu")
         try:
-            if ctx.world_size > 1 and c.mode == "head":
-                raise ValueError("head mode runs in one process; launch full mode under "
+            if ctx.world_size > 1 and c.mode != "full":
+                raise ValueError(f"{c.mode} mode runs in one process; launch full mode under "
                                  "torchrun for data parallelism")
             if ctx.world_size > 1 and c.batch_size % ctx.world_size:
                 raise ValueError(f"batch of {c.batch_size} images does not split evenly over "
@@ -410,7 +436,7 @@ class SpCLTrainer:
                 p.requires_grad_(False)
         inputs = self._inputs(data, model, device, "data")
         eval_inputs = None if eval_set is None else self._inputs(eval_set.items, model, device,
-                                                                 "eval_set.items")
+                                                                 "eval_set.items", train=False)
         if eval_inputs is not None and len(eval_inputs) != len(eval_set.identities):
             raise ValueError(f"eval_set has {len(eval_inputs)} items but "
                              f"{len(eval_set.identities)} identities")
@@ -420,7 +446,9 @@ class SpCLTrainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        params = [p for p in (model.head if head_only else model).parameters() if p.requires_grad]
+        params = (inputs.trainable(model) if isinstance(inputs, MapInputs) else
+                  [p for p in (model.head if head_only else model).parameters()
+                   if p.requires_grad])
         optimizer = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=c.step_size,
                                                     gamma=c.gamma)
@@ -491,13 +519,15 @@ class SpCLTrainer:
                   else fixed_pseudo_labels(fixed))
             indep_threshold = pl.indep_threshold
             memory.set_labels(torch.from_numpy(pl.train))
+            pairs = (AnswerPairs(constraints, device) if c.pair_loss_weight > 0 and
+                     len(constraints) else None)
             times["pseudo_labels"] = time.perf_counter() - t
 
             t = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             loss_sum, iters = self._train_epoch(epoch, pl.train, inputs, model, net, memory,
                                                 optimizer, scaler, use_amp, device, cancel,
-                                                ctx)
+                                                ctx, pairs)
             times["train"] = time.perf_counter() - t
             if iters < c.iters_per_epoch:
                 cancelled = True
@@ -549,7 +579,8 @@ class SpCLTrainer:
                      net: torch.nn.Module, memory: HybridMemory,
                      optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                      use_amp: bool, device: torch.device, cancel: threading.Event | None,
-                     ctx: D.DistContext) -> tuple[float, int]:
+                     ctx: D.DistContext, pairs: AnswerPairs | None = None
+                     ) -> tuple[float, int]:
         """``iters_per_epoch`` steps; returns (loss sum, steps done: fewer when cancelled)."""
         c = self.config
         # Everything random in the epoch derives from (seed, epoch): a resumed job repeats it.
@@ -562,6 +593,8 @@ class SpCLTrainer:
                                        rng))
         if c.mode == "head":
             model.head.train()
+        elif isinstance(inputs, MapInputs):
+            inputs.set_train_mode(model)
         else:
             model.train()
         loss_sum = torch.zeros((), device=device)
@@ -572,6 +605,9 @@ class SpCLTrainer:
             with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
                 emb = inputs.forward(model, net, x)
             loss = memory(emb.float(), idx)
+            if pairs is not None:
+                loss = loss + c.pair_loss_weight * pairs.loss(emb.float(), idx, memory.features,
+                                                              c.pair_margin)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
