@@ -19,9 +19,12 @@ from typing import Any
 
 #: TrainingConfig fields with their own flag; any field can also be given with --set.
 _FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("mode", str, "head (the embedding head) or partial (also the last backbone stages; "
+                  "server default: head)"),
+    ("trainable_stages", int, "partial mode: backbone stages trained, from the last (default 1)"),
     ("epochs", int, "epochs (server default 25)"),
     ("epochs_per_cycle", int, "epochs between re-clusterings with the answers (default 5)"),
-    ("iters_per_epoch", int, "optimiser steps per epoch (default 50)"),
+    ("iters_per_epoch", int, "optimiser steps per epoch (default 50; partial mode 10)"),
     ("lr", float, "Adam learning rate (default 1e-4)"),
     ("seed", int, "seed of the job's random draws (default 0)"),
 )

@@ -2,8 +2,9 @@
 
 Transport-free: :mod:`reidal.services.training` translates messages around this module.
 
-A job trains the embedding head (head mode, :class:`reidal.training.SpCLTrainer`) of the
-collection's current model version on the backbone features of the collection's images,
+A job trains the embedding head (head mode, :class:`reidal.training.SpCLTrainer`), or the
+head and the last backbone stages (partial mode), of the collection's current model version
+on the collection's images (their cached backbone features or lower-stage maps),
 with no oracle (answers come from people, through the sampling and constraint services, so
 the trainer's sampler is "none"), then writes the trained model as the next version of the
 model into the Triton model repository and asks Triton to load it (explicit model control).
@@ -60,7 +61,11 @@ CLIENT_FIELDS: tuple[str, ...] = (
     "mode", "epochs", "epochs_per_cycle", "iters_per_epoch", "num_identities",
     "num_instances", "lr", "weight_decay", "step_size", "gamma", "momentum", "temperature",
     "eps", "min_samples", "k1", "k2", "eps_gap", "reliability_percentile", "self_paced",
-    "cluster_features", "seed")
+    "cluster_features", "seed", "trainable_stages", "augment_views", "pair_loss_weight")
+#: The modes a server job may run (CPU); "full" needs GPUs: reidal.training under torchrun.
+SERVER_MODES = ("head", "partial")
+#: The mode of a job whose client names none.
+DEFAULT_MODE = "head"
 
 #: What a server job fixes whatever the client asks: no questions, no checkpoints, CPU-cheap
 #: data loading, evaluation only when asked for (never: the server has no ground truth).
@@ -73,15 +78,16 @@ SERVER_FIXED: dict[str, Any] = {"sampler": "none", "checkpoint_dir": None, "num_
 def build_config(overrides: Mapping[str, Any], n_images: int,
                  clustering: Mapping[str, Any] | None = None) -> Any:
     """The TrainConfig of a server job: client overrides on the defaults, the server-fixed
-    fields on top. Defaults: TrainConfig's, with the small-collection head schedule
-    (:data:`reidal.training.config.HEAD_SCHEDULE`) and the collection's own DBSCAN
+    fields on top. Defaults: TrainConfig's, with the small-collection schedule of the mode
+    (:func:`reidal.training.config.mode_schedule`: HEAD_SCHEDULE or PARTIAL_SCHEDULE; the
+    mode is :data:`DEFAULT_MODE` unless the client names one) and the collection's own DBSCAN
     parameters (``clustering``: the stored ``params["clustering"]``), so the job's
     pseudo-labels are the clusters the collection's sampling and identities see.
     InvalidArgument names the bad field (TrainConfig's own checks, mode "full", a value
     beyond the server's bounds (:mod:`reidal.training_limits`), a batch larger than the
     collection)."""
     from reidal.training import TrainConfig
-    from reidal.training.config import HEAD_SCHEDULE
+    from reidal.training.config import mode_schedule
 
     unknown = sorted(set(overrides) - set(CLIENT_FIELDS))
     if unknown:
@@ -91,13 +97,15 @@ def build_config(overrides: Mapping[str, Any], n_images: int,
         ("eps", "dbscan_eps"), ("min_samples", "min_samples"), ("k1", "k1"), ("k2", "k2"))
         if key in c}
     try:
-        cfg = TrainConfig(**{**HEAD_SCHEDULE, **from_collection, **dict(overrides),
-                             **SERVER_FIXED})
+        mode = overrides.get("mode", DEFAULT_MODE)
+        cfg = TrainConfig(**{"mode": DEFAULT_MODE, **mode_schedule(mode), **from_collection,
+                             **dict(overrides), **SERVER_FIXED})
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"config: {exc}") from None
-    if cfg.mode != "head":
-        raise InvalidArgument(f"config.mode {cfg.mode!r}: the server trains in 'head' mode "
-                              "only (run 'full' mode with reidal.training under torchrun)")
+    if cfg.mode not in SERVER_MODES:
+        raise InvalidArgument(f"config.mode {cfg.mode!r}: the server trains in "
+                              f"{' or '.join(repr(m) for m in SERVER_MODES)} mode (run 'full' "
+                              "mode with reidal.training under torchrun)")
     check_job_config(cfg)
     if (cfg.batch_size > n_images and "num_identities" not in overrides
             and n_images >= 2 * cfg.num_instances):
@@ -151,23 +159,35 @@ def collection_images(store: Store, blobs: Any, collection_id: str,
     return ids, out
 
 
-def cached_features(model: Any, images: list[Any], batch: int, spec: Any,
+def cached_features(model: Any, images: list[Any], config: Any, spec: Any,
                     cancel: threading.Event) -> Any:
-    """The backbone features of ``images`` (head mode trains on them), computed one batch
-    at a time with ``cancel`` checked before each, so a job on a large collection stops
-    within one batch of a request; None when cancelled."""
+    """What the job trains on, computed one batch at a time with ``cancel`` checked before
+    each, so a job on a large collection stops within one batch of a request; None when
+    cancelled. Head mode: the pooled backbone features; partial mode: the maps below the
+    trainable stages, clean and in ``augment_views`` views (reidal.training.partial; each
+    image's views seeded by its index in the collection, as one call would)."""
     import torch
 
     from reidal.training import cache_backbone_features
+    from reidal.training.partial import LowerFeatures, cache_lower_features, lite_backbone
 
+    batch = config.embed_batch_size
+    first = (lite_backbone(model).first_trainable_block(config.trainable_stages)
+             if config.mode == "partial" else None)
     parts = []
     for start in range(0, max(len(images), 1), batch):
         if cancel.is_set():
             return None
+        chunk = images[start:start + batch]
         with torch.no_grad():
-            parts.append(cache_backbone_features(model, images[start:start + batch],
-                                                 batch=batch, spec=spec))
-    return torch.cat(parts)
+            if first is None:
+                parts.append(cache_backbone_features(model, chunk, batch=batch, spec=spec))
+            elif chunk:
+                parts.append(cache_lower_features(
+                    model, chunk, first, views=config.augment_views, seed=config.seed,
+                    crop_scale=config.crop_scale, jitter=config.color_jitter, spec=spec,
+                    batch=batch, indices=range(start, start + len(chunk))))
+    return torch.cat(parts) if first is None else LowerFeatures.concat(parts)
 
 
 # ------------------------------------------------------------------------ Triton
@@ -505,8 +525,8 @@ class TrainingJobs:
         ids, images = self._images(job.collection_id)
         answers = collection_constraints(self.store, job.collection_id, ids)
         used = len(answers.answers)
-        features = cached_features(model, images, config.embed_batch_size, spec, cancel)
-        if features is None:
+        data = cached_features(model, images, config, spec, cancel)
+        if data is None:
             return None
 
         def on_epoch(report: Any) -> None:
@@ -518,7 +538,7 @@ class TrainingJobs:
                 "metrics": {k: float(v) for k, v in report.quality.items()}})
 
         result = SpCLTrainer(config, model, spec=spec).fit(
-            features, constraints=answers, on_epoch=on_epoch, cancel=cancel)
+            data, constraints=answers, on_epoch=on_epoch, cancel=cancel)
         if result.cancelled or cancel.check_store():  # a request up to this moment counts
             return None
         with self._export_lock:

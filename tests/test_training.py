@@ -452,3 +452,142 @@ def test_a_checkpoint_from_before_an_option_existed_resumes_at_its_default(colle
     with pytest.raises(ValueError, match=r"different \['question_rounds'\]"):
         SpCLTrainer(TrainConfig(**common, question_rounds=0), model).fit(
             feats, oracle=SimulatedOracle(truth), resume=True)
+
+
+# --------------------------------------------------------------------------- partial mode
+PARTIAL = dict(mode="partial", device="cpu", num_identities=4, num_instances=4, k1=5, k2=2,
+               min_samples=2, sampler="none", trainable_stages=2, augment_views=2,
+               eval_every=0)
+
+
+def test_cached_lower_stage_maps_equal_recomputed_ones(tiny_images):
+    """The cache is exact: each map (clean or augmented view) is what the frozen lower part
+    computes on that image, and the upper part on the clean map is the served model (up to
+    float32 rounding, which differs with the batch a convolution runs in: ~3e-5 here; a
+    lower part run in training mode would differ by whole units)."""
+    from reidal.embedding.preprocess import preprocess
+    from reidal.training.augment import scene_augment
+    from reidal.training.data import spec_for
+    from reidal.training.partial import cache_lower_features, view_seed
+
+    model, images = tiny_images
+    bb = model.backbone
+    first = bb.first_trainable_block(2)
+    assert first == 11  # EfficientNet-Lite0's stages start at blocks 0 1 3 5 8 11 15
+    spec = spec_for(model)
+    cache = cache_lower_features(model, images[:5], first, views=2, seed=7, batch=4)
+    assert cache.clean.shape[0] == 5 and cache.views.shape[:2] == (5, 2)
+    with torch.no_grad():
+        for i, img in enumerate(images[:5]):
+            x = torch.from_numpy(preprocess([img], spec))
+            torch.testing.assert_close(cache.clean[i], bb.lower(x, first)[0], rtol=1e-4, atol=1e-4)
+            served = model(x)[0]
+            via_cache = model.embed_features(model.pooled(bb.upper(cache.clean[i:i + 1],
+                                                                   first)))[0]
+            torch.testing.assert_close(via_cache, served, rtol=1e-4, atol=1e-4)
+            for v in (1, 2):
+                view = scene_augment(img.convert("RGB"), np.random.default_rng(
+                    view_seed(7, i, v)), crop_scale=0.4, jitter=0.4)
+                xv = torch.from_numpy(preprocess([view], spec))
+                torch.testing.assert_close(cache.views[i, v - 1], bb.lower(xv, first)[0],
+                                           rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(cache.views[0, 0], cache.clean[0])  # views do differ
+    # a subset cached on its own, numbered as in the whole set, gets the same views
+    part = cache_lower_features(model, images[3:5], first, views=2, seed=7, indices=[3, 4])
+    torch.testing.assert_close(part.views, cache.views[3:5], rtol=1e-4, atol=1e-4)
+
+
+def test_partial_mode_trains_the_last_stages_and_lowers_its_loss(tiny_images):
+    from reidal.training.partial import lite_backbone
+
+    model, images = tiny_images
+    before = _head_weights(model)
+    truth = np.repeat(np.arange(6), 4)  # SyntheticConfig.tiny(): 6 individuals x 4 images
+    config = TrainConfig(**{**PARTIAL, "epochs": 3, "iters_per_epoch": 4, "lr": 1e-3,
+                            "trainable_stages": 1, "augment_views": 1})
+    result = SpCLTrainer(config, model).fit(images, fixed_labels=truth)
+    losses = [r.loss for r in result.reports]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert _same_state(before, model.state_dict())  # the caller's model is untouched
+    trained = result.model.state_dict()
+    first = lite_backbone(model).first_trainable_block(1)
+    changed = {k for k in before if not torch.equal(before[k], trained[k])}
+    upper = {f"backbone.net._blocks.{i}." for i in range(first, 16)}
+    assert any(k.startswith("head.") for k in changed)
+    assert any(k.startswith(tuple(upper)) for k in changed)
+    assert any(k.startswith("backbone.net._conv_head") for k in changed)
+    lower = [k for k in changed if k.startswith(("backbone.net._conv_stem", "backbone.net._bn0"))
+             or (k.startswith("backbone.net._blocks.") and int(k.split(".")[3]) < first)]
+    assert lower == []  # frozen below the split, BatchNorm statistics included
+
+
+def test_partial_mode_refuses_a_feature_matrix_and_bad_stage_counts(collection, tiny_images):
+    model, feats, _ = collection
+    with pytest.raises(ValueError, match="images"):
+        SpCLTrainer(TrainConfig(**{**PARTIAL, "epochs": 1}), model).fit(feats)
+    tiny_model, images = tiny_images
+    with pytest.raises(ValueError, match="trainable_stages must be in 1..7"):
+        SpCLTrainer(TrainConfig(**{**PARTIAL, "epochs": 1, "trainable_stages": 8}),
+                    tiny_model).fit(images)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"trainable_stages": 0}, "trainable_stages"), ({"augment_views": -1}, "augment_views"),
+    ({"pair_loss_weight": -0.5}, "pair_loss_weight"), ({"crop_scale": 0.0}, "crop_scale"),
+    ({"pair_margin": 1.0}, "pair_margin"),
+])
+def test_bad_partial_options_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
+        TrainConfig(**kwargs)
+
+
+def test_pair_loss_matches_a_pairwise_transcription():
+    """Every answered or implied pair between a batch item and any item, checked pair by
+    pair with ConstraintSet.implied (the transitive closure of the answers)."""
+    from reidal.core.constraints import Answer, ConstraintSet
+    from reidal.training.pair_loss import AnswerPairs
+
+    n, margin = 12, 0.3
+    answers = [(0, 1, True), (1, 2, True), (2, 5, False), (6, 7, True), (7, 8, False),
+               (9, 10, False), (3, 4, True)]
+    cs = ConstraintSet.from_answers(n, [Answer(i, j, same=s, answer_id=k)
+                                        for k, (i, j, s) in enumerate(answers)])
+    g = torch.Generator().manual_seed(3)
+    memory = F.normalize(torch.randn(n, 8, generator=g), dim=1)
+    idx = torch.tensor([0, 5, 7, 11, 3, 2])
+    emb = F.normalize(torch.randn(len(idx), 8, generator=g), dim=1).requires_grad_(True)
+    got = AnswerPairs(cs, torch.device("cpu")).loss(emb, idx, memory, margin)
+    same, diff = [], []
+    for b, i in enumerate(idx.tolist()):
+        for j in range(n):
+            if j == i:
+                continue
+            rel = cs.implied(i, j)
+            s = float(emb[b].detach() @ memory[j])
+            if rel is True:
+                same.append(1.0 - s)
+            elif rel is False:
+                diff.append(max(0.0, s - margin))
+    assert same and diff
+    want = np.mean(same) + np.mean(diff)
+    assert abs(float(got.detach()) - want) < 1e-5
+    got.backward()
+    assert emb.grad is not None and emb.grad.abs().sum() > 0
+    none = AnswerPairs(ConstraintSet(n), torch.device("cpu")).loss(emb, idx, memory, margin)
+    assert float(none.detach()) == 0.0
+
+
+def test_pair_loss_weight_changes_training_only_with_answers(collection):
+    from reidal.core.constraints import Answer, ConstraintSet
+
+    model, feats, truth = collection
+    base = dict(**SMALL, epochs=1, iters_per_epoch=3, sampler="none")
+    plain = SpCLTrainer(TrainConfig(**base), model).fit(feats)
+    weighted_no_answers = SpCLTrainer(TrainConfig(**base, pair_loss_weight=1.0), model).fit(feats)
+    assert plain.reports[0].loss == weighted_no_answers.reports[0].loss
+    same = [(i, j) for i in range(20) for j in range(i + 1, 20) if truth[i] == truth[j]][:10]
+    cs = ConstraintSet.from_answers(len(truth), [Answer(i, j, same=True, answer_id=k)
+                                                 for k, (i, j) in enumerate(same)])
+    a = SpCLTrainer(TrainConfig(**base), model).fit(feats, constraints=cs)
+    b = SpCLTrainer(TrainConfig(**base, pair_loss_weight=1.0), model).fit(feats, constraints=cs)
+    assert a.reports[0].loss != b.reports[0].loss

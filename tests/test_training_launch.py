@@ -37,6 +37,26 @@ def test_head_run_writes_model_reports_and_a_repository_version(tmp_path, capsys
         assert np.array_equal(a.detach().numpy(), b.detach().numpy())
 
 
+def test_partial_run_fine_tunes_the_last_stage(tmp_path):
+    import torch
+
+    from reidal.embedding.model import build_default_model, load_model
+
+    out = tmp_path / "run"
+    assert main(["--dataset", "synthetic:6", "--out", str(out), "--mode", "partial",
+                 "--image-size", "64", "--trainable-stages", "1", "--augment-views", "1",
+                 *SMALL]) == 0
+    report = json.loads((out / "reports.json").read_text())
+    cfg = report["config"]
+    assert cfg["mode"] == "partial" and cfg["iters_per_epoch"] == 2  # the flag wins
+    assert cfg["pair_loss_weight"] == 1.0  # PARTIAL_SCHEDULE's, not given
+    trained = load_model(out / "model").state_dict()
+    base = build_default_model(input_size=(64, 64)).state_dict()
+    moved = {k for k in base if not torch.equal(base[k], trained[k])}
+    assert any(k.startswith("backbone.net._blocks.15.") for k in moved)
+    assert not any(k.startswith("backbone.net._blocks.14.") for k in moved)
+
+
 def test_questions_need_identities(tmp_path, capsys):
     from reidal.data.synthetic_images import SyntheticConfig, iter_samples
 

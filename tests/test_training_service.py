@@ -460,3 +460,54 @@ def test_cli_and_client_train_promote_list(server, triton, capsys):
     assert jobs[0].job_id in capsys.readouterr().out
     assert main(["train", "start", "nope", "--server", srv.address]) == 1
     assert "nope" in capsys.readouterr().err
+
+
+def test_partial_mode_job_exports_a_model_triton_serves(server, triton):
+    """A partial-mode job fine-tunes the backbone's last stage; the version it exports is
+    the whole network, which Triton serves: the promoted vectors are that model's."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from reidal.embedding.model import load_model
+    from reidal.embedding.preprocess import preprocess
+
+    srv, stubs, training = server
+    pics = pictures()[:16]
+    create_and_fill(stubs, "c", pics)
+    job = training.StartTraining(training_pb2.StartTrainingRequest(
+        collection_id="c", config=training_pb2.TrainingConfig(
+            mode="partial", trainable_stages=1, augment_views=1, **TINY)), timeout=30)
+    final = _watch_to_end(training, job.job_id)[-1]
+    assert final.state == training_pb2.JOB_STATE_SUCCEEDED, final.error_message
+    assert final.config.mode == "partial" and final.config.trainable_stages == 1
+    assert final.config.pair_loss_weight == 1.0  # the partial schedule's default
+    version = final.model.version
+    assert _version_ready(triton, version)
+    exported = load_model(triton.repo / triton.model_name / version)
+    base = triton.model.state_dict()
+    moved = {k for k, v in exported.state_dict().items() if not torch.equal(v, base[k])}
+    assert any(k.startswith("backbone.net._blocks.15.") for k in moved)
+    assert not any(k.startswith("backbone.net._blocks.14.") for k in moved)
+
+    op = training.PromoteModel(training_pb2.PromoteModelRequest(
+        collection_id="c", model=common_pb2.ModelRef(version=version)), timeout=30)
+    ops = list(stubs.collections.WatchOperation(
+        collections_pb2.GetOperationRequest(operation_id=op.operation_id), timeout=120))
+    assert ops[-1].state == collections_pb2.OPERATION_STATE_SUCCEEDED, ops[-1].error_message
+    ids, served = srv.runtime.store.get_vectors("c", triton.model_name, version)
+    by_id = {p.image_id: p for p in pics}
+    batch = preprocess([Image.open(io.BytesIO(by_id[i].png)) for i in ids], triton.spec)
+    want = triton.reference(batch, exported)
+    np.testing.assert_allclose(served, want, atol=1e-4)
+    _, before = srv.runtime.store.get_vectors("c", triton.model_name, "1")
+    assert not np.allclose(served, before, atol=1e-3)
+
+
+def test_full_mode_is_refused_by_the_server(server):
+    _srv, stubs, training = server
+    create_and_fill(stubs, "c", pictures()[:16])
+    err = rpc_error(training.StartTraining, training_pb2.StartTrainingRequest(
+        collection_id="c", config=training_pb2.TrainingConfig(mode="full", **TINY)), timeout=30)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "torchrun" in err.details()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,8 @@ class BenchDataset:
     features: Any  # torch.Tensor (n, feature_dim) of the default model's backbone
     identities: np.ndarray
     split: Any  # reidal.core.evaluation.OpenSetSplit
+    #: what methods compute once and share (e.g. partial mode's cached lower-stage maps)
+    cache: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def pool(self) -> np.ndarray:

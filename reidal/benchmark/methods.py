@@ -60,6 +60,11 @@ class BenchSchedule:
     cycle's allowance in rounds until it is spent or the sampler finds nothing
     (TrainConfig.question_rounds; measured in docs/results/question-rounds: no clear gain
     for AAS on either set). ``aas_os_similarity``: TrainConfig's (Jaccard, the paper's).
+    ``mode``: "head" or "partial" (TrainConfig.mode; partial also trains the last
+    ``trainable_stages`` backbone stages on ``augment_views`` cached augmented views per
+    image); ``image_size``: the model's square input size in pixels (the features of every
+    method, zero-shot included, are computed at it); ``pair_loss_weight``: TrainConfig's
+    contrastive loss on the answers (0: SpCL's loss alone).
     """
 
     lr: float = 1e-4
@@ -74,19 +79,26 @@ class BenchSchedule:
     num_instances: int = 4
     question_rounds: int = 1
     aas_os_similarity: str = "jaccard"
+    mode: str = "head"
+    image_size: int = 128
+    trainable_stages: int = 1
+    augment_views: int = 4
+    pair_loss_weight: float = 0.0
 
     def train_config(self, cycles: int, budget: BudgetSpec, seed: int, sampler: str) -> Any:
         """The TrainConfig of one run (``sampler``: "none", "random" or "aas")."""
         from reidal.training import TrainConfig
 
         return TrainConfig(
-            mode="head", device="cpu", epochs=cycles * self.epochs_per_cycle,
+            device="cpu", epochs=cycles * self.epochs_per_cycle,
             epochs_per_cycle=self.epochs_per_cycle, iters_per_epoch=self.iters_per_epoch,
             lr=self.lr, step_size=self.step_size, k1=self.k1, k2=self.k2,
             min_samples=self.min_samples, eps=self.eps, num_identities=self.num_identities,
             num_instances=self.num_instances, budget_per_cycle=budget.per_cycle,
             sampler=sampler, eval_every=self.epochs_per_cycle, seed=seed,
             question_rounds=self.question_rounds, aas_os_similarity=self.aas_os_similarity,
+            mode=self.mode, trainable_stages=self.trainable_stages,
+            augment_views=self.augment_views, pair_loss_weight=self.pair_loss_weight,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,7 +114,9 @@ class BenchSchedule:
 
 #: BenchSchedule fields added after results were stored, with the values that reproduce them
 #: (the paper's one draw a cycle and Jaccard U_os); see BenchSchedule.to_dict.
-VARIANT_DEFAULTS: dict[str, Any] = {"question_rounds": 1, "aas_os_similarity": "jaccard"}
+VARIANT_DEFAULTS: dict[str, Any] = {"question_rounds": 1, "aas_os_similarity": "jaccard",
+                                    "mode": "head", "image_size": 128, "trainable_stages": 1,
+                                    "augment_views": 4, "pair_loss_weight": 0.0}
 
 
 #: ``--quick``'s schedule: the same recipe, short (CI checks that the pipeline works; its
@@ -247,9 +261,10 @@ def run_trained(method: str, data: BenchDataset, seed: int, ctx: RunContext) -> 
                          f"contradiction(s), {ends[r.cycle][0]:.0f} s")
 
     trainer = SpCLTrainer(config, ctx.model, sampler=sampler)
+    train_items, eval_items = _training_inputs(data, ctx, config)
     result = trainer.fit(
-        data.features[data.pool], oracle=oracle, true_labels=truth,
-        eval_set=EvalSet(data.features, data.identities, data.split), on_epoch=on_epoch,
+        train_items, oracle=oracle, true_labels=truth,
+        eval_set=EvalSet(eval_items, data.identities, data.split), on_epoch=on_epoch,
         fixed_labels=truth if method == "supervised" else None)
     rows, prev = [], 0.0
     for c in range(1, cycles + 1):
@@ -271,6 +286,43 @@ def run_trained(method: str, data: BenchDataset, seed: int, ctx: RunContext) -> 
     initial = _metrics(result.initial_retrieval,
                        _cluster_quality(_initial_pool_vectors(ctx.model, data), truth, s))
     return {"rows": rows, "initial": initial, "seconds": time.perf_counter() - t0}
+
+
+#: The seed of partial mode's augmented views in the benchmark: one set of views per dataset,
+#: cached once and shared by every method and run seed (as the split is), so methods differ
+#: only in what they train with.
+VIEW_SEED = 0
+
+
+def _training_inputs(data: BenchDataset, ctx: RunContext, config: Any) -> tuple[Any, Any]:
+    """What the trainer trains on and evaluates: the cached pooled features (head mode), or
+    the cached lower-stage maps (partial mode: computed on first use, kept on ``data``)."""
+    if config.mode != "partial":
+        return data.features[data.pool], data.features
+    import torch
+
+    from reidal.training.partial import LowerFeatures, cache_lower_features, lite_backbone
+
+    first = lite_backbone(ctx.model).first_trainable_block(config.trainable_stages)
+    key = ("lower", first, config.augment_views, config.crop_scale, config.color_jitter)
+    if key not in data.cache:
+        t = time.perf_counter()
+        ctx.progress(f"    caching the input of backbone block {first} (once per dataset): "
+                     f"{data.pool.size} pool images x {1 + config.augment_views} views, "
+                     f"{len(data.images) - data.pool.size} others x 1")
+        pool = cache_lower_features(ctx.model, [data.images[i] for i in data.pool], first,
+                                    views=config.augment_views, seed=VIEW_SEED,
+                                    crop_scale=config.crop_scale, jitter=config.color_jitter,
+                                    indices=data.pool)
+        rest = np.setdiff1d(np.arange(len(data.images)), data.pool)
+        clean = torch.empty((len(data.images), *pool.clean.shape[1:]))
+        clean[torch.from_numpy(data.pool)] = pool.clean
+        if rest.size:
+            clean[torch.from_numpy(rest)] = cache_lower_features(ctx.model, [data.images[i] for i in rest],
+                                               first, indices=rest).clean
+        data.cache[key] = (pool, LowerFeatures(first, clean))
+        ctx.progress(f"    cached in {time.perf_counter() - t:.0f} s")
+    return data.cache[key]
 
 
 def _initial_pool_vectors(model: Any, data: BenchDataset) -> np.ndarray:

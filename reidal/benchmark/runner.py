@@ -58,7 +58,10 @@ SCHEDULE_OPTIONS = (("lr", "lr"), ("iters", "iters_per_epoch"),
                     ("epochs_per_cycle", "epochs_per_cycle"), ("step_size", "step_size"),
                     ("k1", "k1"), ("k2", "k2"), ("min_samples", "min_samples"),
                     ("num_identities", "num_identities"),
-                    ("question_rounds", "question_rounds"))
+                    ("question_rounds", "question_rounds"), ("mode", "mode"),
+                    ("image_size", "image_size"), ("trainable_stages", "trainable_stages"),
+                    ("augment_views", "augment_views"),
+                    ("pair_loss_weight", "pair_loss_weight"))
 
 
 @dataclass(frozen=True)
@@ -247,7 +250,8 @@ def _run_all(config: BenchConfig, out: Path, todo: list, total: int,
         from reidal.embedding.spec import ModelSpec
 
         triton_spec = ModelSpec.from_file(config.triton_spec)
-    model = build_default_model()
+    size = config.schedule.image_size
+    model = build_default_model(input_size=(size, size))
     ctx = RunContext(model, config.schedule, config.budget, float(config.error_rate),
                      triton_spec, progress)
     for spec in dict.fromkeys(t[1] for t in todo):
@@ -284,7 +288,7 @@ def _settings(config: BenchConfig) -> list[str]:
         f"{', '.join(config.methods)}; seeds: {', '.join(map(str, config.seeds))}",
         f"budget: {config.budget} (per cycle, % of all pairs of the training pool, or pairs); "
         f"simulated annotator error rate {config.error_rate:g}",
-        f"schedule (every method): head mode (frozen EfficientNet-Lite0, 256-d head), "
+        f"schedule (every method): {_mode_text(s)}, "
         f"{config.budget.cycles} cycles x {s.epochs_per_cycle} epochs x {s.iters_per_epoch} "
         f"iterations, Adam lr {s.lr:g}, StepLR every {s.step_size} epochs, batch "
         f"{s.num_identities} x {s.num_instances}; DBSCAN on Jaccard eps {s.eps:g}, k1 {s.k1}, "
@@ -298,6 +302,16 @@ def _settings(config: BenchConfig) -> list[str]:
         "knows every label (100 %, no pairs asked); `zero-shot` and Triton rows train nothing "
         "(the same numbers every cycle)",
     ]
+
+
+def _mode_text(s: BenchSchedule) -> str:
+    text = (f"{s.mode} mode (EfficientNet-Lite0 at {s.image_size} px, 256-d head; "
+            + ("frozen backbone)" if s.mode == "head" else
+               f"its last {s.trainable_stages} stage(s) trained on {s.augment_views} cached "
+               f"augmented views per image + the clean one)"))
+    if s.pair_loss_weight:
+        text += f", loss on the answered / implied pairs at weight {s.pair_loss_weight:g}"
+    return text
 
 
 def _write_outputs(config: BenchConfig, out: Path, rows: list[dict[str, Any]],
@@ -335,7 +349,8 @@ def _command(config: BenchConfig, out: Path) -> str:
     s, default = config.schedule, BenchSchedule()
     for opt, name in SCHEDULE_OPTIONS:
         if getattr(s, name) != getattr(default, name):
-            args += ["--" + opt.replace("_", "-"), f"{getattr(s, name):g}"]
+            v = getattr(s, name)
+            args += ["--" + opt.replace("_", "-"), v if isinstance(v, str) else f"{v:g}"]
     args += ["--out", str(out)]
     return shlex.join(args)
 
@@ -425,6 +440,19 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--question-rounds", type=int, default=None,
                    help=f"rounds a cycle's allowance is asked in, 0 = until spent or nothing "
                         f"is left, 1 = the paper's one draw ({d.question_rounds})")
+    g.add_argument("--mode", choices=("head", "partial"), default=None,
+                   help=f"training mode of every trained method: head (frozen backbone) or "
+                        f"partial (its last --trainable-stages stages too) ({d.mode})")
+    g.add_argument("--image-size", type=int, default=None,
+                   help=f"the model's square input size in pixels ({d.image_size})")
+    g.add_argument("--trainable-stages", type=int, default=None,
+                   help=f"partial mode: backbone stages trained, from the last "
+                        f"({d.trainable_stages})")
+    g.add_argument("--augment-views", type=int, default=None,
+                   help=f"partial mode: augmented views cached per image ({d.augment_views})")
+    g.add_argument("--pair-loss-weight", type=float, default=None,
+                   help=f"weight of the contrastive loss on answered / implied pairs, 0 = off "
+                        f"({d.pair_loss_weight:g})")
     p.add_argument("--triton-spec", default=None, metavar="JSON_OR_TOML",
                    help="ModelSpec file for triton: rows whose model config carries no "
                         "preprocessing parameters")

@@ -237,3 +237,18 @@ HEAD_SCHEDULE: dict[str, Any] = {
     "epochs_per_cycle": 5,
     "step_size": 10,
 }
+
+#: The schedule of partial mode on small collections (OURS; reidal.training.partial): the
+#: head schedule with 10 steps an epoch instead of 50 (a step runs the last backbone stage
+#: as well as the head, and the pool is a few hundred images: 250 steps of 64 are ~80
+#: passes over a 200-image pool), the loss on the answers at weight 1 and 4 cached augmented
+#: views per image. Used by server jobs in partial mode and by ``reidal bench --mode partial``
+#: (which takes its own --iters).
+PARTIAL_SCHEDULE: dict[str, Any] = {**HEAD_SCHEDULE, "iters_per_epoch": 10,
+                                    "pair_loss_weight": 1.0, "augment_views": 4,
+                                    "trainable_stages": 1}
+
+
+def mode_schedule(mode: str) -> dict[str, Any]:
+    """The small-collection schedule of a CPU mode (head or partial)."""
+    return PARTIAL_SCHEDULE if mode == "partial" else HEAD_SCHEDULE

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from reidal.embedding.spec import DEFAULT_MODEL_NAME
-from reidal.training.config import HEAD_SCHEDULE, MODES, SAMPLERS
+from reidal.training.config import MODES, SAMPLERS, mode_schedule
 
 
 def _digest(tensors: Sequence[Any]) -> str:
@@ -118,11 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default="head")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     p.add_argument("--image-size", type=int, default=128, help="square input size (pixels)")
-    p.add_argument("--epochs", type=int, default=HEAD_SCHEDULE["epochs"])
-    p.add_argument("--epochs-per-cycle", type=int, default=HEAD_SCHEDULE["epochs_per_cycle"])
-    p.add_argument("--iters-per-epoch", type=int, default=HEAD_SCHEDULE["iters_per_epoch"])
-    p.add_argument("--lr", type=float, default=HEAD_SCHEDULE["lr"])
-    p.add_argument("--step-size", type=int, default=HEAD_SCHEDULE["step_size"])
+    p.add_argument("--trainable-stages", type=int, default=None,
+                   help="partial mode: backbone stages trained, counted from the last")
+    p.add_argument("--augment-views", type=int, default=None,
+                   help="partial mode: augmented views cached per image (0: clean only)")
+    p.add_argument("--pair-loss-weight", type=float, default=None,
+                   help="weight of the contrastive loss on answered / implied pairs (0: off)")
+    # Unset schedule options take the mode's small-collection schedule
+    # (reidal.training.config.mode_schedule: HEAD_SCHEDULE or PARTIAL_SCHEDULE).
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs-per-cycle", type=int, default=None)
+    p.add_argument("--iters-per-epoch", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--step-size", type=int, default=None)
     p.add_argument("--num-identities", type=int, default=16, help="P of a P x K batch")
     p.add_argument("--num-instances", type=int, default=4, help="K of a P x K batch")
     p.add_argument("--k1", type=int, default=None, help="Jaccard k1 (default: SpCL's 30)")
@@ -178,16 +186,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         items, identities, splits, name = load_items(args.dataset, args.image_size, args.seed)
     labelled = identities != ""
     budget: int | float = int(args.budget) if args.budget >= 1 else float(args.budget)
-    extra = {k: getattr(args, k) for k in ("k1", "k2", "min_samples", "eps")
+    schedule = {k: v for k, v in mode_schedule(args.mode).items()
+                if k in TrainConfig.__dataclass_fields__}
+    extra = {k: getattr(args, k) for k in ("k1", "k2", "min_samples", "eps", "epochs",
+                                          "epochs_per_cycle", "iters_per_epoch", "lr",
+                                          "step_size", "trainable_stages", "augment_views",
+                                          "pair_loss_weight")
              if getattr(args, k) is not None}
+    extra = {**schedule, **extra}
     config = TrainConfig(
-        mode=args.mode, device=args.device, epochs=args.epochs,
-        epochs_per_cycle=args.epochs_per_cycle, iters_per_epoch=args.iters_per_epoch,
-        lr=args.lr, step_size=args.step_size, num_identities=args.num_identities,
+        mode=args.mode, device=args.device, num_identities=args.num_identities,
         num_instances=args.num_instances, sampler=args.sampler, budget_per_cycle=budget,
         question_rounds=args.question_rounds,
         num_workers=args.num_workers, amp=not args.no_amp, seed=args.seed,
-        checkpoint_dir=args.checkpoint_dir, eval_every=args.epochs_per_cycle, **extra)
+        checkpoint_dir=args.checkpoint_dir, eval_every=extra["epochs_per_cycle"], **extra)
     if base is not None:
         model = base[0]
     elif args.model and args.model != "pretrained":

@@ -59,6 +59,15 @@ class LowerFeatures:
     def n_views(self) -> int:
         return 0 if self.views is None else int(self.views.shape[1])
 
+    @staticmethod
+    def concat(parts: Sequence[LowerFeatures]) -> LowerFeatures:
+        """Rows of several caches of the same split, in order (e.g. cached batch by batch)."""
+        if not parts or len({p.first_block for p in parts}) != 1 or len(
+                {p.n_views for p in parts}) != 1:
+            raise ValueError("concat needs caches of one split block and view count")
+        views = None if parts[0].views is None else torch.cat([p.views for p in parts])
+        return LowerFeatures(parts[0].first_block, torch.cat([p.clean for p in parts]), views)
+
     def subset(self, idx: np.ndarray) -> LowerFeatures:
         """The rows ``idx`` (e.g. a benchmark's training pool)."""
         t = torch.as_tensor(np.asarray(idx, dtype=np.int64))

@@ -725,7 +725,7 @@ TRAINING_FIELDS = (
     "mode", "epochs", "epochs_per_cycle", "iters_per_epoch", "num_identities",
     "num_instances", "lr", "weight_decay", "step_size", "gamma", "momentum", "temperature",
     "eps", "min_samples", "k1", "k2", "eps_gap", "reliability_percentile", "self_paced",
-    "cluster_features", "seed")
+    "cluster_features", "seed", "trainable_stages", "augment_views", "pair_loss_weight")
 
 
 def training_config_pb(config: Mapping[str, Any]) -> Any:
