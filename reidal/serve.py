@@ -13,7 +13,9 @@ Embedding for ingest, in this order of preference:
    is served too when "embedding" is among the services);
 3. ``start_triton``: the model repository is written into ``data_dir/model_repository``
    (the default model, once) and the Triton server bundled with nvidia-pytriton is started
-   on free ports, with its log in ``data_dir/triton``; it stops with the server.
+   on free ports, with its log in ``data_dir/triton``; it stops with the server. If it
+   dies meanwhile, a :class:`~reidal.triton_supervisor.TritonSupervisor` starts it again
+   on the same ports (with backoff) and loads again the models loaded since.
 
 Everything durable is in ``data_dir``: ``reidal.sqlite3`` (SQLite, WAL), ``blobs/`` (the
 image bytes) and, with ``start_triton``, the model repository. With ``database_url``
@@ -42,6 +44,7 @@ from reidal.metrics import MetricsHTTP, RpcMetrics, start_metrics_http
 from reidal.runtime import Notifier, OperationRunner, Runtime
 from reidal.store import Store
 from reidal.tls import ServerTLS, https_context, own_server_channel
+from reidal.triton_supervisor import TritonSupervisor
 
 log = logging.getLogger("reidal.serve")
 
@@ -74,6 +77,7 @@ class Started:
     triton: Any  # reidal.embedding.triton_server.TritonServer or None
     metrics_http: MetricsHTTP | None
     review_http: Any = None  # reidal.web.ReviewHTTP or None
+    triton_supervisor: Any = None  # reidal.triton_supervisor.TritonSupervisor or None
 
 
 class ReidalServer:
@@ -155,7 +159,9 @@ class ReidalServer:
             if s.metrics_http is not None:
                 s.metrics_http.close()
             if s.triton is not None:
-                s.triton.stop()
+                s.triton.stop()  # first: it ends a restart the supervisor has in progress
+            if s.triton_supervisor is not None:
+                s.triton_supervisor.stop()
         finally:
             self._stopped.set()
             log_kv(log, logging.INFO, "reidal_stopped", address=self.address)
@@ -364,6 +370,7 @@ def serve(
                     assert root is not None
                     started.triton = _start_triton(root, model_name, triton_startup_timeout_s)
                     triton_url = started.triton.grpc_url
+                    started.triton_supervisor = TritonSupervisor(started.triton).start()
                 embedding_servicer = EmbeddingServicer(triton_url, model_name,
                                                        batch_size=embed_batch_size,
                                                        limits=limits)
@@ -501,6 +508,7 @@ def _cleanup(started: Started) -> None:
         lambda: started.embedder and started.embedder.close(),
         lambda: started.metrics_http and started.metrics_http.close(),
         lambda: started.triton and started.triton.stop(),
+        lambda: started.triton_supervisor and started.triton_supervisor.stop(),
     ):
         try:
             step()

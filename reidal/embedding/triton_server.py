@@ -18,10 +18,16 @@ deployment runs the NGC image instead and needs none of this. What this module t
   the tail of its log.
 * Each server gets its own free ports (pitfall 4) and its own python-backend shared-memory
   prefix, so several servers (tests, other helpers) can run side by side.
+* A server that dies on its own (killed, crashed) is started again on the same ports by
+  :meth:`TritonServer.restart_if_dead`, loading the models it was started with and those
+  :meth:`TritonServer.load_model` loaded since, ready before it returns; its dead process
+  is reaped, its python stubs and their shared-memory regions removed.
+  :class:`reidal.triton_supervisor.TritonSupervisor` calls it, with backoff.
 * No orphans: stop sends SIGTERM, then SIGKILL after a grace period, and also kills the
   python-backend stubs it recorded; an ``atexit`` hook stops every server still running, and
   on Linux the server gets SIGTERM if the Python thread that started it dies (``PR_SET_PDEATHSIG``,
-  only when started from the main thread, since the signal follows the starting *thread*).
+  only when started from the main thread or a supervisor's thread, since the signal follows
+  the starting *thread*).
 """
 
 from __future__ import annotations
@@ -144,6 +150,11 @@ class TritonServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._children: list[object] = []
         self._lock = threading.RLock()
+        self._wanted = False  # started and not stopped since: a death is to be repaired
+        self._stopping = threading.Event()  # stop() called: a start in progress gives up
+        # Models load_model loaded since start, in order: a restart loads them too.
+        self._loaded: list[str] = []
+        self._shm_prefix = ""  # the python backend's shared-memory names of this launch
 
     # ----------------------------------------------------------------- addresses
     @property
@@ -170,36 +181,60 @@ class TritonServer:
 
     @property
     def running(self) -> bool:
+        """True while the process lives; asking reaps it once it has died."""
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def died(self) -> bool:
+        """Started, never stopped, and not running: it died on its own (the dead process
+        is reaped by asking, so none is left a zombie)."""
+        return self._wanted and not self._stopping.is_set() and not self.running
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status of the process that ended (negative: killed by that signal)."""
+        return self._proc.returncode if self._proc is not None else None
+
+    @property
+    def startup_models(self) -> tuple[str, ...]:
+        """What a (re)start loads and waits for: ``models``, then the models
+        :meth:`load_model` loaded since the first start (as their repository configs say,
+        which is what a load by name did)."""
+        return tuple(dict.fromkeys([*self.models, *self._loaded]))
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> TritonServer:
         """Start the server and wait until it and every model in ``models`` is ready."""
+        self._stopping.clear()
         with self._lock:
             if self.running:
                 return self
-            attempts = 3 if self._auto_ports else 1
-            for attempt in range(attempts):
-                if self._auto_ports and (attempt > 0 or None in self._ports()):
-                    picked = iter(free_ports(3, self.host))
-                    self.grpc_port, self.http_port, self.metrics_port = (
-                        given if given is not None else next(picked) for given in self._given_ports
-                    )
-                try:
-                    self._launch()
-                    self._wait_ready()
-                    self._record_children()
-                    return self
-                except TritonStartError as exc:
-                    in_use = "address already in use" in str(exc).lower()
-                    self._kill()
-                    if not (in_use and attempt + 1 < attempts):
-                        raise
-            raise AssertionError("unreachable")
+            self._start(keep_ports=False,
+                        pdeathsig=threading.current_thread() is threading.main_thread())
+            self._wanted = True
+            self._loaded.clear()
+            return self
+
+    def restart_if_dead(self, *, pdeathsig: bool = False) -> bool:
+        """Start the server again on the same ports if it :attr:`died` (the process is
+        reaped, its python stubs killed first) and wait until every model of
+        :attr:`startup_models` is ready; True when it was restarted. Raises
+        TritonStartError when it does not come back (the next call tries again).
+        ``pdeathsig``: the calling thread lives as long as the server should (a
+        supervisor's), so the new process may end with it."""
+        with self._lock:
+            if not self.died:
+                return False
+            self._kill()
+            self._start(keep_ports=True, pdeathsig=pdeathsig)
+            return True
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL after ``stop_grace_s``; also ends the recorded python stubs."""
+        """SIGTERM, then SIGKILL after ``stop_grace_s``; also ends the recorded python stubs.
+        A restart in progress gives up first."""
+        self._stopping.set()
         with self._lock:
+            self._wanted = False
             proc = self._proc
             if proc is None:
                 return
@@ -230,12 +265,17 @@ class TritonServer:
     # ----------------------------------------------------------------- model control
     def load_model(self, name: str, *, timeout_s: float = 300.0) -> None:
         """Ask Triton to (re)load ``name`` from the repository: new version folders are
-        picked up, removed ones unloaded. Blocks until loaded; raises RuntimeError on failure."""
+        picked up, removed ones unloaded. Blocks until loaded; raises RuntimeError on failure.
+        A restart loads it again (:attr:`startup_models`)."""
         self._control("load_model", name, timeout_s)
+        if name not in self._loaded:
+            self._loaded.append(name)
 
     def unload_model(self, name: str, *, timeout_s: float = 60.0) -> None:
         """Unload every version of ``name`` and wait until it no longer answers ready."""
         self._control("unload_model", name, timeout_s)
+        if name in self._loaded:
+            self._loaded.remove(name)
         deadline = time.monotonic() + timeout_s
         while self._http_ok(f"/v2/models/{name}/ready") and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -253,6 +293,29 @@ class TritonServer:
     # ----------------------------------------------------------------- internals
     def _ports(self) -> tuple[int | None, int | None, int | None]:
         return (self.grpc_port, self.http_port, self.metrics_port)
+
+    def _start(self, *, keep_ports: bool, pdeathsig: bool) -> None:
+        """Launch and wait until ready (under the lock). Ports picked free may be picked
+        again when taken (3 tries), unless ``keep_ports``: a restart must come back where
+        its clients are."""
+        attempts = 3 if self._auto_ports and not keep_ports else 1
+        for attempt in range(attempts):
+            if self._auto_ports and (attempt > 0 or None in self._ports()):
+                picked = iter(free_ports(3, self.host))
+                self.grpc_port, self.http_port, self.metrics_port = (
+                    given if given is not None else next(picked) for given in self._given_ports
+                )
+            try:
+                self._launch(pdeathsig)
+                self._wait_ready()
+                self._record_children()
+                return
+            except TritonStartError as exc:
+                in_use = "address already in use" in str(exc).lower()
+                self._kill()
+                if not (in_use and attempt + 1 < attempts):
+                    raise
+        raise AssertionError("unreachable")
 
     def _control(self, action: str, name: str, timeout_s: float) -> None:
         import tritonclient.grpc as grpcclient
@@ -301,7 +364,7 @@ class TritonServer:
             f"--model-repository={self.model_repository}",
             f"--backend-directory={workdir / 'backends'}",
             "--model-control-mode=explicit",
-            *(f"--load-model={m}" for m in self.models),
+            *(f"--load-model={m}" for m in self.startup_models),
             f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
             f"--http-address={self.host}",
@@ -313,7 +376,7 @@ class TritonServer:
             "--exit-timeout-secs=5",
             "--log-info=true",
             # Own shared-memory names, so servers side by side never share a region.
-            f"--backend-config=python,shm-region-prefix-name=reidal_{uuid.uuid4().hex[:12]}_",
+            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
             *self.extra_args,
         ]
         return cmd
@@ -330,8 +393,11 @@ class TritonServer:
         env.pop("PYTHONHOME", None)
         return env
 
-    def _launch(self) -> None:
+    def _launch(self, pdeathsig: bool) -> None:
+        if self._stopping.is_set():
+            raise TritonStartError("stopped while starting")
         workdir = self._prepare_workdir()
+        self._shm_prefix = f"reidal_{uuid.uuid4().hex[:12]}_"
         log = open(workdir / LOG_FILE, "ab")  # noqa: SIM115 - handed to the child
         try:
             self._proc = subprocess.Popen(
@@ -342,9 +408,7 @@ class TritonServer:
                 env=self._env(),
                 cwd=workdir,
                 start_new_session=True,
-                preexec_fn=_set_pdeathsig
-                if threading.current_thread() is threading.main_thread()
-                else None,
+                preexec_fn=_set_pdeathsig if pdeathsig else None,
             )
         finally:
             log.close()
@@ -360,8 +424,11 @@ class TritonServer:
     def _wait_ready(self) -> None:
         assert self._proc is not None
         deadline = time.monotonic() + self.startup_timeout_s
-        pending = ["/v2/health/ready", *(f"/v2/models/{m}/ready" for m in self.models if m != "*")]
+        pending = ["/v2/health/ready",
+                   *(f"/v2/models/{m}/ready" for m in self.startup_models if m != "*")]
         while pending:
+            if self._stopping.is_set():
+                raise TritonStartError("stopped while starting")
             code = self._proc.poll()
             if code is not None:
                 raise TritonStartError(
@@ -406,5 +473,12 @@ class TritonServer:
         for child in self._children:
             with contextlib.suppress(psutil.Error):
                 child.kill()  # type: ignore[attr-defined]
+                child.wait(timeout=10)  # type: ignore[attr-defined]
         self._children = []
+        # A killed server leaves its python backend's shared-memory regions behind (a
+        # stopped one removes them): the prefix is this launch's own.
+        if self._shm_prefix and Path("/dev/shm").is_dir():
+            for region in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
+                with contextlib.suppress(OSError):
+                    region.unlink()
         _LIVE.discard(self)
