@@ -209,10 +209,17 @@ def test_unparseable_bytes_with_tokens_are_unauthenticated_first(tmp_path):
                     _raw_call(ch, method, RAW, streaming)
                 assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
             # With a token limited to some collections: the parse error, not a refusal.
+            md = (("authorization", f"Bearer {token}"),)
             with pytest.raises(grpc.RpcError) as info:
                 _raw_call(ch, "/reidal.v1.CollectionService/GetCollection", RAW, False,
-                          metadata=(("authorization", f"Bearer {token}"),))
+                          metadata=md)
             assert info.value.code() == INVALID
+            # A huge collection id is refused by the token check first, its echo cut.
+            col = collections_pb2_grpc.CollectionServiceStub(ch)
+            err = refusal(col.GetCollection, C.GetCollectionRequest(collection_id=MEGABYTE),
+                          metadata=md)
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert len(err.details().encode()) <= 4096
     finally:
         srv.stop(grace=0)
 
