@@ -292,3 +292,33 @@ def test_bench_schedule_keeps_stored_run_keys_at_defaults():
     assert v.to_dict()["question_rounds"] == 3
     c = v.train_config(2, type("B", (), {"per_cycle": 10})(), 0, "aas")
     assert c.question_rounds == 3 and c.aas_os_similarity == "cosine"
+
+
+def test_partial_mode_inputs_are_cached_once_and_match_a_direct_cache():
+    """The benchmark caches partial mode's lower-stage maps once per dataset: the pool's
+    rows (clean + views) and every image's clean map, numbered as in the whole set."""
+    import torch
+
+    from reidal.benchmark.budget import parse_budget_spec
+    from reidal.benchmark.datasets import BenchDataset
+    from reidal.benchmark.methods import RunContext, _training_inputs
+    from reidal.core.evaluation import open_set_split
+    from reidal.data.synthetic_images import SyntheticConfig, iter_samples
+    from reidal.embedding.model import build_default_model
+    from reidal.training.partial import cache_lower_features
+
+    samples = list(iter_samples(SyntheticConfig.tiny()))
+    images = [s.image for s in samples]
+    ids = np.array([s.identity for s in samples])
+    data = BenchDataset("tiny", "fp", images, None, ids, open_set_split(ids, seed=0))
+    model = build_default_model(input_size=(64, 64))
+    schedule = BenchSchedule(mode="partial", augment_views=1)
+    ctx = RunContext(model, schedule, parse_budget_spec("2x1"), 0.0, progress=lambda _: None)
+    config = schedule.train_config(1, ctx.budget, 0, "none")
+    pool, every = _training_inputs(data, ctx, config)
+    assert _training_inputs(data, ctx, config)[0] is pool  # cached on the dataset
+    assert len(pool) == data.pool.size and len(every) == len(images) and every.views is None
+    direct = cache_lower_features(model, images, pool.first_block, views=1)
+    torch.testing.assert_close(every.clean, direct.clean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pool.views, direct.views[torch.from_numpy(data.pool)],
+                               rtol=1e-4, atol=1e-4)

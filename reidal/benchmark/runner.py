@@ -308,7 +308,8 @@ def _mode_text(s: BenchSchedule) -> str:
     text = (f"{s.mode} mode (EfficientNet-Lite0 at {s.image_size} px, 256-d head; "
             + ("frozen backbone)" if s.mode == "head" else
                f"its last {s.trainable_stages} stage(s) trained on {s.augment_views} cached "
-               f"augmented views per image + the clean one)"))
+               f"augmented views per image + the clean one, the views drawn once per "
+               f"dataset and shared by every method and seed)"))
     if s.pair_loss_weight:
         text += f", loss on the answered / implied pairs at weight {s.pair_loss_weight:g}"
     return text
