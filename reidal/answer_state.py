@@ -65,6 +65,7 @@ class AnswerState:
             np.fromiter((items[r.image_b] for r in rows), np.int64, len(rows)),
             np.fromiter((r.label == "SAME" for r in rows), bool, len(rows)),
             np.fromiter((r.seq for r in rows), np.int64, len(rows)))
+        cs.warm()
         return cls(version, excluded, items, cs)
 
     def _item(self, image_id: str) -> int:

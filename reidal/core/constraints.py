@@ -131,6 +131,61 @@ def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return connected_components(graph, directed=False)[1].astype(np.int64)
 
 
+class _CLAdjacency:
+    """CLs between ML groups: root -> {other root: id of one CL joining them (the newest)}.
+
+    Built from arrays in numpy (one sort of int64 keys); a root's dict is made the first
+    time that root is looked up, so a set loaded with a million CLs answers its first
+    probe at once instead of building a million dict entries. Mutated like a dict of
+    dicts by the union-find's merges.
+    """
+
+    def __init__(self, ra: np.ndarray, rb: np.ndarray, ids: np.ndarray, n: int) -> None:
+        a = np.concatenate([ra, rb]).astype(np.int64)
+        b = np.concatenate([rb, ra]).astype(np.int64)
+        k = np.concatenate([ids, ids]).astype(np.int64)
+        key = a * (np.int64(n) + 1) + b
+        order = np.argsort(key)  # equal keys keep the largest id below: no stable sort
+        key, k = key[order], k[order]
+        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else order
+        self._keys = key[starts]
+        self._ids = np.maximum.reduceat(k, starts) if len(key) else k
+        self._a = self._keys // (np.int64(n) + 1)
+        self._b = self._keys % (np.int64(n) + 1)
+        self._d: dict[int, dict[int, int]] = {}
+        self._seen: set[int] = set()
+
+    @classmethod
+    def empty(cls) -> _CLAdjacency:
+        z = np.empty(0, dtype=np.int64)
+        return cls(z, z, z, 0)
+
+    def _load(self, r: int) -> None:
+        if r in self._seen:
+            return
+        self._seen.add(r)
+        lo, hi = np.searchsorted(self._a, [r, r + 1]).tolist()
+        if hi > lo:
+            self._d[r] = dict(zip(self._b[lo:hi].tolist(), self._ids[lo:hi].tolist(),
+                                  strict=True))
+
+    def get(self, r: int, default: dict[int, int] | None = None) -> dict[int, int] | None:
+        self._load(r)
+        return self._d.get(r, default)
+
+    def setdefault(self, r: int, default: dict[int, int]) -> dict[int, int]:
+        self._load(r)
+        return self._d.setdefault(r, default)
+
+    def pop(self, r: int, default: dict[int, int] | None = None) -> dict[int, int] | None:
+        self._load(r)
+        return self._d.pop(r, default)
+
+    def __getitem__(self, r: int) -> dict[int, int]:
+        self._load(r)
+        return self._d[r]
+
+
 class _AnswerTable:
     """The answers of a set as parallel arrays (id, i, j, same), appendable, with removal.
 
@@ -252,7 +307,7 @@ class ConstraintSet:
         self._depth: dict[int, int] = {}
         # CL between groups: root -> {other root: id of one CL answer joining them}; None
         # until first needed (derived from the applied CLs then).
-        self._cl_adj_d: dict[int, dict[int, int]] | None = {}
+        self._cl_adj_d: _CLAdjacency | None = _CLAdjacency.empty()
         self._max_id: int | None = None
         self.contradictions: list[Contradiction] = []
         self._cache: dict[str, np.ndarray] = {}
@@ -340,23 +395,14 @@ class ConstraintSet:
                 self.contradictions.append(found)
                 self._dropped.add(found.dropped_answer_id)
 
-    def _cl_adjacency(self, ci: np.ndarray, cj: np.ndarray,
-                      cids: np.ndarray) -> dict[int, dict[int, int]]:
-        """root -> {other root: a CL id} for the CLs (ci, cj) under the current groups."""
-        adj: dict[int, dict[int, int]] = {}
-        if not len(cids):
-            return adj
+    def _cl_adjacency(self, ci: np.ndarray, cj: np.ndarray, cids: np.ndarray) -> _CLAdjacency:
+        """root -> {other root: a CL id (the newest)} for the CLs (ci, cj) under the current
+        groups (see :class:`_CLAdjacency`)."""
         roots = self._uf.roots()
-        ri, rj = roots[ci], roots[cj]
-        order = np.argsort(-cids, kind="stable")  # newest first, as a rebuild applies them
-        for a, b, k in zip(ri[order].tolist(), rj[order].tolist(), cids[order].tolist(),
-                           strict=True):
-            adj.setdefault(a, {}).setdefault(b, k)
-            adj.setdefault(b, {}).setdefault(a, k)
-        return adj
+        return _CLAdjacency(roots[ci], roots[cj], cids, self.n_items)
 
     @property
-    def _cl_adj(self) -> dict[int, dict[int, int]]:
+    def _cl_adj(self) -> _CLAdjacency:
         if self._cl_adj_d is None:
             ids, i, j, same = self._applied_arrays()
             cl = ~same
@@ -435,6 +481,11 @@ class ConstraintSet:
             return None
         self.remove(old_id)
         return self.add(answer)
+
+    def warm(self) -> None:
+        """Build now what the first incremental :meth:`add` would build (the CL adjacency
+        of the groups), so a caller that loads once and then adds pays it at load."""
+        _ = self._cl_adj
 
     def rebuild(self) -> None:
         """Recompute from all answers (what :meth:`from_answers` would give)."""
