@@ -79,6 +79,7 @@ demo: setup
 # the default synthetic set (resumable: a finished method x seed is not recomputed).
 bench: setup
 	$(PY) bench/bench_sampling.py
+	$(PY) bench/bench_server.py
 	$(PY) bench/bench_embedding.py
 	$(VENV)/bin/reidal bench --dataset synthetic --seeds 8 --threads 1 --out bench-results/synthetic
 
