@@ -167,12 +167,12 @@ def _walk(message: Message) -> None:
                 if len(text) > limit:
                     raise _Refused(_length_problem(text, limit), f"{name}[{k}]")
         elif kind == "msg" or kind == "ts":
-            check = _step if kind == "msg" else _timestamp_step
+            check = None if kind == "msg" else _timestamp
             if repeated:
                 for k, item in enumerate(getattr(message, name)):
-                    check(item, f"{name}[{k}]")
+                    _step(item, f"{name}[{k}]", check)
             elif message.HasField(name):
-                check(getattr(message, name), name)
+                _step(getattr(message, name), name, check)
         elif kind == "token":
             value = getattr(message, name)
             problem = _token_problem(value) or (
@@ -187,17 +187,11 @@ def _walk(message: Message) -> None:
             _map(getattr(message, name), name, limit)
 
 
-def _step(message: Message, segment: str) -> None:
+def _step(message: Message, segment: str, check: Callable[[Message], None] | None = None
+          ) -> None:
+    """``check`` (default: the whole walk) of a field's message, the field named on failure."""
     try:
-        _walk(message)
-    except _Refused as refused:
-        refused.path.append(segment)
-        raise
-
-
-def _timestamp_step(ts: Message, segment: str) -> None:
-    try:
-        _timestamp(ts)
+        (check or _walk)(message)
     except _Refused as refused:
         refused.path.append(segment)
         raise
