@@ -143,7 +143,8 @@ def _serve(args: argparse.Namespace) -> int:
                        http_port=_review_port(args),
                        review_client_cert=args.review_client_cert,
                        review_client_key=args.review_client_key,
-                       image_roots=[r for r in args.image_roots.split(",") if r.strip()])
+                       image_roots=[r for r in args.image_roots.split(",") if r.strip()],
+                       decode_budget_mb=args.decode_budget_mb, decode_wait_s=args.decode_wait_s)
     except RuntimeError as exc:
         raise CliError(str(exc)) from None
     services = ", ".join(server.services)
@@ -630,6 +631,7 @@ def _client_options() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     from reidal.demo_params import DEMO_BUDGET_PER_CYCLE
+    from reidal.embedding.decode_budget import DEFAULT_BUDGET_MB, DEFAULT_WAIT_S
     from reidal.embedding.spec import DEFAULT_MODEL_NAME
     from reidal.serve import SERVICES
 
@@ -708,6 +710,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="directories whose files an image URI (a path or file://) may "
                             "name, symlinks resolved (default: $" + IMAGE_ROOTS_ENV + "; "
                             "none: no local path is read, clients send bytes)")
+    serve.add_argument("--decode-budget-mb", type=float, default=DEFAULT_BUDGET_MB, metavar="MB",
+                       help="most memory decoded images may hold at once, all requests "
+                            "together (estimated from headers; default: %(default)s)")
+    serve.add_argument("--decode-wait-s", type=float, default=DEFAULT_WAIT_S, metavar="S",
+                       help="how long a request waits for decode memory before "
+                            "RESOURCE_EXHAUSTED (default: %(default)s)")
     serve.add_argument("--log-json", action="store_true", help="JSON log lines")
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(func=_serve)

@@ -25,3 +25,7 @@ class InvalidArgument(ReidalError, ValueError):
 
 class FailedPrecondition(ReidalError):
     """The request is fine but the state is not ready for it (no vectors yet) -> FAILED_PRECONDITION."""
+
+
+class ResourceExhausted(ReidalError):
+    """A server-wide resource (the decode memory budget) stayed full -> RESOURCE_EXHAUSTED."""

@@ -37,6 +37,7 @@ import grpc
 
 from reidal.auth import Authorizer, TokenFile
 from reidal.blobs import BlobStore
+from reidal.embedding.decode_budget import DEFAULT_BUDGET_MB, DEFAULT_WAIT_S, MIB, DecodeBudget
 from reidal.embedding.images import ImageLimits
 from reidal.embedding.spec import DEFAULT_MODEL_NAME
 from reidal.grpc_server import RunningServer, ServiceBinding, build_server, log_kv
@@ -267,6 +268,8 @@ def serve(
     review_client_cert: str | Path | None = None,
     review_client_key: str | Path | None = None,
     image_roots: Sequence[str | Path] | None = None,
+    decode_budget_mb: float = DEFAULT_BUDGET_MB,
+    decode_wait_s: float = DEFAULT_WAIT_S,
 ) -> ReidalServer:
     """Start ``services`` (names, or "all") on ``address`` and return the running server.
 
@@ -309,6 +312,11 @@ def serve(
     None or empty (the default): no local path is read at all, callers send bytes
     (:class:`reidal.embedding.images.ImageLimits`). A root that is not a directory is a
     ValueError.
+
+    decode_budget_mb: the most memory (estimated from the images' headers) that decoded
+    images may hold at once, every request and handler thread together; a request whose
+    images do not fit waits its turn up to ``decode_wait_s`` seconds (or its deadline),
+    then gets RESOURCE_EXHAUSTED (:class:`reidal.embedding.decode_budget.DecodeBudget`).
     """
     names = resolve_services(services)
     if http_port is not None and not PAGE_SERVICES <= set(names):
@@ -371,9 +379,9 @@ def serve(
                     started.triton = _start_triton(root, model_name, triton_startup_timeout_s)
                     triton_url = started.triton.grpc_url
                     started.triton_supervisor = TritonSupervisor(started.triton).start()
-                embedding_servicer = EmbeddingServicer(triton_url, model_name,
-                                                       batch_size=embed_batch_size,
-                                                       limits=limits)
+                embedding_servicer = EmbeddingServicer(
+                    triton_url, model_name, batch_size=embed_batch_size, limits=limits,
+                    decode_budget=DecodeBudget(int(decode_budget_mb * MIB), decode_wait_s))
                 started.embedder = embedding_servicer
         if stateful:
             from reidal.services.collections import classify

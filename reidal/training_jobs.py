@@ -131,11 +131,14 @@ def collection_constraints(store: Store, collection_id: str, image_ids: list[str
 
 
 def collection_images(store: Store, blobs: Any, collection_id: str,
-                      limits: Any = None) -> tuple[list[str], list[Any]]:
+                      limits: Any = None, draft_size: int | None = None
+                      ) -> tuple[list[str], list[Any]]:
     """Ids and PIL images of the collection's images that are not excluded (the rows
     sampling uses): bytes kept in the blob store, or the file an image's URI names
     (read again now under ``limits``, a server's image roots; None: any path, for an
-    operator's own run; a file gone since ingest fails with FailedPrecondition naming it)."""
+    operator's own run; a file gone since ingest fails with FailedPrecondition naming it).
+    ``draft_size``: the model's larger input side, so JPEGs decode reduced as the
+    EmbeddingService decodes them (:func:`reidal.embedding.images.open_image`)."""
     from reidal.embedding.images import DEFAULT_LIMITS, ImageError, decode_image
 
     limits = DEFAULT_LIMITS if limits is None else limits
@@ -145,9 +148,11 @@ def collection_images(store: Store, blobs: Any, collection_id: str,
         src = sources.get(img.image_id)
         try:
             if src is not None and src.kind == "data":
-                pixels = decode_image(blobs.get(src.sha256), None, item_id=img.image_id)
+                pixels = decode_image(blobs.get(src.sha256), None, item_id=img.image_id,
+                                      draft_size=draft_size)
             elif img.uri:
-                pixels = decode_image(None, img.uri, item_id=img.image_id, limits=limits)
+                pixels = decode_image(None, img.uri, item_id=img.image_id, limits=limits,
+                                      draft_size=draft_size)
             else:
                 raise FailedPrecondition(f"image {img.image_id!r} has neither kept bytes "
                                          "nor a URI to train on")
@@ -522,7 +527,7 @@ class TrainingJobs:
                                      f"{job.base_model_version} is not in the repository")
         model = load_model(version_dir)
         spec = load_spec(version_dir)
-        ids, images = self._images(job.collection_id)
+        ids, images = self._images(job.collection_id, max(spec.input_size))
         answers = collection_constraints(self.store, job.collection_id, ids)
         used = len(answers.answers)
         data = cached_features(model, images, config, spec, cancel)
@@ -546,9 +551,9 @@ class TrainingJobs:
                                      spec=spec, load=self.load_model)
         return str(version)
 
-    def _images(self, collection_id: str) -> tuple[list[str], list[Any]]:
+    def _images(self, collection_id: str, draft_size: int) -> tuple[list[str], list[Any]]:
         return collection_images(self.store, self.runtime.blobs, collection_id,
-                                 self.runtime.image_limits)
+                                 self.runtime.image_limits, draft_size)
 
 
 def promote(runtime: Runtime, collection_id: str, model_name: str, version: str) -> Any:

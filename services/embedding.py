@@ -12,7 +12,12 @@ Choices (the published contract is in protos/reidal/v1/embedding.proto):
 - One model version per response: after the first Triton batch answers with version v,
   the remaining batches of the request ask for v explicitly, so a new version loaded
   mid-request never mixes two embedding spaces in one answer.
-- Memory stays bounded by ``batch_size`` decoded images at a time, whatever the request size.
+- Memory: one server-wide :class:`DecodeBudget` bounds the decoded pixels in flight across
+  every request and handler thread. Each sub-batch of ``infer_batch`` images is opened
+  (headers only), reserves its estimated decoded size at once (waiting its turn up to
+  ``decode_wait_s``, then RESOURCE_EXHAUSTED), is decoded and preprocessed into the small
+  input tensor, and gives the reservation back before Triton runs it. JPEGs decode at a
+  reduced DCT scale close to the model's input size (``Image.draft``).
 - The spec (input size, normalisation) of a model comes from ``spec_overrides`` when given,
   else from the model's Triton config (:meth:`TritonEmbedder.spec_from_triton`), cached per
   model name.
@@ -35,7 +40,15 @@ import grpc
 import numpy as np
 
 from reidal import errors
-from reidal.embedding.images import SERVER_LIMITS, ImageError, ImageLimits, decode_image
+from reidal.embedding.decode_budget import DEFAULT_BUDGET_MB, MIB, DecodeBudget
+from reidal.embedding.images import (
+    SERVER_LIMITS,
+    ImageError,
+    ImageLimits,
+    OpenedImage,
+    finish_image,
+    open_image,
+)
 from reidal.embedding.preprocess import preprocess
 from reidal.embedding.spec import DEFAULT_MODEL_NAME, ModelSpec
 from reidal.embedding.triton_client import (
@@ -58,6 +71,7 @@ SERVICE_NAME: str = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"
 MAX_IMAGES_PER_REQUEST = 1024
 #: How many offending images an INVALID_ARGUMENT message lists by name.
 MAX_LISTED_ERRORS = 20
+
 
 _IMAGES = counter("reidal_embedding_images", "Images embedded, per model", ("model",))
 _REJECTED = counter("reidal_embedding_rejected_images",
@@ -113,15 +127,17 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
 
     triton_url: ``host:port`` of Triton's gRPC endpoint. default_model: the model used when a
     request names none. spec_overrides: model name -> :class:`ModelSpec` to use instead of
-    the one in the model's Triton config. batch_size: images decoded, preprocessed and sent
-    at a time (memory stays bounded by it). infer_batch: images per Triton call; calls are
+    the one in the model's Triton config. batch_size: the upper bound of ``infer_batch``.
+    infer_batch: images decoded, preprocessed and sent to Triton at a time; calls are
     pipelined (one in flight while the next sub-batch is decoded and preprocessed), so on a
     CPU the decoding overlaps inference (the client splits further if the model's
     max_batch_size is smaller); default min(8, batch_size).
     limits: what an image may be, and which local paths a URI may name (default: none, a
-    remote caller must not read the server's files; :class:`ImageLimits`). decode_workers: threads decoding images in parallel (Pillow
-    releases the GIL while decoding). triton_timeout_s: bound of one Triton call.
-    max_images: most images per request.
+    remote caller must not read the server's files; :class:`ImageLimits`). decode_workers:
+    threads decoding images in parallel (Pillow releases the GIL while decoding).
+    triton_timeout_s: bound of one Triton call. max_images: most images per request.
+    decode_budget: the bound on decoded images in flight, shared by every request of this
+    servicer (default: DEFAULT_BUDGET_MB MiB, waiting up to DEFAULT_WAIT_S).
     """
 
     def __init__(
@@ -137,6 +153,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         triton_timeout_s: float = 30.0,
         probe_timeout_s: float = 2.0,
         max_images: int = MAX_IMAGES_PER_REQUEST,
+        decode_budget: DecodeBudget | None = None,
     ) -> None:
         if not default_model:
             raise ValueError("default_model must be a non-empty Triton model name")
@@ -161,6 +178,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         self.infer_batch = infer_batch
         self.limits = limits
         self.max_images = max_images
+        self.budget = decode_budget or DecodeBudget(DEFAULT_BUDGET_MB * MIB)
         self._overrides = overrides
         self._specs: dict[str, ModelSpec] = {}
         self._specs_lock = threading.Lock()
@@ -224,27 +242,29 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
                 served[0] = result.model_version
                 parts.append(result.vectors)
 
+        draft = max(spec.input_size)
         try:
-            for start in range(0, len(items), self.batch_size):
+            for start in range(0, len(items), self.infer_batch):
                 _check_deadline(deadline, f"after {start} of {len(items)} images")
                 if is_active is not None and not is_active():
                     raise Cancelled(f"the caller cancelled after {start} of {len(items)} images")
-                chunk = items[start:start + self.batch_size]
-                pending = [self._pool.submit(self._decode, it) for it in chunk]
+                group = items[start:start + self.infer_batch]
+                opened = [f.result() for f in [self._pool.submit(self._open, it, draft)
+                                               for it in group]]
+                problems.extend(o for o in opened if isinstance(o, ImageError))
                 # Pipelined: while Triton runs one sub-batch, the next is decoded and
                 # preprocessed; at most one Triton call is in flight, so every call after
-                # the first goes to the version that answered the first.
-                for s in range(0, len(chunk), self.infer_batch):
-                    decoded = [f.result() for f in pending[s:s + self.infer_batch]]
-                    bad = [d for d in decoded if isinstance(d, ImageError)]
-                    if bad or problems:
-                        problems.extend(bad)  # keep decoding: the error must name every one
+                # the first goes to the version that answered the first. After a bad image
+                # the rest is still decoded (the error must name every one), not inferred.
+                for run in _runs_within([o for o in opened if isinstance(o, OpenedImage)],
+                                        self.budget.capacity):
+                    batch = self._decode_run(run, spec, deadline, problems)
+                    if batch is None:
                         continue
-                    batch = preprocess(decoded, spec)
-                    del decoded
                     collect()
-                    _check_deadline(deadline, f"after {start + s} of {len(items)} images")
+                    _check_deadline(deadline, f"after {start} of {len(items)} images")
                     in_flight = self._infer_pool.submit(self._infer, batch, name, served[0])
+                del opened
             collect()
         finally:
             if in_flight is not None:
@@ -324,11 +344,24 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
                                                                     strict=True))
         return response
 
-    def _decode(self, item: ImageItem) -> object:
+    def _open(self, item: ImageItem, draft: int) -> OpenedImage | ImageError:
         try:
-            return decode_image(item.data, item.uri, item_id=item.id, limits=self.limits)
+            return open_image(item.data, item.uri, item_id=item.id, limits=self.limits,
+                              draft_size=draft)
         except ImageError as exc:
             return exc
+
+    def _decode_run(self, run: list[OpenedImage], spec: ModelSpec, deadline: float | None,
+                    problems: list[ImageError]) -> np.ndarray | None:
+        """Decode and preprocess ``run`` holding its decode budget, which is given back
+        once only the input tensor is left; None when an image of the request is bad."""
+        with self.budget.reserve(sum(o.decoded_bytes for o in run), deadline):
+            decoded = [f.result() for f in [self._pool.submit(_finish, o) for o in run]]
+            run.clear()  # the opened sources are closed; drop them with the pixels
+            problems.extend(d for d in decoded if isinstance(d, ImageError))
+            batch = None if problems else preprocess(decoded, spec)
+            del decoded
+        return batch
 
     def _spec(self, name: str) -> ModelSpec:
         spec = self._overrides.get(name)
@@ -354,6 +387,29 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             name=info.name, version=info.version, state=info.state, ready=info.ready,
             dim=info.dim or 0, input_height=height, input_width=width,
             max_batch_size=info.max_batch_size or 0, is_default=info.name == self.default_model)
+
+
+def _finish(opened: OpenedImage) -> object:
+    try:
+        return finish_image(opened)
+    except ImageError as exc:
+        return exc
+
+
+def _runs_within(opened: list[OpenedImage], capacity: int) -> list[list[OpenedImage]]:
+    """Consecutive runs of ``opened`` whose estimated decoded sizes fit in ``capacity``
+    together (a run is reserved at once: a sub-batch of large images becomes several).
+    An image larger than the whole budget stays a run of its own, which the budget
+    refuses with RESOURCE_EXHAUSTED."""
+    runs: list[list[OpenedImage]] = []
+    size = 0
+    for o in opened:
+        if not runs or size + o.decoded_bytes > capacity:
+            runs.append([])
+            size = 0
+        runs[-1].append(o)
+        size += o.decoded_bytes
+    return runs
 
 
 def _check_items(items: Sequence[ImageItem], max_images: int) -> None:

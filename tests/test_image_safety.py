@@ -217,3 +217,86 @@ def test_an_undecodable_deferred_image_no_longer_blocks_its_collection(triton, t
                                      timeout=30).image_count == 12
         finally:
             stubs.close()
+
+
+# ------------------------------------------------------------------------ finding 3: memory
+
+
+def _big_png(mode: str, side: int = 6000) -> bytes:
+    """A blank ``side`` x ``side`` PNG: a few KiB on the wire, ``side``**2 pixels decoded."""
+    buf = io.BytesIO()
+    Image.new(mode, (side, side)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_decoded_images_in_flight_stay_within_the_server_budget(triton, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from reidal.embedding.decode_budget import MIB
+    from reidal.embedding.images import decoded_bytes
+
+    one_bit, rgba = _big_png("1"), _big_png("RGBA")
+    assert len(one_bit) < 10_000  # 36 MP behind a few KiB
+    cost = decoded_bytes(Image.open(io.BytesIO(one_bit)))
+    budget_mb = 256
+    assert cost < budget_mb * MIB < 2 * cost  # one such image at a time fits, two do not
+    small = [(f"s{k}", _png(k)) for k in range(3)]
+    with running_server(triton, tmp_path / "data", decode_budget_mb=budget_mb,
+                        decode_wait_s=120) as srv:
+        budget = srv.runtime.embedder.budget
+        stub = embedding_pb2_grpc.EmbeddingServiceStub(grpc.insecure_channel(srv.address))
+
+        def embed(images: list[tuple[str, bytes]]) -> tuple[grpc.StatusCode, str]:
+            try:
+                out = stub.Embed(embedding_pb2.EmbedRequest(
+                    images=[common_pb2.Image(id=i, data=d) for i, d in images]), timeout=300)
+            except grpc.RpcError as exc:
+                return exc.code(), exc.details()
+            assert [e.id for e in out.embeddings] == [i for i, _ in images]
+            return grpc.StatusCode.OK, ""
+
+        requests = [[(f"r{r}-{k}", one_bit) for k in range(2)] + small[:1] for r in range(4)]
+        requests += [small, [("too-big", rgba)]]
+        with ThreadPoolExecutor(len(requests)) as pool:
+            results = list(pool.map(embed, requests))
+        # the budget's own accounting: never more than its capacity reserved at once, and
+        # the large images really went through it
+        assert cost <= budget.peak <= budget.capacity == budget_mb * MIB
+        assert budget.in_use == 0
+        assert {code for code, _ in results[:5]} <= {grpc.StatusCode.OK,
+                                                     grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert results[4][0] == grpc.StatusCode.OK  # normal images still embed
+        for code, message in results[:4]:
+            assert code == grpc.StatusCode.OK or "decode budget" in message
+        code, message = results[5]  # more than the whole budget: refused at once, clearly
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "decode budget of 256 MiB" in message and "fewer or smaller" in message
+        assert embed(small)[0] == grpc.StatusCode.OK
+
+
+def test_decode_budget_waits_in_turn_then_refuses():
+    import threading
+
+    from reidal.embedding.decode_budget import DecodeBudget
+    from reidal.errors import ResourceExhausted
+
+    budget = DecodeBudget(10, wait_s=0)
+    with budget.reserve(8):
+        with pytest.raises(ResourceExhausted, match="busy decoding"):
+            with budget.reserve(5):
+                pass
+        assert budget.in_use == 8
+    waiting = DecodeBudget(10, wait_s=600)
+    got = threading.Event()
+    held = waiting.reserve(5)
+    with waiting.reserve(8):
+        thread = threading.Thread(target=lambda: held.__enter__() or got.set())
+        thread.start()
+        assert not got.wait(0.2)  # blocked while the first holds its bytes
+    thread.join(60)
+    assert got.is_set() and waiting.in_use == 5 and waiting.peak == 8
+    held.__exit__(None, None, None)
+    assert waiting.in_use == 0
+    with pytest.raises(ResourceExhausted, match="whole decode budget"):
+        with waiting.reserve(11):
+            pass

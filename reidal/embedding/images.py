@@ -104,13 +104,48 @@ def decode_image(
     *,
     item_id: str,
     limits: ImageLimits = DEFAULT_LIMITS,
+    draft_size: int | None = None,
 ) -> Image.Image:
     """Decode exactly one of ``data`` (encoded bytes) or ``uri`` into an RGB image.
 
     ``uri`` may be a plain filesystem path, a ``file://`` URI, or (when
     ``limits.allow_http``) an ``http(s)://`` URL. EXIF orientation is applied, so a portrait
     photo taken with a rotated camera is embedded upright, and only the first frame of an
-    animated PNG/WebP is used. Raises :class:`ImageError` naming ``item_id``.
+    animated PNG/WebP is used. ``draft_size``: see :func:`open_image`. Raises
+    :class:`ImageError` naming ``item_id``. (:func:`open_image` then :func:`finish_image`.)
+    """
+    return finish_image(open_image(data, uri, item_id=item_id, limits=limits,
+                                   draft_size=draft_size))
+
+
+@dataclass
+class OpenedImage:
+    """An image whose header was read and checked, nothing decoded yet. ``decoded_bytes``:
+    the memory its decoding may take at most (:func:`decoded_bytes`), known before it is
+    spent, so a server can reserve it (:class:`reidal.embedding.decode_budget.DecodeBudget`)."""
+
+    item_id: str
+    image: Image.Image
+    decoded_bytes: int
+
+
+def open_image(
+    data: bytes | None,
+    uri: str | None,
+    *,
+    item_id: str,
+    limits: ImageLimits = DEFAULT_LIMITS,
+    draft_size: int | None = None,
+) -> OpenedImage:
+    """Read (a URI) and check one image up to its header: format, sides, pixel count.
+
+    ``draft_size``: the model's larger input side. A JPEG is then decoded directly at the
+    smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at least this large
+    (``Image.draft``), so a 24-megapixel photo for a 224-pixel model decodes as 0.4 MP
+    instead of 24: the memory and most of the time of decoding go, and the resize to the
+    input size that follows (:func:`reidal.embedding.preprocess.preprocess`) still
+    shrinks, so it still antialiases. Both sides, because EXIF orientation may turn the
+    picture. Other formats have no reduced decoding and decode whole.
     """
     if (data is None) == (uri is None):
         raise ImageError(item_id, "give exactly one of encoded bytes or a URI")
@@ -146,14 +181,46 @@ def decode_image(
             f"image is {width}x{height} = {width * height} pixels, over the limit of "
             f"{limits.max_pixels}",
         )
+    if draft_size is not None and img.format == "JPEG":
+        try:
+            img.draft(None, (draft_size, draft_size))
+        except Exception as exc:  # a damaged header Pillow only notices now
+            raise ImageError(
+                item_id, f"corrupt JPEG image data ({type(exc).__name__}: {exc})") from None
+    return OpenedImage(item_id, img, decoded_bytes(img))
+
+
+#: Bytes a pixel of each Pillow mode takes in memory (Pillow keeps "1" as a byte).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "I;16": 2, "I;16B": 2,
+               "I;16L": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4, "RGBa": 4,
+               "RGBX": 4, "CMYK": 4, "I": 4, "F": 4}
+
+
+def decoded_bytes(img: Image.Image) -> int:
+    """An upper estimate of the memory decoding ``img`` takes at its peak, from the header
+    (after a draft): the decoded picture in its file's mode, plus either its turned copy
+    (EXIF orientation) or the RGB result with a byte a pixel for conversion intermediates:
+    width x height x (m + max(m, 4)) for a mode of m bytes a pixel (a 1-bit PNG: 5 bytes
+    a pixel, an RGB JPEG: 6)."""
+    m = _MODE_BYTES.get(img.mode, 4)
+    return img.width * img.height * (m + max(m, 4))
+
+
+def finish_image(opened: OpenedImage) -> Image.Image:
+    """Decode an :func:`open_image` result into an upright RGB image; the source's pixels
+    are freed at once, so only the RGB result outlives the call. ImageError when the pixel
+    data after a valid header is truncated or corrupt."""
+    img = opened.image
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)
         return img.convert("RGB")
     except Exception as exc:  # truncated or corrupt pixel data after a valid header
         raise ImageError(
-            item_id, f"corrupt {img.format} image data ({type(exc).__name__}: {exc})"
+            opened.item_id, f"corrupt {img.format} image data ({type(exc).__name__}: {exc})"
         ) from None
+    finally:
+        img.close()
 
 
 def read_uri(uri: str, *, item_id: str, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
