@@ -303,41 +303,49 @@ def _open_store(args: argparse.Namespace) -> Any:
 
 def _open_collection(args: argparse.Namespace) -> tuple[list[Any], Any, tuple]:
     """The collection's images and answers, and (model, name, version) to start from. The
-    store is closed again before training (rank 0 reopens it to record the job)."""
+    store is closed again before training (rank 0 reopens it to record the job). Images
+    decode as the EmbeddingService decodes them for this model (JPEGs drafted to its
+    input size: :func:`reidal.embedding.images.open_image`)."""
     from reidal.blobs import BlobStore
-    from reidal.embedding.model import build_default_model, load_model
     from reidal.training_jobs import collection_constraints, collection_images
 
     store = _open_store(args)
     try:
         col = store.get_collection(args.collection)
+        base = _base_model(args, col)
+        size = getattr(base[0], "arch", {}).get("input_size") or (args.image_size,)
         ids, images = collection_images(store, BlobStore(Path(args.data_dir) / "blobs"),
-                                        args.collection)
-        constraints = collection_constraints(store, args.collection, ids)
-        if args.model == "pretrained":
-            return images, constraints, (
-                build_default_model(input_size=(args.image_size, args.image_size)),
-                DEFAULT_MODEL_NAME, "")
-        name, _, version = (args.model or "").partition(":")
-        name = name or col.model_name or DEFAULT_MODEL_NAME
-        version = version or (col.model_version if name == col.model_name else "")
-        if not args.model_repository:
-            raise ValueError("--collection starts from a version in --model-repository "
-                             "(or give --model pretrained)")
-        if not version:
-            from reidal.embedding.triton_repo import model_versions
-
-            found = model_versions(args.model_repository, name)
-            if not found:
-                raise ValueError(f"{args.model_repository} has no version of {name!r}")
-            version = str(found[-1])
-        folder = Path(args.model_repository) / name / version
-        if not (folder / "model.json").is_file():
-            raise ValueError(f"{folder} holds no torch model (model.pt + model.json) to train "
-                             "from; export versions with reidal, or give --model pretrained")
-        return images, constraints, (load_model(folder), name, version)
+                                        args.collection, draft_size=max(size))
+        return images, collection_constraints(store, args.collection, ids), base
     finally:
         store.close()
+
+
+def _base_model(args: argparse.Namespace, col: Any) -> tuple:
+    """(model, name, version) a collection's training starts from (--model)."""
+    from reidal.embedding.model import build_default_model, load_model
+
+    if args.model == "pretrained":
+        return (build_default_model(input_size=(args.image_size, args.image_size)),
+                DEFAULT_MODEL_NAME, "")
+    name, _, version = (args.model or "").partition(":")
+    name = name or col.model_name or DEFAULT_MODEL_NAME
+    version = version or (col.model_version if name == col.model_name else "")
+    if not args.model_repository:
+        raise ValueError("--collection starts from a version in --model-repository "
+                         "(or give --model pretrained)")
+    if not version:
+        from reidal.embedding.triton_repo import model_versions
+
+        found = model_versions(args.model_repository, name)
+        if not found:
+            raise ValueError(f"{args.model_repository} has no version of {name!r}")
+        version = str(found[-1])
+    folder = Path(args.model_repository) / name / version
+    if not (folder / "model.json").is_file():
+        raise ValueError(f"{folder} holds no torch model (model.pt + model.json) to train "
+                         "from; export versions with reidal, or give --model pretrained")
+    return load_model(folder), name, version
 
 
 def _record_job(args: argparse.Namespace, config: Any, base: tuple, summary: dict,
