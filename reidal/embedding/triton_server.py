@@ -473,7 +473,6 @@ class TritonServer:
         for child in self._children:
             with contextlib.suppress(psutil.Error):
                 child.kill()  # type: ignore[attr-defined]
-                child.wait(timeout=10)  # type: ignore[attr-defined]
         self._children = []
         # A killed server leaves its python backend's shared-memory regions behind (a
         # stopped one removes them): the prefix is this launch's own.
