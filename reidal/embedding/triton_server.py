@@ -268,6 +268,7 @@ class TritonServer:
         picked up, removed ones unloaded. Blocks until loaded; raises RuntimeError on failure.
         A restart loads it again (:attr:`startup_models`)."""
         self._control("load_model", name, timeout_s)
+        self._record_children()  # the model's python stub, to be killed with the server
         if name not in self._loaded:
             self._loaded.append(name)
 
