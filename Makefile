@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/reidal/v1/*.proto)
 GEN    := reidal/v1/.generated
 
-.PHONY: setup proto protoc sysdeps node-deps deploy-tools test demo bench lint clean
+.PHONY: setup proto protoc sysdeps node-deps deploy-tools test demo bench lint clean image
 
 setup: $(STAMP) $(GEN)
 
@@ -69,8 +69,16 @@ $(VENV)/bin/kubectl: | $(STAMP)
 
 deploy-tools: $(VENV)/bin/kubectl
 
+# The image is not built here (a first build takes minutes of a 20-minute budget):
+# tests/test_image.py runs an image `make image` built, and skips saying so without one.
 test: setup protoc sysdeps node-deps deploy-tools
 	$(PY) -m pytest -q
+
+# The container image (deploy/docker/Dockerfile) with podman, from a Debian base made with
+# debootstrap (no container registry needed), the local CPU torch wheel when pip finds one;
+# prints its size. docs/deployment.md, "Building the image".
+image: setup
+	bash deploy/docker/build-image.sh
 
 demo: setup
 	$(VENV)/bin/reidal demo

@@ -308,6 +308,20 @@ def test_dockerfile_copies_only_what_the_context_holds():
         assert dockerignore_excluded(left_out), f"{left_out} would be sent to the build"
 
 
+def test_dockerfile_copies_every_package_pyproject_installs():
+    """`pip install .` in the build stage needs the folder of every package pyproject.toml
+    lists (the first build failed on clients/wildbook, never copied)."""
+    import tomllib
+
+    setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = {setup.get("package-dir", {}).get(p, p.replace(".", "/")) for p in setup["packages"]}
+    copied = [rest.split()[0].rstrip("/") for word, rest in dockerfile()
+              if word == "COPY" and not rest.startswith("--from")]
+    for d in sorted(dirs):
+        assert any(d == c or d.startswith(c + "/") for c in copied), (
+            f"package folder {d} is not copied into the build stage")
+
+
 def test_dockerfile_entrypoint_and_healthcheck_match_the_cli():
     from reidal.serve import SERVICES
 

@@ -6,8 +6,9 @@ deployment runs the NGC image instead and needs none of this. What this module t
 (each point measured on this project's machines, see the project brief's shared/docs/triton-on-cpu.md):
 
 * The python backend wants ``libtriton_python.so`` and the stub for *this* interpreter's
-  Python version in one folder; the wheel keeps the stubs apart, so a backend folder of
-  symlinks is made in the server's work directory.
+  Python version in one folder; the wheel keeps the stubs apart, so a backend folder is
+  made in the server's work directory: symlinks, and a copy of the stub (the backend
+  chmods it, which a non-root server cannot do to a root-owned file in an image).
 * The stub links ``libpython3.11.so.1.0``: ``LD_LIBRARY_PATH`` starts with this interpreter's
   ``LIBDIR`` so a system copy of another patch release is not picked up (pitfall 1). The
   interpreter's folder leads ``PATH`` so the stub finds the same virtualenv.
@@ -350,13 +351,20 @@ class TritonServer:
             "libtriton_python.so": dist / "backends" / "python" / "libtriton_python.so",
             "triton_python_backend_utils.py": dist / "backends" / "python"
             / "triton_python_backend_utils.py",
-            "triton_python_backend_stub": stub,
         }
         for name, target in links.items():
             link = backend / name
             if link.is_symlink() or link.exists():
                 link.unlink()
             link.symlink_to(target)
+        # The stub is copied, not linked: the python backend chmods it before every start,
+        # which fails (and no model loads) when it belongs to root on a read-only image
+        # and the server runs as its own user, as in the container image.
+        copy = backend / "triton_python_backend_stub"
+        if copy.is_symlink() or copy.exists():
+            copy.unlink()
+        shutil.copyfile(stub, copy)
+        copy.chmod(0o755)
         return self.workdir
 
     def _command(self, workdir: Path) -> list[str]:
