@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from reidal.core.constraints import Answer, ConstraintSet, Contradiction
+from reidal.errors import NotFound
 from reidal.store import AnswerLogVersion, AnswerRow, Store
 
 
@@ -56,15 +57,15 @@ class AnswerState:
         excluded = frozenset(store.excluded_images(collection_id))
         rows = [r for r in store.answer_rows(collection_id) if r.label != "UNSURE"
                 and r.image_a not in excluded and r.image_b not in excluded]
+        seq, a_ids, b_ids, labels = (list(col) for col in zip(*rows, strict=True)) \
+            if rows else ([], [], [], [])
         items: dict[str, int] = {}
-        for r in rows:  # one step per answer, once per process
-            items.setdefault(r.image_a, len(items))
-            items.setdefault(r.image_b, len(items))
-        cs = ConstraintSet.from_arrays(
-            len(items), np.fromiter((items[r.image_a] for r in rows), np.int64, len(rows)),
-            np.fromiter((items[r.image_b] for r in rows), np.int64, len(rows)),
-            np.fromiter((r.label == "SAME" for r in rows), bool, len(rows)),
-            np.fromiter((r.seq for r in rows), np.int64, len(rows)))
+        # one dict step per answer end, once per process
+        a = np.array([items.setdefault(x, len(items)) for x in a_ids], dtype=np.int64)
+        b = np.array([items.setdefault(x, len(items)) for x in b_ids], dtype=np.int64)
+        cs = ConstraintSet.from_arrays(len(items), a, b,
+                                       np.array(labels, dtype=object) == "SAME",
+                                       np.array(seq, dtype=np.int64))
         cs.warm()
         return cls(version, excluded, items, cs)
 
@@ -132,7 +133,11 @@ class AnswerStates:
         """The collection's state, caught up with the store. Call it inside the
         collection's write transaction (which serialises every writer of the collection,
         in every process), and :meth:`forget` the collection if that transaction fails."""
-        version = store.answer_log_version(collection_id)
+        try:
+            version = store.answer_log_version(collection_id)
+        except NotFound:
+            self.forget(collection_id)  # a deleted collection's state is not kept
+            raise
         with self._guard:
             state = self._states.get(collection_id)
         if (state is None or (state.version.created_at, state.version.epoch)

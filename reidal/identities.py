@@ -37,6 +37,7 @@ from reidal.collection_state import (
     state_key,
 )
 from reidal.core.np3 import NP3
+from reidal.errors import NotFound
 from reidal.store import Store
 
 ID_PREFIX = "id-"
@@ -218,7 +219,12 @@ class LatestIdentities:
 
     def get(self, store: Store, collection_id: str,
             lock: Callable[[str], AbstractContextManager[None]]) -> IdentitiesResult:
-        key = state_key(store, collection_id, {"kind": "identities"})
+        try:
+            key = state_key(store, collection_id, {"kind": "identities"})
+        except NotFound:
+            with self._guard:  # a deleted collection's result is not kept
+                self._latest.pop(collection_id, None)
+            raise
         while True:
             with self._guard:
                 latest = self._latest.get(collection_id)
