@@ -1,4 +1,4 @@
-"""Reads that do not queue behind writes, over a real SQLite store (no gRPC): GetQueryPairs
+"""Reads that do not queue behind writes, over a real store, SQLite and PostgreSQL (no gRPC): GetQueryPairs
 on an unchanged state shares the open batch, GetIdentities serves its last result while a
 newer one is computed."""
 
@@ -19,8 +19,8 @@ from reidal.store import ImageRecord, Store
 
 
 @pytest.fixture()
-def store(tmp_path):
-    s = Store(tmp_path / "data")
+def store(store_target):
+    s = Store.open(store_target)
     data = make_reid_embeddings(n_identities=8, dim=16, seed=0)
     ids = [f"img{k:03d}" for k in range(data.X.shape[0])]
     s.create_collection("c", model_name="m", model_version="1",
