@@ -15,8 +15,8 @@ against :meth:`~reidal.store.Store.answer_log_version`: answers another process 
 replica) wrote since are applied from the rows newer than the state's last seq; a
 deletion, exclusion or restore anywhere (the store's answers epoch moved) or a
 re-created collection makes it reload. If the transaction fails after the state moved,
-the state is dropped (the next call reloads), so it never holds an answer that was not
-committed.
+the state is dropped before this process's next writer of the collection reads it (the
+next call reloads), so it never holds an answer that was not committed.
 
 Exactness: what the reply reports is what a full rebuild would report. An incremental
 add applies exactly the answers a rebuild applies, but a rebuild may name other answers
@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,12 +128,28 @@ class AnswerStates:
 
     def __init__(self) -> None:
         self._states: dict[str, AnswerState] = {}
+        self._writers: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+
+    @contextmanager
+    def writing(self, collection_id: str) -> Iterator[None]:
+        """Hold around a write transaction that calls :meth:`sync`: this process's writers
+        of the collection run one at a time, and if the transaction fails the state is
+        dropped before the next writer can read it (it may hold the rolled-back answers,
+        whose seqs SQLite may then reuse)."""
+        with self._guard:
+            lock = self._writers.setdefault(collection_id, threading.Lock())
+        with lock:
+            try:
+                yield
+            except BaseException:
+                self.forget(collection_id)
+                raise
 
     def sync(self, store: Store, collection_id: str) -> AnswerState:
         """The collection's state, caught up with the store. Call it inside the
         collection's write transaction (which serialises every writer of the collection,
-        in every process), and :meth:`forget` the collection if that transaction fails."""
+        in every process), itself inside :meth:`writing`."""
         try:
             version = store.answer_log_version(collection_id)
         except NotFound:

@@ -178,12 +178,9 @@ def submit(store: Store, collection_id: str, submissions: Sequence[AnswerSubmiss
                 "contradictions": [{"answers": list(c.answer_ids), "dropped": c.dropped_answer_id}
                                    for c in found]}
 
-    try:
+    with states.writing(collection_id):  # a failed transaction's state is dropped
         response, replayed = store.submit_answers_once(collection_id, answers,
                                                        request_id=request_id, respond=respond)
-    except BaseException:
-        states.forget(collection_id)  # it may hold answers of the rolled-back transaction
-        raise
     if replayed and response.get("fingerprint") != print_:
         raise AlreadyExists(
             f"request id {request_id!r} was already used for other answers in collection "

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from reidal.answer_state import answer_states
 from reidal.answers import AnswerSubmission, current_contradictions, submit
-from reidal.store import ImageRecord, Store
+from reidal.store import AnswerIn, ImageRecord, Store
 
 IMAGES = [f"i{k}" for k in range(7)]
 _names = itertools.count()
@@ -142,3 +142,21 @@ def test_a_deleted_image_takes_its_answers_out_of_the_state(store):
     store.delete_image(cid, "i4")  # the chain i0 - i1 - i4 - i2 loses its middle
     out = submit(store, cid, as_submissions([(0, 2, "DIFFERENT")]))
     assert not out.contradictions and reference(store, cid, out.seqs) == []
+
+
+def test_a_failed_transaction_leaves_no_answer_in_the_state(store):
+    cid = new_collection(store)
+    submit(store, cid, as_submissions([(0, 1, "SAME"), (1, 1, "SAME")]))
+    states = answer_states(store)
+
+    def fail_after_the_state_moved(seqs):
+        states.sync(store, cid)  # holds the inserted answer now
+        raise RuntimeError("failed before the commit")
+
+    with pytest.raises(RuntimeError), states.writing(cid):
+        store.submit_answers_once(cid, [AnswerIn("i0", "i2", "DIFFERENT")],
+                                  respond=fail_after_the_state_moved)
+    out = submit(store, cid, as_submissions([(3, 1, "SAME")]))  # SQLite reuses the seq
+    assert reported(out) == reference(store, cid, out.seqs) == []
+    state = states.sync(store, cid)
+    assert state.constraints.contradictions == [] and len(state.constraints) == 3
