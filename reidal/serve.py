@@ -257,7 +257,7 @@ def serve(
     triton_startup_timeout_s: float = 180.0,
     rpc_metrics: RpcMetrics | None = None,
     model_repository: str | Path | None = None,
-    load_model: Callable[[str], None] | None = None,
+    load_model: Callable[..., Any] | None = None,
     http_port: int | None = None,
     tls_cert: str | Path | None = None,
     tls_key: str | Path | None = None,
@@ -284,10 +284,11 @@ def serve(
     expose its metrics on every interface). max_message_mb:
     largest gRPC message either way (RESOURCE_EXHAUSTED beyond). The rest tune the server
     (see :func:`reidal.grpc_server.build_server`). model_repository / load_model: where
-    training writes new model versions and how it asks Triton to load them (defaults:
-    with ``start_triton``, its repository and its model control; with ``triton_url``,
-    Triton's model-control API at that URL; without a repository, training is refused
-    with FAILED_PRECONDITION). tls_cert / tls_key: serve TLS with this certificate chain
+    training writes new model versions and how it has Triton serve exactly a set of a
+    model's versions, ``load_model(name, versions)`` (defaults: with ``start_triton``, its
+    repository; the model-control API of the Triton at ``triton_url`` or started,
+    :func:`reidal.embedding.triton_versions.triton_loader`; without a repository, training
+    is refused with FAILED_PRECONDITION). tls_cert / tls_key: serve TLS with this certificate chain
     and key (PEM files); tls_client_ca: also require client certificates signed by it
     (mutual TLS). auth_tokens: a tokens file (:mod:`reidal.auth`): every call but health
     and reflection needs a token allowed for its collection. embedding_credentials /
@@ -403,16 +404,16 @@ def serve(
                 started.runtime.notifications = PgNotifications(database_url, notifier)
         training = None
         if "training" in names:
-            from reidal.training_jobs import TrainingJobs, triton_loader
+            from reidal.embedding.triton_versions import triton_loader
+            from reidal.training_jobs import TrainingJobs
 
             assert started.runtime is not None
             repo = model_repository
             loader = load_model
             if started.triton is not None:
                 repo = repo if repo is not None else started.triton.model_repository
-                loader = loader or started.triton.load_model
-            elif loader is None and triton_url is not None:
-                loader = triton_loader(triton_url)
+            if loader is None and triton_url is not None:
+                loader = triton_loader(triton_url, repo)
             training = TrainingJobs(started.runtime, repo, loader, model_name)
         bindings = build_bindings(names, started.runtime, embedding_servicer, training)
         running = build_server(bindings, address=address, max_workers=max_workers,

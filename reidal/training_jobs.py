@@ -10,6 +10,16 @@ the trainer's sampler is "none"), then writes the trained model as the next vers
 model into the Triton model repository and asks Triton to load it (explicit model control).
 The collection keeps its vectors: :func:`promote` re-embeds it with the new version.
 
+Models per collection: the new version is for the job's collection only. Every collection
+keeps the version it pins (stored with it, so every replica serves the same one) until
+PromoteModel (or EmbedCollection) switches that collection; the model's default version,
+which a new collection pins and a request naming no version gets, is the model config's
+(:data:`reidal.embedding.triton_repo.P_DEFAULT_VERSION`) and training never changes it.
+The job's load keeps every pinned version loaded, with the default and the new one, and
+unloads the others (:meth:`TrainingJobs.served_versions`); a pinned version Triton dropped
+anyway (a Triton restart loads its config's newest versions) is loaded again by the first
+request that needs it (:class:`reidal.embedding.triton_client.TritonEmbedder`).
+
 Jobs are rows of the store's ``training_jobs`` table. A job survives its client; a server
 start marks jobs left QUEUED or RUNNING as FAILED
 (:meth:`reidal.store.Store.fail_interrupted_training_jobs`), so none is ever shown running
@@ -25,7 +35,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -198,19 +208,9 @@ def cached_features(model: Any, images: list[Any], config: Any, spec: Any,
 # ------------------------------------------------------------------------ Triton
 
 
-def triton_loader(grpc_url: str, timeout_s: float = 300.0) -> Callable[[str], None]:
-    """A ``load_model(name)`` through Triton's model-control API at ``grpc_url``."""
-
-    def load(name: str) -> None:
-        import tritonclient.grpc as grpcclient
-
-        client = grpcclient.InferenceServerClient(grpc_url)
-        try:
-            client.load_model(name, client_timeout=timeout_s)
-        finally:
-            client.close()
-
-    return load
+#: How a job has Triton serve a model's versions: ``load(name, versions)`` loads exactly
+#: ``versions`` (:func:`reidal.embedding.triton_versions.triton_loader`).
+VersionLoader = Callable[[str, Collection[str]], Any]
 
 
 def _repository_options(repo: Path, model_name: str) -> dict[str, Any]:
@@ -250,7 +250,7 @@ EXPORT_ATTEMPTS = 20
 
 
 def export_version(model: Any, repo: str | Path, model_name: str, *, fmt: str | None = None,
-                   spec: Any = None, load: Callable[[str], None] | None = None) -> int:
+                   spec: Any = None, load: Callable[[str, int], Any] | None = None) -> int:
     """Write ``model`` as the next version of ``model_name`` in the repository, in the format
     the repository serves (``fmt`` to force one), keeping the served config's batch size
     and version policy, and (through the writers' config merge,
@@ -258,7 +258,8 @@ def export_version(model: Any, repo: str | Path, model_name: str, *, fmt: str | 
     and other operator settings; then ``load(model_name)`` (e.g. Triton's model control). ONNX
     versions keep ``model.pt`` + ``model.json`` beside ``model.onnx`` so later training can
     start from them. A ``fmt`` other than the served one is refused (ValueError: the
-    model's other versions could no longer be served). Returns the version number."""
+    model's other versions could no longer be served). ``load(model_name, version)`` then
+    has Triton serve the new version. Returns the version number."""
     from reidal.embedding.triton_repo import next_version, write_model_repository
 
     repo = Path(repo)
@@ -284,7 +285,7 @@ def export_version(model: Any, repo: str | Path, model_name: str, *, fmt: str | 
             if attempt == EXPORT_ATTEMPTS - 1:
                 raise
     if load is not None:
-        load(model_name)
+        load(model_name, version)
     return version
 
 
@@ -348,12 +349,13 @@ class TrainingJobs:
     """Starts, runs, cancels and watches the training jobs of one server process.
 
     ``repository``: the Triton model repository new versions are written into (None: every
-    StartTraining is refused with FAILED_PRECONDITION). ``load_model``: asks Triton to load
-    a model's new versions (explicit model control). ``model_name``: the served model.
+    StartTraining is refused with FAILED_PRECONDITION). ``load_model``: has Triton serve
+    exactly the given versions of a model (:data:`VersionLoader`). ``model_name``: the
+    served model.
     """
 
     def __init__(self, runtime: Runtime, repository: str | Path | None,
-                 load_model: Callable[[str], None] | None, model_name: str, *,
+                 load_model: VersionLoader | None, model_name: str, *,
                  cancel_check_s: float = CANCEL_CHECK_S) -> None:
         self.runtime = runtime
         self.store = runtime.store
@@ -379,7 +381,7 @@ class TrainingJobs:
             raise FailedPrecondition("training needs the model repository: start the server "
                                      "with start_triton or pass model_repository")
         name = col.model_name or self.model_name
-        version = col.model_version or self._latest_version(name)
+        version = col.model_version or self._default_version(name)
         # One job per collection at a time: two would train from the same base version and
         # race to export. The check and the insert happen under the store's cross-process
         # lock (replicas sharing a database included) and this process's guard.
@@ -469,14 +471,37 @@ class TrainingJobs:
                     log.exception("could not record the stop of training job %s", job_id)
 
     # -- the job ------------------------------------------------------------------------
-    def _latest_version(self, name: str) -> str:
-        from reidal.embedding.triton_repo import model_versions
+    def _default_version(self, name: str) -> str:
+        """The version a collection that pins none (nothing embedded yet) would pin."""
+        from reidal.embedding.triton_repo import default_version
 
         assert self.repository is not None
-        versions = model_versions(self.repository, name)
-        if not versions:
+        version = default_version(self.repository, name)
+        if not version:
             raise FailedPrecondition(f"the model repository has no version of {name!r}")
-        return str(versions[-1])
+        return version
+
+    def served_versions(self, name: str, new: str) -> set[str]:
+        """The versions of model ``name`` Triton should serve once version ``new`` is
+        written: every version a collection pins or is being re-embedded with (stored, so
+        the same on every replica), the model's default version (new collections pin it)
+        and ``new``. The others are unloaded (each loaded version costs memory: about
+        280 MB RSS for the CPU python backend)."""
+        keep = {new, self._default_version(name)}
+        for col in self.store.list_collections():
+            if col.model_name == name and col.model_version:
+                keep.add(col.model_version)
+            for op in self.store.operations(col.id, unfinished_only=True):
+                if op.result.get("model_name") == name and op.result.get("model_version"):
+                    keep.add(str(op.result["model_version"]))
+        return keep
+
+    def _serve_new_version(self, name: str, version: int) -> None:
+        assert self.load_model is not None
+        keep = self.served_versions(name, str(version))
+        self.load_model(name, keep)
+        log_kv(log, logging.INFO, "model_versions_served", model=name,
+               versions=",".join(sorted(keep)))
 
     def _update(self, job_id: str, **changes: Any) -> bool:
         changed = self.store.update_training_job(job_id, **changes)
@@ -548,7 +573,7 @@ class TrainingJobs:
             return None
         with self._export_lock:
             version = export_version(result.model, self.repository, job.base_model_name,
-                                     spec=spec, load=self.load_model)
+                                     spec=spec, load=self._serve_new_version)
         return str(version)
 
     def _images(self, collection_id: str, draft_size: int) -> tuple[list[str], list[Any]]:
@@ -581,5 +606,6 @@ def promote(runtime: Runtime, collection_id: str, model_name: str, version: str)
 
 __all__ = [
     "CANCEL_CHECK_S", "CLIENT_FIELDS", "FINAL_STATES", "INTERRUPTED", "CancelSignal",
-    "JobRecord", "TrainingJobs", "build_config", "collection_constraints", "promote", "triton_loader",
+    "JobRecord", "TrainingJobs", "VersionLoader", "build_config", "collection_constraints",
+    "promote",
 ]

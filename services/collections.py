@@ -299,9 +299,11 @@ class CollectionsServicer(collections_pb2_grpc.CollectionServiceServicer):
 
     def EmbedCollection(self, request, context):  # noqa: N802
         col = self.store.get_collection(request.collection_id)
+        name = request.model.name or col.model_name
+        # empty version: the collection's own (a pin is never moved by an empty request)
+        pinned = col.model_version if name == col.model_name else ""
         try:
-            name, version = resolve_model(self.runtime, request.model.name or col.model_name,
-                                          request.model.version)
+            name, version = resolve_model(self.runtime, name, request.model.version or pinned)
         except Exception as exc:
             abort_for(context, exc)
         runtime = self.runtime

@@ -37,6 +37,7 @@ from reidal.embedding.triton_repo import (
     CONFIG_FILE,
     DEFAULT_KEEP_VERSIONS,
     check_config,
+    default_version,
     render_config,
     staged_version,
     write_config,
@@ -136,6 +137,7 @@ def write_onnx_repository(
     if model is None:
         model = build_default_model(input_size=spec.input_size)
     model_dir = Path(out_dir) / model_name
+    default = default_version(out_dir, model_name, writing=version)
     with staged_version(model_dir, version, overwrite=overwrite) as staging:
         onnx_path = export_onnx(model, staging / ONNX_FILE, spec, opset=opset)
         batch = np.random.default_rng(0).standard_normal((3, *spec.input_shape)).astype(np.float32)
@@ -161,7 +163,8 @@ def write_onnx_repository(
         except ValueError:
             pass  # a module reidal cannot rebuild: ONNX only
     explicit = instance_count is not None or instance_kind is not None
-    write_config(model_dir, config, also_owned=("instance_group",) if explicit else ())
+    write_config(model_dir, config, also_owned=("instance_group",) if explicit else (),
+                 default_version=default)
     return model_dir
 
 

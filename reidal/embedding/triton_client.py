@@ -11,6 +11,13 @@ Errors are three exceptions the gRPC layer maps to status codes: :class:`TritonU
 (NOT_FOUND), and :class:`TritonError` for the rest. After an UNAVAILABLE the underlying gRPC
 channel is dropped and the next call opens a fresh one, so one :class:`TritonEmbedder` keeps
 working across a Triton restart without the reconnect back-off of a long-dead channel.
+
+Versions: a request naming no version gets the model's default version (the config's
+``reidal_default_version`` parameter, :mod:`reidal.embedding.triton_repo`; Triton's newest
+loaded version for a model whose config names none), never simply the newest, which a
+training job for one collection may have just added. A request naming a version Triton
+has not loaded (a collection's pinned version after a restart or another job's load) loads
+it, keeping the loaded ones (:meth:`TritonEmbedder.load_version`), then is sent again.
 """
 
 from __future__ import annotations
@@ -23,7 +30,10 @@ import numpy as np
 
 from reidal.core.validation import check_embeddings, l2_normalise
 from reidal.embedding.spec import DEFAULT_MODEL_NAME, ModelSpec
-from reidal.embedding.triton_repo import spec_from_config
+from reidal.embedding.triton_repo import P_DEFAULT_VERSION, spec_from_config
+
+#: Seconds a load of one model version may take (about 10 s on 2 busy CPU cores).
+DEFAULT_LOAD_TIMEOUT_S = 300.0
 
 
 class TritonError(RuntimeError):
@@ -36,6 +46,10 @@ class TritonUnavailable(TritonError):
 
 class TritonTimeout(TritonUnavailable):
     """Triton did not answer within the client's timeout."""
+
+
+class VersionNotReady(TritonUnavailable):
+    """Triton knows the model version but it is not loaded now (unloaded, or loading)."""
 
 
 class ModelNotFound(TritonError, LookupError):
@@ -76,6 +90,7 @@ class _Signature:
     input_shape: tuple[int, ...]
     dim: int
     max_batch_size: int
+    default_version: str = ""  # the config's P_DEFAULT_VERSION; "" = Triton's newest
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> _Signature:
@@ -99,6 +114,8 @@ class _Signature:
             input_shape=tuple(int(d) for d in inputs[0].get("dims", [])),
             dim=out_dims[0],
             max_batch_size=max_batch,
+            default_version=str(((cfg.get("parameters") or {}).get(P_DEFAULT_VERSION) or {})
+                                .get("string_value", "")),
         )
 
 
@@ -107,10 +124,14 @@ class TritonEmbedder:
 
     ``url`` is ``host:port`` of Triton's gRPC endpoint (a ``grpc://`` prefix is accepted).
     ``spec`` names the default model (``reidal_embedder`` when ``None``); its tensor names,
-    when given, must match the model's config. ``timeout_s`` bounds every call. Thread-safe.
+    when given, must match the model's config. ``timeout_s`` bounds every call but a version
+    load (``load_timeout_s``). ``load_on_demand``: a request for a version Triton has not
+    loaded loads it (explicit model control) instead of failing. Thread-safe.
     """
 
-    def __init__(self, url: str, spec: ModelSpec | None = None, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, spec: ModelSpec | None = None, *, timeout_s: float = 30.0,
+                 load_on_demand: bool = True,
+                 load_timeout_s: float = DEFAULT_LOAD_TIMEOUT_S) -> None:
         if not isinstance(url, str) or not url:
             raise ValueError(f"url must be 'host:port', got {url!r}")
         if timeout_s <= 0:
@@ -119,8 +140,11 @@ class TritonEmbedder:
         self.spec = spec
         self.model_name = spec.name if spec is not None else DEFAULT_MODEL_NAME
         self.timeout_s = float(timeout_s)
+        self.load_on_demand = load_on_demand
+        self.load_timeout_s = float(load_timeout_s)
         self._client: Any = None
         self._lock = threading.Lock()
+        self._load_lock = threading.Lock()  # one version load at a time from this client
         self._signatures: dict[str, _Signature] = {}
 
     # ----------------------------------------------------------------- embedding
@@ -132,10 +156,12 @@ class TritonEmbedder:
 
         Batches larger than the model's ``max_batch_size`` are sent in slices; all slices go
         to the version that answered the first one, so one result never mixes versions.
-        ``version`` ``""`` lets Triton pick (its newest loaded version).
+        ``version`` ``""``: the model's default version (see the module docstring). A
+        version Triton has not loaded is loaded first.
         """
         name = model or self.model_name
         sig = self._signature(name)
+        version = version or sig.default_version
         arr = np.asarray(batch)
         if arr.ndim != 1 + len(sig.input_shape) or tuple(arr.shape[1:]) != sig.input_shape:
             raise ValueError(
@@ -159,8 +185,8 @@ class TritonEmbedder:
             inp = grpcclient.InferInput(sig.input_name, list(chunk.shape), sig.input_dtype)
             inp.set_data_from_numpy(chunk)
             out = grpcclient.InferRequestedOutput(sig.output_name)
-            result = self._call(
-                "infer", name, served, model_name=name, inputs=[inp], outputs=[out],
+            result = self._with_version(
+                name, served, "infer", model_name=name, inputs=[inp], outputs=[out],
                 model_version=served,
             )
             vectors = result.as_numpy(sig.output_name)
@@ -214,10 +240,12 @@ class TritonEmbedder:
         return sorted(infos, key=lambda i: (i.name, _version_key(i.version)))
 
     def model_info(self, name: str | None = None, version: str = "") -> ModelInfo:
-        """One model (its newest ready version when ``version`` is ``""``)."""
+        """One model version (its default version when ``version`` is ``""``; a version
+        Triton has not loaded is loaded first)."""
         name = name or self.model_name
-        meta = self._call("get_model_metadata", name, version, model_name=name,
-                          model_version=version, as_json=True)
+        version = version or self._signature(name, refresh=True).default_version
+        meta = self._with_version(name, version, "get_model_metadata", model_name=name,
+                                  model_version=version, as_json=True)
         versions = sorted(meta.get("versions", []), key=_version_key)
         chosen = version or (versions[-1] if versions else "")
         ready = self.is_ready(name, chosen)
@@ -233,7 +261,49 @@ class TritonEmbedder:
         except ValueError as exc:
             raise TritonError(str(exc)) from None
 
+    def load_version(self, name: str, version: str) -> None:
+        """Have Triton load ``version`` of ``name``, keeping every version loaded now
+        (:func:`reidal.embedding.triton_versions.load_versions`). ModelNotFound when the
+        repository has no such version or Triton cannot load it; TritonUnavailable when
+        Triton cannot be reached."""
+        from tritonclient.utils import InferenceServerException
+
+        from reidal.embedding.triton_versions import load_versions
+
+        what = f"model {name!r} version {version!r}"
+        with self._load_lock:
+            if self.is_ready(name, version):
+                return  # another request loaded it meanwhile
+            client = self._get_client()
+            try:
+                ready = load_versions(client, name, [version], keep_ready=True,
+                                      timeout_s=self.load_timeout_s)
+            except ValueError as exc:
+                raise ModelNotFound(f"{what}: {exc}") from None
+            except InferenceServerException as exc:
+                error = self._translate(exc, name, version)
+                if isinstance(error, TritonUnavailable):
+                    self._drop_client(client)
+                    raise error from None
+                raise ModelNotFound(f"{what} could not be loaded in Triton at {self.url}: "
+                                    f"{exc.message()}") from None
+            finally:
+                self._signatures.pop(name, None)
+        if version not in ready:
+            raise ModelNotFound(f"{what} is not in the model repository of Triton at "
+                                f"{self.url} (or failed to load: see Triton's log)")
+
     # ----------------------------------------------------------------- plumbing
+    def _with_version(self, name: str, version: str, method: str, **kwargs: Any) -> Any:
+        """``_call(method)`` for one model version, loading the version on demand once."""
+        try:
+            return self._call(method, name, version, **kwargs)
+        except (ModelNotFound, VersionNotReady):
+            if not (version and self.load_on_demand):
+                raise
+        self.load_version(name, version)
+        return self._call(method, name, version, **kwargs)
+
     def close(self) -> None:
         with self._lock:
             client, self._client = self._client, None
@@ -271,7 +341,7 @@ class TritonEmbedder:
             return getattr(client, method)(**kwargs, client_timeout=self.timeout_s)
         except InferenceServerException as exc:
             error = self._translate(exc, name, version)
-            if isinstance(error, TritonUnavailable):
+            if isinstance(error, TritonUnavailable) and not isinstance(error, VersionNotReady):
                 self._drop_client(client)
             if isinstance(error, ModelNotFound) or not isinstance(error, TritonUnavailable):
                 self._signatures.pop(name, None)  # the model may have been reloaded
@@ -285,6 +355,9 @@ class TritonEmbedder:
         if "DEADLINE_EXCEEDED" in status or "deadline exceeded" in lowered:
             return TritonTimeout(f"Triton at {self.url} did not answer within {self.timeout_s:g} s")
         if "UNAVAILABLE" in status:
+            if "unknown model" in lowered or "not at ready state" in lowered:
+                return VersionNotReady(f"{what} is not ready in Triton at {self.url}: "
+                                       f"{message}")
             return TritonUnavailable(f"Triton at {self.url} is unavailable: {message}")
         if "NOT_FOUND" in status or any(
             s in lowered

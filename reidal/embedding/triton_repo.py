@@ -23,9 +23,16 @@ input size is the input's dims. :func:`spec_from_config` reads them back, so a c
 discover how to feed any model that follows this convention (reidal's, or a user's own
 backbone served by their own Triton model).
 
-Versions: the config keeps the latest ``keep_versions`` (2 by default) loaded, so after
-training writes version N+1 and asks Triton to load the model, version N keeps answering
-until every stored vector has been re-embedded.
+Versions: the config keeps the latest ``keep_versions`` (2 by default) loaded when Triton
+starts. Afterwards reidal decides which versions are loaded (:mod:`reidal.embedding.
+triton_versions`): a training job's load keeps every version a collection pins, and a
+request for a version Triton does not have loaded loads it. The version a request naming
+none gets is the config's ``reidal_default_version`` parameter (:data:`P_DEFAULT_VERSION`),
+not Triton's newest: training adds versions for one collection and must not change what
+every other caller embeds with. A writer sets it on the first write into a model folder
+(the version written) and, into a folder written without it, to the newest version the
+folder held before (the one Triton served to such requests until then); afterwards it is
+the operator's (edit it to change the default).
 
 Writing a version into a model folder that already has a config keeps the operator's
 settings (:func:`merge_config`). The writer owns only what the version it writes decides
@@ -85,6 +92,8 @@ P_STD = "preprocess_std"
 P_LAYOUT = "preprocess_layout"
 P_RESIZE = "preprocess_resize"
 P_THREADS = "torch_num_threads"
+#: The version a request naming no version gets (see the module docstring).
+P_DEFAULT_VERSION = "reidal_default_version"
 #: Every parameter named so is the writer's (the preprocessing a client must follow): a
 #: merge drops one the new version no longer writes rather than leave it stale.
 PREPROCESS_PREFIX = "preprocess_"
@@ -376,6 +385,7 @@ def write_model_repository(
         parameters={} if keep_threads else {P_THREADS: str(num_threads or 0)},
     )
     check_config(model_dir, config)
+    default = default_version(repo_dir, model_name, writing=version)
     with staged_version(model_dir, version, overwrite=overwrite) as staging:
         save_model(model, staging, spec)
         (staging / PYTHON_MODEL_FILE).write_text(PYTHON_MODEL_SOURCE, encoding="utf-8")
@@ -385,7 +395,7 @@ def write_model_repository(
         # 19 s instead of about 10 s for adding a version on 2 busy cores.
         source = str(staging / PYTHON_MODEL_FILE)
         py_compile.compile(source, cfile=importlib.util.cache_from_source(source), doraise=True)
-    write_config(model_dir, config)
+    write_config(model_dir, config, default_version=default)
     return model_dir
 
 
@@ -425,14 +435,19 @@ def check_config(model_dir: Path, config: str) -> None:
         _check_compatible(read_config(path), parse_config(config), path)
 
 
-def write_config(model_dir: Path, config: str, *, also_owned: Collection[str] = ()) -> None:
+def write_config(model_dir: Path, config: str, *, also_owned: Collection[str] = (),
+                 default_version: str = "") -> None:
     """Write the model's config: ``config`` itself into a folder without one, else ``config``
     merged into the existing one (:func:`merge_config`: the operator's instance groups,
     dynamic batching and other settings stay). Atomically, and only when the result differs
     from the existing config as a ModelConfig (so an unchanged hand-edited file is left as
     it is): Triton reloads every loaded version of a model whose config changed, which would
-    needlessly restart the old versions. Shared by the python-backend and the ONNX writers."""
+    needlessly restart the old versions. ``default_version`` (from :func:`default_version`
+    taken before the new version was staged) becomes the :data:`P_DEFAULT_VERSION`
+    parameter. Shared by the python-backend and the ONNX writers."""
     _check_also_owned(also_owned)
+    if default_version:
+        config = _with_parameter(config, P_DEFAULT_VERSION, default_version)
     path = model_dir / CONFIG_FILE
     if not path.exists():
         _atomic_write(path, config)
@@ -441,6 +456,33 @@ def write_config(model_dir: Path, config: str, *, also_owned: Collection[str] = 
     merged = merge_config(path.read_text(encoding="utf-8"), config, also_owned=also_owned)
     if parse_config(merged) != served:
         _atomic_write(path, merged)
+
+
+def _with_parameter(config: str, key: str, value: str) -> str:
+    from google.protobuf import json_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    cfg = parse_config(config)
+    cfg.setdefault("parameters", {})[key] = {"string_value": value}
+    return _config_text(json_format.ParseDict(cfg, mc.ModelConfig()))
+
+
+def default_version(repo_dir: str | Path, model_name: str, writing: int | None = None) -> str:
+    """The version of ``model_name`` a request naming none gets: the config's
+    :data:`P_DEFAULT_VERSION`; without it (a folder written before reidal set it, or an
+    operator's) the newest version folder (what Triton serves such requests), leaving out
+    ``writing`` (a writer asks before adding it); without any, ``writing`` (a new model).
+    "" when there is nothing."""
+    model_dir = Path(repo_dir) / model_name
+    path = model_dir / CONFIG_FILE
+    if path.exists():
+        named = (read_config(path).get("parameters") or {}).get(P_DEFAULT_VERSION) or {}
+        if named.get("string_value"):
+            return str(named["string_value"])
+    versions = [v for v in model_versions(repo_dir, model_name) if v != writing]
+    if versions:
+        return str(versions[-1])
+    return str(writing) if writing is not None else ""
 
 
 def model_versions(repo_dir: str | Path, model_name: str) -> list[int]:

@@ -272,12 +272,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.model_repository:
             # Imported here: the export path needs the server's packages (gRPC, the store),
             # a training node that only writes OUT/model does not.
-            from reidal.training_jobs import export_version, triton_loader
+            from reidal.embedding.triton_versions import triton_loader
+            from reidal.training_jobs import export_version
 
             name_out = args.model_name or (base[1] if base else None) or DEFAULT_MODEL_NAME
+            loader = (triton_loader(args.triton_url, args.model_repository)
+                      if args.triton_url else None)
+            # the new version is loaded beside the loaded ones: collections pin those
             summary["repository_version"] = export_version(
                 result.model, args.model_repository, name_out, fmt=args.export,
-                load=triton_loader(args.triton_url) if args.triton_url else None)
+                load=None if loader is None else
+                lambda name, version: loader(name, [str(version)], keep_ready=True))
             summary["model_name"] = name_out
             if args.collection:
                 summary["job_id"] = _record_job(args, config, base, summary, result,
