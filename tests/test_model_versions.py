@@ -54,7 +54,7 @@ def _embed(stubs: Stubs, pic, version: str = "") -> embedding_pb2.EmbedResponse:
         images=[common_pb2.Image(id=pic.image_id, data=pic.png)]), timeout=300)
 
 
-def test_training_one_collection_changes_no_other(server, triton):
+def test_training_one_collection_changes_no_other(server, triton):  # noqa: F811
     """Train on B and promote B: A keeps its version for new images and for an
     EmbedCollection naming no version, a new collection pins the default version, and a
     request naming no version gets the default, not B's model."""
@@ -94,14 +94,13 @@ def test_training_one_collection_changes_no_other(server, triton):
     assert default_version(triton.repo, triton.model_name) == "1"
 
 
-def test_pinned_version_triton_dropped_is_loaded_on_demand(server, triton):
+def test_pinned_version_triton_dropped_is_loaded_on_demand(server, triton):  # noqa: F811
     """The state `make demo` met on its second run: the model repository holds a newer
     version, Triton (restarted) loaded only its config's newest ones, and a collection
     pins version 1. Ingest loads version 1 again, keeping the other loaded."""
-    from reidal.embedding.model import build_default_model
-
     import tritonclient.grpc as grpcclient
 
+    from reidal.embedding.model import build_default_model
     from reidal.embedding.triton_versions import load_versions
 
     _srv, stubs, _training = server
