@@ -191,13 +191,15 @@ class ReidalServer:
 
 
 def _start_triton(data_dir: Path, model_name: str, startup_timeout_s: float) -> Any:
-    from reidal.embedding.triton_repo import write_model_repository
+    from reidal.embedding.triton_repo import name_pretrained_default, write_model_repository
     from reidal.embedding.triton_server import TritonServer
 
     repo = data_dir / "model_repository"
     if not (repo / model_name / "config.pbtxt").exists():
         log_kv(log, logging.INFO, "writing_model_repository", path=str(repo), model=model_name)
         write_model_repository(repo, model_name=model_name)
+    else:
+        name_pretrained_default(repo, model_name)
     server = TritonServer(repo, models=[model_name], workdir=data_dir / "triton",
                           startup_timeout_s=startup_timeout_s)
     server.start()

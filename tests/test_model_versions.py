@@ -20,6 +20,7 @@ from reidal.embedding.triton_repo import (
     CONFIG_FILE,
     P_DEFAULT_VERSION,
     default_version,
+    name_pretrained_default,
     read_config,
     write_model_repository,
 )
@@ -158,6 +159,13 @@ def test_writers_name_the_default_version(tmp_path):
     start = text.index("parameters {\n  key: \"reidal_default_version\"")
     (old / "m" / CONFIG_FILE).write_text(text[:start] + text[text.index("}\n}\n", start) + 4:])
     assert named(old) == "" and default_version(old, "m") == "2"
+    before = (old / "m" / CONFIG_FILE).read_text()
     write_model_repository(old, model_name="m", version=3, model=model)
     assert named(old) == "2"
+    # reidal serve's own repository: version 1 is the pretrained model it wrote
+    (old / "m" / CONFIG_FILE).write_text(before)
+    name_pretrained_default(old, "m")
+    assert named(old) == "1"
+    name_pretrained_default(old, "m")  # named already: left as it is
+    assert named(old) == "1"
 

@@ -485,6 +485,22 @@ def default_version(repo_dir: str | Path, model_name: str, writing: int | None =
     return str(writing) if writing is not None else ""
 
 
+def name_pretrained_default(repo_dir: str | Path, model_name: str) -> None:
+    """Name the lowest version the default (:data:`P_DEFAULT_VERSION`) of a model folder
+    whose config names none: for the repository ``reidal serve`` writes itself, where
+    version 1 is the pretrained model and every later one came from a training job for one
+    collection (folders written before reidal named a default). A no-op otherwise."""
+    model_dir = Path(repo_dir) / model_name
+    path = model_dir / CONFIG_FILE
+    versions = model_versions(repo_dir, model_name)
+    if not path.exists() or not versions:
+        return
+    if P_DEFAULT_VERSION in (read_config(path).get("parameters") or {}):
+        return
+    write_config(model_dir, path.read_text(encoding="utf-8"),
+                 default_version=str(versions[0]))
+
+
 def model_versions(repo_dir: str | Path, model_name: str) -> list[int]:
     """The version folders present for ``model_name``, ascending."""
     model_dir = Path(repo_dir) / model_name

@@ -56,7 +56,8 @@ def _enum_name(enum: Any, value: int, prefix: str) -> str:
 
 @dataclass(frozen=True)
 class ModelRef:
-    """An embedding model: Triton name and version ("" = the server's default / newest)."""
+    """An embedding model: Triton name and version ("" = the server's default model / the
+    model's default version, which training never changes)."""
 
     name: str = ""
     version: str = ""
