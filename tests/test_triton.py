@@ -136,7 +136,8 @@ def test_explicit_model_control_serves_a_new_version(triton, embedder, sample_im
         assert v2.model_version == "2"
         np.testing.assert_allclose(v2.vectors, triton.reference(batch, trained), atol=ATOL, rtol=0)
         assert np.abs(v2.vectors - v1).max() > 0.1
-        assert embedder.embed(batch).model_version == "2"  # default: newest version
+        # no version named: the model's default version, not the newest (issue 15)
+        assert embedder.embed(batch).model_version == "1"
         again = embedder.embed(batch, version="1")
         np.testing.assert_allclose(again.vectors, v1, atol=ATOL, rtol=0)
     finally:

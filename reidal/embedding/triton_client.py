@@ -271,6 +271,8 @@ class TritonEmbedder:
         from reidal.embedding.triton_versions import load_versions
 
         what = f"model {name!r} version {version!r}"
+        if not version.isdigit():
+            raise ModelNotFound(f"{what}: a version is a decimal number")
         with self._load_lock:
             if self.is_ready(name, version):
                 return  # another request loaded it meanwhile
