@@ -13,7 +13,7 @@ from reidal.embedding.model import build_default_model, save_model
 from reidal.embedding.onnx_export import main
 from reidal.embedding.preprocess import preprocess
 from reidal.embedding.spec import default_spec
-from reidal.embedding.triton_repo import parse_config, spec_from_config
+from reidal.embedding.triton_repo import P_DEFAULT_VERSION, parse_config, spec_from_config
 
 DEPLOY_CONFIG = (
     Path(__file__).resolve().parents[1]
@@ -41,9 +41,11 @@ def test_cli_export_matches_torch_and_the_committed_config(tmp_path, sample_imag
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
     text = (out / "reidal_embedder" / "config.pbtxt").read_text()
-    # The committed GPU config is exactly what the export command writes (no drift).
-    assert text == DEPLOY_CONFIG.read_text()
+    # The committed GPU config is exactly what the export command writes (no drift), but
+    # for the default version, the first one written into the folder: 1 there, 4 here.
+    assert text.replace('string_value: "4"', 'string_value: "1"') == DEPLOY_CONFIG.read_text()
     cfg = parse_config(text)
+    assert cfg["parameters"][P_DEFAULT_VERSION] == {"string_value": "4"}
     assert cfg["backend"] == "onnxruntime"
     assert cfg["default_model_filename"] == "model.onnx"
     assert cfg["max_batch_size"] == 64
