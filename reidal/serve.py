@@ -414,6 +414,7 @@ def serve(
             loader = load_model
             if started.triton is not None:
                 repo = repo if repo is not None else started.triton.model_repository
+                loader = loader or started.triton.load_versions  # records the new stubs
             if loader is None and triton_url is not None:
                 loader = triton_loader(triton_url, repo)
             training = TrainingJobs(started.runtime, repo, loader, model_name)

@@ -50,7 +50,7 @@ import urllib.error
 import urllib.request
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from reidal.embedding.spec import DEFAULT_MODEL_NAME
@@ -272,6 +272,29 @@ class TritonServer:
         self._record_children()  # the model's python stub, to be killed with the server
         if name not in self._loaded:
             self._loaded.append(name)
+
+    def load_versions(self, name: str, versions: Collection[str], *, keep_ready: bool = False,
+                      timeout_s: float = 300.0) -> set[str]:
+        """Have Triton serve exactly ``versions`` of ``name`` (and every version ready now
+        when ``keep_ready``), its config read from this server's repository
+        (:func:`reidal.embedding.triton_versions.load_versions`); the new python stubs are
+        recorded, to be killed with the server. Returns the versions ready after."""
+        import tritonclient.grpc as grpcclient
+
+        from reidal.embedding.triton_versions import load_versions
+
+        if not self.running:
+            raise RuntimeError(f"Triton at {self.grpc_url} is not running")
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        try:
+            ready = load_versions(client, name, versions, keep_ready=keep_ready,
+                                  repository=self.model_repository, timeout_s=timeout_s)
+        finally:
+            client.close()
+        self._record_children()
+        if name not in self._loaded:
+            self._loaded.append(name)
+        return ready
 
     def unload_model(self, name: str, *, timeout_s: float = 60.0) -> None:
         """Unload every version of ``name`` and wait until it no longer answers ready."""
