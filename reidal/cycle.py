@@ -10,9 +10,13 @@ client sees it. Cycle c draws with seed ``sampling.seed + c``: a cycle is reprod
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import time
 import uuid
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +83,20 @@ def pairs_state_key(store: Store, collection_id: str, request: CycleRequest) -> 
         "filter": request.image_filter.to_dict() if request.image_filter else {}})
 
 
+def request_key(request: CycleRequest) -> str:
+    """What a cycle was asked (budget and filter), as stored with its batch."""
+    return json.dumps({"budget": request.budget, "filter": request.image_filter.to_dict()
+                       if request.image_filter else {}}, sort_keys=True, default=str)
+
+
+def _answer_with(store: Store, collection_id: str, request: CycleRequest,
+                 batch: BatchRecord) -> BatchRecord:
+    """``batch`` as the answer to ``request``, recorded for its request id (a retry gets it)."""
+    if request.request_id:
+        return store.record_batch_request(collection_id, request.request_id, batch.batch_id)
+    return batch
+
+
 def open_batch(store: Store, collection_id: str, request: CycleRequest) -> BatchRecord | None:
     """The stored batch that answers ``request`` without a new cycle, if any.
 
@@ -98,9 +116,58 @@ def open_batch(store: Store, collection_id: str, request: CycleRequest) -> Batch
     if newest is None or newest.stats.get("state_key") != pairs_state_key(
             store, collection_id, request):
         return None
-    if request.request_id:
-        return store.record_batch_request(collection_id, request.request_id, newest.batch_id)
-    return newest
+    return _answer_with(store, collection_id, request, newest)
+
+
+def latest_batch(store: Store, collection_id: str, request: CycleRequest) -> BatchRecord | None:
+    """The collection's newest batch when it was drawn for the same budget and filter
+    (whatever the state since; not for ``skip_pending``), recorded for the request id."""
+    if request.skip_pending:
+        return None
+    newest = store.newest_batch(collection_id)
+    if newest is None or newest.stats.get("request_key") != request_key(request):
+        return None
+    return _answer_with(store, collection_id, request, newest)
+
+
+class CycleRunner:
+    """GetQueryPairs that does not queue behind a cycle of a newer state.
+
+    A call that :func:`open_batch` answers gets that batch at once. Otherwise, when
+    another call of this process is already running (or waiting for) a cycle of the same
+    collection, a call with ``serve_latest`` gets the newest batch drawn for the same
+    budget and filter (:func:`latest_batch`: the last computed state; its pairs' answered
+    flags show what was answered since) instead of waiting; without one it waits for the
+    collection's lock and runs its own cycle (which may then find the other call's batch).
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._active: dict[str, int] = {}
+
+    def run(self, store: Store, collection_id: str, request: CycleRequest,
+            lock: Callable[[str], AbstractContextManager[None]],
+            progress: Progress | None = None, *,
+            serve_latest: bool = False) -> tuple[BatchRecord, bool]:
+        """``(batch, created)``; ``lock(collection_id)`` serialises the cycles."""
+        ready = open_batch(store, collection_id, request)
+        if ready is not None:
+            return ready, False
+        with self._guard:
+            busy = self._active.get(collection_id, 0) > 0
+            self._active[collection_id] = self._active.get(collection_id, 0) + 1
+        try:
+            if busy and serve_latest:
+                latest = latest_batch(store, collection_id, request)
+                if latest is not None:
+                    return latest, False
+            with lock(collection_id):
+                return run_cycle(store, collection_id, request, progress)
+        finally:
+            with self._guard:
+                self._active[collection_id] -= 1
+                if not self._active[collection_id]:
+                    del self._active[collection_id]
 
 
 def run_cycle(store: Store, collection_id: str, request: CycleRequest,
@@ -162,6 +229,7 @@ def run_cycle(store: Store, collection_id: str, request: CycleRequest,
     }
     if key is not None:
         stats["state_key"] = key
+        stats["request_key"] = request_key(request)
 
     stage(2)
     batch, created = store.create_batch(

@@ -2,7 +2,8 @@
 
 A thin layer over :mod:`reidal.cycle`: one cycle per GetQueryPairs (serialised per
 collection by the runtime's lock) unless a stored batch already answers it (the request
-id's, or the open batch of an unchanged state: found before waiting for the lock), the same cycle in the background for StartQueryPairs,
+id's, the open batch of an unchanged state, or, while another call computes a cycle of
+the collection, the newest batch of the same budget and filter: CycleRunner), the same cycle in the background for StartQueryPairs,
 stored batches read back by GetQueryBatch, and WatchQueue streaming every new batch. The
 store is the source of truth for WatchQueue: the runtime's notifier only wakes it early.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import grpc
 
-from reidal.cycle import REASON_CODES, CycleRequest, open_batch, run_cycle
+from reidal.cycle import REASON_CODES, CycleRequest, CycleRunner
 from reidal.grpc_server import ServiceBinding
 from reidal.runtime import Runtime, queue_key
 from reidal.services.collections import (
@@ -70,6 +71,7 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
     def __init__(self, runtime: Runtime, *, watch_poll_s: float = 2.0) -> None:
         self.runtime = runtime
         self.watch_poll_s = watch_poll_s
+        self._cycles = CycleRunner()
 
     def binding(self) -> ServiceBinding:
         return ServiceBinding(
@@ -77,18 +79,17 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
             add_to_server=sampling_pb2_grpc.add_SamplingServiceServicer_to_server,
             readiness=self.runtime.store.ping)
 
-    def _cycle(self, collection_id: str, request: CycleRequest, progress=None) -> BatchRecord:
-        ready = open_batch(self.runtime.store, collection_id, request)  # no wait for the lock
-        if ready is not None:
-            return ready
-        with self.runtime.lock(collection_id):
-            batch, created = run_cycle(self.runtime.store, collection_id, request, progress)
+    def _cycle(self, collection_id: str, request: CycleRequest, progress=None, *,
+               serve_latest: bool = False) -> BatchRecord:
+        batch, created = self._cycles.run(self.runtime.store, collection_id, request,
+                                          self.runtime.lock, progress,
+                                          serve_latest=serve_latest)
         if created:
             self.runtime.notifier.bump(queue_key(collection_id))
         return batch
 
     def GetQueryPairs(self, request, context):  # noqa: N802 - gRPC method name
-        batch = self._cycle(request.collection_id, cycle_request(request))
+        batch = self._cycle(request.collection_id, cycle_request(request), serve_latest=True)
         return batch_pb(self.runtime, request.collection_id, batch)
 
     def StartQueryPairs(self, request, context):  # noqa: N802

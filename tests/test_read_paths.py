@@ -13,7 +13,7 @@ import pytest
 from reidal.answers import AnswerSubmission, submit
 from reidal.collection_state import effective_params
 from reidal.core.synthetic import make_reid_embeddings
-from reidal.cycle import CycleRequest, run_cycle
+from reidal.cycle import CycleRequest, CycleRunner, run_cycle
 from reidal.identities import LatestIdentities
 from reidal.store import ImageRecord, Store
 
@@ -103,3 +103,44 @@ def test_identities_are_served_from_the_last_result_while_a_newer_one_is_compute
     worker.join(30)
     assert newer[0].applied_answers == first.applied_answers + 1
     assert latest.get(store, "c", lock) is newer[0]
+
+
+def test_pairs_are_served_from_the_last_batch_while_a_newer_cycle_is_computed(store):
+    runner = CycleRunner()
+    plain = threading.Lock()
+
+    @contextmanager
+    def lock(_cid):
+        with plain:
+            yield
+
+    ask = CycleRequest(budget={"count": 5})
+    first, created = runner.run(store, "c", ask, lock, serve_latest=True)
+    assert created
+    ids = ids_of(store)
+    submit(store, "c", [AnswerSubmission("SAME", image_a=ids[0], image_b=ids[1])])
+
+    entered, release = threading.Event(), threading.Event()
+
+    @contextmanager
+    def slow_lock(_cid):  # holds the cycle of the new state until released
+        entered.set()
+        release.wait(30)
+        with plain:
+            yield
+
+    newer: list = []
+    worker = threading.Thread(target=lambda: newer.append(runner.run(store, "c", ask, slow_lock)))
+    worker.start()
+    assert entered.wait(30)
+    stale, created = runner.run(store, "c", CycleRequest(budget={"count": 5}, request_id="s"),
+                                lock, serve_latest=True)
+    assert not created and stale.batch_id == first.batch_id  # not queued: the last batch
+    other, created = runner.run(store, "c", CycleRequest(budget={"count": 3}), lock,
+                                serve_latest=True)
+    assert created  # another budget: nothing computed for it yet, so it runs its own
+    release.set()
+    worker.join(30)
+    batch, created = newer[0]
+    assert created and batch.cycle == other.cycle + 1
+    assert store.batch_by_request("c", "s").batch_id == first.batch_id
