@@ -88,9 +88,14 @@ build=(podman build --isolation chroot --network host --format docker "${volumes
 # podman 4.3 (buildah 1.28) orders stages before expanding `FROM runtime-${VARIANT}`, so
 # it takes that name for an image to pull: build the stage first, under that name in
 # local storage, where the final stage's FROM finds it; the name is removed afterwards.
+previous=$(podman image inspect "$IMAGE" --format '{{.Id}}' 2>/dev/null || true)
 $NICE "${build[@]}" --target runtime-cpu -t localhost/runtime-cpu:latest .
 $NICE "${build[@]}" -t "$IMAGE" .
 podman untag localhost/runtime-cpu:latest
+# The image this build replaced (its virtualenv layer alone is ~1.8 GB), unless still tagged.
+if [ -n "$previous" ] && [ "$previous" != "$(podman image inspect "$IMAGE" --format '{{.Id}}')" ]; then
+  podman rmi "$previous" >/dev/null 2>&1 || true
+fi
 rm -f "$wheels"/torch-*.whl
 size=$(podman image inspect "$IMAGE" --format '{{.Size}}')
 echo "built $IMAGE: $(numfmt --to=iec --suffix=B "$size") ($size bytes)"
