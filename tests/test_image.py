@@ -67,8 +67,13 @@ def image(tmp_path_factory) -> Iterator[RunningImage]:
     missing = [t for t in ("podman", "unshare", "chroot", "mount") if not shutil.which(t)]
     if missing:
         pytest.skip(f"{', '.join(missing)} not found (make image installs podman as root)")
-    if subprocess.run(["podman", "image", "exists", IMAGE], capture_output=True,
-                      timeout=60).returncode != 0:
+    try:
+        exists = subprocess.run(["podman", "image", "exists", IMAGE], capture_output=True,
+                                timeout=120).returncode == 0
+    except subprocess.TimeoutExpired:
+        pytest.skip("podman's image store stayed locked for 2 minutes (a `make image` "
+                    "running?)")
+    if not exists:
         pytest.skip(f"no image {IMAGE}: `make image` builds it (docs/deployment.md)")
     (config,) = json.loads(_podman("image", "inspect", IMAGE))
     cfg = config["Config"]
