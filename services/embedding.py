@@ -354,12 +354,15 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     def _decode_run(self, run: list[OpenedImage], spec: ModelSpec, deadline: float | None,
                     problems: list[ImageError]) -> np.ndarray | None:
         """Decode and preprocess ``run`` holding its decode budget, which is given back
-        once only the input tensor is left; None when an image of the request is bad."""
+        once only the input tensor is left; None when an image of the request is bad.
+        Each decode worker also preprocesses its image (the same per-image resize and
+        normalisation as one batch call), so the full-size picture is dropped in the worker
+        and the resizes run in parallel with the other decodes."""
         with self.budget.reserve(sum(o.decoded_bytes for o in run), deadline):
-            decoded = [f.result() for f in [self._pool.submit(_finish, o) for o in run]]
+            decoded = [f.result() for f in [self._pool.submit(_finish, o, spec) for o in run]]
             run.clear()  # the opened sources are closed; drop them with the pixels
             problems.extend(d for d in decoded if isinstance(d, ImageError))
-            batch = None if problems else preprocess(decoded, spec)
+            batch = None if problems else np.concatenate(decoded, axis=0)
             del decoded
         return batch
 
@@ -389,9 +392,10 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             max_batch_size=info.max_batch_size or 0, is_default=info.name == self.default_model)
 
 
-def _finish(opened: OpenedImage) -> object:
+def _finish(opened: OpenedImage, spec: ModelSpec) -> np.ndarray | ImageError:
+    """One image decoded and preprocessed into its (1, ...) input tensor, or why not."""
     try:
-        return finish_image(opened)
+        return preprocess([finish_image(opened)], spec)
     except ImageError as exc:
         return exc
 
