@@ -10,6 +10,8 @@ gets the same per-cycle budget; all pseudo-labels are NP3-refined DBSCAN, as in 
 - ``usl``: SpCL without answers;
 - ``random``, ``uncertainty``, ``nis``, ``aas``: SpCL + that pair sampler (random pairs,
   Jaccard-margin uncertainty, NIS-style low-degree vertices, Ambiguity-Aware Sampling);
+- ``aas-continued`` (OURS): SpCL + AAS whose unused allowance goes to the pairs closest
+  to DBSCAN's eps (reidal.core.continuation);
 - ``triton:MODEL@URL``: a model a user serves on Triton (e.g. a foundation model) as one
   more zero-shot row; its preprocessing comes from its config's parameters (as reidal's
   repositories write them) or from a ModelSpec file.
@@ -32,9 +34,12 @@ from reidal.benchmark.datasets import BenchDataset
 from reidal.demo_params import DEMO_K1, DEMO_K2, DEMO_MIN_SAMPLES
 
 #: Methods in Table 1's order (``triton:MODEL@URL`` rows go after zero-shot).
-METHODS = ("zero-shot", "supervised", "usl", "random", "uncertainty", "nis", "aas")
+METHODS = ("zero-shot", "supervised", "usl", "random", "uncertainty", "nis", "aas",
+           "aas-continued")
 #: Methods that ask the simulated annotator (SpCL + a sampler).
-SAMPLER_METHODS = ("random", "uncertainty", "nis", "aas")
+SAMPLER_METHODS = ("random", "uncertainty", "nis", "aas", "aas-continued")
+#: Samplers the trainer builds itself from TrainConfig.sampler (with the run's clustering).
+TRAINER_SAMPLERS = ("random", "aas", "aas-continued")
 #: The method the Wilcoxon tests compare every other one against.
 REFERENCE_METHOD = "aas"
 TRITON_PREFIX = "triton:"
@@ -65,6 +70,9 @@ class BenchSchedule:
     image); ``image_size``: the model's square input size in pixels (the features of every
     method, zero-shot included, are computed at it); ``pair_loss_weight``: TrainConfig's
     contrastive loss on the answers (0: SpCL's loss alone).
+    ``clustering`` (OURS): "fixed" (the parameters above) or "calibrated" (chosen per cycle
+    from the data and the answers, reidal.core.calibration; ``clustering_pinned`` = the
+    parameters given explicitly, which stay as given: TrainConfig.clustering).
     """
 
     lr: float = 1e-4
@@ -84,6 +92,8 @@ class BenchSchedule:
     trainable_stages: int = 1
     augment_views: int = 4
     pair_loss_weight: float = 0.0
+    clustering: str = "fixed"
+    clustering_pinned: tuple[str, ...] = ()
 
     def train_config(self, cycles: int, budget: BudgetSpec, seed: int, sampler: str) -> Any:
         """The TrainConfig of one run (``sampler``: "none", "random" or "aas")."""
@@ -99,6 +109,7 @@ class BenchSchedule:
             question_rounds=self.question_rounds, aas_os_similarity=self.aas_os_similarity,
             mode=self.mode, trainable_stages=self.trainable_stages,
             augment_views=self.augment_views, pair_loss_weight=self.pair_loss_weight,
+            clustering=self.clustering, clustering_pinned=tuple(self.clustering_pinned),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,6 +120,8 @@ class BenchSchedule:
         for name, default in VARIANT_DEFAULTS.items():
             if out[name] == default:
                 del out[name]
+        if "clustering_pinned" in out:
+            out["clustering_pinned"] = list(out["clustering_pinned"])
         return out
 
 
@@ -116,7 +129,8 @@ class BenchSchedule:
 #: (the paper's one draw a cycle and Jaccard U_os); see BenchSchedule.to_dict.
 VARIANT_DEFAULTS: dict[str, Any] = {"question_rounds": 1, "aas_os_similarity": "jaccard",
                                     "mode": "head", "image_size": 128, "trainable_stages": 1,
-                                    "augment_views": 4, "pair_loss_weight": 0.0}
+                                    "augment_views": 4, "pair_loss_weight": 0.0,
+                                    "clustering": "fixed", "clustering_pinned": ()}
 
 
 #: ``--quick``'s schedule: the same recipe, short (CI checks that the pipeline works; its
@@ -174,6 +188,17 @@ def _cluster_quality(X_pool: np.ndarray, truth: np.ndarray, s: BenchSchedule) ->
     return {k: float(q[k]) for k in (*QUALITY_KEYS, "n_clusters")}
 
 
+#: The clustering parameters each row records (results.csv), with where eps came from.
+CLUSTERING_KEYS = ("eps", "k1", "min_samples", "finch_level", "eps_source")
+
+
+def _clustering_of(used: dict[str, Any], s: BenchSchedule) -> dict[str, Any]:
+    """A row's clustering columns: the trainer's record of an epoch, or the schedule's."""
+    base = {"eps": s.eps, "k1": s.k1, "min_samples": s.min_samples, "finch_level": 0,
+            "eps_source": "config"}
+    return {k: used.get(k, base[k]) for k in CLUSTERING_KEYS}
+
+
 def _fixed_model_rows(X: np.ndarray, data: BenchDataset, ctx: RunContext, t0: float
                       ) -> dict[str, Any]:
     """The same row for every cycle: a model that nothing trains."""
@@ -187,7 +212,8 @@ def _fixed_model_rows(X: np.ndarray, data: BenchDataset, ctx: RunContext, t0: fl
     rows = [{"cycle": c, "budget_pairs": 0, "allotted_pct": 0.0, "budget_used_pct": 0.0,
              "pairs_asked": 0, "cumulative_pairs": 0, **_metrics(retrieval, quality),
              "n_clusters": int(quality["n_clusters"]), "contradictions": 0, "flipped_answers": 0,
-             "cycle_s": seconds if c == 1 else 0.0, "wall_s": seconds}
+             "cycle_s": seconds if c == 1 else 0.0, "wall_s": seconds,
+             **_clustering_of({}, ctx.schedule)}
             for c in range(1, ctx.budget.cycles + 1)]
     return {"rows": rows, "initial": _metrics(retrieval, quality), "seconds": seconds}
 
@@ -219,8 +245,8 @@ def run_triton(method: str, data: BenchDataset, seed: int, ctx: RunContext) -> d
 
 
 def sampler_override(method: str, schedule: BenchSchedule) -> Any:
-    """The sampler object a method hands the trainer: None for "random" and "aas", which
-    the trainer builds itself from ``TrainConfig.sampler`` (with the config's DBSCAN), and
+    """The sampler object a method hands the trainer: None for TRAINER_SAMPLERS, which
+    the trainer builds itself from ``TrainConfig.sampler`` (with the run's DBSCAN), and
     for methods that ask nothing; the baselines' own otherwise, with the same DBSCAN
     parameters where they have them (uncertainty: eps, k1, k2; NIS: its defaults)."""
     from reidal.core.baselines import NISSampler, UncertaintySampler
@@ -240,7 +266,7 @@ def run_trained(method: str, data: BenchDataset, seed: int, ctx: RunContext) -> 
     s, budget = ctx.schedule, ctx.budget
     cycles, per = budget.cycles, s.epochs_per_cycle
     asks = method in SAMPLER_METHODS
-    config = s.train_config(cycles, budget, seed, method if method in ("random", "aas")
+    config = s.train_config(cycles, budget, seed, method if method in TRAINER_SAMPLERS
                             else "none")
     sampler = sampler_override(method, s)
     truth = data.pool_truth
@@ -281,6 +307,7 @@ def run_trained(method: str, data: BenchDataset, seed: int, ctx: RunContext) -> 
             **_metrics(last.retrieval, last.quality),
             "n_clusters": last.n_clusters, "contradictions": last.contradictions,
             "flipped_answers": flipped, "cycle_s": wall - prev, "wall_s": wall,
+            **_clustering_of(last.clustering, s),
         })
         prev = wall
     initial = _metrics(result.initial_retrieval,

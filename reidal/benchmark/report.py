@@ -20,17 +20,21 @@ import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from reidal.benchmark.methods import METHODS, REFERENCE_METHOD, RETRIEVAL_KEYS
+from reidal.benchmark.methods import CLUSTERING_KEYS, METHODS, REFERENCE_METHOD, RETRIEVAL_KEYS
 
 #: results.csv columns, in order.
 CSV_COLUMNS = (
     "dataset", "method", "seed", "cycle", "budget_pairs", "allotted_pct", "budget_used_pct",
     "pairs_asked", "cumulative_pairs", *RETRIEVAL_KEYS, "pl_f1", "pl_precision", "pl_recall",
     "pl_ari", "n_clusters", "contradictions", "flipped_answers", "cycle_s", "wall_s",
+    *CLUSTERING_KEYS,
 )
 _INT_COLUMNS = frozenset({"seed", "cycle", "budget_pairs", "pairs_asked", "cumulative_pairs",
-                          "n_clusters", "contradictions", "flipped_answers"})
-_TEXT_COLUMNS = frozenset({"dataset", "method"})
+                          "n_clusters", "contradictions", "flipped_answers", "k1",
+                          "min_samples", "finch_level"})
+_TEXT_COLUMNS = frozenset({"dataset", "method", "eps_source"})
+#: Columns added later: runs stored before them have none (written empty, read as None).
+_LATER_COLUMNS = frozenset(CLUSTERING_KEYS)
 #: Metrics the Wilcoxon tests compare.
 TEST_METRICS = ("mAP", "top1")
 
@@ -47,7 +51,7 @@ def results_csv(rows: Iterable[dict[str, Any]]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
     for r in rows:
-        w.writerow([_fmt(r[c]) for c in CSV_COLUMNS])
+        w.writerow([_fmt(r[c]) if c in r or c not in _LATER_COLUMNS else "" for c in CSV_COLUMNS])
     return buf.getvalue()
 
 
@@ -57,6 +61,9 @@ def read_results_csv(text: str) -> list[dict[str, Any]]:
     for raw in csv.DictReader(io.StringIO(text)):
         row: dict[str, Any] = {}
         for k, v in raw.items():
+            if k in _LATER_COLUMNS and v == "":
+                row[k] = None
+                continue
             row[k] = v if k in _TEXT_COLUMNS else int(v) if k in _INT_COLUMNS else float(v)
         rows.append(row)
     return rows
@@ -105,7 +112,8 @@ _FINAL_HEADER = ("method", "seeds", "mAP %", "mINP %", "Top-1 %", "Top-5 %", "BA
 
 
 def _final_line(method: str, rs: list[dict[str, Any]]) -> list[str]:
-    col = {k: [float(r[k]) for r in rs] for k in CSV_COLUMNS if k not in _TEXT_COLUMNS}
+    col = {k: [float(r[k]) for r in rs] for k in CSV_COLUMNS
+           if k not in _TEXT_COLUMNS and k not in _LATER_COLUMNS}
     return [f"`{method}`", str(len(rs)), _ms(col["mAP"], 100), _ms(col["mINP"], 100),
             _ms(col["top1"], 100), _ms(col["top5"], 100), _ms(col["BAKS"], 100),
             _ms(col["AUC_ROC"], 100), _ms(col["pl_f1"], 1, 3), _ms(col["pl_ari"], 1, 3),
@@ -126,6 +134,51 @@ def final_table(rows: list[dict[str, Any]], dataset: str) -> list[str]:
     methods = method_order(r["method"] for r in fin)
     return _md_table(_FINAL_HEADER, (_final_line(m, [r for r in fin if r["method"] == m])
                                      for m in methods))
+
+
+#: Pseudo-label pairwise F1 levels of the annotation-cost curve.
+COST_LEVELS = (0.5, 0.8, 0.9)
+
+
+def answers_to_reach(rows: list[dict[str, Any]], level: float) -> int | None:
+    """Answers one run (its rows, any order) had given when its pseudo-label F1 first
+    reached ``level`` at the end of a cycle; None when it never did."""
+    for r in sorted(rows, key=lambda r: r["cycle"]):
+        if float(r["pl_f1"]) >= level:
+            return int(r["cumulative_pairs"])
+    return None
+
+
+def cost_table(rows: list[dict[str, Any]], dataset: str,
+               levels: Sequence[float] = COST_LEVELS) -> list[str]:
+    """Markdown lines: the annotation-cost curve of one dataset, beside mAP. Per method and
+    F1 level: the median answers needed over the seeds that reached it (measured at cycle
+    ends, so an upper bound within one cycle's allowance) and how many seeds did.
+    ``supervised`` knows every label: reached with all labels, not with answers."""
+    rs = [r for r in rows if r["dataset"] == dataset]
+    fin = {(r["method"], r["seed"]): r for r in final_rows(rs)}
+    header = ("method", "final mAP %", "final pseudo-label F1",
+              *(f"answers to F1 {x:g}" for x in levels))
+    lines = []
+    for m in method_order(r["method"] for r in rs):
+        seeds = sorted({r["seed"] for r in rs if r["method"] == m})
+        runs = [[r for r in rs if r["method"] == m and r["seed"] == s] for s in seeds]
+        cells = []
+        for level in levels:
+            got = [answers_to_reach(run, level) for run in runs]
+            hit = [g for g in got if g is not None]
+            if m == "supervised":
+                cells.append("all labels")
+            elif not hit:
+                cells.append(f"not reached (0 / {len(got)})")
+            else:
+                cells.append(f"{statistics.median(hit):g} ({len(hit)} / {len(got)})")
+        lines.append([f"`{m}`", _ms([float(fin[(m, s)]["mAP"]) for s in seeds], 100),
+                      _ms([float(fin[(m, s)]["pl_f1"]) for s in seeds], 1, 3), *cells])
+    return _md_table(header, lines) + [
+        "", "Answers needed for the pseudo-labels (NP3-refined DBSCAN on the training pool) "
+        "to reach a pairwise F1 against the true identities: the median over the seeds that "
+        "reached it, (seeds that reached it / seeds), measured at the end of each cycle."]
 
 
 def cycle_table(rows: list[dict[str, Any]], dataset: str) -> list[str]:
@@ -222,6 +275,8 @@ def summary_markdown(rows: list[dict[str, Any]], *, title: str, settings: Sequen
     for d in datasets:
         out += [f"## {d}: final cycle (Table 1), mean ± std over seeds", ""]
         out += final_table(rows, d) + [""]
+        out += [f"### {d}: annotation cost (answers to reach a pseudo-label F1)", ""]
+        out += cost_table(rows, d) + [""]
         out += [f"### {d}: every cycle", ""] + cycle_table(rows, d) + [""]
     if len(datasets) > 1:
         out += ["## Mean over datasets (final cycle; each dataset's seed mean, then averaged)",
@@ -233,7 +288,8 @@ def summary_markdown(rows: list[dict[str, Any]], *, title: str, settings: Sequen
                 sel = [r for r in fin if r["dataset"] == d and r["method"] == m]
                 per_ds.append({"dataset": d, "method": m, "seed": 0, "cycle": 0, **{
                     k: mean_std([float(r[k]) for r in sel])[0]
-                    for k in CSV_COLUMNS if k not in ("dataset", "method", "seed", "cycle")}})
+                    for k in CSV_COLUMNS if k not in ("dataset", "method", "seed", "cycle")
+                    and k not in _TEXT_COLUMNS and k not in _LATER_COLUMNS}})
         header = ("method", "datasets", "mAP %", "Top-1 %", "AUC-ROC %", "budget used %")
         lines = []
         for m in method_order(r["method"] for r in per_ds):

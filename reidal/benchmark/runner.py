@@ -61,7 +61,9 @@ SCHEDULE_OPTIONS = (("lr", "lr"), ("iters", "iters_per_epoch"),
                     ("question_rounds", "question_rounds"), ("mode", "mode"),
                     ("image_size", "image_size"), ("trainable_stages", "trainable_stages"),
                     ("augment_views", "augment_views"),
-                    ("pair_loss_weight", "pair_loss_weight"))
+                    ("pair_loss_weight", "pair_loss_weight"), ("clustering", "clustering"))
+#: Clustering parameters an explicit option pins under ``--clustering calibrated``.
+PINNABLE_OPTIONS = ("k1", "k2", "min_samples")
 
 
 @dataclass(frozen=True)
@@ -291,8 +293,13 @@ def _settings(config: BenchConfig) -> list[str]:
         f"schedule (every method): {_mode_text(s)}, "
         f"{config.budget.cycles} cycles x {s.epochs_per_cycle} epochs x {s.iters_per_epoch} "
         f"iterations, Adam lr {s.lr:g}, StepLR every {s.step_size} epochs, batch "
-        f"{s.num_identities} x {s.num_instances}; DBSCAN on Jaccard eps {s.eps:g}, k1 {s.k1}, "
-        f"k2 {s.k2}, min_samples {s.min_samples}; a cycle's allowance asked in "
+        f"{s.num_identities} x {s.num_instances}; "
+        + (f"DBSCAN on Jaccard eps {s.eps:g}, k1 {s.k1}, k2 {s.k2}, min_samples {s.min_samples}"
+           if s.clustering == "fixed" else
+           "DBSCAN / FINCH parameters calibrated every cycle (reidal.core.calibration; kept "
+           f"as given: {', '.join(s.clustering_pinned) or 'none'}; chosen values in "
+           "results.csv)")
+        + "; a cycle's allowance asked in "
         + ("rounds until spent or nothing is left" if s.question_rounds == 0 else
            f"up to {s.question_rounds} round(s)"),
         "protocol: open-set split (20 % of training identities held out, gallery of up to 5 "
@@ -349,9 +356,10 @@ def _command(config: BenchConfig, out: Path) -> str:
         args += ["--threads", str(config.threads)]
     s, default = config.schedule, BenchSchedule()
     for opt, name in SCHEDULE_OPTIONS:
-        if getattr(s, name) != getattr(default, name):
-            v = getattr(s, name)
-            args += ["--" + opt.replace("_", "-"), v if isinstance(v, str) else f"{v:g}"]
+        value = getattr(s, name)
+        if value != getattr(default, name) or name in s.clustering_pinned:
+            args += ["--" + opt.replace("_", "-"),
+                     value if isinstance(value, str) else f"{value:g}"]
     args += ["--out", str(out)]
     return shlex.join(args)
 
@@ -438,6 +446,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"DBSCAN min_samples ({d.min_samples})")
     g.add_argument("--num-identities", type=int, default=None,
                    help=f"pseudo-identities per batch ({d.num_identities}; x 4 images)")
+    g.add_argument("--clustering", default=None, choices=("fixed", "calibrated"),
+                   help="DBSCAN / FINCH parameters: 'fixed' (the schedule's) or 'calibrated' "
+                        "(chosen every cycle from the data and the answers; --k1 / --k2 / "
+                        f"--min-samples given explicitly stay as given) ({d.clustering})")
     g.add_argument("--question-rounds", type=int, default=None,
                    help=f"rounds a cycle's allowance is asked in, 0 = until spent or nothing "
                         f"is left, 1 = the paper's one draw ({d.question_rounds})")
@@ -467,6 +479,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     base = QUICK_SCHEDULE if quick else BenchSchedule()
     overrides = {name: getattr(args, opt) for opt, name in SCHEDULE_OPTIONS
                  if getattr(args, opt) is not None}
+    if overrides.get("clustering") == "calibrated":
+        overrides["clustering_pinned"] = tuple(o for o in PINNABLE_OPTIONS if o in overrides)
     schedule = replace(base, **overrides)
     datasets = tuple(args.dataset or ([QUICK_DATASET] if quick else ["synthetic"]))
     methods = tuple(args.methods or (QUICK_METHODS if quick else METHODS))

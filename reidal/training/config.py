@@ -21,7 +21,10 @@ from typing import Any
 
 MODES = ("head", "partial", "full")
 DEVICES = ("cpu", "cuda", "auto")
-SAMPLERS = ("aas", "random", "none")
+SAMPLERS = ("aas", "aas-continued", "random", "none")
+CLUSTERINGS = ("fixed", "calibrated")
+#: Clustering parameters a calibrated run may keep at the config's values.
+PINNABLE = ("eps", "k1", "k2", "min_samples")
 CLUSTER_FEATURES = ("memory", "model")
 
 
@@ -71,8 +74,17 @@ class TrainConfig:
     cluster as given, for ablations).
     budget_per_cycle: pairs asked per cycle, a count (int) or a fraction of all pairs
     (float; paper 0.0002 = 0.02 %).
-    sampler: ``"aas"`` (Ambiguity-Aware Sampling), ``"random"`` (uniform unanswered pairs)
-    or ``"none"`` (SpCL alone: no question is asked).
+    sampler: ``"aas"`` (Ambiguity-Aware Sampling), ``"aas-continued"`` (OURS: AAS, then the
+    allowance it leaves goes to the pairs closest to DBSCAN's eps;
+    reidal.core.continuation), ``"random"`` (uniform unanswered pairs) or ``"none"`` (SpCL
+    alone: no question is asked).
+    clustering (OURS, default "fixed" = the paper: eps, k1, k2, min_samples as given):
+    ``"calibrated"`` chooses them at every cycle start from the data and the answers so far,
+    and again after the cycle's answers (reidal.core.calibration: k1 from the collection's
+    size, eps by the rho rule, then the eps that separates the SAME / DIFFERENT answers;
+    AAS's FINCH level from the answers); the labeler and AAS cluster with the choice, and
+    each report records it. ``clustering_pinned`` names the parameters kept at this
+    config's values (a user's explicit choice wins).
     question_rounds (OURS, default 1 = the paper: one draw a cycle): a cycle's allowance is
     asked in up to this many rounds on the same features (0: no cap, until the allowance is
     spent or a round finds nothing); each round draws what is left of the allowance after
@@ -132,6 +144,8 @@ class TrainConfig:
     sampler: str = "aas"
     question_rounds: int = 1
     aas_os_similarity: str = "jaccard"
+    clustering: str = "fixed"
+    clustering_pinned: tuple[str, ...] = ()
     cluster_features: str = "memory"
     amp: bool = True
     augment: bool = True
@@ -147,7 +161,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.{name} {why}, got {getattr(self, name)!r}")
 
         for name, options in (("mode", MODES), ("device", DEVICES), ("sampler", SAMPLERS),
-                              ("cluster_features", CLUSTER_FEATURES)):
+                              ("cluster_features", CLUSTER_FEATURES),
+                              ("clustering", CLUSTERINGS)):
             if getattr(self, name) not in options:
                 bad(name, f"must be one of {options}")
         positive = ("epochs", "epochs_per_cycle", "iters_per_epoch", "num_identities",
@@ -156,6 +171,11 @@ class TrainConfig:
         for name in positive:
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 bad(name, "must be an integer >= 1")
+        pinned = self.clustering_pinned
+        if isinstance(pinned, (list, tuple)):
+            object.__setattr__(self, "clustering_pinned", tuple(pinned))
+        if not isinstance(pinned, (list, tuple)) or set(pinned) - set(PINNABLE):
+            bad("clustering_pinned", f"must name some of {PINNABLE}")
         if self.aas_os_similarity not in ("jaccard", "cosine"):
             bad("aas_os_similarity", "must be 'jaccard' or 'cosine'")
         for name in ("num_workers", "eval_every", "seed", "question_rounds", "augment_views"):

@@ -105,6 +105,9 @@ class EpochReport:
     quality: dict[str, float] = field(default_factory=dict)
     retrieval: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    #: the clustering parameters of the epoch (eps, k1, k2, min_samples, finch_level and,
+    #: calibrated, where eps / the level came from: TrainConfig.clustering)
+    clustering: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -267,8 +270,10 @@ class SpCLTrainer:
         self._sampler = sampler
 
     # ------------------------------------------------------------------ pieces
-    def make_sampler(self) -> Any:
-        """The configured pair sampler (None for ``sampler="none"``)."""
+    def make_sampler(self, choice: Any = None) -> Any:
+        """The configured pair sampler (None for ``sampler="none"``); ``choice``: a
+        :class:`reidal.core.calibration.ClusteringChoice` AAS clusters with instead of the
+        config's parameters."""
         if self._sampler is not None:
             return self._sampler
         c = self.config
@@ -279,11 +284,30 @@ class SpCLTrainer:
 
             return RandomPairSampler()
         from reidal.core.aas import AmbiguityAwareSampler
-        from reidal.core.clustering import DBSCANJaccard
+        from reidal.core.clustering import DBSCANJaccard, FinchFirstPartition
 
-        return AmbiguityAwareSampler(dbscan=DBSCANJaccard(eps=c.eps, min_samples=c.min_samples,
-                                                          k1=c.k1, k2=c.k2),
-                                     os_similarity=c.aas_os_similarity)
+        p = _clustering(c, choice)
+        aas = AmbiguityAwareSampler(
+            dbscan=DBSCANJaccard(eps=p["eps"], min_samples=p["min_samples"], k1=p["k1"],
+                                 k2=p["k2"]),
+            finch=FinchFirstPartition(partition=p["finch_level"]),
+            os_similarity=c.aas_os_similarity)
+        if c.sampler == "aas-continued":
+            from reidal.core.continuation import AASContinuation
+
+            return AASContinuation(aas)
+        return aas
+
+    def make_calibrator(self) -> Any:
+        """The per-cycle clustering calibrator (None unless ``clustering="calibrated"``),
+        keeping the pinned parameters at the config's values."""
+        c = self.config
+        if c.clustering != "calibrated":
+            return None
+        from reidal.core.calibration import ClusteringCalibrator
+
+        values = {"eps": c.eps, "k1": c.k1, "k2": c.k2, "min_samples": c.min_samples}
+        return ClusteringCalibrator(fixed={k: values[k] for k in c.clustering_pinned})
 
     def _ask_rounds(self, sampler: Any, X: np.ndarray, constraints: ConstraintSet,
                     budget: int, oracle: Oracle, cycle: int) -> tuple[int, str]:
@@ -303,10 +327,12 @@ class SpCLTrainer:
                 break
         return asked, reason
 
-    def make_labeler(self) -> SpCLPseudoLabeler:
+    def make_labeler(self, choice: Any = None) -> SpCLPseudoLabeler:
         c = self.config
-        return SpCLPseudoLabeler(eps=c.eps, eps_gap=c.eps_gap, min_samples=c.min_samples,
-                                 k1=c.k1, k2=c.k2, reliability_percentile=c.reliability_percentile,
+        p = _clustering(c, choice)
+        return SpCLPseudoLabeler(eps=p["eps"], eps_gap=c.eps_gap, min_samples=p["min_samples"],
+                                 k1=p["k1"], k2=p["k2"],
+                                 reliability_percentile=c.reliability_percentile,
                                  self_paced=c.self_paced)
 
     def _inputs(self, data: object, model: EmbeddingNet, device: torch.device,
@@ -455,6 +481,8 @@ class SpCLTrainer:
         use_amp = c.amp and c.mode == "full" and device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         memory = HybridMemory(model.dim, n, temp=c.temperature, momentum=c.momentum).to(device)
+        calibrator = self.make_calibrator()
+        choice = None
         labeler = self.make_labeler()
         constraints = (ConstraintSet.from_answers(n, given.answers) if given is not None
                        else ConstraintSet(n))
@@ -481,6 +509,12 @@ class SpCLTrainer:
             start_epoch = resumed_from = int(state["next_epoch"])
             indep_threshold = state["indep_threshold"]
             reports = [EpochReport.from_dict(r) for r in state["reports"]]
+            if calibrator is not None and state.get("clustering_choice"):
+                from reidal.core.calibration import ClusteringChoice
+
+                choice = ClusteringChoice(**state["clustering_choice"])
+                labeler = self.make_labeler(choice)
+                sampler = self.make_sampler(choice) if sampler is not None else None
             initial_retrieval = dict(state["initial_retrieval"])
         else:
             memory.init_features(inputs.embed_all(model, ctx))
@@ -499,6 +533,10 @@ class SpCLTrainer:
             cycle = epoch // c.epochs_per_cycle + 1
             asked, reason = 0, "no question this epoch"
             if epoch % c.epochs_per_cycle == 0:
+                if calibrator is not None:  # the questions come from the calibrated space
+                    choice = calibrator.choose(X, constraints)
+                    labeler = self.make_labeler(choice)
+                    sampler = self.make_sampler(choice) if sampler is not None else None
                 if sampler is None:
                     reason = "no sampler"
                 else:
@@ -511,6 +549,9 @@ class SpCLTrainer:
                     if not ctx.is_main:
                         constraints = ConstraintSet.from_answers(n, rows_to_answers(rows[0]))
                         asked, reason = rows[1], rows[2]
+            if calibrator is not None and asked:  # the cycle's answers re-calibrate
+                choice = calibrator.choose(X, constraints)
+                labeler = self.make_labeler(choice)
             asked_total += asked
             times["ask"] = time.perf_counter() - t
 
@@ -546,6 +587,7 @@ class SpCLTrainer:
                 cumulative_budget_pct=100.0 * asked_total / max(total_pairs(n), 1),
                 contradictions=len(constraints.contradictions), sampler_reason=reason,
                 quality=_quality(pl.clustered, truth), retrieval=retrieval, seconds=times,
+                clustering=_clustering(c, choice, with_sources=True),
             )
             reports.append(report)
             if ctx.is_main and c.checkpoint_dir is not None and (
@@ -558,6 +600,7 @@ class SpCLTrainer:
                     "answers": answers_to_rows(constraints.answers),
                     "reports": [r.to_dict() for r in reports],
                     "initial_retrieval": initial_retrieval,
+                    "clustering_choice": None if choice is None else choice.to_dict(),
                 })
             if on_epoch is not None and ctx.is_main:
                 on_epoch(report)
@@ -630,6 +673,21 @@ class SpCLTrainer:
         changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
         if changed:
             raise ValueError(f"cannot resume: the checkpoint was made with different {changed}")
+
+
+def _clustering(c: TrainConfig, choice: Any, *, with_sources: bool = False) -> dict[str, Any]:
+    """The clustering parameters in force: the calibrated ``choice`` or the config's."""
+    if choice is None:
+        out: dict[str, Any] = {"eps": c.eps, "k1": c.k1, "k2": c.k2,
+                               "min_samples": c.min_samples, "finch_level": 0}
+        if with_sources:
+            out.update(eps_source="config", finch_source="default")
+        return out
+    d = choice.to_dict()
+    keys = ("eps", "k1", "k2", "min_samples", "finch_level")
+    if with_sources:
+        keys += ("eps_source", "finch_source", "n_same", "n_different")
+    return {k: d[k] for k in keys}
 
 
 def _quality(labels: np.ndarray, truth: np.ndarray | None) -> dict[str, float]:
