@@ -105,7 +105,8 @@ def _rows(method: str, final_maps: list[float], first_map: float = 0.9) -> list[
             row = {c: 0.0 for c in CSV_COLUMNS}
             row.update(dataset="toy", method=method, seed=seed, cycle=cycle, mAP=value,
                        top1=value, pairs_asked=3, cumulative_pairs=3 * cycle, budget_pairs=4,
-                       n_clusters=1, contradictions=0, flipped_answers=0)
+                       n_clusters=1, contradictions=0, flipped_answers=0, k1=10,
+                       min_samples=2, finch_level=0, eps=0.6, eps_source="config")
             rows.append(row)
     return rows
 
