@@ -89,6 +89,8 @@ METHOD_ROLES: dict[str, str] = {
     "/reidal.v1.CollectionService/ListImages": _R,
     "/reidal.v1.CollectionService/GetImage": _R,
     "/reidal.v1.CollectionService/DeleteImage": _ADMIN,
+    "/reidal.v1.CollectionService/GetVectors": _R,
+    "/reidal.v1.CollectionService/PutVectors": _ADMIN,
     "/reidal.v1.CollectionService/EmbedCollection": _ADMIN,
     "/reidal.v1.CollectionService/GetOperation": _R,
     "/reidal.v1.CollectionService/WatchOperation": _R,

@@ -11,10 +11,10 @@ CPU); the demo is then only a client (:class:`reidal_client.ReidalClient` on loo
    GetIdentities (the server's NP3-refined identities), whose pseudo-label quality is
    measured against the ground truth.
 
-Retrieval (mAP / Top-1 under the open-set protocol) needs vectors, which the collection
-API does not return; they come from the EmbeddingService of the same server for the same
-images and the collection's pinned model version (so they are the vectors the sampling
-used), recomputed only when the collection's model version changes.
+Retrieval (mAP / Top-1 under the open-set protocol) needs vectors: the ones the server
+stored for the collection's pinned model version (GetVectors, so they are the vectors the
+sampling used), read again only when the collection's model version changes; no image is
+embedded twice.
 
 4. then (unless ``train=False``) the loop closes through the TrainingService: StartTraining
    trains the embedding head on the collection's images and every answer given (server
@@ -182,16 +182,16 @@ def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
 
             def retrieval(current: Any) -> dict[str, float]:
                 if current not in vectors:
-                    got = client.embed([(r.image_id, r.path) for r in dataset], model=current)
-                    vectors[current] = got.vectors
+                    got = client.get_vectors(cid, model=current)
+                    row = {iid: k for k, iid in enumerate(got.ids)}
+                    vectors[current] = got.vectors[[row[r.image_id] for r in dataset]]
                 X = vectors[current]
                 split = open_set_split(dataset.identities, split=dataset.splits, X=X,
                                        seed=seed)
                 return evaluate_open_set(X, dataset.identities, split)
 
-            _say(f"[4/7] retrieval: embedding through reidal's EmbeddingService the same "
-                 f"images with the collection's model version {model} (the collection API "
-                 "does not return vectors)")
+            _say(f"[4/7] retrieval: the vectors the server stored with model version {model} "
+                 "(GetVectors; nothing is embedded again)")
             t = time.perf_counter()
             zero_shot = retrieval(model)
             _say(f"  open-set retrieval of the pretrained model: mAP "

@@ -28,3 +28,8 @@ MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 #: Largest model version and page token: both are int64 where they are used.
 MAX_INT64 = 2**63 - 1
+#: Most vectors of one PutVectors request and of one GetVectors message, and most image ids
+#: one GetVectors request names (the AddImages message bound).
+MAX_VECTORS_PER_CALL = 1024
+#: Longest vector PutVectors accepts (MiewID: 2152, MegaDescriptor-L: 1536).
+MAX_VECTOR_DIM = 4096

@@ -426,13 +426,9 @@ class Store:
                        for r in db.execute(f"SELECT image_id FROM images WHERE collection_id = ?"
                                            f" AND image_id IN ({marks})",
                                            (collection_id, *chunk)).fetchall()}
-            db.executemany(
-                "INSERT INTO vectors (collection_id, model_name, model_version, image_id, vector)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (collection_id, model_name, model_version,"
-                " image_id) DO UPDATE SET vector = excluded.vector",
-                [(collection_id, model_name, model_version, iid, v.tobytes())
-                 for iid, v in zip(image_ids, vecs, strict=True) if iid in present],
-            )
+            keep = [k for k, iid in enumerate(image_ids) if iid in present]
+            self._insert_vectors(db, collection_id, model_name, model_version,
+                                 [image_ids[k] for k in keep], vecs[keep])
 
     def get_vectors(self, collection_id: str, model_name: str,
                     model_version: str) -> tuple[list[str], np.ndarray]:
@@ -677,18 +673,8 @@ class Store:
                 raise InvalidArgument("vectors need a model name and version")
         added = present = 0
         with self._tx(collection_id) as db:
-            col = db.execute("SELECT model_name, model_version FROM collections WHERE id = ?",
-                             (collection_id,)).fetchone()
-            if col is None:
-                raise NotFound(f"collection {collection_id!r} does not exist")
-            if vecs is not None:
-                if col["model_version"] == "":
-                    db.execute("UPDATE collections SET model_name = ?, model_version = ?"
-                               " WHERE id = ?", (model_name, model_version, collection_id))
-                elif (col["model_name"], col["model_version"]) != (model_name, model_version):
-                    raise FailedPrecondition(
-                        f"collection {collection_id!r} uses model {col['model_name']} version "
-                        f"{col['model_version']}, not {model_name} version {model_version}")
+            self._pin_model(db, collection_id, model_name if vecs is not None else None,
+                            model_version)
             (seq,) = db.execute(
                 "SELECT COALESCE(MAX(seq) + 1, 0) FROM images WHERE collection_id = ?",
                 (collection_id,),
@@ -717,14 +703,70 @@ class Store:
                 else:
                     present += 1
             if vecs is not None and len(vector_ids):
-                db.executemany(
-                    "INSERT INTO vectors (collection_id, model_name, model_version, image_id,"
-                    " vector) VALUES (?, ?, ?, ?, ?) ON CONFLICT (collection_id, model_name,"
-                    " model_version, image_id) DO UPDATE SET vector = excluded.vector",
-                    [(collection_id, model_name, model_version, iid, v.tobytes())
-                     for iid, v in zip(vector_ids, vecs, strict=True)],
-                )
+                self._insert_vectors(db, collection_id, model_name, model_version,
+                                     vector_ids, vecs)
         return added, present
+
+    def _pin_model(self, db: Tx, collection_id: str, model_name: str | None,
+                   model_version: str) -> None:
+        """NotFound for an unknown collection; with a model (vectors about to be stored):
+        pin a collection that pins no version yet to it, refuse vectors of any other
+        model version than the one it pins (one model per collection)."""
+        col = db.execute("SELECT model_name, model_version FROM collections WHERE id = ?",
+                         (collection_id,)).fetchone()
+        if col is None:
+            raise NotFound(f"collection {collection_id!r} does not exist")
+        if model_name is None:
+            return
+        if col["model_version"] == "":
+            db.execute("UPDATE collections SET model_name = ?, model_version = ?"
+                       " WHERE id = ?", (model_name, model_version, collection_id))
+        elif (col["model_name"], col["model_version"]) != (model_name, model_version):
+            raise FailedPrecondition(
+                f"collection {collection_id!r} uses model {col['model_name']} version "
+                f"{col['model_version']}, not {model_name} version {model_version}")
+
+    @staticmethod
+    def _insert_vectors(db: Tx, collection_id: str, model_name: str, model_version: str,
+                        image_ids: Sequence[str], vecs: np.ndarray) -> None:
+        db.executemany(
+            "INSERT INTO vectors (collection_id, model_name, model_version, image_id,"
+            " vector) VALUES (?, ?, ?, ?, ?) ON CONFLICT (collection_id, model_name,"
+            " model_version, image_id) DO UPDATE SET vector = excluded.vector",
+            [(collection_id, model_name, model_version, iid, v.tobytes())
+             for iid, v in zip(image_ids, vecs, strict=True)],
+        )
+
+    def add_vectors(self, collection_id: str, model_name: str, model_version: str,
+                    image_ids: Sequence[str], vectors: np.ndarray, *, actor: str = "") -> None:
+        """Store vectors computed elsewhere for images already in the collection, in one
+        transaction (audited): NotFound for an image that is not one, the collection pinned
+        as :meth:`ingest` pins it, and InvalidArgument when their length differs from the
+        stored vectors of that version (checked inside the transaction, so two writers
+        cannot store two lengths)."""
+        vecs = np.ascontiguousarray(vectors, dtype=np.float32)
+        with self._tx(collection_id) as db:
+            self._pin_model(db, collection_id, model_name, model_version)
+            present = {r[0] for marks, chunk in self._id_chunks(image_ids)
+                       for r in db.execute(f"SELECT image_id FROM images WHERE collection_id = ?"
+                                           f" AND image_id IN ({marks})",
+                                           (collection_id, *chunk)).fetchall()}
+            missing = [iid for iid in image_ids if iid not in present]
+            if missing:
+                raise NotFound(f"image(s) not in collection {collection_id!r}: {missing[:20]}")
+            row = db.execute("SELECT vector FROM vectors WHERE collection_id = ? AND"
+                             " model_name = ? AND model_version = ? LIMIT 1",
+                             (collection_id, model_name, model_version)).fetchone()
+            if row is not None and len(row[0]) // 4 != vecs.shape[1]:
+                raise InvalidArgument(
+                    f"vectors have {vecs.shape[1]} components but the stored vectors of "
+                    f"{model_name} version {model_version} have {len(row[0]) // 4}")
+            self._insert_vectors(db, collection_id, model_name, model_version, image_ids, vecs)
+            # a replaced vector changes what sampling reads: no cached state may be served
+            self._bump_answers_epoch(db, collection_id)
+            self._audit(db, collection_id, "add_vectors", actor,
+                        {"model_name": model_name, "model_version": model_version,
+                         "count": len(image_ids)})
 
     def list_images(self, collection_id: str, *, after_seq: int = -1,
                     limit: int | None = None) -> list[ImageRow]:

@@ -31,6 +31,7 @@ from reidal.embedding.triton_client import (
 )
 from reidal.grpc_server import ServiceBinding, deadline_left
 from reidal.ingest import IngestItem, IngestOutcome, embed_missing, ingest, resolve_model
+from reidal.limits import MAX_VECTORS_PER_CALL
 from reidal.request_checks import page_size, parse_page_token
 from reidal.runtime import Runtime, queue_key
 from reidal.services.embedding import Embedded, ImageItem, embedding_status
@@ -42,6 +43,7 @@ from reidal.v1 import (
     embedding_pb2,
     embedding_pb2_grpc,
 )
+from reidal.vectors import add_vectors, read_vectors
 from reidal_client.client import default_channel_options
 
 log = logging.getLogger("reidal.collections")
@@ -346,6 +348,29 @@ class CollectionsServicer(collections_pb2_grpc.CollectionServiceServicer):
         self.runtime.gc_blobs()
         return collections_pb2.DeleteImageResponse(image_id=request.image_id,
                                                    answers_retired=retired)
+
+    def GetVectors(self, request, context):  # noqa: N802
+        found = read_vectors(self.store, request.collection_id, list(request.image_ids),
+                             model_name=request.model.name,
+                             model_version=request.model.version)
+        model = common_pb2.ModelRef(name=found.model_name, version=found.model_version)
+        if not found.image_ids:
+            yield collections_pb2.GetVectorsResponse(model=model)
+            return
+        for start in range(0, len(found.image_ids), MAX_VECTORS_PER_CALL):
+            rows = range(start, min(start + MAX_VECTORS_PER_CALL, len(found.image_ids)))
+            yield collections_pb2.GetVectorsResponse(model=model, vectors=[
+                collections_pb2.ImageVector(image_id=found.image_ids[k],
+                                            vector=found.vectors[k].tolist()) for k in rows])
+
+    def PutVectors(self, request, context):  # noqa: N802
+        name, version = add_vectors(
+            self.store, request.collection_id, request.model.name,
+            [v.image_id for v in request.vectors], [list(v.vector) for v in request.vectors],
+            model_version=request.model.version, actor=request.actor)
+        return collections_pb2.PutVectorsResponse(
+            collection_id=request.collection_id, stored=len(request.vectors),
+            model=common_pb2.ModelRef(name=name, version=version))
 
     def _image_bytes(self, cid: str, iid: str, context: grpc.ServicerContext,
                      if_none_match: str = "") -> tuple[bytes | None, str]:

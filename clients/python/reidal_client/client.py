@@ -454,6 +454,53 @@ class ReidalClient:
                                             if_none_match=if_none_match),
             retry=True, timeout_s=timeout_s))
 
+    def get_vectors(self, collection_id: str, image_ids: Sequence[str] = (), *,
+                    model: ModelRef | str | None = None,
+                    timeout_s: float | None = None) -> Embeddings:
+        """The vectors the server stored (GetVectors), in ingest order: every image's, or
+        those of ``image_ids`` (at most 1024); images without a vector are left out.
+        Default model: the collection's. Read them instead of embedding stored images again."""
+        import numpy as np
+
+        ref = model if isinstance(model, ModelRef) else ModelRef.parse(model)
+        request = collections_pb2.GetVectorsRequest(collection_id=collection_id,
+                                                    image_ids=list(image_ids),
+                                                    model=ref.to_pb())
+        ids: list[str] = []
+        rows: list[Any] = []
+        for msg in self._stream("CollectionService.GetVectors",
+                                lambda: self._collections.GetVectors(
+                                    request, timeout=timeout_s or self.timeout_s,
+                                    metadata=self.metadata or None)):
+            ref = ModelRef(msg.model.name, msg.model.version)
+            ids.extend(v.image_id for v in msg.vectors)
+            rows.extend(list(v.vector) for v in msg.vectors)
+        vectors = np.array(rows, dtype=np.float32).reshape(len(ids), -1 if ids else 0)
+        return Embeddings(tuple(ids), vectors, ref)
+
+    def put_vectors(self, collection_id: str, image_ids: Sequence[str], vectors: Any, *,
+                    model: ModelRef | str, actor: str = "", batch_size: int = 1024,
+                    timeout_s: float | None = None) -> ModelRef:
+        """Store vectors computed elsewhere (MiewID, MegaDescriptor, ...) for images already
+        in the collection (PutVectors, ``batch_size`` <= 1024 a call; each call all or
+        nothing, safe to repeat). ``model`` names the model that made them ("miewid" or
+        "miewid:2"); the server normalises them. Returns the model version recorded."""
+        ref = model if isinstance(model, ModelRef) else ModelRef.parse(model)
+        if not 1 <= batch_size <= 1024:
+            raise ValueError(f"batch_size must be in [1, 1024], got {batch_size}")
+        if len(image_ids) != len(vectors):
+            raise ValueError(f"{len(image_ids)} image ids but {len(vectors)} vectors")
+        for start in range(0, len(image_ids), batch_size):
+            request = collections_pb2.PutVectorsRequest(
+                collection_id=collection_id, model=ref.to_pb(), actor=actor,
+                vectors=[collections_pb2.ImageVector(image_id=iid, vector=list(map(float, vec)))
+                         for iid, vec in zip(image_ids[start:start + batch_size],
+                                             vectors[start:start + batch_size], strict=True)])
+            resp = self._call("CollectionService.PutVectors", self._collections.PutVectors,
+                              request, retry=True, timeout_s=timeout_s)
+            ref = ModelRef(resp.model.name, resp.model.version)  # later calls: same version
+        return ref
+
     def embed_collection(self, collection_id: str, *, model: ModelRef | str | None = None,
                          wait: bool = True, timeout_s: float | None = None,
                          progress: Callable[[Operation], None] | None = None) -> Operation:
