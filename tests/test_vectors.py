@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from _services_support import pictures, running_server
 
+from reidal.cli import main
 from reidal_client import (
     ClusteringParams,
     FailedPrecondition,
@@ -26,9 +27,14 @@ EXTERNAL = "miewid-test"
 
 
 @pytest.fixture(scope="module")
-def client(triton, tmp_path_factory):
-    with running_server(triton, tmp_path_factory.mktemp("reidal-vectors")) as srv, \
-            ReidalClient(srv.address, timeout_s=60) as c:
+def server(triton, tmp_path_factory):
+    with running_server(triton, tmp_path_factory.mktemp("reidal-vectors")) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server):
+    with ReidalClient(server.address, timeout_s=60) as c:
         yield c
 
 
@@ -135,3 +141,26 @@ def test_external_vectors_cannot_mix_into_a_triton_embedded_collection(client):
         client.put_vectors("mixed", [pics[0].image_id], np.ones((1, stored.vectors.shape[1])),
                            model=EXTERNAL)
     np.testing.assert_array_equal(client.get_vectors("mixed").vectors, stored.vectors)
+
+
+def test_cli_puts_and_gets_vectors(server, client, tmp_path, capsys):
+    pics = pictures()[:5]
+    ids = [p.image_id for p in pics]
+    client.create_collection("cli", model=EXTERNAL, clustering=SMALL)
+    client.add_images("cli", [(p.image_id, p.png) for p in pics], defer_embedding=True)
+    X = _external_vectors([p.identity for p in pics], dim=6)
+    np.savez(tmp_path / "in.npz", ids=np.array(ids), vectors=X)
+    srv = ["--server", server.address]
+    assert main(["vectors", "put", "cli", str(tmp_path / "in.npz"), "--model", EXTERNAL,
+                 *srv]) == 0
+    assert main(["vectors", "get", "cli", "--out", str(tmp_path / "out.npz"), *srv]) == 0
+    printed = capsys.readouterr().out
+    assert f"stored 5 vector(s) of {EXTERNAL}:1" in printed
+    with np.load(tmp_path / "out.npz") as out:
+        assert list(out["ids"]) == ids and str(out["model"]) == f"{EXTERNAL}:1"
+        np.testing.assert_allclose(out["vectors"], X / np.linalg.norm(X, axis=1)[:, None],
+                                   atol=1e-6)
+    np.savez(tmp_path / "nan.npz", ids=np.array(ids[:1]), vectors=np.full((1, 6), np.nan))
+    assert main(["vectors", "put", "cli", str(tmp_path / "nan.npz"), "--model", EXTERNAL,
+                 *srv]) != 0
+    assert "NaN" in capsys.readouterr().err
