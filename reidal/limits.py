@@ -33,3 +33,6 @@ MAX_INT64 = 2**63 - 1
 MAX_VECTORS_PER_CALL = 1024
 #: Longest vector PutVectors accepts (MiewID: 2152, MegaDescriptor-L: 1536).
 MAX_VECTOR_DIM = 4096
+#: Most bytes of vector components in one GetVectors message: far below gRPC's default
+#: 4 MiB receive limit, so a client with default options reads any dimension.
+MAX_VECTOR_BYTES_PER_MESSAGE = 1 << 20

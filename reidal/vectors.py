@@ -16,7 +16,7 @@ import numpy as np
 
 from reidal.collection_state import check_id
 from reidal.errors import InvalidArgument, NotFound
-from reidal.limits import MAX_VECTOR_DIM, MAX_VECTORS_PER_CALL
+from reidal.limits import MAX_VECTOR_BYTES_PER_MESSAGE, MAX_VECTOR_DIM, MAX_VECTORS_PER_CALL
 from reidal.store import Store
 
 #: Version recorded for external vectors when the caller names none and the collection
@@ -56,6 +56,12 @@ def read_vectors(store: Store, collection_id: str, image_ids: Sequence[str] = ()
         keep = [k for k, iid in enumerate(ids) if iid in wanted]
         ids, mat = [ids[k] for k in keep], mat[keep]
     return StoredVectors(name, version, ids, mat)
+
+
+def vectors_per_message(dim: int) -> int:
+    """How many vectors of ``dim`` components one GetVectors message carries: at most
+    MAX_VECTORS_PER_CALL and MAX_VECTOR_BYTES_PER_MESSAGE of float32s, at least one."""
+    return max(1, min(MAX_VECTORS_PER_CALL, MAX_VECTOR_BYTES_PER_MESSAGE // (4 * max(dim, 1))))
 
 
 def check_vectors(image_ids: Sequence[str], vectors: Sequence[Sequence[float]] | np.ndarray

@@ -31,7 +31,6 @@ from reidal.embedding.triton_client import (
 )
 from reidal.grpc_server import ServiceBinding, deadline_left
 from reidal.ingest import IngestItem, IngestOutcome, embed_missing, ingest, resolve_model
-from reidal.limits import MAX_VECTORS_PER_CALL
 from reidal.request_checks import page_size, parse_page_token
 from reidal.runtime import Runtime, queue_key
 from reidal.services.embedding import Embedded, ImageItem, embedding_status
@@ -43,7 +42,7 @@ from reidal.v1 import (
     embedding_pb2,
     embedding_pb2_grpc,
 )
-from reidal.vectors import add_vectors, read_vectors
+from reidal.vectors import add_vectors, read_vectors, vectors_per_message
 from reidal_client.client import default_channel_options
 
 log = logging.getLogger("reidal.collections")
@@ -357,8 +356,9 @@ class CollectionsServicer(collections_pb2_grpc.CollectionServiceServicer):
         if not found.image_ids:
             yield collections_pb2.GetVectorsResponse(model=model)
             return
-        for start in range(0, len(found.image_ids), MAX_VECTORS_PER_CALL):
-            rows = range(start, min(start + MAX_VECTORS_PER_CALL, len(found.image_ids)))
+        per_message = vectors_per_message(found.vectors.shape[1])
+        for start in range(0, len(found.image_ids), per_message):
+            rows = range(start, min(start + per_message, len(found.image_ids)))
             yield collections_pb2.GetVectorsResponse(model=model, vectors=[
                 collections_pb2.ImageVector(image_id=found.image_ids[k],
                                             vector=found.vectors[k].tolist()) for k in rows])

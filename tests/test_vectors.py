@@ -9,11 +9,18 @@ they were.
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import pytest
 from _services_support import pictures, running_server
 
 from reidal.cli import main
+from reidal.errors import FailedPrecondition as StoreFailedPrecondition
+from reidal.errors import InvalidArgument as StoreInvalidArgument
+from reidal.errors import NotFound as StoreNotFound
+from reidal.limits import MAX_VECTOR_BYTES_PER_MESSAGE
+from reidal.store import ImageRecord, Store
+from reidal.v1 import collections_pb2, collections_pb2_grpc
 from reidal_client import (
     ClusteringParams,
     FailedPrecondition,
@@ -164,3 +171,48 @@ def test_cli_puts_and_gets_vectors(server, client, tmp_path, capsys):
     assert main(["vectors", "put", "cli", str(tmp_path / "nan.npz"), "--model", EXTERNAL,
                  *srv]) != 0
     assert "NaN" in capsys.readouterr().err
+
+
+def test_long_vectors_stream_in_messages_a_default_client_reads(server, client):
+    """4096-component vectors: each GetVectors message stays within 1 MiB of components,
+    so a plain grpc channel (4 MiB default receive limit) reads them all."""
+    pics = pictures(n_individuals=14)  # 70 images: more than one message of 64
+    ids = [p.image_id for p in pics]
+    client.create_collection("long", model=EXTERNAL, clustering=SMALL)
+    client.add_images("long", [(p.image_id, p.png) for p in pics], defer_embedding=True)
+    X = np.random.default_rng(3).normal(size=(len(ids), 4096)).astype(np.float32)
+    client.put_vectors("long", ids, X, model=EXTERNAL, batch_size=35)
+    with grpc.insecure_channel(server.address) as ch:
+        stub = collections_pb2_grpc.CollectionServiceStub(ch)
+        messages = list(stub.GetVectors(collections_pb2.GetVectorsRequest(
+            collection_id="long"), timeout=60))
+    assert len(messages) >= 2
+    assert all(4 * sum(len(v.vector) for v in m.vectors) <= MAX_VECTOR_BYTES_PER_MESSAGE
+               for m in messages)
+    got = np.array([list(v.vector) for m in messages for v in m.vectors], dtype=np.float32)
+    assert [v.image_id for m in messages for v in m.vectors] == ids
+    np.testing.assert_allclose(got, X / np.linalg.norm(X, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_store_add_vectors_on_both_backends(store_target):
+    store = Store.open(store_target)
+    try:
+        store.create_collection("c", model_name=EXTERNAL)
+        store.ingest("c", [ImageRecord(f"i{k}", "", "", {}) for k in range(3)], {})
+        X = np.eye(3, 5, dtype=np.float32)
+        store.add_vectors("c", EXTERNAL, "1", ["i0", "i1"], X[:2], actor="t")
+        col = store.get_collection("c")
+        assert (col.model_name, col.model_version) == (EXTERNAL, "1")
+        with pytest.raises(StoreInvalidArgument, match="have 5"):
+            store.add_vectors("c", EXTERNAL, "1", ["i2"], np.ones((1, 4), np.float32))
+        with pytest.raises(StoreNotFound, match="ghost"):
+            store.add_vectors("c", EXTERNAL, "1", ["ghost"], X[:1])
+        with pytest.raises(StoreFailedPrecondition, match="uses model"):
+            store.add_vectors("c", "other", "1", ["i2"], X[2:3])
+        store.add_vectors("c", EXTERNAL, "1", ["i2"], X[2:3])
+        ids, mat = store.get_vectors("c", EXTERNAL, "1")
+        assert ids == ["i0", "i1", "i2"]
+        np.testing.assert_array_equal(mat, X)
+        assert [a["action"] for a in store.audit_log("c")].count("add_vectors") == 2
+    finally:
+        store.close()
