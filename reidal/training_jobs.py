@@ -141,20 +141,25 @@ def collection_constraints(store: Store, collection_id: str, image_ids: list[str
 
 
 def collection_images(store: Store, blobs: Any, collection_id: str,
-                      limits: Any = None, draft_size: int | None = None
-                      ) -> tuple[list[str], list[Any]]:
+                      limits: Any = None, draft_size: int | None = None,
+                      cancel: threading.Event | None = None
+                      ) -> tuple[list[str], list[Any]] | None:
     """Ids and PIL images of the collection's images that are not excluded (the rows
     sampling uses): bytes kept in the blob store, or the file an image's URI names
     (read again now under ``limits``, a server's image roots; None: any path, for an
     operator's own run; a file gone since ingest fails with FailedPrecondition naming it).
     ``draft_size``: the model's larger input side, so JPEGs decode reduced as the
-    EmbeddingService decodes them (:func:`reidal.embedding.images.open_image`)."""
+    EmbeddingService decodes them (:func:`reidal.embedding.images.open_image`).
+    ``cancel``: checked before each image, so a job on a large collection of big photos
+    stops within one decode of a request (None when cancelled)."""
     from reidal.embedding.images import DEFAULT_LIMITS, ImageError, decode_image
 
     limits = DEFAULT_LIMITS if limits is None else limits
     sources = store.image_sources(collection_id)
     ids, out = [], []
     for img in store.images(collection_id, include_excluded=False):
+        if cancel is not None and cancel.is_set():
+            return None
         src = sources.get(img.image_id)
         try:
             if src is not None and src.kind == "data":
@@ -552,7 +557,10 @@ class TrainingJobs:
                                      f"{job.base_model_version} is not in the repository")
         model = load_model(version_dir)
         spec = load_spec(version_dir)
-        ids, images = self._images(job.collection_id, max(spec.input_size))
+        decoded = self._images(job.collection_id, max(spec.input_size), cancel)
+        if decoded is None:
+            return None
+        ids, images = decoded
         answers = collection_constraints(self.store, job.collection_id, ids)
         used = len(answers.answers)
         data = cached_features(model, images, config, spec, cancel)
@@ -576,9 +584,10 @@ class TrainingJobs:
                                      spec=spec, load=self._serve_new_version)
         return str(version)
 
-    def _images(self, collection_id: str, draft_size: int) -> tuple[list[str], list[Any]]:
+    def _images(self, collection_id: str, draft_size: int, cancel: threading.Event
+                ) -> tuple[list[str], list[Any]] | None:
         return collection_images(self.store, self.runtime.blobs, collection_id,
-                                 self.runtime.image_limits, draft_size)
+                                 self.runtime.image_limits, draft_size, cancel)
 
 
 def promote(runtime: Runtime, collection_id: str, model_name: str, version: str) -> Any:

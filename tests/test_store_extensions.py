@@ -281,3 +281,45 @@ def test_closing_the_runner_aborts_a_running_operation(store):
     record = store.operation(op.operation_id)
     assert (record.state, record.error_code) == ("FAILED", "ABORTED")
     assert "start it again" in record.error_message
+
+
+def test_a_training_jobs_image_decoding_stops_at_a_cancel(store, tmp_path):
+    """Issue 15 finding 5: a job decodes its collection's images with the cancel flag
+    checked before each image, so a cancel during decoding of a large collection of big
+    photos is seen at once instead of after every image is in memory."""
+    import io
+
+    from PIL import Image
+
+    from reidal.training_jobs import collection_images
+
+    blobs = BlobStore(tmp_path / "blobs")
+    store.create_collection("t")
+    images, sources = [], {}
+    for k in range(6):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (40 * k, 10, 200)).save(buf, format="PNG")
+        data = buf.getvalue()
+        digest = blobs.put(data)
+        images.append(ImageRecord(f"p{k}"))
+        sources[f"p{k}"] = ImageSource("data", digest, size=len(data))
+    store.ingest("t", images, sources)
+
+    class CancelAfter(threading.Event):
+        """Set itself at its ``n``-th check: a cancel arriving mid-decoding."""
+
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.checks, self.n = 0, n
+
+        def is_set(self) -> bool:
+            self.checks += 1
+            if self.checks >= self.n:
+                self.set()
+            return super().is_set()
+
+    ids, decoded = collection_images(store, blobs, "t", cancel=threading.Event())
+    assert ids == [f"p{k}" for k in range(6)] and len(decoded) == 6
+    cancel = CancelAfter(3)
+    assert collection_images(store, blobs, "t", cancel=cancel) is None
+    assert cancel.checks == 3  # stopped at the check that saw the cancel, not at the end

@@ -319,8 +319,10 @@ def _open_collection(args: argparse.Namespace) -> tuple[list[Any], Any, tuple]:
         col = store.get_collection(args.collection)
         base = _base_model(args, col)
         size = getattr(base[0], "arch", {}).get("input_size") or (args.image_size,)
-        ids, images = collection_images(store, BlobStore(Path(args.data_dir) / "blobs"),
-                                        args.collection, draft_size=max(size))
+        decoded = collection_images(store, BlobStore(Path(args.data_dir) / "blobs"),
+                                    args.collection, draft_size=max(size))
+        assert decoded is not None  # None only when a cancel event is given and set
+        ids, images = decoded
         return images, collection_constraints(store, args.collection, ids), base
     finally:
         store.close()
