@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _training_support import SMALL, small_collection
 
 from reidal.benchmark.report import (
     CSV_COLUMNS,
@@ -26,9 +27,6 @@ from reidal.core.oracle import SimulatedOracle
 from reidal.core.sampling import Sampler, pair_keys
 from reidal.core.synthetic import make_reid_embeddings
 from reidal.training import SpCLTrainer, TrainConfig
-from reidal.training.features import cache_backbone_features
-
-SMALL = dict(k1=10, k2=3, min_samples=2, num_identities=8, num_instances=4, device="cpu")
 
 
 # --------------------------------------------------------------------------- continuation
@@ -83,15 +81,7 @@ def test_continuation_never_asks_answered_implied_or_excluded_pairs(emb):
 # --------------------------------------------------------------------------- trainer
 @pytest.fixture(scope="module")
 def collection():
-    from reidal.data.synthetic_images import SyntheticConfig, iter_samples
-    from reidal.embedding.model import build_default_model
-
-    samples = list(iter_samples(SyntheticConfig(n_individuals=12, image_size=64,
-                                                images_per_individual=(6, 10), seed=0)))
-    model = build_default_model()
-    feats = cache_backbone_features(model, [s.image for s in samples])
-    truth = np.unique([s.identity for s in samples], return_inverse=True)[1].reshape(-1)
-    return model, feats, truth
+    return small_collection(64)
 
 
 def test_calibrated_training_records_its_choice_each_cycle(collection):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _training_support import SMALL, small_collection
 
 from reidal.core.aas import AmbiguityAwareSampler
 from reidal.core.clustering import DBSCANJaccard
@@ -25,7 +26,6 @@ from reidal.training import (
     HybridMemory,
     SpCLTrainer,
     TrainConfig,
-    cache_backbone_features,
     load_checkpoint,
     pk_batches,
     pk_pass,
@@ -35,22 +35,11 @@ from reidal.training import (
 from reidal.training.checkpoint import checkpoint_path
 from reidal.training.pseudo_labels import compact_with_singletons
 
-# Collection-scale clustering (identities of 6-10 images), as the demo uses.
-SMALL = dict(k1=10, k2=3, min_samples=2, num_identities=8, num_instances=4, device="cpu")
-
 
 @pytest.fixture(scope="module")
 def collection():
     """91 procedural 128 px images of 12 individuals, their backbone features and identities."""
-    from reidal.data.synthetic_images import SyntheticConfig, iter_samples
-    from reidal.embedding.model import build_default_model
-
-    samples = list(iter_samples(SyntheticConfig(n_individuals=12, image_size=128,
-                                                images_per_individual=(6, 10), seed=0)))
-    model = build_default_model()
-    feats = cache_backbone_features(model, [s.image for s in samples])
-    truth = np.unique([s.identity for s in samples], return_inverse=True)[1].reshape(-1)
-    return model, feats, truth
+    return small_collection(128)
 
 
 def _head_weights(model):
