@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -38,6 +38,11 @@ from reidal.cli import main as cli_main
 
 QUICK_SEEDS = 2
 QUICK_CYCLES = 2
+#: What keeps --quick quick (bounds on work, not on time): training steps a run, images a
+#: batch, images in the training pool.
+QUICK_MAX_STEPS = 40
+QUICK_MAX_BATCH = 32
+QUICK_MAX_POOL = 100
 
 
 # --------------------------------------------------------------------------- budget spec
@@ -144,19 +149,34 @@ def test_wilcoxon_and_summary_on_hand_made_rows():
 # --------------------------------------------------------------------------- quick run
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """`reidal bench --quick` with every method, into a fresh folder; and its timings."""
+    """`reidal bench --quick` with every method, into a fresh folder."""
     out = tmp_path_factory.mktemp("bench")
-    t = time.perf_counter()
     rc = cli_main(["bench", "--quick", "--methods", *METHODS, "--threads", "1",
                    "--feature-cache", str(tmp_path_factory.mktemp("features")),
                    "--out", str(out)])
     assert rc == 0
-    return out, time.perf_counter() - t
+    return out
+
+
+def test_quick_run_stays_small(quick_run):
+    """--quick is CI's check that the pipeline works, so it must stay small. Measured as the
+    work each stored run did (training steps, batch, pool), not as wall time: the suite runs
+    on shared, loaded machines where a timed assertion fails for the wrong reason."""
+    runs = [json.loads(p.read_text()) for p in sorted((quick_run / "runs").glob("*.json"))]
+    assert len(runs) == len(METHODS) * QUICK_SEEDS
+    for run in runs:
+        schedule, budget = run["config"]["schedule"], run["config"]["budget"]
+        steps = budget["cycles"] * schedule["epochs_per_cycle"] * schedule["iters_per_epoch"]
+        assert steps <= QUICK_MAX_STEPS, (run["method"], schedule, budget)
+        assert schedule["num_identities"] * schedule["num_instances"] <= QUICK_MAX_BATCH
+    rows = read_results_csv((quick_run / "results.csv").read_text())
+    first = next(r for r in rows if r["method"] in SAMPLER_METHODS and r["cycle"] == 1)
+    pool_pairs = 100.0 * first["budget_pairs"] / first["allotted_pct"]
+    assert pool_pairs <= QUICK_MAX_POOL * (QUICK_MAX_POOL - 1) / 2, pool_pairs
 
 
 def test_quick_run_writes_every_row_table_and_plot(quick_run):
-    out, seconds = quick_run
-    assert seconds < 120
+    out = quick_run
     with open(out / "results.csv", newline="") as fh:
         reader = csv.DictReader(fh)
         assert tuple(reader.fieldnames) == CSV_COLUMNS
@@ -188,7 +208,7 @@ def test_quick_run_writes_every_row_table_and_plot(quick_run):
 
 
 def test_budget_accounting(quick_run):
-    out, _ = quick_run
+    out = quick_run
     rows = read_results_csv((out / "results.csv").read_text())
     for (m, _seed), grp in itertools.groupby(rows, key=lambda r: (r["method"], r["seed"])):
         grp = sorted(grp, key=lambda r: r["cycle"])
@@ -213,21 +233,18 @@ def test_budget_accounting(quick_run):
 
 
 def test_rerun_skips_finished_runs_and_leaves_files_alone(quick_run, capsys):
-    out, first = quick_run
+    out = quick_run
     files = sorted(p for p in out.rglob("*") if p.is_file())
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
     capsys.readouterr()
-    t = time.perf_counter()
     # the same --threads: the thread count is part of every run's key
     assert cli_main(["bench", "--quick", "--methods", *METHODS, "--threads", "1",
                      "--feature-cache", "none", "--out", str(out)]) == 0
-    seconds = time.perf_counter() - t
     text = capsys.readouterr().out
     n = len(METHODS) * QUICK_SEEDS
     assert f"0 run(s) computed, {n} finished before" in text
     assert text.count("finished before, skipped") == n
     assert "loading" not in text  # the dataset is not even loaded
-    assert seconds < min(first / 2, 20)
     assert sorted(p for p in out.rglob("*") if p.is_file()) == files
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files} == before
 
