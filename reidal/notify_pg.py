@@ -27,7 +27,7 @@ from typing import Any
 
 from reidal.grpc_server import log_kv
 from reidal.runtime import Notifier
-from reidal.store_sql import redact_url
+from reidal.store import redact_url
 
 log = logging.getLogger("reidal.notify_pg")
 

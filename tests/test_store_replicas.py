@@ -22,8 +22,7 @@ from reidal.blobs import BlobStore
 from reidal.errors import AlreadyExists, NotFound
 from reidal.runtime import Runtime
 from reidal.serve import serve
-from reidal.store import AnswerIn, ImageRecord, PairRecord, Store
-from reidal.store_sql import redact_url
+from reidal.store import AnswerIn, ImageRecord, PairRecord, Store, redact_url
 from reidal.v1 import collections_pb2, constraints_pb2
 
 C, K = collections_pb2, constraints_pb2

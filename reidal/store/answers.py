@@ -1,0 +1,249 @@
+"""The answers aggregate: every answer with its history, and request-id replay records."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from reidal.errors import InvalidArgument, NotFound
+from reidal.store.backend import Tx
+from reidal.store.base import timestamp
+from reidal.store.images import ImagesStore
+from reidal.store.records import (
+    ANSWERS_EPOCH,
+    LABELS,
+    AnswerIn,
+    AnswerLogVersion,
+    AnswerRow,
+    StoredAnswer,
+)
+
+
+class AnswersStore(ImagesStore):
+    """Answers: durable submission, supersession, soft deletion and the reads of the answer state."""
+
+    def replayed_response(self, collection_id: str, request_id: str) -> dict[str, Any] | None:
+        """The stored response of an earlier request with this id, for idempotent replay."""
+        if not request_id:
+            return None
+        rows = self._query(
+            "SELECT response FROM requests WHERE collection_id = ? AND request_id = ?",
+            (collection_id, request_id),
+        )
+        return json.loads(rows[0]["response"]) if rows else None
+
+    def submit_answers(self, collection_id: str, answers: Sequence[AnswerIn], *,
+                       request_id: str = "", response: dict[str, Any] | None = None) -> list[int]:
+        """Store answers durably in one transaction; returns their sequence numbers.
+
+        A later answer on the same pair supersedes the earlier one (``superseded_by``), whose
+        row is kept for the audit history. With a ``request_id`` the (caller-built) response is
+        stored in the same transaction, so a retried request can be replayed exactly.
+        """
+        self._check_answers(collection_id, answers)
+        with self._tx(collection_id) as db:
+            seqs = self._insert_answers(db, collection_id, answers, request_id)
+            if request_id:
+                db.execute(
+                    "INSERT INTO requests (collection_id, request_id, response, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (collection_id, request_id, json.dumps(response or {"seqs": seqs}), timestamp()),
+                )
+        return seqs
+
+    def submit_answers_once(
+        self,
+        collection_id: str,
+        answers: Sequence[AnswerIn],
+        *,
+        request_id: str = "",
+        respond: Callable[[list[int]], dict[str, Any]] | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """Store answers unless ``request_id`` was seen; returns ``(response, replayed)``.
+
+        The replay check, the inserts and the stored response share one transaction, so two
+        concurrent retries of one request store it once. ``respond(seqs)`` builds the response
+        inside that transaction, after the inserts: it may read the store (same connection)
+        and sees the new answers, so contradiction checks cover exactly what was committed.
+        The default response is ``{"seqs": seqs}``.
+        """
+        self._check_answers(collection_id, answers)
+        with self._tx(collection_id) as db:
+            if request_id:
+                row = db.execute(
+                    "SELECT response FROM requests WHERE collection_id = ? AND request_id = ?",
+                    (collection_id, request_id),
+                ).fetchone()
+                if row is not None:
+                    return json.loads(row["response"]), True
+            seqs = self._insert_answers(db, collection_id, answers, request_id)
+            response = respond(seqs) if respond is not None else {"seqs": seqs}
+            if request_id:
+                db.execute(
+                    "INSERT INTO requests (collection_id, request_id, response, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (collection_id, request_id, json.dumps(response), timestamp()),
+                )
+        return response, False
+
+    def _check_answers(self, collection_id: str, answers: Sequence[AnswerIn]) -> None:
+        self.get_collection(collection_id)
+        known = self.present_image_ids(collection_id,  # only these: collections are large
+                                       {i for a in answers for i in (a.image_a, a.image_b)})
+        for a in answers:
+            if a.label not in LABELS:
+                raise InvalidArgument(f"answer label must be one of {LABELS}, got {a.label!r}")
+            for iid in (a.image_a, a.image_b):
+                if iid not in known:
+                    raise NotFound(f"image {iid!r} is not in collection {collection_id!r}")
+            if a.image_a == a.image_b:
+                raise InvalidArgument(f"an answer pairs image {a.image_a!r} with itself")
+
+    def _insert_answers(self, db: Tx, collection_id: str,
+                        answers: Sequence[AnswerIn], request_id: str) -> list[int]:
+        seqs: list[int] = []
+        for a in answers:
+            lo, hi = sorted((a.image_a, a.image_b))
+            cur = db.execute(
+                "INSERT INTO answers (collection_id, image_a, image_b, label, annotator, confidence,"
+                " tags, note, started_at, ended_at, received_at, batch_id, pair_id, request_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+                (collection_id, lo, hi, a.label, a.annotator, a.confidence,
+                 json.dumps(list(a.tags)), a.note, a.started_at, a.ended_at, timestamp(),
+                 a.batch_id, a.pair_id, request_id),
+            )
+            seq = int(cur.fetchall()[0][0])
+            db.execute(
+                "UPDATE answers SET superseded_by = ? WHERE collection_id = ? AND image_a = ?"
+                " AND image_b = ? AND seq < ? AND superseded_by IS NULL AND deleted_at IS NULL",
+                (seq, collection_id, lo, hi, seq),
+            )
+            seqs.append(seq)
+        return seqs
+
+    def answers(self, collection_id: str, *, current_only: bool = True) -> list[StoredAnswer]:
+        """Answers in the order given; ``current_only`` hides superseded and deleted ones."""
+        sql = "SELECT * FROM answers WHERE collection_id = ?"
+        if current_only:
+            sql += " AND superseded_by IS NULL AND deleted_at IS NULL"
+        return [_answer(r) for r in self._query(sql + " ORDER BY seq", (collection_id,))]
+
+    def answer(self, collection_id: str, seq: int) -> StoredAnswer:
+        rows = self._query("SELECT * FROM answers WHERE collection_id = ? AND seq = ?",
+                           (collection_id, int(seq)))
+        if not rows:
+            raise NotFound(f"answer {seq} does not exist in collection {collection_id!r}")
+        return _answer(rows[0])
+
+    def answers_by_seq(self, collection_id: str, seqs: Iterable[int]) -> dict[int, StoredAnswer]:
+        return {r["seq"]: _answer(r) for marks, chunk in self._id_chunks(int(s) for s in seqs)
+                for r in self._query(f"SELECT * FROM answers WHERE collection_id = ?"
+                                     f" AND seq IN ({marks})", (collection_id, *chunk))}
+
+    def list_answers(
+        self,
+        collection_id: str,
+        *,
+        image_id: str = "",
+        annotator: str = "",
+        label: str = "",
+        batch_id: str = "",
+        include_history: bool = False,
+        before_seq: int | None = None,
+        limit: int = 100,
+    ) -> list[StoredAnswer]:
+        """Answers newest first, filtered; page with ``before_seq`` = last seq of a page."""
+        sql = "SELECT * FROM answers WHERE collection_id = ?"
+        args: list[Any] = [collection_id]
+        if not include_history:
+            sql += " AND superseded_by IS NULL AND deleted_at IS NULL"
+        if image_id:
+            sql += " AND (image_a = ? OR image_b = ?)"
+            args += [image_id, image_id]
+        for column, value in (("annotator", annotator), ("label", label), ("batch_id", batch_id)):
+            if value:
+                sql += f" AND {column} = ?"
+                args.append(value)
+        if before_seq is not None:
+            sql += " AND seq < ?"
+            args.append(int(before_seq))
+        sql += " ORDER BY seq DESC LIMIT ?"
+        args.append(int(limit))
+        return [_answer(r) for r in self._query(sql, args)]
+
+    def delete_answer(self, collection_id: str, seq: int, *, actor: str = "",
+                      reason: str = "") -> int | None:
+        """Soft-delete (audited): the row stays, marked deleted; the previous answer on the pair,
+        if any, becomes current again. Returns the seq of the answer made current again, if
+        deleting made one current (None when the deleted answer was not the current one)."""
+        with self._tx(collection_id) as db:
+            row = db.execute(
+                "SELECT image_a, image_b, deleted_at FROM answers WHERE collection_id = ? AND seq = ?",
+                (collection_id, seq),
+            ).fetchone()
+            if row is None or row["deleted_at"] is not None:
+                raise NotFound(f"answer {seq} does not exist in collection {collection_id!r}")
+            db.execute("UPDATE answers SET deleted_at = ?, deleted_by = ? WHERE seq = ?",
+                       (timestamp(), actor, seq))
+            prev = db.execute(
+                "SELECT MAX(seq) FROM answers WHERE collection_id = ? AND image_a = ? AND image_b = ?"
+                " AND deleted_at IS NULL",
+                (collection_id, row["image_a"], row["image_b"]),
+            ).fetchone()[0]
+            restored = None
+            if prev is not None:
+                cur = db.execute("UPDATE answers SET superseded_by = NULL WHERE seq = ?"
+                                 " AND superseded_by IS NOT NULL", (prev,))
+                restored = int(prev) if cur.rowcount else None
+            self._bump_answers_epoch(db, collection_id)
+            self._audit(db, collection_id, "delete_answer", actor, {"seq": seq, "reason": reason})
+        return restored
+
+    def count_superseded_by(self, collection_id: str, seqs: Sequence[int]) -> int:
+        """How many answers the answers ``seqs`` superseded."""
+        return sum(int(self._query(f"SELECT COUNT(*) FROM answers WHERE collection_id = ?"
+                                   f" AND superseded_by IN ({marks})", (collection_id, *chunk))[0][0])
+                   for marks, chunk in self._id_chunks(int(s) for s in seqs))
+
+    def answer_log_version(self, collection_id: str) -> AnswerLogVersion:
+        """Where the collection's answers stand (three indexed lookups; NotFound when the
+        collection does not exist). Inside a write transaction it sees that transaction's
+        inserts."""
+        rows = self._query(
+            "SELECT c.created_at,"
+            " (SELECT value FROM counters WHERE collection_id = c.id AND name = ?) AS epoch,"
+            " (SELECT MAX(seq) FROM answers WHERE collection_id = c.id) AS max_seq"
+            " FROM collections c WHERE c.id = ?", (ANSWERS_EPOCH, collection_id))
+        if not rows:
+            raise NotFound(f"collection {collection_id!r} does not exist")
+        r = rows[0]
+        return AnswerLogVersion(float(r["created_at"]), int(r["epoch"] or 0),
+                                -1 if r["max_seq"] is None else int(r["max_seq"]))
+
+    def answer_rows(self, collection_id: str, *, after_seq: int | None = None) -> list[AnswerRow]:
+        """Answers in seq order: the current ones (``after_seq`` None), or every one newer
+        than ``after_seq`` whether superseded since or not (what a cached state catches up
+        with, together with :meth:`supersessions_after`)."""
+        if after_seq is None:
+            sql, args = (" AND superseded_by IS NULL AND deleted_at IS NULL", ())
+        else:
+            sql, args = " AND seq > ?", (int(after_seq),)
+        rows = self._query("SELECT seq, image_a, image_b, label FROM answers"
+                           f" WHERE collection_id = ?{sql} ORDER BY seq", (collection_id, *args))
+        return [AnswerRow._make(r) for r in rows]
+
+    def supersessions_after(self, collection_id: str, after_seq: int) -> list[tuple[int, int]]:
+        """(superseded seq, superseding seq) for the answers newer than ``after_seq`` that
+        superseded another, by superseding seq."""
+        rows = self._query("SELECT seq, superseded_by FROM answers WHERE collection_id = ?"
+                           " AND superseded_by > ? ORDER BY superseded_by, seq",
+                           (collection_id, int(after_seq)))
+        return [(int(r[0]), int(r[1])) for r in rows]
+
+
+def _answer(r: Any) -> StoredAnswer:
+    return StoredAnswer(r["seq"], r["image_a"], r["image_b"], r["label"], r["annotator"],
+                        r["confidence"], tuple(json.loads(r["tags"])), r["note"], r["received_at"],
+                        r["batch_id"], r["pair_id"], r["request_id"], r["superseded_by"],
+                        r["deleted_at"] is not None, r["started_at"], r["ended_at"])

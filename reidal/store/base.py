@@ -1,0 +1,137 @@
+"""What every aggregate of the store stands on: the backend it opened, transactions, the
+audit log and the helpers their queries share."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Self
+
+from reidal.store.backend import Backend, Tx, is_database_url, redact_url
+from reidal.store.postgres import PostgresBackend
+from reidal.store.records import ANSWERS_EPOCH
+from reidal.store.schema import SCHEMA_VERSION
+from reidal.store.sqlite import SqliteBackend
+
+
+def timestamp() -> float:
+    """The time a row records (seconds since the epoch)."""
+    return time.time()
+
+
+class StoreBase:
+    """Durable state of every collection: SQLite in ``data_dir``, or the PostgreSQL database
+    at ``database_url`` (exactly one of the two)."""
+
+    def __init__(self, data_dir: str | Path | None = None, *,
+                 database_url: str | None = None) -> None:
+        if (data_dir is None) == (database_url is None):
+            raise ValueError("pass a data directory (SQLite) or a database_url (PostgreSQL)")
+        #: This instance's id, recorded on the operations and training jobs it starts; an
+        #: open store marks it alive, so no other process takes its work for abandoned.
+        self.owner = uuid.uuid4().hex
+        self.data_dir: Path | None = None
+        self.path: Path | None = None  # the SQLite file
+        self.database_url = database_url
+        self._db: Backend
+        if database_url is not None:
+            if not is_database_url(database_url):
+                raise ValueError(f"not a postgresql:// URL: {redact_url(database_url)!r}")
+            self._db = PostgresBackend(database_url)
+        else:
+            self.data_dir = Path(data_dir)  # type: ignore[arg-type]
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            sqlite = SqliteBackend(self.data_dir)
+            self.path = sqlite.path
+            self._db = sqlite
+        try:
+            self._db.install_schema(SCHEMA_VERSION)
+            self._db.hold_owner(self.owner)
+        except BaseException:
+            self._db.close()
+            raise
+
+    @classmethod
+    def open(cls, target: str | Path) -> Self:
+        """A ``postgresql://`` (or ``postgres://``) URL opens PostgreSQL, anything else is a
+        SQLite data directory."""
+        if is_database_url(target):
+            return cls(database_url=str(target))
+        return cls(target)
+
+    @property
+    def backend(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self._db.kind
+
+    def describe(self) -> str:
+        """Where the data is, for logs (a URL without its password)."""
+        return redact_url(self.database_url) if self.database_url else str(self.path)
+
+    def _tx(self, collection_id: str | None = None) -> AbstractContextManager[Tx]:
+        """One write transaction; committed (durably) on success, rolled back on error. With
+        a ``collection_id`` it runs alone among that collection's transactions, in every
+        process on the database, so it may read, decide and write."""
+        return self._db.tx(None if collection_id is None else f"collection:{collection_id}")
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        return self._db.query(sql, args)
+
+    def exclusive(self, name: str) -> AbstractContextManager[None]:
+        """Hold the lock ``name`` against every other thread and process using this database
+        (re-entrant within a thread). SQLite: an ``flock`` file; PostgreSQL: a session
+        advisory lock, released by the server if the process dies."""
+        return self._db.exclusive(name)
+
+    def close(self) -> None:
+        """Close (idempotent). SQLite: checkpoint the WAL into the main file first, so a clean
+        shutdown leaves one file."""
+        self._db.close()
+
+    def ping(self) -> bool:
+        """True when the database answers (the readiness probe of the stateful services)."""
+        return self._db.ping()
+
+    def _audit(self, db: Tx, collection_id: str, action: str, actor: str,
+               detail: dict[str, Any]) -> None:
+        db.execute(
+            "INSERT INTO audit (collection_id, action, actor, detail, at) VALUES (?, ?, ?, ?, ?)",
+            (collection_id, action, actor, json.dumps(detail, sort_keys=True), timestamp()),
+        )
+
+    def _bump_answers_epoch(self, db: Tx, collection_id: str) -> None:
+        db.execute("INSERT INTO counters (collection_id, name, value) VALUES (?, ?, 1)"
+                   " ON CONFLICT (collection_id, name) DO UPDATE SET value = counters.value + 1",
+                   (collection_id, ANSWERS_EPOCH))
+
+    @staticmethod
+    def _id_chunks(ids: Iterable[Any], size: int = 500) -> list[tuple[str, list[Any]]]:
+        """(placeholders, ids) per chunk of at most ``size`` distinct ids (SQLite's
+        bound-parameter limit)."""
+        wanted = sorted(set(ids))
+        return [(",".join("?" * len(wanted[k:k + size])), wanted[k:k + size])
+                for k in range(0, len(wanted), size)]
+
+    def _fail_abandoned(self, table: str, states: Sequence[str], sets: str,
+                        args: Sequence[Any]) -> int:
+        marks = ", ".join("?" * len(states))
+        owners = [r[0] for r in self._query(
+            f"SELECT DISTINCT owner FROM {table} WHERE state IN ({marks})", tuple(states))]
+        gone = [o for o in owners if o == self.owner or not self._db.owner_alive(o)]
+        if not gone:
+            return 0
+        with self._tx() as db:
+            cur = db.execute(
+                f"UPDATE {table} SET {sets}, updated_at = ? WHERE state IN ({marks})"
+                f" AND owner IN ({', '.join('?' * len(gone))})",
+                (*args, timestamp(), *states, *gone))
+            return int(cur.rowcount)
+
+    def audit_log(self, collection_id: str) -> list[dict[str, Any]]:
+        rows = self._query("SELECT * FROM audit WHERE collection_id = ? ORDER BY seq", (collection_id,))
+        return [{"action": r["action"], "actor": r["actor"], "detail": json.loads(r["detail"]),
+                 "at": r["at"]} for r in rows]

@@ -1,0 +1,163 @@
+"""The batches aggregate: query batches, their pairs, and the requests they answered."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from reidal.errors import NotFound
+from reidal.store.base import timestamp
+from reidal.store.collections import CollectionsStore
+from reidal.store.records import BatchRecord, PairRecord
+
+#: The batch a request id created or was answered with (batch_requests), by request id.
+_BATCH_OF_REQUEST = (
+    "SELECT b.* FROM batches b WHERE b.collection_id = ? AND (b.request_id = ? OR"
+    " b.batch_id IN (SELECT r.batch_id FROM batch_requests r"
+    " WHERE r.collection_id = b.collection_id AND r.request_id = ?))")
+
+
+class BatchesStore(CollectionsStore):
+    """Query batches: one per cycle, its pairs, and the request ids it answered."""
+
+    def create_batch(
+        self,
+        collection_id: str,
+        make_id: Callable[[int], str],
+        pairs: Sequence[PairRecord],
+        *,
+        budget: int,
+        reason: str,
+        finished: bool,
+        model_name: str,
+        model_version: str,
+        filter: Mapping[str, Any] | None = None,
+        n_items: int = 0,
+        stats: Mapping[str, Any] | None = None,
+        request_id: str = "",
+    ) -> tuple[BatchRecord, bool]:
+        """Store a batch as the collection's next cycle; returns ``(batch, created)``.
+
+        One transaction: the cycle counter moves to the new cycle, ``make_id(cycle)`` names
+        the batch, and its pairs are stored, so a batch id and its pair ids are resolvable
+        the moment a client sees them. Pair ids are assigned here as ``"<batch id>/<k>"``
+        (k = draw position); the ``pair_id`` of the records passed in is ignored. With a
+        ``request_id`` already used by a batch of this collection, that batch is returned
+        instead (``created`` False) and nothing changes.
+        """
+        with self._tx(collection_id) as db:
+            if request_id:
+                row = db.execute(
+                    _BATCH_OF_REQUEST,
+                    (collection_id, request_id, request_id)).fetchone()
+                if row is not None:
+                    return _batch(row), False
+            col = db.execute("SELECT cycle FROM collections WHERE id = ?",
+                             (collection_id,)).fetchone()
+            if col is None:
+                raise NotFound(f"collection {collection_id!r} does not exist")
+            cycle = int(col["cycle"]) + 1
+            batch_id = make_id(cycle)
+            now = timestamp()
+            db.execute(
+                "INSERT INTO batches (collection_id, batch_id, cycle, budget, reason, finished,"
+                " model_name, model_version, filter, n_items, stats, request_id, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (collection_id, batch_id, cycle, int(budget), reason, int(bool(finished)),
+                 model_name, model_version, json.dumps(dict(filter or {}), sort_keys=True),
+                 int(n_items), json.dumps(dict(stats or {}), sort_keys=True, default=float),
+                 request_id, now),
+            )
+            db.executemany(
+                "INSERT INTO batch_pairs (collection_id, pair_id, batch_id, position, image_a,"
+                " image_b, pool, region, probability, similarity)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(collection_id, f"{batch_id}/{k}", batch_id, k, p.image_a, p.image_b,
+                  p.pool, int(p.region), float(p.probability), float(p.similarity))
+                 for k, p in enumerate(pairs)],
+            )
+            db.execute("UPDATE collections SET cycle = ? WHERE id = ?", (cycle, collection_id))
+            row = db.execute("SELECT * FROM batches WHERE collection_id = ? AND batch_id = ?",
+                             (collection_id, batch_id)).fetchone()
+        return _batch(row), True
+
+    def batch(self, collection_id: str, batch_id: str) -> BatchRecord:
+        rows = self._query("SELECT * FROM batches WHERE collection_id = ? AND batch_id = ?",
+                           (collection_id, batch_id))
+        if not rows:
+            self.get_collection(collection_id)
+            raise NotFound(f"batch {batch_id!r} does not exist in collection {collection_id!r}")
+        return _batch(rows[0])
+
+    def batch_by_request(self, collection_id: str, request_id: str) -> BatchRecord | None:
+        """The batch a request id created, or was answered with (:meth:`record_batch_request`)."""
+        if not request_id:
+            return None
+        rows = self._query(
+            _BATCH_OF_REQUEST,
+            (collection_id, request_id, request_id))
+        return _batch(rows[0]) if rows else None
+
+    def record_batch_request(self, collection_id: str, request_id: str, batch_id: str) -> BatchRecord:
+        """Answer ``request_id`` with the existing batch ``batch_id`` (a retry gets it again);
+        a request id already used keeps its first batch, which is returned."""
+        with self._tx(collection_id) as db:
+            db.execute("INSERT INTO batch_requests (collection_id, request_id, batch_id)"
+                       " SELECT ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM batches WHERE"
+                       " collection_id = ? AND request_id = ?) ON CONFLICT DO NOTHING",
+                       (collection_id, request_id, batch_id, collection_id, request_id))
+        batch = self.batch_by_request(collection_id, request_id)
+        assert batch is not None
+        return batch
+
+    def newest_batch(self, collection_id: str) -> BatchRecord | None:
+        rows = self._query("SELECT * FROM batches WHERE collection_id = ? ORDER BY cycle DESC"
+                           " LIMIT 1", (collection_id,))
+        return _batch(rows[0]) if rows else None
+
+    def batches(self, collection_id: str, *, after_cycle: int = 0) -> list[BatchRecord]:
+        """Batches with a cycle above ``after_cycle``, oldest first."""
+        rows = self._query("SELECT * FROM batches WHERE collection_id = ? AND cycle > ?"
+                           " ORDER BY cycle", (collection_id, int(after_cycle)))
+        return [_batch(r) for r in rows]
+
+    def batch_pairs(self, collection_id: str, batch_id: str) -> list[tuple[PairRecord, bool]]:
+        """The batch's pairs in draw order, each with whether it has a current answer now."""
+        rows = self._query(
+            "SELECT p.*, EXISTS (SELECT 1 FROM answers a WHERE a.collection_id = p.collection_id"
+            " AND a.image_a = p.image_a AND a.image_b = p.image_b AND a.superseded_by IS NULL"
+            " AND a.deleted_at IS NULL) AS answered"
+            " FROM batch_pairs p WHERE p.collection_id = ? AND p.batch_id = ? ORDER BY p.position",
+            (collection_id, batch_id),
+        )
+        return [(_pair(r), bool(r["answered"])) for r in rows]
+
+    def pairs_by_id(self, collection_id: str,
+                    pair_ids: Iterable[str]) -> dict[str, tuple[str, PairRecord]]:
+        """pair id -> (batch id, pair) for the ids that exist."""
+        return {r["pair_id"]: (r["batch_id"], _pair(r))
+                for marks, chunk in self._id_chunks(pair_ids)
+                for r in self._query(f"SELECT * FROM batch_pairs WHERE collection_id = ?"
+                                     f" AND pair_id IN ({marks})", (collection_id, *chunk))}
+
+    def pending_pairs(self, collection_id: str) -> list[tuple[str, str]]:
+        """Pairs asked in some batch that have no non-deleted answer yet."""
+        rows = self._query(
+            "SELECT DISTINCT p.image_a, p.image_b FROM batch_pairs p WHERE p.collection_id = ?"
+            " AND NOT EXISTS (SELECT 1 FROM answers a WHERE a.collection_id = p.collection_id"
+            " AND a.image_a = p.image_a AND a.image_b = p.image_b AND a.deleted_at IS NULL)",
+            (collection_id,),
+        )
+        return [(r["image_a"], r["image_b"]) for r in rows]
+
+
+def _batch(r: Any) -> BatchRecord:
+    return BatchRecord(r["batch_id"], r["cycle"], r["budget"], r["reason"], bool(r["finished"]),
+                       r["model_name"], r["model_version"], json.loads(r["filter"]),
+                       r["n_items"], json.loads(r["stats"]), r["request_id"], r["created_at"])
+
+
+def _pair(r: Any) -> PairRecord:
+    return PairRecord(r["pair_id"], r["image_a"], r["image_b"], r["pool"], r["region"],
+                      r["probability"], r["similarity"])
