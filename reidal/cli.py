@@ -247,10 +247,13 @@ def _show_collection(c: Any) -> None:
         ("cycle", c.cycle),
         ("pairs asked", f"{c.pairs_asked} of {c.total_pairs} "
                         f"({100 * c.budget_used:.4f} % of all pairs)"),
-        ("clustering", f"eps={cl.dbscan_eps:g} min_samples={cl.min_samples} k1={cl.k1} "
-                       f"k2={cl.k2}"),
-        ("sampling", f"mixture_eps={s.mixture_eps:g} k_max={s.k_max} s_min={s.s_min:g} "
-                     f"seed={s.seed} default_budget={budget}"),
+        ("clustering", f"{cl.mode or 'fixed'}: " + " ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in (
+                ("eps", cl.dbscan_eps), ("min_samples", cl.min_samples), ("k1", cl.k1),
+                ("k2", cl.k2), ("finch_level", cl.finch_level)) if v is not None)
+            + (" (the rest chosen every cycle)" if cl.mode == "calibrated" else "")),
+        ("sampling", f"{s.sampler or 'aas'}: mixture_eps={s.mixture_eps:g} k_max={s.k_max} "
+                     f"s_min={s.s_min:g} seed={s.seed} default_budget={budget}"),
         ("created", c.created_at.isoformat(timespec="seconds") if c.created_at else "-"),
     ]
     for key, value in rows:
@@ -261,9 +264,10 @@ def _collection_create(args: argparse.Namespace) -> int:
     from reidal_client import ClusteringParams, SamplingParams, parse_budget
 
     clustering = ClusteringParams(dbscan_eps=args.eps, min_samples=args.min_samples,
-                                  k1=args.k1, k2=args.k2)
+                                  k1=args.k1, k2=args.k2, finch_level=args.finch_level,
+                                  mode=args.clustering)
     sampling = SamplingParams(seed=args.seed, default_budget=parse_budget(args.default_budget)
-                              if args.default_budget else None)
+                              if args.default_budget else None, sampler=args.sampler)
     with _client(args) as client:
         col = client.create_collection(args.collection, species=args.species,
                                        model=args.model, clustering=clustering,
@@ -442,6 +446,11 @@ def _pairs(args: argparse.Namespace) -> int:
                                        request_id=args.request_id)
     _out(f"batch {batch.batch_id} (cycle {batch.cycle}): {len(batch.pairs)} pair(s), budget "
          f"{batch.budget}, {batch.sampled_images} images sampled: {batch.reason_text}")
+    ch = batch.clustering
+    if ch is not None:
+        _out(f"clustering {ch.mode}: eps={ch.dbscan_eps:.3g} ({ch.eps_source}) k1={ch.k1} "
+             f"k2={ch.k2} min_samples={ch.min_samples} finch_level={ch.finch_level} "
+             f"({ch.finch_source}); sampler {batch.stats.get('sampler', 'aas')}")
     if batch.finished:
         _out("nothing left to ask for now")
     if args.out:
@@ -792,6 +801,15 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--k1", type=int, default=None,
                         help="k-reciprocal k1 (default 30; about 5-10 for a few dozen images)")
     create.add_argument("--k2", type=int, default=None, help="query expansion k2 (default 6)")
+    create.add_argument("--finch-level", type=int, default=None,
+                        help="FINCH partition level of AAS's second clustering (default 0)")
+    create.add_argument("--clustering", default="", choices=("fixed", "calibrated"),
+                        help="'fixed' (default: the values above) or 'calibrated' (chosen "
+                             "every cycle from the vectors and the answers; values given "
+                             "above are kept)")
+    create.add_argument("--sampler", default="", choices=("aas", "aas-continued"),
+                        help="'aas' (default, the paper's) or 'aas-continued' (AAS, then "
+                             "the pairs nearest DBSCAN's eps fill the budget)")
     create.add_argument("--seed", type=int, default=None, help="sampling seed (default 0)")
     create.add_argument("--default-budget", default=None, metavar="N|FRACTION",
                         help="budget of `reidal pairs` without --budget (default 0.0002)")

@@ -26,21 +26,32 @@ from typing import Any
 import numpy as np
 
 from reidal.core.aas import AmbiguityAwareSampler
-from reidal.core.clustering import DBSCANJaccard
+from reidal.core.calibration import ClusteringCalibrator, ClusteringChoice
+from reidal.core.clustering import DBSCANJaccard, FinchFirstPartition
+from reidal.core.continuation import AASContinuation
 from reidal.core.constraints import ConstraintSet, Contradiction
 from reidal.core.validation import resolve_budget
 from reidal.errors import FailedPrecondition, InvalidArgument, NotFound
 from reidal.limits import MAX_ID_LENGTH
 from reidal.store import Collection, ImageRecord, Store, StoredAnswer
 
-#: Clustering defaults: SpCL's (method.md step 1).
-DEFAULT_CLUSTERING: dict[str, Any] = {"dbscan_eps": 0.6, "min_samples": 4, "k1": 30, "k2": 6}
+#: Clustering modes (ClusteringParams.mode): the paper's fixed values, or OURS calibrated
+#: per cycle from the vectors and the answers (reidal.core.calibration).
+CLUSTERING_MODES = ("fixed", "calibrated")
+#: Samplers (SamplingParams.sampler): the paper's AAS, or OURS AAS + continuation.
+SAMPLERS = ("aas", "aas-continued")
+#: Clustering defaults: SpCL's (method.md step 1), FINCH's first partition (the paper).
+DEFAULT_CLUSTERING: dict[str, Any] = {"mode": "fixed", "dbscan_eps": 0.6, "min_samples": 4,
+                                      "k1": 30, "k2": 6, "finch_level": 0}
 #: Sampling defaults: the paper's values and our documented choices (method.md step 1.5).
 DEFAULT_SAMPLING: dict[str, Any] = {
     "mixture_eps": 0.6, "k_max": 5, "s_min": 0.3, "type_weights": "uniform",
     "region_weights": "disagreement", "pair_weights": "uniform", "seed": 0,
-    "default_budget": {"fraction": 0.0002},
+    "default_budget": {"fraction": 0.0002}, "sampler": "aas",
 }
+#: Stored clustering key -> the calibrator's name of the parameter (a user override).
+_CALIBRATED_NAMES = {"dbscan_eps": "eps", "min_samples": "min_samples", "k1": "k1",
+                     "k2": "k2", "finch_level": "finch_level"}
 
 
 def check_id(value: str, what: str) -> str:
@@ -71,6 +82,9 @@ def effective_params(clustering: Mapping[str, Any] | None = None,
 
     Returns ``{"clustering": {...}, "sampling": {...}}``, the form stored with the
     collection. Unknown keys and out-of-range values raise InvalidArgument naming them.
+    In clustering mode "calibrated" the stored clustering holds the mode and only the
+    values given (the user's overrides, kept by every cycle's calibration); the others are
+    chosen per cycle (:func:`clustering_choice`).
     """
     c = dict(DEFAULT_CLUSTERING)
     s = dict(DEFAULT_SAMPLING)
@@ -80,33 +94,101 @@ def effective_params(clustering: Mapping[str, Any] | None = None,
             raise InvalidArgument(f"unknown {what} parameter(s): {sorted(unknown)}")
         base.update({k: v for k, v in (given or {}).items() if v is not None and v != ""})
     s["default_budget"] = _budget_dict(s["default_budget"]) or dict(DEFAULT_SAMPLING["default_budget"])
+    if c["mode"] not in CLUSTERING_MODES:
+        raise InvalidArgument(f"bad collection parameter: clustering mode {c['mode']!r} is "
+                              f"not one of {', '.join(CLUSTERING_MODES)}")
+    if s["sampler"] not in SAMPLERS:
+        raise InvalidArgument(f"bad collection parameter: sampler {s['sampler']!r} is not "
+                              f"one of {', '.join(SAMPLERS)}")
     params = {"clustering": c, "sampling": s}
     try:
+        if not 0 <= int(c["finch_level"]) <= MAX_FINCH_LEVEL:
+            raise ValueError(f"finch_level must be in 0..{MAX_FINCH_LEVEL}, "
+                             f"got {c['finch_level']}")
         make_dbscan(params)
         make_sampler(params)
+        if c["mode"] == "calibrated":
+            calibrator(params)
         budget_value(s["default_budget"], 2)
         if int(s["seed"]) < 0:
             raise ValueError(f"seed must be >= 0, got {s['seed']}")
     except ValueError as exc:
         raise InvalidArgument(f"bad collection parameter: {exc}") from None
+    if c["mode"] == "calibrated":
+        params["clustering"] = {"mode": "calibrated", **{
+            k: v for k, v in (clustering or {}).items()
+            if k in _CALIBRATED_NAMES and v is not None and v != ""}}
     return params
 
 
-def make_dbscan(params: Mapping[str, Any]) -> DBSCANJaccard:
-    """The density clustering of a collection's (stored) parameters, defaults filled in."""
-    c = {**DEFAULT_CLUSTERING, **params.get("clustering", {})}
+#: The deepest FINCH level a collection may fix (the calibration searches 0..4 too).
+MAX_FINCH_LEVEL = 4
+
+
+def _clustering_values(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {**DEFAULT_CLUSTERING, **params.get("clustering", {})}
+
+
+def calibrator(params: Mapping[str, Any]) -> ClusteringCalibrator:
+    """The per-cycle calibration of a collection in mode "calibrated": its stored values
+    (the user's overrides) are fixed, everything else is chosen from the data."""
+    stored = params.get("clustering", {})
+    return ClusteringCalibrator(fixed={name: stored[key] for key, name in
+                                       _CALIBRATED_NAMES.items() if key in stored})
+
+
+def clustering_choice(params: Mapping[str, Any], X: np.ndarray,
+                      constraints: ConstraintSet | None) -> tuple[str, ClusteringChoice]:
+    """(mode, the clustering parameters a computation over ``X`` uses now).
+
+    Mode "fixed": the collection's values (sources "fixed"). Mode "calibrated": chosen
+    from ``X`` and the answers so far (:class:`ClusteringCalibrator`), so every cycle (and
+    every identity export) re-calibrates from the answers stored until then.
+    """
+    c = _clustering_values(params)
+    if c["mode"] == "calibrated":
+        return "calibrated", calibrator(params).choose(X, constraints)
+    return "fixed", ClusteringChoice(
+        eps=float(c["dbscan_eps"]), k1=int(c["k1"]), k2=int(c["k2"]),
+        min_samples=int(c["min_samples"]), finch_level=int(c["finch_level"]),
+        eps_source="fixed", finch_source="fixed")
+
+
+def make_dbscan(params: Mapping[str, Any],
+                choice: ClusteringChoice | None = None) -> DBSCANJaccard:
+    """The density clustering of a collection's (stored) parameters, defaults filled in,
+    or of ``choice`` (:func:`clustering_choice`) when given."""
+    if choice is not None:
+        return DBSCANJaccard(eps=choice.eps, min_samples=choice.min_samples, k1=choice.k1,
+                             k2=choice.k2, use_gpu=False)
+    c = _clustering_values(params)
     return DBSCANJaccard(eps=float(c["dbscan_eps"]), min_samples=int(c["min_samples"]),
                          k1=int(c["k1"]), k2=int(c["k2"]), use_gpu=False)
 
 
-def make_sampler(params: Mapping[str, Any]) -> AmbiguityAwareSampler:
-    """The AAS sampler of a collection's (stored) parameters, defaults filled in."""
+def make_aas(params: Mapping[str, Any],
+             choice: ClusteringChoice | None = None) -> AmbiguityAwareSampler:
+    """The paper's AAS of a collection's (stored) parameters, defaults filled in, clustering
+    with ``choice`` when given."""
     s = {**DEFAULT_SAMPLING, **params.get("sampling", {})}
+    level = choice.finch_level if choice is not None else \
+        int(_clustering_values(params)["finch_level"])
     return AmbiguityAwareSampler(
         eps=float(s["mixture_eps"]), k_max=int(s["k_max"]), s_min=float(s["s_min"]),
-        dbscan=make_dbscan(params), type_weights=s["type_weights"],
-        region_weights=s["region_weights"], pair_weights=s["pair_weights"],
+        dbscan=make_dbscan(params, choice), finch=FinchFirstPartition(partition=level),
+        type_weights=s["type_weights"], region_weights=s["region_weights"],
+        pair_weights=s["pair_weights"],
     )
+
+
+def make_sampler(params: Mapping[str, Any], choice: ClusteringChoice | None = None
+                 ) -> AmbiguityAwareSampler | AASContinuation:
+    """The sampler of a collection (SamplingParams.sampler): the paper's AAS
+    (:func:`make_aas`), or AAS followed by the continuation (``aas-continued``)."""
+    aas = make_aas(params, choice)
+    if sampling_param(params, "sampler") == "aas-continued":
+        return AASContinuation(aas)
+    return aas
 
 
 def sampling_param(params: Mapping[str, Any], name: str) -> Any:

@@ -1,5 +1,9 @@
 """One sampling cycle of a collection: AAS on its current state, stored as a query batch.
 
+The clustering AAS uses is the collection's fixed parameters or, in mode "calibrated",
+chosen now from the vectors and the answers so far (collection_state.clustering_choice);
+the sampler is the paper's AAS or ``aas-continued``. The batch's stats record both.
+
 The rows are the images not excluded (and kept by the filter), the vectors those of the
 collection's model version, the constraints its current answers (collection_state).
 UNSURE pairs are never asked again; with ``skip_pending`` neither are pairs of earlier
@@ -25,6 +29,7 @@ import numpy as np
 from reidal.collection_state import (
     ImageFilter,
     budget_value,
+    clustering_choice,
     load_view,
     make_sampler,
     pair_rows_of,
@@ -205,7 +210,8 @@ def run_cycle(store: Store, collection_id: str, request: CycleRequest,
     cycle = view.collection.cycle + 1
 
     stage(1)
-    sampler = make_sampler(params)
+    mode, choice = clustering_choice(params, view.X, view.answers.constraints)
+    sampler = make_sampler(params, choice)
     result = sampler.sample(view.X, view.answers.constraints, budget,
                             seed=int(sampling_param(params, "seed")) + cycle,
                             exclude_pairs=exclude)
@@ -226,6 +232,10 @@ def run_cycle(store: Store, collection_id: str, request: CycleRequest,
         "pool_oversegmentation": st.get("U_os", 0), "pool_undersegmentation": st.get("U_us", 0),
         "resolved": st.get("U_os_resolved", 0) + st.get("U_us_resolved", 0),
         "seconds": seconds, "pending_skipped": pending,
+        "clustering": {"mode": mode, **choice.to_dict()},
+        "sampler": sampling_param(params, "sampler"),
+        "aas_pairs": st.get("aas_pairs", len(pairs)),
+        "continuation_pairs": st.get("continuation_pairs", 0),
     }
     if key is not None:
         stats["state_key"] = key

@@ -1,7 +1,8 @@
 """Identities: the answers' view of who is who, with ids that stay put.
 
 The assignment is the density clustering of the current vectors (DBSCAN on the Jaccard
-distance, the collection's parameters) refined by NP3 so that every applied answer holds;
+distance, the collection's parameters; in clustering mode "calibrated" those the next
+sampling cycle would choose from the same answers) refined by NP3 so that every applied answer holds;
 a DBSCAN outlier that no answer joins to others is an identity of its own.
 
 Stable ids (:func:`stable_identity_ids`), the rule:
@@ -32,8 +33,9 @@ import numpy as np
 from reidal.collection_state import (
     CollectionView,
     load_view,
+    clustering_choice,
+    make_aas,
     make_dbscan,
-    make_sampler,
     state_key,
 )
 from reidal.core.np3 import NP3
@@ -156,9 +158,10 @@ def refined_labels(view: CollectionView) -> np.ndarray:
     if view.n < 2:
         return np.full(view.n, -1, dtype=np.int64)
     params = view.collection.params
-    _, D, _ = make_sampler(params).neighbour_graph(view.X)
-    labels = np.asarray(make_dbscan(params)(view.X, distance=D), dtype=np.int64)
     cs = view.answers.constraints
+    _, choice = clustering_choice(params, view.X, cs)
+    _, D, _ = make_aas(params, choice).neighbour_graph(view.X)
+    labels = np.asarray(make_dbscan(params, choice)(view.X, distance=D), dtype=np.int64)
     if len(cs.ml_pairs()) or len(cs.cl_pairs()):
         labels = NP3()(labels, view.X, cs).labels
     return labels

@@ -92,7 +92,9 @@ def build_config(overrides: Mapping[str, Any], n_images: int,
     (:func:`reidal.training.config.mode_schedule`: HEAD_SCHEDULE or PARTIAL_SCHEDULE; the
     mode is :data:`DEFAULT_MODE` unless the client names one) and the collection's own DBSCAN
     parameters (``clustering``: the stored ``params["clustering"]``), so the job's
-    pseudo-labels are the clusters the collection's sampling and identities see.
+    pseudo-labels are the clusters the collection's sampling and identities see (mode
+    "calibrated": the job calibrates them per cycle from its answers, keeping the values the
+    collection or the client set).
     InvalidArgument names the bad field (TrainConfig's own checks, mode "full", a value
     beyond the server's bounds (:mod:`reidal.training_limits`), a batch larger than the
     collection)."""
@@ -106,6 +108,12 @@ def build_config(overrides: Mapping[str, Any], n_images: int,
     from_collection = {field: c[key] for field, key in (
         ("eps", "dbscan_eps"), ("min_samples", "min_samples"), ("k1", "k1"), ("k2", "k2"))
         if key in c}
+    if c.get("mode") == "calibrated":  # the job re-chooses them as the cycles do
+        from reidal.training.config import PINNABLE
+
+        from_collection["clustering"] = "calibrated"
+        from_collection["clustering_pinned"] = tuple(
+            k for k in PINNABLE if k in from_collection or k in overrides)
     try:
         mode = overrides.get("mode", DEFAULT_MODE)
         cfg = TrainConfig(**{"mode": DEFAULT_MODE, **mode_schedule(mode), **from_collection,

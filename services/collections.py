@@ -49,9 +49,9 @@ log = logging.getLogger("reidal.collections")
 
 SERVICE_NAME: str = collections_pb2.DESCRIPTOR.services_by_name["CollectionService"].full_name
 
-_CLUSTERING_FIELDS = ("dbscan_eps", "min_samples", "k1", "k2")
+_CLUSTERING_FIELDS = ("dbscan_eps", "min_samples", "k1", "k2", "finch_level")
 _SAMPLING_SCALARS = ("mixture_eps", "k_max", "s_min", "seed")
-_SAMPLING_STRINGS = ("type_weights", "region_weights", "pair_weights")
+_SAMPLING_STRINGS = ("type_weights", "region_weights", "pair_weights", "sampler")
 
 
 # ------------------------------------------------------------------------ errors
@@ -113,6 +113,8 @@ def budget_pb(budget: dict[str, Any] | None) -> collections_pb2.Budget:
 def params_from_request(request: collections_pb2.CreateCollectionRequest) -> dict[str, Any]:
     clustering = {f: getattr(request.clustering, f) for f in _CLUSTERING_FIELDS
                   if request.clustering.HasField(f)}
+    if request.clustering.mode:
+        clustering["mode"] = request.clustering.mode
     sampling: dict[str, Any] = {f: getattr(request.sampling, f) for f in _SAMPLING_SCALARS
                                 if request.sampling.HasField(f)}
     sampling.update({f: getattr(request.sampling, f) for f in _SAMPLING_STRINGS

@@ -28,9 +28,27 @@ from reidal.v1 import common_pb2, sampling_pb2, sampling_pb2_grpc
 SERVICE_NAME: str = sampling_pb2.DESCRIPTOR.services_by_name["SamplingService"].full_name
 
 _POOLS = {"U_os": sampling_pb2.POOL_OVERSEGMENTATION,
-          "U_us": sampling_pb2.POOL_UNDERSEGMENTATION}
+          "U_us": sampling_pb2.POOL_UNDERSEGMENTATION,
+          "uncertainty": sampling_pb2.POOL_CONTINUATION}  # aas-continued's own pairs
 _STATS = ("clusters_a", "outliers_a", "clusters_b", "regions", "images_in_regions",
-          "pool_oversegmentation", "pool_undersegmentation", "resolved", "seconds")
+          "pool_oversegmentation", "pool_undersegmentation", "resolved", "seconds",
+          "sampler", "aas_pairs", "continuation_pairs")
+
+
+def clustering_choice_pb(stored: dict) -> sampling_pb2.ClusteringChoice:
+    """A batch's stored clustering choice (cycle.run_cycle's stats) as the message."""
+    return sampling_pb2.ClusteringChoice(
+        mode=stored["mode"], dbscan_eps=stored["eps"], min_samples=stored["min_samples"],
+        k1=stored["k1"], k2=stored["k2"], finch_level=stored["finch_level"],
+        eps_source=stored["eps_source"], finch_source=stored["finch_source"],
+        same_answers=stored.get("n_same", 0), different_answers=stored.get("n_different", 0))
+
+
+def batch_stats_pb(stats: dict) -> sampling_pb2.BatchStats:
+    out = sampling_pb2.BatchStats(**{k: stats[k] for k in _STATS if k in stats})
+    if stats.get("clustering"):
+        out.clustering.CopyFrom(clustering_choice_pb(stats["clustering"]))
+    return out
 
 
 def batch_pb(runtime: Runtime, collection_id: str, batch: BatchRecord) -> sampling_pb2.QueryBatch:
@@ -48,7 +66,7 @@ def batch_pb(runtime: Runtime, collection_id: str, batch: BatchRecord) -> sampli
         reason=sampling_pb2.BatchReason.Value(f"BATCH_REASON_{code}") if code else 0,
         reason_text=batch.reason, finished=batch.finished, sampled_images=batch.n_items,
         model=model,
-        stats=sampling_pb2.BatchStats(**{k: batch.stats[k] for k in _STATS if k in batch.stats}),
+        stats=batch_stats_pb(batch.stats),
         answered=sum(answered for _, answered in pairs),
         created_at=timestamp(batch.created_at),
     )

@@ -31,7 +31,8 @@ def test_check_id():
 
 def test_effective_params_fill_defaults_and_name_bad_values():
     p = effective_params({"k1": 8}, {"seed": 3, "default_budget": {"count": 5}})
-    assert p["clustering"] == {"dbscan_eps": 0.6, "min_samples": 4, "k1": 8, "k2": 6}
+    assert p["clustering"] == {"mode": "fixed", "dbscan_eps": 0.6, "min_samples": 4, "k1": 8,
+                               "k2": 6, "finch_level": 0}
     assert p["sampling"]["seed"] == 3 and p["sampling"]["default_budget"] == {"count": 5}
     assert p["sampling"]["mixture_eps"] == 0.6 and p["sampling"]["region_weights"] == "disagreement"
     sampler = make_sampler(p)
@@ -43,6 +44,10 @@ def test_effective_params_fill_defaults_and_name_bad_values():
         (None, {"pair_weights": "odd"}, "pair_weights"),
         (None, {"default_budget": {"fraction": 0.0}}, "fraction"),
         ({"k3": 1}, None, "unknown clustering parameter"),
+        ({"mode": "adaptive"}, None, "clustering mode 'adaptive'"),
+        ({"mode": "calibrated", "dbscan_eps": 1.0}, None, "eps"),
+        ({"finch_level": 9}, None, "finch_level"),
+        (None, {"sampler": "nis"}, "sampler 'nis'"),
     ):
         with pytest.raises(InvalidArgument, match=message):
             effective_params(clustering, sampling)

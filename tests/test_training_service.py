@@ -435,6 +435,11 @@ def test_server_job_defaults_follow_the_collection_and_head_schedule():
     # the client's values win over both
     cfg = build_config({"lr": 3e-4, "k1": 12}, 100, {"k1": 8})
     assert cfg.lr == 3e-4 and cfg.k1 == 12
+    assert cfg.clustering == "fixed"
+    # a calibrated collection: the job calibrates too, keeping what was set explicitly
+    cfg = build_config({"min_samples": 3}, 100, {"mode": "calibrated", "k1": 8})
+    assert cfg.clustering == "calibrated" and cfg.k1 == 8
+    assert set(cfg.clustering_pinned) == {"k1", "min_samples"}
 
 
 def test_cli_and_client_train_promote_list(server, triton, capsys):

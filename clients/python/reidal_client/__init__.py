@@ -32,6 +32,7 @@ from reidal_client.errors import (
 from reidal_client.types import (
     AddImagesResult,
     Answer,
+    ClusteringChoice,
     ClusteringParams,
     Collection,
     Contradiction,
@@ -61,7 +62,7 @@ __all__ = [
     "AlreadyExists", "Cancelled", "DeadlineExceeded", "FailedPrecondition", "Internal",
     "InvalidArgument", "NotFound", "OperationFailed", "ReidalClientError",
     "ResourceExhausted", "Unavailable", "Unauthenticated", "PermissionDenied",
-    "AddImagesResult", "Answer", "ClusteringParams", "Collection", "Contradiction",
+    "AddImagesResult", "Answer", "ClusteringChoice", "ClusteringParams", "Collection", "Contradiction",
     "Embeddings", "Identities", "Identity", "TrainingJob", "ImageContent", "ImageExclusion", "ImageFilter",
     "ImageInfo", "ImageInput", "ModelRef", "Operation", "QueryBatch", "QueryPair", "QueueEvent",
     "SamplingParams", "StoredAnswer", "SubmitResult", "parse_budget", "parse_label",

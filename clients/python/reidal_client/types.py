@@ -120,14 +120,22 @@ def parse_budget(text: str) -> int | float:
 # ---------------------------------------------------------------------- parameters
 
 
+_CLUSTERING_VALUES = ("dbscan_eps", "min_samples", "k1", "k2", "finch_level")
+
+
 @dataclass(frozen=True)
 class ClusteringParams:
-    """DBSCAN on the k-reciprocal Jaccard distance; None = the server's default."""
+    """DBSCAN on the k-reciprocal Jaccard distance and FINCH's level; None = the server's
+    default. ``mode``: "fixed" (the server's default: these values) or "calibrated"
+    (chosen every cycle from the vectors and the answers; a value set here is kept as
+    the user's override, and a collection read back holds only those); "" = default."""
 
     dbscan_eps: float | None = None
     min_samples: int | None = None
     k1: int | None = None
     k2: int | None = None
+    mode: str = ""
+    finch_level: int | None = None
 
     def to_pb(self) -> collections_pb2.ClusteringParams:
         return collections_pb2.ClusteringParams(
@@ -136,7 +144,29 @@ class ClusteringParams:
     @classmethod
     def from_pb(cls, msg: collections_pb2.ClusteringParams) -> ClusteringParams:
         return cls(**{k: getattr(msg, k) if msg.HasField(k) else None
-                      for k in ("dbscan_eps", "min_samples", "k1", "k2")})
+                      for k in _CLUSTERING_VALUES}, mode=msg.mode)
+
+
+@dataclass(frozen=True)
+class ClusteringChoice:
+    """The clustering one sampling cycle used (BatchStats.clustering): ``mode``, the
+    values, and where eps / the FINCH level came from ("fixed", "user", "rho",
+    "default", "answers"); ``same_answers`` / ``different_answers``: the answers it saw."""
+
+    mode: str
+    dbscan_eps: float
+    min_samples: int
+    k1: int
+    k2: int
+    finch_level: int
+    eps_source: str
+    finch_source: str
+    same_answers: int
+    different_answers: int
+
+    @classmethod
+    def from_pb(cls, msg: sampling_pb2.ClusteringChoice) -> ClusteringChoice:
+        return cls(**{f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields})
 
 
 @dataclass(frozen=True)
@@ -151,13 +181,15 @@ class SamplingParams:
     pair_weights: str = ""
     seed: int | None = None
     default_budget: int | float | None = None
+    #: "aas" (the paper's) or "aas-continued" (AAS, then the continuation fills the budget)
+    sampler: str = ""
 
     def to_pb(self) -> collections_pb2.SamplingParams:
         scalars = {k: getattr(self, k) for k in ("mixture_eps", "k_max", "s_min", "seed")
                    if getattr(self, k) is not None}
         msg = collections_pb2.SamplingParams(
             type_weights=self.type_weights, region_weights=self.region_weights,
-            pair_weights=self.pair_weights, **scalars)
+            pair_weights=self.pair_weights, sampler=self.sampler, **scalars)
         budget = budget_pb(self.default_budget)
         if budget is not None:
             msg.default_budget.CopyFrom(budget)
@@ -171,7 +203,7 @@ class SamplingParams:
             type_weights=msg.type_weights, region_weights=msg.region_weights,
             pair_weights=msg.pair_weights,
             default_budget=budget_of(msg.default_budget)
-            if msg.HasField("default_budget") else None)
+            if msg.HasField("default_budget") else None, sampler=msg.sampler)
 
 
 # ---------------------------------------------------------------------- collections
@@ -389,12 +421,14 @@ class Operation:
 # ------------------------------------------------------------------------- sampling
 
 _POOL_NAMES = {sampling_pb2.POOL_OVERSEGMENTATION: "U_os",
-               sampling_pb2.POOL_UNDERSEGMENTATION: "U_us"}
+               sampling_pb2.POOL_UNDERSEGMENTATION: "U_us",
+               sampling_pb2.POOL_CONTINUATION: "continuation"}
 
 
 @dataclass(frozen=True)
 class QueryPair:
-    """One question; ``pool`` is "U_os" (over-segmentation) or "U_us" (under-)."""
+    """One question; ``pool`` is "U_os" (over-segmentation), "U_us" (under-) or
+    "continuation" (sampler "aas-continued", after AAS's pools ran dry)."""
 
     pair_id: str
     image_a: str
@@ -415,7 +449,11 @@ class QueryPair:
 
 @dataclass(frozen=True)
 class QueryBatch:
-    """The pairs of one sampling cycle; ``reason`` is a BatchReason name ("BUDGET_FILLED")."""
+    """The pairs of one sampling cycle; ``reason`` is a BatchReason name ("BUDGET_FILLED").
+
+    ``stats``: the cycle's counts and the sampler's name (BatchStats); ``clustering``: the
+    parameters the cycle clustered with (None for batches stored before they were kept).
+    """
 
     batch_id: str
     collection_id: str
@@ -428,9 +466,10 @@ class QueryBatch:
     filter: ImageFilter | None
     sampled_images: int
     model: ModelRef
-    stats: dict[str, float]
+    stats: dict[str, float | str]
     answered: int
     created_at: datetime | None
+    clustering: ClusteringChoice | None = None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -445,7 +484,7 @@ class QueryBatch:
 
     @classmethod
     def from_pb(cls, msg: sampling_pb2.QueryBatch) -> QueryBatch:
-        stats = {f.name: v for f, v in msg.stats.ListFields()}
+        stats = {f.name: v for f, v in msg.stats.ListFields() if f.name != "clustering"}
         return cls(
             msg.batch_id, msg.collection_id, msg.cycle,
             tuple(QueryPair.from_pb(p) for p in msg.pairs), msg.budget,
@@ -453,7 +492,9 @@ class QueryBatch:
             msg.reason_text, msg.finished,
             ImageFilter.from_pb(msg.filter) if msg.HasField("filter") else None,
             msg.sampled_images, ModelRef.from_pb(msg.model), stats, msg.answered,
-            _time(msg, "created_at"))
+            _time(msg, "created_at"),
+            ClusteringChoice.from_pb(msg.stats.clustering)
+            if msg.stats.HasField("clustering") else None)
 
 
 @dataclass(frozen=True)
