@@ -19,7 +19,7 @@ process's resident memory while the stage runs):
 The constraints are the SimulatedOracle's answers on a realistic mix of pairs: half drawn
 inside one identity (mostly "same") and half uniformly at random (mostly "different").
 
-References (reidal/core/reference.py, never used by the product) run only where a dense
+References (reidal/simulation/reference.py, never used by the product) run only where a dense
 (n, n) float32 matrix stays under ``--dense-max-gib`` (0.4 GB at 10k; 40 GB at 100k, so
 "n/a"): dense kNN (matmul + argpartition), SpCL's Jaccard loop on dense arrays, sklearn
 DBSCAN on the dense Jaccard matrix, FINCH's clust_rank on a dense distance matrix, and
@@ -68,7 +68,7 @@ def stage(fn: Callable[[], object]) -> Measurement:
 
 def make_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Exactly n re-ID-like embeddings (d = 256) and their identities."""
-    from reidal.core.synthetic import make_reid_embeddings
+    from reidal.simulation.synthetic import make_reid_embeddings
 
     n_ids = int(np.ceil(n / 9.0))
     while True:
@@ -176,16 +176,16 @@ def run_size(n: int, args: argparse.Namespace) -> tuple[Table, list[str]]:
     from reidal.core.evaluation import pairwise_scores
     from reidal.core.neighbors import KNNIndex, jaccard_distance, knn, knn_recall
     from reidal.core.np3 import NP3
-    from reidal.core.oracle import SimulatedOracle
-    from reidal.core.reference import (
+    from reidal.core.sampling import draw_without_replacement
+    from reidal.core.validation import resolve_budget
+    from reidal.simulation.oracle import SimulatedOracle
+    from reidal.simulation.reference import (
         dense_bytes,
         dense_dbscan,
         dense_finch_first_partition,
         dense_jaccard,
         dense_knn,
     )
-    from reidal.core.sampling import draw_without_replacement
-    from reidal.core.validation import resolve_budget
 
     table = Table(n)
     verdicts: list[str] = []

@@ -52,7 +52,7 @@ import grpc
 import numpy as np
 
 from reidal.collection_state import effective_params
-from reidal.core.synthetic import make_reid_embeddings
+from reidal.simulation.synthetic import make_reid_embeddings
 from reidal.store import ImageRecord, Store
 from reidal.v1 import (
     collections_pb2,

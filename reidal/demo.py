@@ -37,13 +37,13 @@ from typing import Any
 
 import numpy as np
 
-from reidal.core.loop import CycleReport
 from reidal.demo_params import (  # noqa: F401 - re-exported, the demo's defaults
     DEMO_BUDGET_PER_CYCLE,
     DEMO_K1,
     DEMO_K2,
     DEMO_MIN_SAMPLES,
 )
+from reidal.simulation.loop import CycleReport
 
 #: The collection the demo creates (deleted and re-created on every run).
 DEMO_COLLECTION = "demo"
@@ -108,11 +108,11 @@ def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
     ``out_dir``; the server's state in ``out_dir/server`` (its model repository is reused
     by the next run; the collection always starts from the pretrained version 1)."""
     from reidal.core.evaluation import clustering_quality, evaluate_open_set, open_set_split
-    from reidal.core.oracle import SimulatedOracle
     from reidal.data.synthetic_images import generate_dataset, preset_config
     from reidal.data.wildlife import load_wildlife_csv
     from reidal.embedding.spec import DEFAULT_MODEL_NAME
     from reidal.serve import serve
+    from reidal.simulation.oracle import SimulatedOracle
     from reidal_client import (
         Answer,
         ClusteringParams,

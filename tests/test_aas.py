@@ -468,7 +468,7 @@ def test_agreeing_clusterings_ask_nothing():
 
 @pytest.fixture(scope="module")
 def reid_world():
-    from reidal.core.synthetic import make_reid_embeddings
+    from reidal.simulation.synthetic import make_reid_embeddings
 
     data = make_reid_embeddings(60, dim=64, seed=0)
     return data.X, data.labels
@@ -506,8 +506,8 @@ def test_full_sampler_with_constraints_never_reasks(reid_world):
 
 def test_closed_loop_raises_f1_and_asks_less_later(reid_world):
     from reidal.core.clustering import DBSCANJaccard
-    from reidal.core.loop import ActiveLearningLoop
-    from reidal.core.oracle import SimulatedOracle
+    from reidal.simulation.loop import ActiveLearningLoop
+    from reidal.simulation.oracle import SimulatedOracle
 
     X, truth = reid_world
     dbscan = DBSCANJaccard(k1=20)

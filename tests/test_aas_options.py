@@ -19,7 +19,7 @@ from reidal.core.aas import (
 )
 from reidal.core.clustering import DBSCANJaccard, FinchFirstPartition
 from reidal.core.neighbors import jaccard_distance, knn
-from reidal.core.synthetic import make_reid_embeddings
+from reidal.simulation.synthetic import make_reid_embeddings
 
 
 @pytest.fixture(scope="module")

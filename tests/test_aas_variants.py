@@ -18,7 +18,7 @@ from reidal.core.aas import (
 )
 from reidal.core.clustering import DBSCANJaccard, FinchFirstPartition
 from reidal.core.neighbors import jaccard_distance
-from reidal.core.synthetic import make_reid_embeddings
+from reidal.simulation.synthetic import make_reid_embeddings
 from reidal.training import TrainConfig
 
 

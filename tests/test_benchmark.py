@@ -274,7 +274,7 @@ def test_annotator_errors_make_contradictions(small_data):
 
 
 def test_fixed_labels_replace_the_clustering(small_data):
-    from reidal.core.oracle import SimulatedOracle
+    from reidal.simulation.oracle import SimulatedOracle
     from reidal.training import SpCLTrainer
 
     model, data = small_data

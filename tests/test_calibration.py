@@ -21,7 +21,7 @@ from reidal.core.clustering import DBSCANJaccard, finch_partitions, first_neighb
 from reidal.core.constraints import Answer, ConstraintSet
 from reidal.core.evaluation import clustering_quality
 from reidal.core.neighbors import jaccard_distance
-from reidal.core.synthetic import make_reid_embeddings
+from reidal.simulation.synthetic import make_reid_embeddings
 
 
 @pytest.fixture(scope="module")

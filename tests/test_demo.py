@@ -8,10 +8,10 @@ import pytest
 from reidal.cli import main
 from reidal.core.aas import AmbiguityAwareSampler
 from reidal.core.clustering import DBSCANJaccard
-from reidal.core.loop import ActiveLearningLoop
-from reidal.core.oracle import SimulatedOracle
 from reidal.data.wildlife import load_wildlife_csv
 from reidal.demo_params import DEMO_K1, DEMO_K2, DEMO_MIN_SAMPLES
+from reidal.simulation.loop import ActiveLearningLoop
+from reidal.simulation.oracle import SimulatedOracle
 from reidal.store import Store
 
 

@@ -23,9 +23,9 @@ from reidal.core.aas import AmbiguityAwareSampler
 from reidal.core.clustering import DBSCANJaccard
 from reidal.core.constraints import Answer, ConstraintSet
 from reidal.core.continuation import AASContinuation
-from reidal.core.oracle import SimulatedOracle
 from reidal.core.sampling import Sampler, pair_keys
-from reidal.core.synthetic import make_reid_embeddings
+from reidal.simulation.oracle import SimulatedOracle
+from reidal.simulation.synthetic import make_reid_embeddings
 from reidal.training import SpCLTrainer, TrainConfig
 
 

@@ -15,8 +15,8 @@ from reidal.core.neighbors import (
     knn,
     knn_recall,
 )
-from reidal.core.reference import dense_jaccard, dense_knn
 from reidal.core.validation import l2_normalise
+from reidal.simulation.reference import dense_jaccard, dense_knn
 
 
 def clustered(n, d, n_clusters, spread, seed):
@@ -34,7 +34,7 @@ def brute_force_topk(X, k):
 
 
 def dense_jaccard_reference(X, k1, k2):
-    """SpCL's compute_jaccard_distance loop for loop (reidal.core.reference), float64.
+    """SpCL's compute_jaccard_distance loop for loop (reidal.simulation.reference), float64.
 
     Returns the (n, n) distance and whether the 2/3 expansion rule ever added an item.
     """

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from reidal.core.oracle import SimulatedOracle
+from reidal.simulation.oracle import SimulatedOracle
 
 
 def _random_pairs(rng, n, m):

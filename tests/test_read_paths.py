@@ -12,9 +12,9 @@ import pytest
 
 from reidal.answers import AnswerSubmission, submit
 from reidal.collection_state import effective_params
-from reidal.core.synthetic import make_reid_embeddings
 from reidal.cycle import CycleRequest, CycleRunner, run_cycle
 from reidal.identities import LatestIdentities
+from reidal.simulation.synthetic import make_reid_embeddings
 from reidal.store import ImageRecord, Store
 
 

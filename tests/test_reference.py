@@ -12,7 +12,8 @@ import pytest
 
 from reidal.core.clustering import DBSCANJaccard, FinchFirstPartition
 from reidal.core.neighbors import jaccard_distance, knn
-from reidal.core.reference import (
+from reidal.core.validation import l2_normalise
+from reidal.simulation.reference import (
     dense_bytes,
     dense_dbscan,
     dense_finch_first_partition,
@@ -20,8 +21,7 @@ from reidal.core.reference import (
     dense_knn,
     dense_similarity,
 )
-from reidal.core.synthetic import make_reid_embeddings
-from reidal.core.validation import l2_normalise
+from reidal.simulation.synthetic import make_reid_embeddings
 
 
 @pytest.fixture(scope="module")

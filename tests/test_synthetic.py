@@ -3,7 +3,7 @@ import pytest
 
 from reidal.core.clustering import DBSCANJaccard, FinchFirstPartition
 from reidal.core.evaluation import pairwise_scores
-from reidal.core.synthetic import make_reid_embeddings
+from reidal.simulation.synthetic import make_reid_embeddings
 
 
 def _dbscan_labels(X):

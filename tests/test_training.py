@@ -21,7 +21,7 @@ from reidal.core.aas import AmbiguityAwareSampler
 from reidal.core.clustering import DBSCANJaccard
 from reidal.core.evaluation import clustering_quality
 from reidal.core.np3 import NP3
-from reidal.core.oracle import SimulatedOracle
+from reidal.simulation.oracle import SimulatedOracle
 from reidal.training import (
     HybridMemory,
     SpCLTrainer,
@@ -152,7 +152,7 @@ def _partition(labels):
 
 
 def test_reliability_filter_matches_spcl_dense_code():
-    from reidal.core.synthetic import make_reid_embeddings
+    from reidal.simulation.synthetic import make_reid_embeddings
 
     data = make_reid_embeddings(n_identities=25, images_per_identity=(2, 12), dim=32, seed=3)
     X = data.X

@@ -260,7 +260,7 @@ def sampler_override(method: str, schedule: BenchSchedule) -> Any:
 
 def run_trained(method: str, data: BenchDataset, seed: int, ctx: RunContext) -> dict[str, Any]:
     """SpCL (+ a sampler, or on the true labels for ``supervised``) under the schedule."""
-    from reidal.core.oracle import SimulatedOracle
+    from reidal.simulation.oracle import SimulatedOracle
     from reidal.training import EvalSet, SpCLTrainer
 
     s, budget = ctx.schedule, ctx.budget

@@ -172,8 +172,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from reidal.core.evaluation import open_set_split
-    from reidal.core.oracle import SimulatedOracle
     from reidal.embedding.model import build_default_model, save_model
+    from reidal.simulation.oracle import SimulatedOracle
     from reidal.training import EvalSet, SpCLTrainer, TrainConfig
     from reidal.training import distributed as D
 

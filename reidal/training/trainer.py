@@ -4,7 +4,7 @@ One epoch (docs/method.md, step 3; SpCL's ``spcl_train_usl.py``):
 
 1. at the start of every cycle (each ``epochs_per_cycle``-th epoch, the first included), the
    sampler (AAS, random or none) picks up to ``budget_per_cycle`` pairs on the current
-   features and the annotator answers them (``reidal.core.loop.ask_and_record``, the same
+   features and the annotator answers them (``reidal.core.questions.ask_and_record``, the same
    step the fixed-embedding loop runs);
 2. pseudo-labels: DBSCAN on the k-reciprocal Jaccard distance of the features, made
    consistent with every answer so far by NP3, filtered by SpCL's self-paced reliability
@@ -48,7 +48,7 @@ import torch
 
 from reidal.core.constraints import ConstraintSet
 from reidal.core.evaluation import OpenSetSplit, clustering_quality, evaluate_open_set
-from reidal.core.loop import Oracle, ask_and_record
+from reidal.core.questions import Oracle, ask_and_record
 from reidal.core.validation import check_labels, resolve_budget, total_pairs
 from reidal.embedding.model import EmbeddingNet
 from reidal.embedding.spec import ModelSpec
