@@ -639,11 +639,17 @@ def _demo(args: argparse.Namespace) -> int:
 
     run_demo(args.out, cycles=args.cycles, budget_per_cycle=parse_budget(args.budget),
              seed=args.seed, n_individuals=args.individuals, dataset_csv=args.dataset,
-             train=not args.no_train, preset=args.preset)
+             train=not args.no_train, preset=args.preset, clustering=args.clustering,
+             sampler=args.sampler)
     return 0
 
 
 # --------------------------------------------------------------------------- parser
+
+#: ClusteringParams.mode and SamplingParams.sampler values (reidal.collection_state's, kept
+#: here so building the parser imports no algorithm; test_cli_choices_match_the_server's).
+CLUSTERING_MODES = ("fixed", "calibrated")
+SAMPLERS = ("aas", "aas-continued")
 
 
 def _client_options() -> argparse.ArgumentParser:
@@ -803,11 +809,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--k2", type=int, default=None, help="query expansion k2 (default 6)")
     create.add_argument("--finch-level", type=int, default=None,
                         help="FINCH partition level of AAS's second clustering (default 0)")
-    create.add_argument("--clustering", default="", choices=("fixed", "calibrated"),
+    create.add_argument("--clustering", default="", choices=CLUSTERING_MODES,
                         help="'fixed' (default: the values above) or 'calibrated' (chosen "
                              "every cycle from the vectors and the answers; values given "
                              "above are kept)")
-    create.add_argument("--sampler", default="", choices=("aas", "aas-continued"),
+    create.add_argument("--sampler", default="", choices=SAMPLERS,
                         help="'aas' (default, the paper's) or 'aas-continued' (AAS, then "
                              "the pairs nearest DBSCAN's eps fill the budget)")
     create.add_argument("--seed", type=int, default=None, help="sampling seed (default 0)")
@@ -946,6 +952,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "instead of the generated collection")
     demo.add_argument("--no-train", action="store_true",
                       help="skip the last step (train on the answers, promote, re-measure)")
+    demo.add_argument("--clustering", default="fixed", choices=CLUSTERING_MODES,
+                      help="the collection's clustering mode: 'fixed' (default: the demo's "
+                           "k1 / k2 / min_samples) or 'calibrated' (chosen every cycle by the "
+                           "server from the vectors and the answers)")
+    demo.add_argument("--sampler", default="aas", choices=SAMPLERS,
+                      help="the collection's sampler (default: %(default)s)")
     demo.set_defaults(func=_demo)
 
     from reidal.benchmark.runner import add_bench_arguments, bench_command

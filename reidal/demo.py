@@ -4,7 +4,8 @@ What it runs, every part real: the procedural image generator writes a collectio
 the all-in-one reidal server starts (:func:`reidal.serve.serve` with the bundled Triton on
 CPU); the demo is then only a client (:class:`reidal_client.ReidalClient` on loopback):
 
-1. CreateCollection with clustering parameters scaled to a small collection,
+1. CreateCollection with clustering parameters scaled to a small collection (or, with
+   ``clustering="calibrated"``, chosen by the server every cycle),
 2. AddImages streams every image in (embedded by the server through Triton on arrival),
 3. per cycle: GetQueryPairs (Ambiguity-Aware Sampling on the server), a simulated
    annotator answers from the generator's ground truth, SubmitConstraints, then
@@ -60,6 +61,26 @@ class DemoCycleReport(CycleReport):
     of the API, so ``n_changed_by_np3`` is -1 (unknown)."""
 
     retrieval: dict[str, float] = field(default_factory=dict)
+    #: The clustering the cycle's GetQueryPairs used (BatchStats.clustering: mode, eps, k1,
+    #: k2, min_samples, finch_level, eps_source, ...) and its sampler.
+    clustering: dict[str, Any] = field(default_factory=dict)
+
+
+#: The per-cycle clustering columns of cycles.csv: the benchmark's results.csv names
+#: (reidal.benchmark.methods.CLUSTERING_KEYS) and the rest of BatchStats.clustering.
+CLUSTERING_COLUMNS = ("clustering_mode", "eps", "k1", "k2", "min_samples", "finch_level",
+                      "eps_source", "finch_source", "sampler")
+
+
+def clustering_columns(batch: Any) -> dict[str, Any]:
+    """A batch's chosen clustering (reidal_client.QueryBatch) as cycles.csv's columns."""
+    ch = batch.clustering
+    if ch is None:
+        return {}
+    return {"clustering_mode": ch.mode, "eps": ch.dbscan_eps, "k1": ch.k1, "k2": ch.k2,
+            "min_samples": ch.min_samples, "finch_level": ch.finch_level,
+            "eps_source": ch.eps_source, "finch_source": ch.finch_source,
+            "sampler": batch.stats.get("sampler", "aas")}
 
 
 @dataclass
@@ -100,11 +121,14 @@ def _budget_text(budget: float | int, n_pairs: int) -> str:
 def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
              budget_per_cycle: float | int = DEMO_BUDGET_PER_CYCLE, seed: int = 0,
              n_individuals: int | None = None, dataset_csv: str | Path | None = None,
-             train: bool = True, preset: str = "default") -> DemoResult:
+             train: bool = True, preset: str = "default", clustering: str = "fixed",
+             sampler: str = "aas") -> DemoResult:
     """Run the demo; with ``dataset_csv`` (WildlifeDatasets layout) on that data instead of
     the generated collection (``preset``: a name of
     :data:`reidal.data.synthetic_images.PRESETS`, e.g. "hard"); ``train``: end with the
-    training step. Output lands in
+    training step. ``clustering``: the collection's ClusteringParams.mode ("fixed": the
+    demo's k1 / k2 / min_samples; "calibrated": every value chosen per cycle by the
+    server); ``sampler``: SamplingParams.sampler ("aas" or "aas-continued"). Output lands in
     ``out_dir``; the server's state in ``out_dir/server`` (its model repository is reused
     by the next run; the collection always starts from the pretrained version 1)."""
     from reidal.core.evaluation import clustering_quality, evaluate_open_set, open_set_split
@@ -152,9 +176,11 @@ def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
              f"{server.triton_url} ({time.perf_counter() - t:.1f} s)")
         with ReidalClient(server.address, timeout_s=600.0) as client:
             cid = DEMO_COLLECTION
-            _say(f"[3/7] collection {cid!r}: CreateCollection (k1={DEMO_K1}, k2={DEMO_K2}, "
-                 f"min_samples={DEMO_MIN_SAMPLES}), then AddImages through the "
-                 "CollectionService (embedded on arrival)")
+            fixed = clustering == "fixed"
+            shown = (f"k1={DEMO_K1}, k2={DEMO_K2}, min_samples={DEMO_MIN_SAMPLES}" if fixed
+                     else "clustering calibrated every cycle") + f", sampler {sampler}"
+            _say(f"[3/7] collection {cid!r}: CreateCollection ({shown}), then AddImages "
+                 "through the CollectionService (embedded on arrival)")
             try:
                 client.delete_collection(cid, actor="reidal demo")  # a previous run's
             except NotFound:
@@ -164,8 +190,9 @@ def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
                 cid, species=", ".join(sorted({str(s) for s in species if s}))[:200]
                 if species is not None else "",
                 clustering=ClusteringParams(k1=DEMO_K1, k2=DEMO_K2,
-                                            min_samples=DEMO_MIN_SAMPLES),
-                sampling=SamplingParams(seed=seed),
+                                            min_samples=DEMO_MIN_SAMPLES) if fixed
+                else ClusteringParams(mode=clustering),
+                sampling=SamplingParams(seed=seed, sampler=sampler),
                 # version 1 is the pretrained model; a previous run's training added others
                 model=ModelRef(DEFAULT_MODEL_NAME, "1"))
             t = time.perf_counter()
@@ -234,7 +261,8 @@ def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
                     contradictions=len(ident.contradictions), reason=batch.reason_text,
                     n_clusters=int(quality["n_clusters"]), n_changed_by_np3=-1,
                     seconds=time.perf_counter() - t0, quality=quality,
-                    stats=dict(batch.stats), pairs=pairs, retrieval=retrieval(col.model))
+                    stats=dict(batch.stats), pairs=pairs, retrieval=retrieval(col.model),
+                    clustering=clustering_columns(batch))
                 reports.append(report)
                 r = report.retrieval
                 _say(f"  cycle {report.cycle}: asked {report.pairs_asked} pairs (cumulative "
@@ -307,21 +335,28 @@ def _train_and_promote(client: Any, cid: str, image_ids: list[str], labels: np.n
 
 
 def format_table(reports: list[CycleReport], initial: dict[str, float]) -> list[str]:
-    """The cycle table as text lines (cycle 0 = before any answer)."""
+    """The cycle table as text lines (cycle 0 = before any answer). ``eps``, ``k1``,
+    ``ms`` (min_samples) and ``lvl`` (FINCH level) are the values the cycle's
+    GetQueryPairs clustered with, ``src`` where eps came from (BatchStats.clustering)."""
     lines = [f"{'cycle':>5} {'asked':>6} {'budget %':>9} {'contra':>6} {'prec':>6} "
              f"{'recall':>6} {'F1':>6} {'ARI':>6} {'clusters':>8} {'mAP %':>6} {'Top-1 %':>7} "
-             f"{'sec':>5}  why",
+             f"{'eps':>5} {'k1':>3} {'ms':>3} {'lvl':>3} {'src':>7} {'sec':>5}  why",
              f"{0:>5} {0:>6} {0.0:>9.3f} {0:>6} {initial['precision']:>6.3f} "
              f"{initial['recall']:>6.3f} {initial['f1']:>6.3f} {initial['ari']:>6.3f} "
-             f"{initial['n_clusters']:>8} {'':>6} {'':>7} {'':>5}  no answers yet"]
+             f"{initial['n_clusters']:>8} {'':>6} {'':>7} {'':>5} {'':>3} {'':>3} {'':>3} "
+             f"{'':>7} {'':>5}  no answers yet"]
     for r in reports:
         q = r.quality
         ret = getattr(r, "retrieval", {}) or {}
         m = f"{100 * ret['mAP']:.1f}" if "mAP" in ret else "-"
         t1 = f"{100 * ret['top1']:.1f}" if "top1" in ret else "-"
+        c = getattr(r, "clustering", {}) or {}
+        eps = f"{c['eps']:.3f}" if "eps" in c else "-"
         lines.append(f"{r.cycle:>5} {r.pairs_asked:>6} {r.cumulative_budget_pct:>9.3f} "
                      f"{r.contradictions:>6} {q['precision']:>6.3f} {q['recall']:>6.3f} "
                      f"{q['f1']:>6.3f} {q['ari']:>6.3f} {r.n_clusters:>8} {m:>6} {t1:>7} "
+                     f"{eps:>5} {c.get('k1', '-'):>3} {c.get('min_samples', '-'):>3} "
+                     f"{c.get('finch_level', '-'):>3} {c.get('eps_source', '-'):>7} "
                      f"{r.seconds:>5.1f}  {r.reason}")
     return lines
 
@@ -345,7 +380,7 @@ def write_table(out: Path, reports: list[CycleReport], initial: dict[str, float]
     csv_path = out / "cycles.csv"
     fields = ["cycle", "pairs_asked", "cumulative_pairs", "cumulative_budget_pct",
               "contradictions", "precision", "recall", "f1", "ari", "n_clusters", "mAP", "top1",
-              "mAP_zero_shot", "top1_zero_shot", "seconds", "reason"]
+              "mAP_zero_shot", "top1_zero_shot", "seconds", "reason", *CLUSTERING_COLUMNS]
     with csv_path.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
@@ -365,7 +400,7 @@ def write_table(out: Path, reports: list[CycleReport], initial: dict[str, float]
                         "n_clusters": r.n_clusters, "mAP": ret(r)["mAP"],
                         "top1": ret(r)["top1"], "mAP_zero_shot": zero_shot["mAP"],
                         "top1_zero_shot": zero_shot["top1"], "seconds": round(r.seconds, 3),
-                        "reason": r.reason})
+                        "reason": r.reason, **(getattr(r, "clustering", {}) or {})})
     budget = [0.0] + [r.cumulative_budget_pct for r in reports]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for key, label in (("f1", "pairwise F1"), ("ari", "ARI"), ("precision", "precision"),

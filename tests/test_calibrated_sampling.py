@@ -169,3 +169,10 @@ def test_cli_creates_a_calibrated_collection_and_prints_the_chosen_values(client
     assert "30 pair(s)" in out and "continuation" in out
     assert "clustering calibrated: eps=0.2 (rho) k1=7 k2=2 min_samples=2 finch_level=0 " \
            "(default); sampler aas-continued" in out
+
+
+def test_cli_choices_match_the_server():
+    from reidal import cli, collection_state
+
+    assert cli.CLUSTERING_MODES == collection_state.CLUSTERING_MODES
+    assert cli.SAMPLERS == collection_state.SAMPLERS

@@ -32,6 +32,13 @@ def test_demo_runs_the_whole_loop(tmp_path, capsys):
     for r in rows:
         for key in ("precision", "recall", "f1", "ari", "mAP", "top1"):
             assert -1.0 <= float(r[key]) <= 1.0
+    # each cycle's clustering as the server reported it (BatchStats.clustering)
+    for r in rows[1:]:
+        assert (r["clustering_mode"], r["eps_source"], r["sampler"]) == ("fixed", "fixed", "aas")
+        assert (int(r["k1"]), int(r["k2"]), int(r["min_samples"]), int(r["finch_level"])) == \
+            (DEMO_K1, DEMO_K2, DEMO_MIN_SAMPLES, 0)
+        assert float(r["eps"]) == pytest.approx(0.6)
+    assert f"0.600  {DEMO_K1:>2}   {DEMO_MIN_SAMPLES}   0   fixed" in printed
     png = (out / "cycles.png").read_bytes()
     assert png.startswith(b"\x89PNG")
     # the training step: a new model version, trained on the answers, now embeds the
