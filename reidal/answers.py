@@ -8,12 +8,17 @@ The rules (constraints.proto has the contract):
 - A request id makes a retry safe: the response of the first call is stored in the same
   transaction as the answers and returned again; the same request id with other answers is
   refused (AlreadyExists) instead of silently answering with the first call's result.
+- This workflow opens the collection's write transaction itself (the unit of work,
+  :meth:`~reidal.store.Store.answer_transaction`): replay check, inserts, contradictions and
+  the recorded response, committed durably before :func:`submit` returns.
 - Contradictions are found among the current answers right after the insert (inside the same
   transaction, so concurrent submitters each see exactly the answers committed before them)
   by :class:`~reidal.core.constraints.ConstraintSet`: the newer answer wins, the oldest
   answer of the contradicting set is not applied, every answer stays stored. The set is the
   collection's :class:`~reidal.answer_state.AnswerState`, caught up with the store inside
-  the transaction, so a submit costs O(its answers), not O(history).
+  the transaction, so a submit costs O(its answers), not O(history). A contradiction keeps
+  the core's shape (:class:`~reidal.core.constraints.Contradiction`, answer ids = store
+  seqs) up to the servicer; only the recorded response holds it as JSON.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 
 from reidal.answer_state import answer_states
 from reidal.collection_state import constraints_from_answers
+from reidal.core.constraints import Contradiction
 from reidal.errors import AlreadyExists, InvalidArgument, NotFound
 from reidal.grpc_server import log_kv
 from reidal.limits import MAX_NOTE_LENGTH
@@ -77,21 +83,15 @@ class AnswerSubmission:
     ended_at: float | None = None
 
 
-@dataclass(frozen=True)
-class ContradictionReport:
-    """Answers (store seqs) that cannot all hold, and the one not applied."""
-
-    answer_seqs: tuple[int, ...]
-    dropped_seq: int
-
-
 @dataclass
 class SubmitOutcome:
+    """What a submit did. A contradiction is the core's, its answer ids the store's seqs."""
+
     seqs: list[int]
     stored: int
     replayed: int
     superseded: int
-    contradictions: list[ContradictionReport] = field(default_factory=list)
+    contradictions: list[Contradiction] = field(default_factory=list)
 
 
 def _check(submissions: Sequence[AnswerSubmission]) -> None:
@@ -152,62 +152,72 @@ def fingerprint(batch_id: str, submissions: Sequence[AnswerSubmission]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def current_contradictions(store: Store, collection_id: str) -> list[ContradictionReport]:
+def current_contradictions(store: Store, collection_id: str) -> list[Contradiction]:
     """Every contradiction among the current answers between images not excluded, computed
     from the whole history (what the incremental state of :mod:`reidal.answer_state` must
     agree with)."""
     rows = [img.image_id for img in store.images(collection_id, include_excluded=False)]
-    found = constraints_from_answers(rows, store.answers(collection_id)).contradictions()
-    return [ContradictionReport(tuple(c.answer_ids), c.dropped_answer_id) for c in found]
+    return constraints_from_answers(rows, store.answers(collection_id)).contradictions()
 
 
 def submit(store: Store, collection_id: str, submissions: Sequence[AnswerSubmission], *,
            batch_id: str = "", request_id: str = "") -> SubmitOutcome:
-    """Check, resolve and store ``submissions`` (see the module docstring)."""
+    """Check, resolve and store ``submissions`` (see the module docstring). The answers
+    are committed (durably) before this returns."""
     _check(submissions)
     store.get_collection(collection_id)
     answers = _resolve(store, collection_id, submissions, batch_id)
     print_ = fingerprint(batch_id, submissions)
-
+    store.check_answers(collection_id, answers)
     states = answer_states(store)
-
-    def respond(seqs: list[int]) -> dict[str, Any]:
-        found = states.sync(store, collection_id).contradictions_with(seqs)
-        return {"fingerprint": print_, "seqs": seqs,
-                "superseded": store.count_superseded_by(collection_id, seqs),
-                "contradictions": [{"answers": list(c.answer_ids), "dropped": c.dropped_answer_id}
-                                   for c in found]}
-
-    with states.writing(collection_id):  # a failed transaction's state is dropped
-        response, replayed = store.submit_answers_once(collection_id, answers,
-                                                       request_id=request_id, respond=respond)
-    if replayed and response.get("fingerprint") != print_:
-        raise AlreadyExists(
-            f"request id {request_id!r} was already used for other answers in collection "
-            f"{collection_id!r}; use a new request id for a new submission")
-    if not replayed:
+    # a failed transaction's state is dropped (writing); the state reads see the inserts
+    with states.writing(collection_id), store.answer_transaction(collection_id) as tx:
+        record = tx.response_of(request_id)
+        if record is None:
+            seqs = tx.insert(answers, request_id)
+            outcome = SubmitOutcome(
+                seqs, stored=len(answers), replayed=0,
+                superseded=store.count_superseded_by(collection_id, seqs),
+                contradictions=states.sync(store, collection_id).contradictions_with(seqs))
+            tx.record_response(request_id, _record(print_, outcome))
+    if record is not None:
+        if record.get("fingerprint") != print_:
+            raise AlreadyExists(
+                f"request id {request_id!r} was already used for other answers in collection "
+                f"{collection_id!r}; use a new request id for a new submission")
+        outcome = _replayed(record, len(answers))
+    else:
         for a in answers:
             _STORED.labels(a.label).inc()
-    log_kv(log, logging.INFO, "answers", collection=collection_id, stored=0 if replayed else
-           len(answers), replayed=replayed, request_id=request_id,
-           contradictions=len(response.get("contradictions", [])))
+    log_kv(log, logging.INFO, "answers", collection=collection_id, stored=outcome.stored,
+           replayed=record is not None, request_id=request_id,
+           contradictions=len(outcome.contradictions))
+    return outcome
+
+
+def _record(print_: str, outcome: SubmitOutcome) -> dict[str, Any]:
+    """The outcome as kept for a retry of its request (JSON: this layout is in databases)."""
+    return {"fingerprint": print_, "seqs": outcome.seqs, "superseded": outcome.superseded,
+            "contradictions": [{"answers": list(c.answer_ids), "dropped": c.dropped_answer_id}
+                               for c in outcome.contradictions]}
+
+
+def _replayed(record: dict[str, Any], n_answers: int) -> SubmitOutcome:
+    """The outcome a retry gets: the first call's, with its answers counted as replayed."""
     return SubmitOutcome(
-        seqs=[int(s) for s in response["seqs"]],
-        stored=0 if replayed else len(answers),
-        replayed=len(answers) if replayed else 0,
-        superseded=int(response.get("superseded", 0)),
-        contradictions=[ContradictionReport(tuple(c["answers"]), int(c["dropped"]))
-                        for c in response.get("contradictions", [])],
-    )
+        seqs=[int(s) for s in record["seqs"]], stored=0, replayed=n_answers,
+        superseded=int(record.get("superseded", 0)),
+        contradictions=[Contradiction(tuple(int(x) for x in c["answers"]), int(c["dropped"]))
+                        for c in record.get("contradictions", [])])
 
 
-def explain(report: ContradictionReport, answers: dict[int, StoredAnswer]) -> str:
+def explain(contradiction: Contradiction, answers: dict[int, StoredAnswer]) -> str:
     """The contradiction in words, with image ids and answer ids."""
     parts = []
-    for seq in report.answer_seqs:
+    for seq in contradiction.answer_ids:
         a = answers.get(seq)
         if a is not None:
             parts.append(f"{answer_id(seq)} {a.label} ({a.image_a}, {a.image_b})")
     return (f"answers {', '.join(parts)} cannot all hold; the newer answers win, so "
-            f"{answer_id(report.dropped_seq)} (the oldest) is not applied until one of them is "
+            f"{answer_id(contradiction.dropped_answer_id)} (the oldest) is not applied until one of them is "
             "revised or deleted")

@@ -38,6 +38,7 @@ from reidal.collection_state import (
     make_dbscan,
     state_key,
 )
+from reidal.core.constraints import Contradiction
 from reidal.core.np3 import NP3
 from reidal.errors import NotFound
 from reidal.store import Store
@@ -175,7 +176,7 @@ class IdentitiesResult:
     model_version: str
     cycle: int
     applied_answers: int
-    contradictions: list[tuple[tuple[int, ...], int]] = field(default_factory=list)
+    contradictions: list[Contradiction] = field(default_factory=list)  # answer id = seq
 
 
 def compute_identities(store: Store, collection_id: str) -> IdentitiesResult:
@@ -199,7 +200,7 @@ def compute_identities(store: Store, collection_id: str) -> IdentitiesResult:
     return IdentitiesResult(
         summaries, excluded, view.collection.model_name, view.collection.model_version,
         view.collection.cycle, len(cs),
-        [(tuple(c.answer_ids), c.dropped_answer_id) for c in cs.contradictions],
+        list(cs.contradictions),
     )
 
 

@@ -11,12 +11,12 @@ from reidal import errors
 from reidal.answers import (
     TAGS,
     AnswerSubmission,
-    ContradictionReport,
     answer_id,
     explain,
     parse_answer_id,
     submit,
 )
+from reidal.core.constraints import Contradiction
 from reidal.grpc_server import ServiceBinding
 from reidal.identities import LatestIdentities
 from reidal.request_checks import page_size, parse_page_token
@@ -104,13 +104,13 @@ class ConstraintsServicer(constraints_pb2_grpc.ConstraintServiceServicer):
             readiness=self.runtime.store.ping)
 
     def _contradictions(self, collection_id: str,
-                        reports: list[ContradictionReport]) -> list[constraints_pb2.Contradiction]:
-        seqs = {s for r in reports for s in r.answer_seqs}
+                        found: list[Contradiction]) -> list[constraints_pb2.Contradiction]:
+        seqs = {s for c in found for s in c.answer_ids}
         answers = self.runtime.store.answers_by_seq(collection_id, seqs)
         return [constraints_pb2.Contradiction(
-            answers=[constraint_pb(answers[s]) for s in r.answer_seqs if s in answers],
-            dropped_answer_id=answer_id(r.dropped_seq), explanation=explain(r, answers))
-            for r in reports]
+            answers=[constraint_pb(answers[s]) for s in c.answer_ids if s in answers],
+            dropped_answer_id=answer_id(c.dropped_answer_id), explanation=explain(c, answers))
+            for c in found]
 
     def SubmitConstraints(self, request, context):  # noqa: N802 - gRPC method name
         subs = [submission(k, a) for k, a in enumerate(request.answers)]
@@ -170,7 +170,6 @@ class ConstraintsServicer(constraints_pb2_grpc.ConstraintServiceServicer):
     def GetIdentities(self, request, context):  # noqa: N802
         cid = request.collection_id
         result = self._identities.get(self.runtime.store, cid, self.runtime.lock)
-        reports = [ContradictionReport(ids, dropped) for ids, dropped in result.contradictions]
         return constraints_pb2.GetIdentitiesResponse(
             collection_id=cid,
             identities=[constraints_pb2.Identity(
@@ -181,5 +180,5 @@ class ConstraintsServicer(constraints_pb2_grpc.ConstraintServiceServicer):
             excluded_image_ids=result.excluded_ids,
             model=common_pb2.ModelRef(name=result.model_name, version=result.model_version),
             applied_answers=result.applied_answers,
-            contradictions=self._contradictions(cid, reports),
+            contradictions=self._contradictions(cid, result.contradictions),
             cycle=result.cycle)

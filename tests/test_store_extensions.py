@@ -69,19 +69,30 @@ def test_ingest_is_all_or_nothing_and_pins_the_model(store):
     assert store.referenced_blobs() == {"0" * 64}
 
 
-def test_submit_once_replays_and_builds_the_response_inside_the_transaction(store):
-    seen = []
+def test_an_answer_transaction_reads_its_own_writes_and_replays(store):
+    def submit_once(answer: AnswerIn, request_id: str) -> tuple[dict, bool, int]:
+        with store.answer_transaction("c") as tx:
+            earlier = tx.response_of(request_id)
+            if earlier is not None:
+                return earlier, True, -1
+            seqs = tx.insert([answer], request_id)
+            seen = len(store.answers("c"))  # sees its own answers (same transaction)
+            response = {"seqs": seqs, "n": len(seqs)}
+            tx.record_response(request_id, response)
+        return response, False, seen
 
-    def respond(seqs):
-        seen.append(len(store.answers("c")))  # sees its own answers (same transaction)
-        return {"seqs": seqs, "n": len(seqs)}
+    first, replayed, seen = submit_once(AnswerIn("i0", "i1", "SAME"), "r1")
+    assert not replayed and first["n"] == 1 and seen == 1
+    again, replayed, _ = submit_once(AnswerIn("i0", "i1", "SAME"), "r1")
+    assert replayed and again == first
+    assert len(store.answers("c", current_only=False)) == 1
+    with pytest.raises(RuntimeError), store.answer_transaction("c") as tx:  # rolled back
+        tx.insert([AnswerIn("i2", "i3", "SAME")], "r3")
+        tx.record_response("r3", {"seqs": []})
+        raise RuntimeError("failed before the commit")
+    assert len(store.answers("c", current_only=False)) == 1
+    assert store.replayed_response("c", "r3") is None
 
-    first, replayed = store.submit_answers_once("c", [AnswerIn("i0", "i1", "SAME")],
-                                                request_id="r1", respond=respond)
-    assert not replayed and first["n"] == 1 and seen == [1]
-    again, replayed = store.submit_answers_once("c", [AnswerIn("i0", "i1", "SAME")],
-                                                request_id="r1", respond=respond)
-    assert replayed and again == first and seen == [1]
     results = []
 
     def racer():

@@ -1,9 +1,16 @@
-"""The answers aggregate: every answer with its history, and request-id replay records."""
+"""The answers aggregate: every answer with its history, and request-id replay records.
+
+A workflow that must decide inside the transaction that stores answers (SubmitConstraints:
+replay or store, then the contradictions of exactly what was committed) opens that
+transaction itself, :meth:`AnswersStore.answer_transaction`, and gets an
+:class:`AnswerTransaction`: the store never calls back into the workflow.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from reidal.errors import InvalidArgument, NotFound
@@ -19,75 +26,108 @@ from reidal.store.records import (
     StoredAnswer,
 )
 
+_RESPONSE_OF = "SELECT response FROM requests WHERE collection_id = ? AND request_id = ?"
+
+
+class AnswerTransaction:
+    """The answer writes of one collection inside one write transaction (a unit of work).
+
+    It runs alone among the collection's write transactions in every process; reads made
+    through the store by the same thread meanwhile see its writes; everything commits
+    together, durably, when the ``with`` block of :meth:`AnswersStore.answer_transaction`
+    ends, or nothing does (an exception rolls it back)."""
+
+    def __init__(self, db: Tx, collection_id: str) -> None:
+        self._db = db
+        self.collection_id = collection_id
+
+    def response_of(self, request_id: str) -> dict[str, Any] | None:
+        """The response recorded for an earlier request with this id (None: none was)."""
+        if not request_id:
+            return None
+        row = self._db.execute(_RESPONSE_OF, (self.collection_id, request_id)).fetchone()
+        return None if row is None else json.loads(row["response"])
+
+    def insert(self, answers: Sequence[AnswerIn], request_id: str = "") -> list[int]:
+        """Store answers checked by :meth:`AnswersStore.check_answers`; returns their seqs.
+        A later answer on the same pair supersedes the earlier one (``superseded_by``),
+        whose row is kept for the audit history."""
+        seqs: list[int] = []
+        for a in answers:
+            lo, hi = sorted((a.image_a, a.image_b))
+            cur = self._db.execute(
+                "INSERT INTO answers (collection_id, image_a, image_b, label, annotator, confidence,"
+                " tags, note, started_at, ended_at, received_at, batch_id, pair_id, request_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+                (self.collection_id, lo, hi, a.label, a.annotator, a.confidence,
+                 json.dumps(list(a.tags)), a.note, a.started_at, a.ended_at, timestamp(),
+                 a.batch_id, a.pair_id, request_id),
+            )
+            seq = int(cur.fetchall()[0][0])
+            self._db.execute(
+                "UPDATE answers SET superseded_by = ? WHERE collection_id = ? AND image_a = ?"
+                " AND image_b = ? AND seq < ? AND superseded_by IS NULL AND deleted_at IS NULL",
+                (seq, self.collection_id, lo, hi, seq),
+            )
+            seqs.append(seq)
+        return seqs
+
+    def record_response(self, request_id: str, response: dict[str, Any]) -> None:
+        """Keep ``response`` for ``request_id`` (nothing without one), so a retry of the
+        request gets it from :meth:`response_of` instead of storing its answers again."""
+        if request_id:
+            self._db.execute(
+                "INSERT INTO requests (collection_id, request_id, response, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                (self.collection_id, request_id, json.dumps(response), timestamp()),
+            )
+
 
 class AnswersStore(ImagesStore):
     """Answers: durable submission, supersession, soft deletion and the reads of the answer state."""
+
+    @contextmanager
+    def answer_transaction(self, collection_id: str) -> Iterator[AnswerTransaction]:
+        """Open the collection's write transaction for answers (see :class:`AnswerTransaction`)."""
+        with self._tx(collection_id) as db:
+            yield AnswerTransaction(db, collection_id)
 
     def replayed_response(self, collection_id: str, request_id: str) -> dict[str, Any] | None:
         """The stored response of an earlier request with this id, for idempotent replay."""
         if not request_id:
             return None
-        rows = self._query(
-            "SELECT response FROM requests WHERE collection_id = ? AND request_id = ?",
-            (collection_id, request_id),
-        )
+        rows = self._query(_RESPONSE_OF, (collection_id, request_id))
         return json.loads(rows[0]["response"]) if rows else None
 
     def submit_answers(self, collection_id: str, answers: Sequence[AnswerIn], *,
                        request_id: str = "", response: dict[str, Any] | None = None) -> list[int]:
-        """Store answers durably in one transaction; returns their sequence numbers.
-
-        A later answer on the same pair supersedes the earlier one (``superseded_by``), whose
-        row is kept for the audit history. With a ``request_id`` the (caller-built) response is
-        stored in the same transaction, so a retried request can be replayed exactly.
-        """
-        self._check_answers(collection_id, answers)
-        with self._tx(collection_id) as db:
-            seqs = self._insert_answers(db, collection_id, answers, request_id)
-            if request_id:
-                db.execute(
-                    "INSERT INTO requests (collection_id, request_id, response, created_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    (collection_id, request_id, json.dumps(response or {"seqs": seqs}), timestamp()),
-                )
+        """Store answers durably in one transaction; returns their sequence numbers. With a
+        ``request_id`` the response (default ``{"seqs": seqs}``) is stored in the same
+        transaction, so a retried request can be replayed exactly."""
+        self.check_answers(collection_id, answers)
+        with self.answer_transaction(collection_id) as tx:
+            seqs = tx.insert(answers, request_id)
+            tx.record_response(request_id, response or {"seqs": seqs})
         return seqs
 
-    def submit_answers_once(
-        self,
-        collection_id: str,
-        answers: Sequence[AnswerIn],
-        *,
-        request_id: str = "",
-        respond: Callable[[list[int]], dict[str, Any]] | None = None,
-    ) -> tuple[dict[str, Any], bool]:
-        """Store answers unless ``request_id`` was seen; returns ``(response, replayed)``.
-
-        The replay check, the inserts and the stored response share one transaction, so two
-        concurrent retries of one request store it once. ``respond(seqs)`` builds the response
-        inside that transaction, after the inserts: it may read the store (same connection)
-        and sees the new answers, so contradiction checks cover exactly what was committed.
-        The default response is ``{"seqs": seqs}``.
-        """
-        self._check_answers(collection_id, answers)
-        with self._tx(collection_id) as db:
-            if request_id:
-                row = db.execute(
-                    "SELECT response FROM requests WHERE collection_id = ? AND request_id = ?",
-                    (collection_id, request_id),
-                ).fetchone()
-                if row is not None:
-                    return json.loads(row["response"]), True
-            seqs = self._insert_answers(db, collection_id, answers, request_id)
-            response = respond(seqs) if respond is not None else {"seqs": seqs}
-            if request_id:
-                db.execute(
-                    "INSERT INTO requests (collection_id, request_id, response, created_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    (collection_id, request_id, json.dumps(response), timestamp()),
-                )
+    def submit_answers_once(self, collection_id: str, answers: Sequence[AnswerIn], *,
+                            request_id: str = "") -> tuple[dict[str, Any], bool]:
+        """Store answers unless ``request_id`` was seen; returns ``(response, replayed)``
+        (the response ``{"seqs": seqs}``). The replay check, the inserts and the recorded
+        response share one transaction, so concurrent retries of one request store it once."""
+        self.check_answers(collection_id, answers)
+        with self.answer_transaction(collection_id) as tx:
+            earlier = tx.response_of(request_id)
+            if earlier is not None:
+                return earlier, True
+            response = {"seqs": tx.insert(answers, request_id)}
+            tx.record_response(request_id, response)
         return response, False
 
-    def _check_answers(self, collection_id: str, answers: Sequence[AnswerIn]) -> None:
+    def check_answers(self, collection_id: str, answers: Sequence[AnswerIn]) -> None:
+        """NotFound for an unknown collection or image, InvalidArgument for a label that is
+        not one or a pair of an image with itself: what :meth:`AnswerTransaction.insert`
+        relies on."""
         self.get_collection(collection_id)
         known = self.present_image_ids(collection_id,  # only these: collections are large
                                        {i for a in answers for i in (a.image_a, a.image_b)})
@@ -99,28 +139,6 @@ class AnswersStore(ImagesStore):
                     raise NotFound(f"image {iid!r} is not in collection {collection_id!r}")
             if a.image_a == a.image_b:
                 raise InvalidArgument(f"an answer pairs image {a.image_a!r} with itself")
-
-    def _insert_answers(self, db: Tx, collection_id: str,
-                        answers: Sequence[AnswerIn], request_id: str) -> list[int]:
-        seqs: list[int] = []
-        for a in answers:
-            lo, hi = sorted((a.image_a, a.image_b))
-            cur = db.execute(
-                "INSERT INTO answers (collection_id, image_a, image_b, label, annotator, confidence,"
-                " tags, note, started_at, ended_at, received_at, batch_id, pair_id, request_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
-                (collection_id, lo, hi, a.label, a.annotator, a.confidence,
-                 json.dumps(list(a.tags)), a.note, a.started_at, a.ended_at, timestamp(),
-                 a.batch_id, a.pair_id, request_id),
-            )
-            seq = int(cur.fetchall()[0][0])
-            db.execute(
-                "UPDATE answers SET superseded_by = ? WHERE collection_id = ? AND image_a = ?"
-                " AND image_b = ? AND seq < ? AND superseded_by IS NULL AND deleted_at IS NULL",
-                (seq, collection_id, lo, hi, seq),
-            )
-            seqs.append(seq)
-        return seqs
 
     def answers(self, collection_id: str, *, current_only: bool = True) -> list[StoredAnswer]:
         """Answers in the order given; ``current_only`` hides superseded and deleted ones."""
