@@ -28,8 +28,8 @@ import numpy as np
 from reidal.core.aas import AmbiguityAwareSampler
 from reidal.core.calibration import ClusteringCalibrator, ClusteringChoice
 from reidal.core.clustering import DBSCANJaccard, FinchFirstPartition
-from reidal.core.continuation import AASContinuation
 from reidal.core.constraints import ConstraintSet, Contradiction
+from reidal.core.continuation import AASContinuation
 from reidal.core.validation import resolve_budget
 from reidal.errors import FailedPrecondition, InvalidArgument, NotFound
 from reidal.limits import MAX_ID_LENGTH

@@ -32,8 +32,8 @@ import numpy as np
 
 from reidal.collection_state import (
     CollectionView,
-    load_view,
     clustering_choice,
+    load_view,
     make_aas,
     make_dbscan,
     state_key,

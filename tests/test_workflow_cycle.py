@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from reidal.answers import AnswerSubmission, submit
-from reidal.core.synthetic import make_reid_embeddings
 from reidal.cycle import REASON_CODES, CycleRequest, CycleRunner, open_batch, run_cycle
 from reidal.errors import FailedPrecondition, InvalidArgument
+from reidal.simulation.synthetic import make_reid_embeddings
 from reidal.store import ImageRecord, Store
 
 #: Stored clustering parameters (the form a collection keeps) small enough for 48 images.
