@@ -8,8 +8,9 @@ The rows are the images not excluded (and kept by the filter), the vectors those
 collection's model version, the constraints its current answers (collection_state).
 UNSURE pairs are never asked again; with ``skip_pending`` neither are pairs of earlier
 batches still waiting for an answer. The batch and its pairs are stored in one transaction
-that also moves the collection's cycle counter, so a batch id is resolvable as soon as a
-client sees it. Cycle c draws with seed ``sampling.seed + c``: a cycle is reproducible.
+that this workflow opens (:meth:`~reidal.store.Store.batch_transaction`: the request id's
+batch if it has one, else the next cycle number, the batch and its pairs), which also moves
+the collection's cycle counter, so a batch id is resolvable as soon as a client sees it. Cycle c draws with seed ``sampling.seed + c``: a cycle is reproducible.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from reidal.errors import InvalidArgument
 from reidal.grpc_server import log_kv
 from reidal.metrics import counter, histogram
 from reidal.runtime import Progress
-from reidal.store import BatchRecord, PairRecord, Store
+from reidal.store import BatchDraft, BatchRecord, PairRecord, Store
 
 log = logging.getLogger("reidal.sampling")
 
@@ -242,13 +243,19 @@ def run_cycle(store: Store, collection_id: str, request: CycleRequest,
         stats["request_key"] = request_key(request)
 
     stage(2)
-    batch, created = store.create_batch(
-        collection_id, new_batch_id, pairs, budget=budget, reason=result.reason,
-        finished=finished, model_name=view.collection.model_name,
-        model_version=view.collection.model_version,
+    draft = BatchDraft(
+        pairs, budget=budget, reason=result.reason, finished=finished,
+        model_name=view.collection.model_name, model_version=view.collection.model_version,
         filter=request.image_filter.to_dict() if request.image_filter else {},
-        n_items=view.n, stats=stats, request_id=request.request_id,
-    )
+        n_items=view.n, stats=stats, request_id=request.request_id)
+    with store.batch_transaction(collection_id) as tx:  # one unit of work: replay or store
+        earlier = tx.batch_of_request(request.request_id)
+        created = earlier is None
+        if earlier is None:
+            number = tx.next_cycle()  # the seed's cycle, unless another process stored one
+            batch = tx.insert(new_batch_id(number), number, draft)
+        else:
+            batch = earlier
     if created:
         for p in pairs:
             _PAIRS.labels(p.pool).inc()

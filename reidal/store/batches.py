@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from reidal.errors import NotFound
+from reidal.store.backend import Tx
 from reidal.store.base import timestamp
 from reidal.store.collections import CollectionsStore
-from reidal.store.records import BatchRecord, PairRecord
+from reidal.store.records import BatchDraft, BatchRecord, PairRecord
 
 #: The batch a request id created or was answered with (batch_requests), by request id.
 _BATCH_OF_REQUEST = (
@@ -18,8 +20,69 @@ _BATCH_OF_REQUEST = (
     " WHERE r.collection_id = b.collection_id AND r.request_id = ?))")
 
 
+class BatchTransaction:
+    """The batch writes of one collection inside one write transaction (a unit of work):
+    it runs alone among the collection's write transactions in every process, and what it
+    stores commits together, durably, when the ``with`` block of
+    :meth:`BatchesStore.batch_transaction` ends, or not at all."""
+
+    def __init__(self, db: Tx, collection_id: str) -> None:
+        self._db = db
+        self.collection_id = collection_id
+
+    def batch_of_request(self, request_id: str) -> BatchRecord | None:
+        """The batch ``request_id`` created or was answered with (None: none, or no id)."""
+        if not request_id:
+            return None
+        row = self._db.execute(_BATCH_OF_REQUEST,
+                               (self.collection_id, request_id, request_id)).fetchone()
+        return None if row is None else _batch(row)
+
+    def next_cycle(self) -> int:
+        """The cycle a batch stored now takes (NotFound when the collection is gone)."""
+        col = self._db.execute("SELECT cycle FROM collections WHERE id = ?",
+                               (self.collection_id,)).fetchone()
+        if col is None:
+            raise NotFound(f"collection {self.collection_id!r} does not exist")
+        return int(col["cycle"]) + 1
+
+    def insert(self, batch_id: str, cycle: int, draft: BatchDraft) -> BatchRecord:
+        """Store the batch as cycle ``cycle`` (:meth:`next_cycle`) with its pairs and move
+        the collection's cycle counter, so a batch id and its pair ids are resolvable the
+        moment a client sees them. Pair ids are ``"<batch id>/<k>"`` (k = draw position)."""
+        cid = self.collection_id
+        self._db.execute(
+            "INSERT INTO batches (collection_id, batch_id, cycle, budget, reason, finished,"
+            " model_name, model_version, filter, n_items, stats, request_id, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (cid, batch_id, cycle, int(draft.budget), draft.reason, int(bool(draft.finished)),
+             draft.model_name, draft.model_version,
+             json.dumps(dict(draft.filter), sort_keys=True), int(draft.n_items),
+             json.dumps(dict(draft.stats), sort_keys=True, default=float), draft.request_id,
+             timestamp()),
+        )
+        self._db.executemany(
+            "INSERT INTO batch_pairs (collection_id, pair_id, batch_id, position, image_a,"
+            " image_b, pool, region, probability, similarity)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(cid, f"{batch_id}/{k}", batch_id, k, p.image_a, p.image_b,
+              p.pool, int(p.region), float(p.probability), float(p.similarity))
+             for k, p in enumerate(draft.pairs)],
+        )
+        self._db.execute("UPDATE collections SET cycle = ? WHERE id = ?", (cycle, cid))
+        row = self._db.execute("SELECT * FROM batches WHERE collection_id = ? AND batch_id = ?",
+                               (cid, batch_id)).fetchone()
+        return _batch(row)
+
+
 class BatchesStore(CollectionsStore):
     """Query batches: one per cycle, its pairs, and the request ids it answered."""
+
+    @contextmanager
+    def batch_transaction(self, collection_id: str) -> Iterator[BatchTransaction]:
+        """Open the collection's write transaction for a batch (see :class:`BatchTransaction`)."""
+        with self._tx(collection_id) as db:
+            yield BatchTransaction(db, collection_id)
 
     def create_batch(
         self,
@@ -37,50 +100,18 @@ class BatchesStore(CollectionsStore):
         stats: Mapping[str, Any] | None = None,
         request_id: str = "",
     ) -> tuple[BatchRecord, bool]:
-        """Store a batch as the collection's next cycle; returns ``(batch, created)``.
-
-        One transaction: the cycle counter moves to the new cycle, ``make_id(cycle)`` names
-        the batch, and its pairs are stored, so a batch id and its pair ids are resolvable
-        the moment a client sees them. Pair ids are assigned here as ``"<batch id>/<k>"``
-        (k = draw position); the ``pair_id`` of the records passed in is ignored. With a
-        ``request_id`` already used by a batch of this collection, that batch is returned
-        instead (``created`` False) and nothing changes.
-        """
-        with self._tx(collection_id) as db:
-            if request_id:
-                row = db.execute(
-                    _BATCH_OF_REQUEST,
-                    (collection_id, request_id, request_id)).fetchone()
-                if row is not None:
-                    return _batch(row), False
-            col = db.execute("SELECT cycle FROM collections WHERE id = ?",
-                             (collection_id,)).fetchone()
-            if col is None:
-                raise NotFound(f"collection {collection_id!r} does not exist")
-            cycle = int(col["cycle"]) + 1
-            batch_id = make_id(cycle)
-            now = timestamp()
-            db.execute(
-                "INSERT INTO batches (collection_id, batch_id, cycle, budget, reason, finished,"
-                " model_name, model_version, filter, n_items, stats, request_id, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (collection_id, batch_id, cycle, int(budget), reason, int(bool(finished)),
-                 model_name, model_version, json.dumps(dict(filter or {}), sort_keys=True),
-                 int(n_items), json.dumps(dict(stats or {}), sort_keys=True, default=float),
-                 request_id, now),
-            )
-            db.executemany(
-                "INSERT INTO batch_pairs (collection_id, pair_id, batch_id, position, image_a,"
-                " image_b, pool, region, probability, similarity)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(collection_id, f"{batch_id}/{k}", batch_id, k, p.image_a, p.image_b,
-                  p.pool, int(p.region), float(p.probability), float(p.similarity))
-                 for k, p in enumerate(pairs)],
-            )
-            db.execute("UPDATE collections SET cycle = ? WHERE id = ?", (cycle, collection_id))
-            row = db.execute("SELECT * FROM batches WHERE collection_id = ? AND batch_id = ?",
-                             (collection_id, batch_id)).fetchone()
-        return _batch(row), True
+        """Store a batch named ``make_id(cycle)`` as the collection's next cycle, in one
+        :meth:`batch_transaction`; returns ``(batch, created)``. With a ``request_id``
+        already used by a batch of this collection, that batch is returned instead
+        (``created`` False) and nothing changes. The ``pair_id`` of ``pairs`` is ignored."""
+        draft = BatchDraft(pairs, budget, reason, finished, model_name, model_version,
+                           filter or {}, n_items, stats or {}, request_id)
+        with self.batch_transaction(collection_id) as tx:
+            earlier = tx.batch_of_request(request_id)
+            if earlier is not None:
+                return earlier, False
+            cycle = tx.next_cycle()
+            return tx.insert(make_id(cycle), cycle, draft), True
 
     def batch(self, collection_id: str, batch_id: str) -> BatchRecord:
         rows = self._query("SELECT * FROM batches WHERE collection_id = ? AND batch_id = ?",

@@ -3,6 +3,7 @@ give their fields meaning), free of any database concern."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -174,6 +175,24 @@ class BatchRecord:
     stats: dict[str, Any]
     request_id: str
     created_at: float
+
+
+@dataclass(frozen=True)
+class BatchDraft:
+    """A query batch about to be stored (:class:`~reidal.store.batches.BatchTransaction`):
+    its pairs in draw order (their ``pair_id`` is assigned on insert) and what is recorded
+    with it."""
+
+    pairs: Sequence[PairRecord]
+    budget: int
+    reason: str
+    finished: bool
+    model_name: str
+    model_version: str
+    filter: Mapping[str, Any] = field(default_factory=dict)
+    n_items: int = 0
+    stats: Mapping[str, Any] = field(default_factory=dict)
+    request_id: str = ""
 
 
 @dataclass(frozen=True)
