@@ -176,3 +176,21 @@ def test_cli_choices_match_the_server():
 
     assert cli.CLUSTERING_MODES == collection_state.CLUSTERING_MODES
     assert cli.SAMPLERS == collection_state.SAMPLERS
+
+
+def test_the_choice_is_stored_with_the_batch_in_postgresql(postgres_url, tmp_path):
+    srv = serve(["collections", "sampling", "constraints"], data_dir=tmp_path,
+                database_url=postgres_url, triton_url=f"127.0.0.1:{_closed_port()}",
+                start_triton=False, health_interval_s=60)
+    try:
+        with ReidalClient(srv.address, timeout_s=60) as c:
+            _collection(c, "pg", clustering=ClusteringParams(mode="calibrated", k2=3),
+                        sampling=SamplingParams(sampler="aas-continued"))
+            batch = c.get_query_pairs("pg", budget=40)
+            again = c.get_query_batch("pg", batch.batch_id)
+    finally:
+        srv.stop(grace=1)
+    assert batch.clustering is not None and batch.clustering.k2 == 3
+    assert again.clustering == batch.clustering
+    assert again.stats == batch.stats and again.stats["sampler"] == "aas-continued"
+    assert {p.pool for p in again.pairs} >= {"continuation"}
