@@ -194,3 +194,13 @@ def test_the_choice_is_stored_with_the_batch_in_postgresql(postgres_url, tmp_pat
     assert again.clustering == batch.clustering
     assert again.stats == batch.stats and again.stats["sampler"] == "aas-continued"
     assert {p.pool for p in again.pairs} >= {"continuation"}
+
+
+def test_the_review_page_explains_a_continuation_pair():
+    from reidal.web.api import why_asked
+    from reidal_client import ModelRef, QueryPair
+
+    pair = QueryPair("p", "a", "b", 0.4, "continuation", -1, 1.0, ModelRef(), False)
+    assert "threshold" in why_asked(pair)
+    assert why_asked(pair) != why_asked(QueryPair("p", "a", "b", 0.4, "", -1, 1.0, ModelRef(),
+                                                  False))

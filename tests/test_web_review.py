@@ -201,6 +201,9 @@ def test_json_api_collections_batches_and_images(server, client):
     assert [(p["pair_id"], p["image_a"], p["image_b"]) for p in stored["batch"]["pairs"]] == [
         (p.pair_id, p.image_a, p.image_b) for p in ref_batch.pairs]
     assert all(p["why"] and p["pool"] in ("U_os", "U_us") for p in stored["batch"]["pairs"])
+    assert stored["batch"]["sampler"] == "aas"
+    assert stored["batch"]["clustering"]["mode"] == "fixed"
+    assert stored["batch"]["clustering"]["k1"] == ref_batch.clustering.k1
 
     pic = photos()[5]
     status, body, headers = http(api(server, f"images/{CID}/{pic.image_id}"))

@@ -48,7 +48,7 @@ import threading
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -158,6 +158,10 @@ def why_asked(pair: QueryPair) -> str:
     if pair.pool == "U_us":
         return (f"The closest pair across two clusters that the other clustering joins "
                 f"(region {pair.region}): a clustering may have merged two individuals")
+    if pair.pool == "continuation":
+        return ("Two near neighbours right at the clustering's threshold: the answer decides "
+                "whether they are linked (asked after the disagreements ran out, to use the "
+                "rest of the cycle's budget)")
     return "Chosen where the two clusterings of the collection disagree"
 
 
@@ -172,7 +176,8 @@ def batch_json(b: QueryBatch) -> dict[str, Any]:
             "pairs": [pair_json(p) for p in b.pairs], "budget": b.budget, "reason": b.reason,
             "reason_text": b.reason_text, "finished": b.finished, "answered": b.answered,
             "sampled_images": b.sampled_images, "model": str(b.model),
-            "created_at": _iso(b.created_at)}
+            "created_at": _iso(b.created_at), "sampler": b.stats.get("sampler", ""),
+            "clustering": asdict(b.clustering) if b.clustering is not None else None}
 
 
 def answer_json(a: StoredAnswer) -> dict[str, Any]:
