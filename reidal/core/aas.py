@@ -44,6 +44,7 @@ from reidal.core.aas_regions import (
     regions_of_uncertainty,
 )
 from reidal.core.neighbour_cache import _NEIGHBOUR_GRAPHS, NeighbourGraphCache
+from reidal.core.neighbors import KNN_EXACT_BELOW, KNN_TARGET_RECALL
 from reidal.core.sampling import (
     REASON_ALL_RESOLVED,
     QueryPair,
@@ -61,16 +62,6 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 IndexKind = Literal["flat", "hnsw", "ivf"]
 KnnIndexChoice = Literal["auto", "flat", "hnsw", "ivf"]
-
-#: knn() settings the sampler passes for an approximate index, under any ``knn_options``
-#: (OURS). IVF keeps neighbors.knn's nlist = 4 sqrt(n), trained on 64 points per list (a
-#: smaller training sample lost more recall than it saved time); only nprobe is raised.
-#: Measured on make_reid_embeddings, n = 100k, d = 256, 2 CPU cores, nprobe 16 / 32 / 64:
-#: 16.5 / 19.1 / 25.7 s, recall@30 0.60 / 0.65 / 0.71, pairwise F1 against the true
-#: identities of DBSCAN 0.809 / 0.827 / 0.841 and of FINCH 0.501 / 0.522 / 0.534, where
-#: exact search (96 s) gives 0.856 and 0.541. HNSW keeps knn's defaults (M 32, efSearch
-#: 128: 96 s there; M 16, efSearch 64 took 15 s but FINCH fell to 0.499).
-APPROXIMATE_KNN_DEFAULTS: dict[str, dict[str, Any]] = {"ivf": {"nprobe": 64}, "hnsw": {}}
 
 #: Reason of an empty batch when the two clusterings agree everywhere.
 REASON_AGREE = "no disagreement left between the clusterings"
@@ -105,16 +96,20 @@ class AmbiguityAwareSampler:
     pair_weights: the factors pi, rho, omega of P(y | U_us) (see mixture_probabilities).
     use_knn_candidates: add kNN edges to the stored Jaccard entries as U_us candidates.
 
-    knn_index (OURS, default "auto"): the faiss index of the one kNN search that feeds the
-    Jaccard distance, FINCH and the U_us candidates. "flat" is exact (IndexFlatIP); "hnsw"
-    and "ivf" are approximate (see reidal.core.neighbors.KNNIndex and approximate_recall);
-    "auto" is "flat" below ``knn_auto_threshold`` items and ``knn_auto_index`` from there
-    on. Exact search costs n^2 d: at n = 100k, d = 256 it took 100-150 s on two CPU
-    cores, beyond a one-minute cycle; at the 50k threshold it is a quarter of that.
-    knn_options: extra keyword arguments for reidal.core.neighbors.knn (nprobe, nlist,
-    hnsw_m, ef_search, ef_construction, use_gpu, seed), e.g. {"nprobe": 32}; they override
-    APPROXIMATE_KNN_DEFAULTS (OURS: IVF nprobe 64, chosen by measured recall and F1).
-    knn_auto_threshold (OURS, 50_000) and knn_auto_index (OURS, "ivf"): see knn_index.
+    knn_index (OURS, default "auto"): the index of the one kNN search that feeds the
+    Jaccard distance, FINCH and the U_us candidates (reidal.core.neighbors.knn_search).
+    "flat" is exact; "ivf" and "hnsw" are approximate; "auto" is exact below
+    ``knn_auto_threshold`` items (OURS, 10_000; exact search costs n^2 d, at n = 100k and
+    d = 256 100-150 s on two CPU cores) and from there on ``knn_auto_index``: "ivf" (OURS)
+    is an inverted file whose nprobe is calibrated on a sample of queries against exact
+    search until ``knn_target_recall`` is met (exact search when it cannot be), "hnsw" is
+    faiss's HNSW with knn_options. The graph's recall@k1, measured on that sample, is in
+    ``stats["knn"]`` of every batch.
+    knn_target_recall (OURS, 0.95 = neighbors.KNN_TARGET_RECALL): the recall@k1 the
+    approximate graph must reach; 1.0 means exact search at every n.
+    knn_options: extra keyword arguments for reidal.core.neighbors.knn_search (nprobe,
+    nlist, hnsw_m, ef_search, ef_construction, use_gpu, seed, n_queries); an nprobe given
+    here is used as is instead of calibrated.
 
     os_similarity (OURS, default "jaccard" = the paper's sim): what U_os ranks and keeps
     medoid pairs by, "jaccard" (1 - k-reciprocal Jaccard distance) or "cosine" of the
@@ -153,9 +148,10 @@ class AmbiguityAwareSampler:
         jaccard_max_distance: float | Literal["auto"] = "auto",
         knn_index: KnnIndexChoice = "auto",
         knn_options: dict[str, Any] | None = None,
-        knn_auto_threshold: int = 50_000,
+        knn_auto_threshold: int = KNN_EXACT_BELOW,
         knn_auto_index: IndexKind = "ivf",
         os_similarity: str = "jaccard",
+        knn_target_recall: float = KNN_TARGET_RECALL,
     ) -> None:
         if not 0.0 <= float(eps) <= 1.0:
             raise ValueError(f"eps must be in [0, 1], got {eps}")
@@ -209,7 +205,10 @@ class AmbiguityAwareSampler:
             raise ValueError(
                 f"knn_options must be a dict or None, got {type(knn_options).__name__}"
             )
-        reserved = {"index", "k", "X"} & set(knn_options or {})
+        if isinstance(knn_target_recall, bool) or not 0.0 < float(knn_target_recall) <= 1.0:
+            raise ValueError(f"knn_target_recall must be in (0, 1], got {knn_target_recall!r}")
+        self.knn_target_recall = float(knn_target_recall)
+        reserved = {"index", "k", "X", "target_recall", "exact_below"} & set(knn_options or {})
         if reserved:
             raise ValueError(f"knn_options must not set {sorted(reserved)}: use knn_index")
         self.knn_index = knn_index
@@ -223,6 +222,14 @@ class AmbiguityAwareSampler:
             return self.knn_index
         return "flat" if n < self.knn_auto_threshold else self.knn_auto_index
 
+    def _knn_request(self, n: int) -> tuple[str, dict[str, Any]]:
+        """The index and options the neighbour graph's kNN search is asked for at n items."""
+        options = {"target_recall": self.knn_target_recall,
+                   "exact_below": self.knn_auto_threshold, **self.knn_options}
+        if self.knn_index == "auto" and self.knn_auto_index == "ivf":
+            return "auto", options
+        return self.resolved_knn_index(n), options
+
     def resolved_jaccard_max_distance(self) -> float:
         """The Jaccard cut ``jaccard_max_distance`` means (see the class docstring)."""
         if self.jaccard_max_distance != "auto":
@@ -230,9 +237,14 @@ class AmbiguityAwareSampler:
         db_eps = float(getattr(self._dbscan(), "eps", 0.0))
         return min(1.0, max(db_eps, 1.0 - self.s_min))
 
-    def neighbour_graph(self, X: np.ndarray, timings: dict[str, float] | None = None
-                        ) -> tuple[tuple[np.ndarray, np.ndarray], sp.csr_matrix, bool]:
+    def neighbour_graph(
+        self, X: np.ndarray, timings: dict[str, float] | None = None,
+        reports: dict[str, Any] | None = None,
+    ) -> tuple[tuple[np.ndarray, np.ndarray], sp.csr_matrix, bool]:
         """(kNN result, Jaccard matrix, was cached) of ``X`` as this sampler builds them.
+
+        ``reports``, when given, receives the kNN search's KNNReport under "knn" (the index
+        used and the recall measured).
 
         One kNN search (self in column 0, k clipped to n) serves Jaccard, FINCH and U_us;
         both come from the process-wide cache, so whatever else clusters the same vectors
@@ -247,13 +259,15 @@ class AmbiguityAwareSampler:
                 f"jaccard_max_distance {max_distance} is below DBSCAN's eps "
                 f"{db_eps}: DBSCAN would lose neighbours"
             )
-        index = self.resolved_knn_index(X.shape[0])
-        options = {**APPROXIMATE_KNN_DEFAULTS.get(index, {}), **self.knn_options}
-        return _NEIGHBOUR_GRAPHS.get_or_build(
+        index, options = self._knn_request(X.shape[0])
+        knn_result, D, cached, report = _NEIGHBOUR_GRAPHS.get_or_build(
             X, k1=int(getattr(dbscan, "k1", 30)), k2=int(getattr(dbscan, "k2", 6)),
             index=index, options=options, max_distance=max_distance,
             timings=timings if timings is not None else {},
         )
+        if reports is not None:
+            reports["knn"] = report
+        return knn_result, D, cached
 
     # Defaults are built lazily so importing this module does not need every dependency.
     def _dbscan(self) -> Any:
@@ -290,8 +304,8 @@ class AmbiguityAwareSampler:
         X, n_budget, excl = check_sample_inputs(X, constraints, budget, exclude_pairs)
         timings: dict[str, float] = {}
         dbscan = self._dbscan()
-        knn_result, D, cached = self.neighbour_graph(X, timings)
-        index = self.resolved_knn_index(X.shape[0])
+        reports: dict[str, Any] = {}
+        knn_result, D, cached = self.neighbour_graph(X, timings, reports)
         max_distance = self.resolved_jaccard_max_distance()
         timings["knn_jaccard"] = timings["knn"] + timings["jaccard"]
 
@@ -326,7 +340,8 @@ class AmbiguityAwareSampler:
         result.stats["neighbour_graph_cached"] = cached
         result.stats["np3_changed_a"] = changed_a
         result.stats["np3_changed_b"] = changed_b
-        result.stats["knn_index"] = index
+        result.stats["knn_index"] = reports["knn"].index
+        result.stats["knn"] = reports["knn"].as_stats()
         result.stats["jaccard_max_distance"] = max_distance
         return result
 

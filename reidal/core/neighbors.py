@@ -13,26 +13,50 @@ GiB. ``tests/test_neighbors.py`` checks it against a dense transcription of the 
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import faiss
 import numpy as np
 import scipy.sparse as sp
 
+from reidal.core import ivf_knn
 from reidal.core.validation import check_embeddings
 
 IndexKind = Literal["flat", "hnsw", "ivf"]
+IndexChoice = Literal["auto", "flat", "hnsw", "ivf"]
 GpuChoice = bool | Literal["auto"]
 
 #: Triples (row, shared column, partner) handled per block in the Jaccard overlap step;
 #: bounds its transient memory to a few hundred MiB whatever n is.
 JACCARD_BLOCK_TRIPLES = 1 << 21
 
+#: OURS. The recall@k an approximate k-NN graph must reach when knn_search chooses the index
+#: (``target_recall``): the fraction of each item's exact k nearest neighbours it holds,
+#: averaged over items. At 0.95 DBSCAN's and FINCH's partitions are nearly those of exact
+#: search (docs/benchmarks.md); 1.0 means exact search at every n.
+KNN_TARGET_RECALL = 0.95
+
+#: OURS. Below this many items ``index="auto"`` searches exactly: n^2 d multiply-adds, about
+#: 2.6e10 at 10k and d = 256 (seconds on two cores), where the calibrated inverted file saves
+#: little and exactness keeps small collections deterministic.
+KNN_EXACT_BELOW = 10_000
+
+#: OURS. Sample queries whose exact neighbours calibrate nprobe and measure the recall, and
+#: the standard errors the sample recall must clear the target by (one-sided 95 %). 500
+#: queries x k neighbours give a standard error of a few thousandths; their exact search
+#: costs 500 n d, a fraction of the graph's own cost.
+KNN_CALIBRATION_QUERIES = 500
+KNN_CALIBRATION_Z = 1.645
+
 #: faiss GPU indexes answer at most this many neighbours per query; larger k runs on the CPU.
 GPU_MAX_K = 2048
 
 __all__ = [
+    "KNN_EXACT_BELOW",
+    "KNN_TARGET_RECALL",
     "KNNIndex",
+    "KNNReport",
     "approximate_recall",
     "check_knn_result",
     "gpu_available",
@@ -40,6 +64,7 @@ __all__ = [
     "jaccard_similarity",
     "knn",
     "knn_recall",
+    "knn_search",
 ]
 
 
@@ -187,34 +212,223 @@ def _self_first(X: np.ndarray, sims: np.ndarray, idx: np.ndarray) -> None:
     sims[rows] = np.column_stack([self_sim, rest_s])
 
 
-def knn(
+@dataclass(frozen=True)
+class KNNReport:
+    """How a k-NN graph was searched and how close to exact it is.
+
+    ``index``: "flat" (exact), "ivf" or "hnsw"; ``params``: the index's settings as used
+    (nlist and nprobe for "ivf"; nprobe chosen by calibration unless given); ``recall``:
+    recall@k of the returned graph on ``n_queries`` seeded sample rows against exact search
+    of those rows (1.0 and 0 queries for exact search), ``recall_se`` its standard error;
+    ``target_recall``: what the choice aimed at (None when the index was given);
+    ``reason``: why this index, in words.
+    """
+
+    index: str
+    k: int
+    recall: float
+    recall_se: float = 0.0
+    n_queries: int = 0
+    target_recall: float | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+
+    def as_stats(self) -> dict[str, Any]:
+        """A JSON-ready dict (sampler stats, benchmark rows)."""
+        return {
+            "index": self.index, "k": self.k, "recall": round(self.recall, 4),
+            "recall_se": round(self.recall_se, 4), "n_queries": self.n_queries,
+            "target_recall": self.target_recall, "params": dict(self.params),
+            "reason": self.reason,
+        }
+
+
+def _on_gpu(use_gpu: GpuChoice) -> bool:
+    if use_gpu not in (True, False, "auto"):
+        raise ValueError(f"use_gpu must be True, False or 'auto', got {use_gpu!r}")
+    return use_gpu is True or (use_gpu == "auto" and gpu_available())
+
+
+def _sample_rows(n: int, n_queries: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, min(n_queries, n), replace=False))
+
+
+def _exact_rows(X: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k of the given rows of X (no index copy of X: faiss.knn reads it in place)."""
+    _, idx = faiss.knn(X[rows], X, k, metric=faiss.METRIC_INNER_PRODUCT)
+    return idx.astype(np.int64, copy=False)
+
+
+def _sample_recall(idx: np.ndarray, rows: np.ndarray, exact: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error over the sample rows of their per-row recall."""
+    per_row = _per_row_recall(idx[rows], exact)
+    se = float(per_row.std(ddof=1) / np.sqrt(per_row.size)) if per_row.size > 1 else 0.0
+    return float(per_row.mean()), se
+
+
+def knn_search(
     X: object,
     k: int,
     *,
-    index: IndexKind = "flat",
+    index: IndexChoice = "auto",
+    target_recall: float = KNN_TARGET_RECALL,
+    exact_below: int = KNN_EXACT_BELOW,
+    n_queries: int = KNN_CALIBRATION_QUERIES,
     use_gpu: GpuChoice = "auto",
     nlist: int | None = None,
-    nprobe: int = 16,
+    nprobe: int | None = None,
     hnsw_m: int = 32,
     ef_search: int = 128,
     ef_construction: int = 40,
     seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, KNNReport]:
+    """The k-NN graph of X (as :func:`knn`) and a :class:`KNNReport` of how it was found.
+
+    ``index="auto"`` chooses by n and ``target_recall``: exact search ("flat") below
+    ``exact_below`` items, for a target of 1, or when the search runs on a GPU (exact search
+    of a million vectors takes seconds there); otherwise a calibrated inverted file
+    (:mod:`reidal.core.ivf_knn`): nlist = sqrt(n) spherical kmeans lists, and the smallest
+    nprobe whose recall on ``n_queries`` seeded sample rows, measured against exact search
+    of those rows, clears the target by ``KNN_CALIBRATION_Z`` standard errors. If no nprobe
+    up to a quarter of the lists does, exact search runs instead (it then costs at most
+    about four times as much). The report's recall is measured on the returned graph.
+
+    ``index="ivf"`` on the CPU is the same inverted file with ``nprobe`` as given, or
+    calibrated to ``target_recall`` when None; on a GPU it is faiss's GPU IVF (nprobe
+    default 16). "hnsw" and "flat" are :class:`KNNIndex`'s; every approximate result's
+    recall is measured on the sample.
+    """
+    X = check_embeddings(X)
+    n = X.shape[0]
+    k = min(_check_positive_int(k, "k"), n)
+    if index not in ("auto", "flat", "hnsw", "ivf"):
+        raise ValueError(f"index must be 'auto', 'flat', 'hnsw' or 'ivf', got {index!r}")
+    target = float(target_recall)
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}")
+    exact_below = _check_positive_int(exact_below, "exact_below")
+    n_queries = _check_positive_int(n_queries, "n_queries")
+    if nprobe is not None:
+        nprobe = _check_positive_int(nprobe, "nprobe")
+    if nlist is not None:
+        nlist = _check_positive_int(nlist, "nlist")
+    gpu = _on_gpu(use_gpu)
+    chosen = index != "auto"
+    reason = "given"
+    if index == "auto":
+        if target >= 1.0:
+            index, reason = "flat", "target recall 1"
+        elif n < exact_below:
+            index, reason = "flat", f"n = {n} < {exact_below}"
+        elif gpu:
+            index, reason = "flat", "exact search on the GPU"
+        else:
+            index, reason = "ivf", f"n = {n} >= {exact_below}, nprobe calibrated"
+
+    def exact_report(why: str) -> KNNReport:
+        return KNNReport("flat", k, 1.0, target_recall=None if chosen else target, reason=why)
+
+    if index == "flat" or (index == "ivf" and not gpu and n <= 1):
+        sims, idx = KNNIndex(X, index="flat", use_gpu=use_gpu).search(X, k)
+        _self_first(X, sims, idx)
+        return sims, idx, exact_report(reason)
+
+    rows = _sample_rows(n, n_queries, seed)
+    exact = _exact_rows(X, rows, k)
+    params: dict[str, Any]
+    if index == "ivf" and not gpu:
+        nlist = min(nlist or ivf_knn.default_nlist(n), n)
+        centroids = ivf_knn.train_centroids(X, nlist, seed)
+        params = {"nlist": nlist}
+        if nprobe is None:
+            P = max(1, int(nlist * ivf_knn.IVF_MAX_PROBE_FRACTION))
+            query_lists = ivf_knn.nearest_lists(X[rows], centroids, P)
+            items, inverse = np.unique(exact, return_inverse=True)
+            homes = ivf_knn.nearest_lists(X[items], centroids, 1)[:, 0]
+            cal = ivf_knn.calibrate_nprobe(
+                ivf_knn.recall_by_nprobe(homes[inverse.reshape(exact.shape)], query_lists),
+                target, KNN_CALIBRATION_Z,
+            )
+            if cal.nprobe is None:
+                return (*knn(X, k, index="flat", use_gpu=False), exact_report(
+                    f"IVF reached recall {cal.recall:.3f} at nprobe {cal.max_nprobe} of "
+                    f"{nlist} lists, below the target {target}: exact search"))
+            nprobe = cal.nprobe
+            params["calibrated"] = True
+        params["nprobe"] = min(nprobe, nlist)
+        sims, idx = ivf_knn.ivf_self_knn(X, k, ivf_knn.nearest_lists(X, centroids, nprobe))
+        _complete_short_rows(X, sims, idx)
+    else:
+        options: dict[str, Any]
+        if index == "ivf":
+            options = {"nlist": nlist, "nprobe": nprobe or 16}
+        else:
+            options = {"hnsw_m": hnsw_m, "ef_search": ef_search,
+                       "ef_construction": ef_construction}
+        built = KNNIndex(X, index=index, use_gpu=use_gpu, seed=seed, **options)
+        sims, idx = built.search(X, k)
+        params = {key: val for key, val in options.items() if val is not None}
+    _self_first(X, sims, idx)
+    recall, se = _sample_recall(idx, rows, exact)
+    report = KNNReport(index, k, recall, se, rows.size, None if chosen else target, params,
+                       reason)
+    return sims, idx, report
+
+
+def _complete_short_rows(X: np.ndarray, sims: np.ndarray, idx: np.ndarray) -> None:
+    """Rows whose probed lists held fewer than k items are searched again exactly, in place."""
+    short = np.flatnonzero((idx < 0).any(axis=1))
+    if short.size:
+        s, i = faiss.knn(X[short], X, idx.shape[1], metric=faiss.METRIC_INNER_PRODUCT)
+        sims[short], idx[short] = s, i
+
+
+def knn(
+    X: object,
+    k: int,
+    *,
+    index: IndexChoice = "flat",
+    use_gpu: GpuChoice = "auto",
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    hnsw_m: int = 32,
+    ef_search: int = 128,
+    ef_construction: int = 40,
+    seed: int = 0,
+    target_recall: float = KNN_TARGET_RECALL,
+    exact_below: int = KNN_EXACT_BELOW,
 ) -> tuple[np.ndarray, np.ndarray]:
     """k nearest neighbours of every row of X among the rows of X, by cosine similarity.
 
     Returns (sims float32 (n, k), idx int64 (n, k)), each row sorted by decreasing
-    similarity with the item itself in column 0; k is clipped to n. See :class:`KNNIndex`
-    for ``index`` / ``use_gpu`` and the tuning parameters.
+    similarity with the item itself in column 0; k is clipped to n. Exact by default; see
+    :func:`knn_search` for ``index="auto"`` / "ivf" / "hnsw" (and the report of the
+    recall) and :class:`KNNIndex` for ``use_gpu``.
     """
     X = check_embeddings(X)
     k = _check_positive_int(k, "k")
-    built = KNNIndex(
-        X, index=index, use_gpu=use_gpu, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m,
+    if index == "flat":
+        sims, idx = KNNIndex(X, index="flat", use_gpu=use_gpu).search(X, k)
+        _self_first(X, sims, idx)
+        return sims, idx
+    sims, idx, _ = knn_search(
+        X, k, index=index, use_gpu=use_gpu, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m,
         ef_search=ef_search, ef_construction=ef_construction, seed=seed,
+        target_recall=target_recall, exact_below=exact_below,
     )
-    sims, idx = built.search(X, k)
-    _self_first(X, sims, idx)
     return sims, idx
+
+
+def _per_row_recall(a: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """Per row, the fraction of the exact neighbours e (>= 0) that a holds."""
+    found = np.zeros(e.shape[0])
+    step = max(1, (1 << 22) // max(1, a.shape[1] * e.shape[1]))
+    for s in range(0, e.shape[0], step):  # row chunks bound the (rows, ka, k) comparison
+        hit = (a[s : s + step, :, None] == e[s : s + step, None, :]).any(axis=1)
+        valid = e[s : s + step] >= 0
+        found[s : s + step] = (hit & valid).sum(axis=1) / np.maximum(valid.sum(axis=1), 1)
+    return found
 
 
 def knn_recall(approx_idx: object, exact_idx: object) -> float:
@@ -227,13 +441,7 @@ def knn_recall(approx_idx: object, exact_idx: object) -> float:
         )
     if e.shape[0] == 0 or e.shape[1] == 0:
         raise ValueError("exact_idx is empty")
-    found = np.zeros(e.shape[0])
-    step = max(1, (1 << 22) // max(1, a.shape[1] * e.shape[1]))
-    for s in range(0, e.shape[0], step):  # row chunks bound the (rows, ka, k) comparison
-        hit = (a[s : s + step, :, None] == e[s : s + step, None, :]).any(axis=1)
-        valid = e[s : s + step] >= 0
-        found[s : s + step] = (hit & valid).sum(axis=1) / np.maximum(valid.sum(axis=1), 1)
-    return float(found.mean())
+    return float(_per_row_recall(a, e).mean())
 
 
 def approximate_recall(

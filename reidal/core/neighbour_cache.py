@@ -11,10 +11,13 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from reidal.core.neighbors import KNNReport
 
 
 class NeighbourGraphCache:
@@ -29,7 +32,9 @@ class NeighbourGraphCache:
 
     def __init__(self, maxsize: int = 2) -> None:
         self.maxsize = int(maxsize)
-        self._entries: OrderedDict[tuple, tuple[tuple[np.ndarray, np.ndarray], sp.csr_matrix]]
+        self._entries: OrderedDict[
+            tuple, tuple[tuple[np.ndarray, np.ndarray], sp.csr_matrix, KNNReport]
+        ]
         self._entries = OrderedDict()
         self._lock = threading.Lock()
 
@@ -43,9 +48,11 @@ class NeighbourGraphCache:
         options: dict[str, Any],
         max_distance: float,
         timings: dict[str, float],
-    ) -> tuple[tuple[np.ndarray, np.ndarray], sp.csr_matrix, bool]:
-        """(knn_result, D, was_cached); fills ``timings['knn']`` and ``timings['jaccard']``."""
-        from reidal.core.neighbors import jaccard_distance, knn
+    ) -> tuple[tuple[np.ndarray, np.ndarray], sp.csr_matrix, bool, KNNReport]:
+        """(knn_result, D, was_cached, knn_report); fills ``timings['knn']`` and
+        ``timings['jaccard']``. ``options`` go to :func:`reidal.core.neighbors.knn_search`
+        (``index`` may be "auto": the index is then chosen by n and the target recall)."""
+        from reidal.core.neighbors import jaccard_distance, knn_search
 
         digest = hashlib.blake2b(np.ascontiguousarray(X).data, digest_size=16).hexdigest()
         key = (digest, X.shape, k1, k2, index, tuple(sorted(options.items())), max_distance)
@@ -55,9 +62,10 @@ class NeighbourGraphCache:
                 self._entries.move_to_end(key)
         if hit is not None:
             timings["knn"] = timings["jaccard"] = 0.0
-            return hit[0], hit[1], True
+            return hit[0], hit[1], True, hit[2]
         t = time.perf_counter()
-        knn_result = knn(X, max(k1, 2), index=index, **options)
+        sims, idx, report = knn_search(X, max(k1, 2), index=index, **options)
+        knn_result = (sims, idx)
         timings["knn"] = time.perf_counter() - t
         t = time.perf_counter()
         D = jaccard_distance(X, k1=k1, k2=k2, knn_result=knn_result, max_distance=max_distance)
@@ -66,10 +74,10 @@ class NeighbourGraphCache:
         for arr in (*knn_result, D.data, D.indices, D.indptr):
             arr.flags.writeable = False
         with self._lock:
-            self._entries[key] = (knn_result, D)
+            self._entries[key] = (knn_result, D, report)
             while len(self._entries) > self.maxsize:
                 self._entries.popitem(last=False)
-        return knn_result, D, False
+        return knn_result, D, False, report
 
 
 #: Shared by every sampler in the process (the sampling service builds one per cycle).

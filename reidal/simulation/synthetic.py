@@ -8,7 +8,14 @@ generator plants them on purpose, with named fractions, and reports where it put
 
 Geometry (all on the unit sphere in ``dim`` dimensions):
 
-- identity centres are uniform random directions;
+- identity centres are uniform random directions, or, with ``group_size`` > 1, look-alike
+  groups: consecutive runs of ``group_size`` identities share a random group direction g and
+  each centre is ``g + group_spread * u`` (u uniform, renormalised), so two centres of one
+  group have cosine about ``1 / (1 + group_spread**2)``. Real embedding spaces are organised
+  like that (similar coats, one population, one camera site): an image's nearest images of
+  other individuals are a few look-alikes, not a uniform draw over the whole collection,
+  which in high dimension makes the tail of every k-NN list a near-tie among thousands
+  and approximate search's recall a measure of noise;
 - ``twin_fraction`` of the identities come in pairs whose centres have cosine
   ``1 / sqrt(1 + twin_separation**2)`` (the second centre is the first pushed by
   ``twin_separation`` along a random orthogonal direction);
@@ -110,6 +117,8 @@ def make_reid_embeddings(
     mode_separation: float = 0.8,
     twin_fraction: float = 0.3,
     twin_separation: float = 0.5,
+    group_size: int = 1,
+    group_spread: float = 1.0,
 ) -> SyntheticEmbeddings:
     """Seeded re-ID-like embeddings with deliberate merges (twins) and splits (two modes).
 
@@ -128,10 +137,21 @@ def make_reid_embeddings(
     twin_separation = _check_nonneg(twin_separation, "twin_separation")
     two_mode_fraction = _check_fraction(two_mode_fraction, "two_mode_fraction")
     twin_fraction = _check_fraction(twin_fraction, "twin_fraction")
+    group_spread = _check_nonneg(group_spread, "group_spread")
+    if isinstance(group_size, bool) or int(group_size) != group_size or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size}")
+    group_size = int(group_size)
 
     rng = np.random.default_rng(seed)
     sizes = _identity_sizes(rng, n_identities, images_per_identity, size_exponent)
     centres = _unit_rows(rng.standard_normal((n_identities, dim), dtype=np.float32))
+    if group_size > 1:
+        # A stream of its own, so group_size = 1 draws exactly what it always drew.
+        g_rng = np.random.default_rng([seed, 1])
+        n_groups = -(-n_identities // group_size)
+        g = _unit_rows(g_rng.standard_normal((n_groups, dim), dtype=np.float32))
+        group = np.arange(n_identities) // group_size
+        centres = _unit_rows(g[group] + group_spread * centres)
 
     n_pairs = int(np.floor(twin_fraction * n_identities / 2))
     twins = rng.permutation(n_identities)[: 2 * n_pairs].reshape(n_pairs, 2).astype(np.int64)
@@ -174,6 +194,8 @@ def make_reid_embeddings(
             "mode_separation": mode_separation,
             "twin_fraction": twin_fraction,
             "twin_separation": twin_separation,
+            "group_size": group_size,
+            "group_spread": group_spread,
         },
     }
     return SyntheticEmbeddings(X=X, labels=labels, info=info)
