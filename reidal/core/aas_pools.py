@@ -127,17 +127,21 @@ def oversegmentation_pool(
 
 
 def _candidate_pairs(
-    region: np.ndarray, rp: RegionPairs, knn_idx: np.ndarray | None
+    region: np.ndarray, rp: RegionPairs, knn_idx: np.ndarray | None,
+    a: np.ndarray, b: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs inside one region that may be a closest cross pair, with their distance.
 
     Stored Jaccard entries hold every pair closer than distance 1; kNN edges add pairs
     for clusters with no stored entry between them (all their cross pairs are at distance
     1 and the cosine tie-break decides, among kNN edges). Duplicates keep the smaller
-    distance (a stored entry beats the kNN default of 1).
+    distance (a stored entry beats the kNN default of 1). Only pairs that cross two
+    clusters of ``a`` or of ``b`` can be a closest cross pair, so the others (most kNN
+    edges: an item's neighbours are mostly its own cluster's) are dropped first.
     """
     n = region.size
-    r, c, d = rp.i, rp.j, rp.distance
+    cross = (a[rp.i] != a[rp.j]) | (b[rp.i] != b[rp.j])
+    r, c, d = rp.i[cross], rp.j[cross], rp.distance[cross]
     if knn_idx is not None and knn_idx.size:
         idx = np.asarray(knn_idx, dtype=np.int64)
         kr = np.repeat(np.arange(n, dtype=np.int64), idx.shape[1])
@@ -145,6 +149,8 @@ def _candidate_pairs(
         ok = (kc >= 0) & (kc != kr)
         kr, kc = kr[ok], kc[ok]
         ok = (region[kr] >= 0) & (region[kr] == region[kc])
+        kr, kc = kr[ok], kc[ok]
+        ok = (a[kr] != a[kc]) | (b[kr] != b[kc])
         kr, kc = kr[ok], kc[ok]
         r = np.concatenate([r, np.minimum(kr, kc)])
         c = np.concatenate([c, np.maximum(kr, kc)])
@@ -198,12 +204,12 @@ def undersegmentation_pool(
     if n == 0 or region.max() < 0:
         return PairPool.empty()
     rp = region_pairs(region, D) if pairs is None else pairs
-    r, c, d = _candidate_pairs(region, rp, knn_idx)
+    a = _compact_with_singletons(la)
+    b = _compact_with_singletons(lb)
+    r, c, d = _candidate_pairs(region, rp, knn_idx, a, b)
     if r.size == 0:
         return PairPool.empty()
     cos = _row_dots(np.asarray(X, dtype=np.float32), r, c)
-    a = _compact_with_singletons(la)
-    b = _compact_with_singletons(lb)
     same_a = (la[r] == la[c]) & (la[r] != -1)
     same_b = b[r] == b[c]
 

@@ -200,6 +200,10 @@ def region_pairs(region: np.ndarray, distance: sp.spmatrix) -> RegionPairs:
     return RegionPairs(np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_d))
 
 
+#: Rows gathered (as float64) at once by region_medoids: 128 MiB at d = 256.
+MEDOID_ROW_BLOCK = 1 << 16
+
+
 def region_medoids(
     region: np.ndarray,
     distance: sp.spmatrix,
@@ -227,12 +231,21 @@ def region_medoids(
     )
     inside = np.flatnonzero(region >= 0)
     reg_in = region[inside]
-    Xi = np.asarray(X, dtype=np.float64)[inside]
-    member = sp.csr_matrix(
-        (np.ones(inside.size), (reg_in, np.arange(inside.size))), shape=(n_regions, inside.size)
-    )
-    sums = np.asarray(member @ Xi)
-    cos_sum = np.einsum("ij,ij->i", Xi, sums[reg_in]) - np.einsum("ij,ij->i", Xi, Xi)
+    X = np.asarray(X)
+    # float64 sums, in blocks of rows: a float64 copy of X at n = 1M, d = 256 is 2 GiB.
+    blocks = range(0, inside.size, MEDOID_ROW_BLOCK)
+    sums = np.zeros((n_regions, X.shape[1]))
+    for s in blocks:  # loop over row blocks, each one vectorised
+        reg_b = reg_in[s : s + MEDOID_ROW_BLOCK]
+        member = sp.csr_matrix(
+            (np.ones(reg_b.size), (reg_b, np.arange(reg_b.size))), shape=(n_regions, reg_b.size)
+        )
+        sums += member @ X[inside[s : s + MEDOID_ROW_BLOCK]].astype(np.float64)
+    cos_sum = np.empty(inside.size)
+    for s in blocks:
+        Xb = X[inside[s : s + MEDOID_ROW_BLOCK]].astype(np.float64)
+        own = sums[reg_in[s : s + MEDOID_ROW_BLOCK]]
+        cos_sum[s : s + Xb.shape[0]] = np.einsum("ij,ij->i", Xb, own) - np.einsum("ij,ij->i", Xb, Xb)
     size = np.bincount(reg_in, minlength=n_regions).astype(np.float64)
     denom = np.maximum(size[reg_in] - 1.0, 1.0)
     jac_mean = jac_sum[inside] / denom
