@@ -13,7 +13,7 @@ import pytest
 
 from reidal.core import ivf_knn
 from reidal.core.neighbors import knn, knn_recall, knn_search
-from reidal.core.synthetic import make_reid_embeddings
+from reidal.simulation.synthetic import make_reid_embeddings
 
 
 @pytest.fixture(scope="module")

@@ -43,8 +43,8 @@ from reidal.core.aas_regions import (
     region_pairs,
     regions_of_uncertainty,
 )
-from reidal.core.neighbour_cache import _NEIGHBOUR_GRAPHS, NeighbourGraphCache
 from reidal.core.neighbors import KNN_EXACT_BELOW, KNN_TARGET_RECALL
+from reidal.core.neighbour_cache import _NEIGHBOUR_GRAPHS, NeighbourGraphCache
 from reidal.core.sampling import (
     REASON_ALL_RESOLVED,
     QueryPair,

@@ -385,38 +385,16 @@ def _complete_short_rows(X: np.ndarray, sims: np.ndarray, idx: np.ndarray) -> No
 
 
 def knn(
-    X: object,
-    k: int,
-    *,
-    index: IndexChoice = "flat",
-    use_gpu: GpuChoice = "auto",
-    nlist: int | None = None,
-    nprobe: int | None = None,
-    hnsw_m: int = 32,
-    ef_search: int = 128,
-    ef_construction: int = 40,
-    seed: int = 0,
-    target_recall: float = KNN_TARGET_RECALL,
-    exact_below: int = KNN_EXACT_BELOW,
+    X: object, k: int, *, index: IndexChoice = "flat", **options: Any
 ) -> tuple[np.ndarray, np.ndarray]:
     """k nearest neighbours of every row of X among the rows of X, by cosine similarity.
 
     Returns (sims float32 (n, k), idx int64 (n, k)), each row sorted by decreasing
-    similarity with the item itself in column 0; k is clipped to n. Exact by default; see
-    :func:`knn_search` for ``index="auto"`` / "ivf" / "hnsw" (and the report of the
-    recall) and :class:`KNNIndex` for ``use_gpu``.
+    similarity with the item itself in column 0; k is clipped to n. Exact by default;
+    ``options`` are :func:`knn_search`'s (``use_gpu``, ``nlist``, ``nprobe``,
+    ``target_recall``...), which also says what ``index="auto"`` / "ivf" / "hnsw" do.
     """
-    X = check_embeddings(X)
-    k = _check_positive_int(k, "k")
-    if index == "flat":
-        sims, idx = KNNIndex(X, index="flat", use_gpu=use_gpu).search(X, k)
-        _self_first(X, sims, idx)
-        return sims, idx
-    sims, idx, _ = knn_search(
-        X, k, index=index, use_gpu=use_gpu, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m,
-        ef_search=ef_search, ef_construction=ef_construction, seed=seed,
-        target_recall=target_recall, exact_below=exact_below,
-    )
+    sims, idx, _ = knn_search(X, k, index=index, **options)
     return sims, idx
 
 
