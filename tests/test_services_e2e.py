@@ -317,9 +317,12 @@ def test_deferred_ingest_then_embed_collection_with_progress(server, stubs, trit
     col = stubs.collections.GetCollection(C.GetCollectionRequest(collection_id="later"))
     assert (col.embedded_image_count, col.model.version) == (12, "1")
     ids, X = server.runtime.store.get_vectors("later", triton.model_name, "1")
-    ids0, X0 = server.runtime.store.get_vectors("zebras", triton.model_name, "1")
-    # Kept bytes (and the file read by path) embed like the originals did.
-    np.testing.assert_allclose(X, X0[:12], atol=1e-5)
+    # Kept bytes (and the file read by path) embed like the same images embedded at ingest
+    # (a collection of this test's own: it must pass run alone).
+    create_and_fill(stubs, "at-ingest", pics)
+    ids0, X0 = server.runtime.store.get_vectors("at-ingest", triton.model_name, "1")
+    assert ids0 == ids
+    np.testing.assert_allclose(X, X0, atol=1e-5)
     batch = stubs.sampling.GetQueryPairs(S.GetQueryPairsRequest(collection_id="later"))
     assert batch.sampled_images == 12
 

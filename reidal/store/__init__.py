@@ -22,7 +22,9 @@ The package: :mod:`~reidal.store.records` (the dataclasses every layer imports),
 :mod:`~reidal.store.postgres`, :mod:`~reidal.store.schema`, and one module per aggregate
 (:mod:`~reidal.store.collections`, :mod:`~reidal.store.images`, :mod:`~reidal.store.answers`,
 :mod:`~reidal.store.batches`, :mod:`~reidal.store.jobs`, :mod:`~reidal.store.operations`),
-which :class:`Store` puts together.
+which :class:`Store` puts together. A workflow that must decide inside a write transaction
+opens it itself and gets that aggregate's unit of work (:meth:`Store.answer_transaction`,
+:meth:`Store.batch_transaction`): the store never calls back into a workflow.
 """
 
 from __future__ import annotations
