@@ -28,7 +28,8 @@ import pytest
 from _services_support import Picture, Stubs, create_and_fill, pictures, rpc_error, running_server
 from PIL import Image
 
-from reidal.cli import _review_port, build_parser
+from reidal.cli import build_parser
+from reidal.cli.server import review_port
 from reidal.serve import serve
 from reidal.v1 import collections_pb2, common_pb2
 from reidal.web import start_review_http
@@ -324,7 +325,7 @@ def test_serve_and_cli_wiring(server, tmp_path):
                        (["serve", *tls, "--tls-client-ca", "ca.pem"], None),
                        (["serve", *tls, "--tls-client-ca", "ca.pem", "--review-client-cert",
                          "p.pem", "--review-client-key", "p.key"], 8080)]:
-        assert _review_port(parser.parse_args(argv)) == port, argv
+        assert review_port(parser.parse_args(argv)) == port, argv
 
 
 # ------------------------------------------------------------------------ access tokens

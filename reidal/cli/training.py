@@ -17,6 +17,8 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from reidal.cli.common import CliError, connect, out, table
+
 #: TrainingConfig fields with their own flag; any field can also be given with --set.
 _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("mode", str, "head (the embedding head) or partial (also the last backbone stages; "
@@ -45,8 +47,6 @@ def _value(text: str) -> Any:
 
 def training_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The config the user set: the flags given, then every ``--set key=value``."""
-    from reidal.cli import CliError
-
     config = {name: getattr(args, name) for name, _t, _h in _FLAGS
               if getattr(args, name) is not None}
     for item in args.set or []:
@@ -69,29 +69,27 @@ def _job_line(job: Any) -> str:
     return ", ".join(parts)
 
 
-def _follow(client: Any, job_id: str, out: Callable[[str], None]) -> Any:
+def _follow(client: Any, job_id: str, say: Callable[[str], None]) -> Any:
     last: list[str] = []
 
     def show(job: Any) -> None:
         line = _job_line(job)
         if not last or line != last[-1]:
-            out(line)
+            say(line)
             last.append(line)
 
     return client.wait_job(job_id, progress=show)
 
 
 def _start(args: argparse.Namespace) -> int:
-    from reidal.cli import _client, _out
-
-    with _client(args) as client:
+    with connect(args) as client:
         job = client.start_training(args.collection, **training_overrides(args))
-        _out(f"started training job {job.job_id} on {args.collection!r} from "
+        out(f"started training job {job.job_id} on {args.collection!r} from "
              f"{job.base_model.name} version {job.base_model.version}")
         if not (args.wait or args.promote):
-            _out(f"follow it with: reidal train watch {job.job_id}")
+            out(f"follow it with: reidal train watch {job.job_id}")
             return 0
-        job = _follow(client, job.job_id, _out)
+        job = _follow(client, job.job_id, out)
         if job.state != "SUCCEEDED":
             return 1
         if args.promote:
@@ -100,10 +98,9 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def _promote_with(client: Any, collection: str, version: str, model: str = "") -> None:
-    from reidal.cli import _out
     from reidal_client.progress import TextProgress
 
-    _out(f"re-embedding {collection!r} with version {version} ...")
+    out(f"re-embedding {collection!r} with version {version} ...")
     bar = TextProgress(f"promote {collection}")
     try:
         client.promote_model(collection, version, model=model,
@@ -111,26 +108,22 @@ def _promote_with(client: Any, collection: str, version: str, model: str = "") -
     finally:
         bar.close()
     col = client.get_collection(collection)
-    _out(f"{collection!r} now uses {col.model.name} version {col.model.version}")
+    out(f"{collection!r} now uses {col.model.name} version {col.model.version}")
 
 
 def _watch(args: argparse.Namespace) -> int:
-    from reidal.cli import _client, _out
-
-    with _client(args) as client:
-        job = _follow(client, args.job_id, _out)
+    with connect(args) as client:
+        job = _follow(client, args.job_id, out)
     return 0 if job.state == "SUCCEEDED" else 1
 
 
 def _list(args: argparse.Namespace) -> int:
-    from reidal.cli import _client, _out, _table
-
-    with _client(args) as client:
+    with connect(args) as client:
         jobs = client.list_training_jobs(args.collection or "")
     if not jobs:
-        _out("no training jobs")
+        out("no training jobs")
         return 0
-    _out(_table(["job", "collection", "state", "epoch", "loss", "answers", "model", "created"],
+    out(table(["job", "collection", "state", "epoch", "loss", "answers", "model", "created"],
                 [[j.job_id, j.collection_id, j.state.lower(), f"{j.epoch}/{j.epochs}",
                   j.loss, j.answers_used,
                   f"{j.model.name}:{j.model.version}" if j.model.version else "",
@@ -140,22 +133,18 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _cancel(args: argparse.Namespace) -> int:
-    from reidal.cli import _client, _out
-
-    with _client(args) as client:
-        _out(_job_line(client.cancel_job(args.job_id)))
+    with connect(args) as client:
+        out(_job_line(client.cancel_job(args.job_id)))
     return 0
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from reidal.cli import _client
-
-    with _client(args) as client:
+    with connect(args) as client:
         _promote_with(client, args.collection, args.version, args.model)
     return 0
 
 
-def add_train_parser(sub: Any, client: argparse.ArgumentParser) -> None:
+def add_commands(sub: Any, client: argparse.ArgumentParser) -> None:
     """Register ``reidal train`` (``client``: the shared server-connection options)."""
     train = sub.add_parser("train", help="train the embedding model on a collection's answers",
                            description=__doc__.split("\n\n")[-1].strip())
