@@ -13,6 +13,7 @@ from reidal.blobs import BlobStore, sha256_hex
 from reidal.errors import FailedPrecondition, NotFound
 from reidal.runtime import Notifier, OperationRunner, operation_key
 from reidal.store import SCHEMA_VERSION, AnswerIn, ImageRecord, ImageSource, PairRecord, Store
+from reidal.store.backend import Backend
 
 
 @pytest.fixture()
@@ -26,6 +27,13 @@ def store(store_target):
 
 def _pairs(*pairs):
     return [PairRecord("", a, b, "U_us", 0, 0.5, 0.9) for a, b in pairs]
+
+
+def test_each_engine_is_a_backend_of_the_protocol(store):
+    engine = store._db  # noqa: SLF001 - what Store opened for this target
+    assert isinstance(engine, Backend) and engine.kind == store.backend
+    assert {"sqlite": "SqliteBackend", "postgresql": "PostgresBackend"}[store.backend] == \
+        type(engine).__name__
 
 
 def test_batches_pairs_pending_and_request_replay(store):

@@ -16,7 +16,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
 OWNER_ID = re.compile(r"[0-9a-f]{32}")
@@ -111,6 +111,7 @@ class PerThread:
             self._release(handle)
 
 
+@runtime_checkable
 class Backend(Protocol):
     """One database engine under the store (see the module docstring)."""
 
