@@ -9,6 +9,7 @@ own store, so every one runs alone.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,20 @@ def test_an_excluded_image_s_answers_are_no_constraints_until_it_is_restored(sto
     store.restore_image("c", "i1")
     out = submit(store, "c", [by_images("i3", "i4", "SAME")])
     assert out.contradictions == [] and len(current_contradictions(store, "c")) == 1
+
+
+def test_concurrent_retries_of_one_request_store_it_once(store):
+    answers = [by_images("i0", "i1", "SAME"), by_images("i1", "i2", "DIFFERENT")]
+    outcomes = []
+
+    def call() -> None:
+        outcomes.append(submit(store, "c", answers, request_id="r"))
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(o.stored for o in outcomes) == [0] * 7 + [2]
+    assert sorted(o.replayed for o in outcomes) == [0] + [2] * 7
+    assert len({tuple(o.seqs) for o in outcomes}) == 1 and stored(store) == 2
