@@ -65,6 +65,21 @@ def encoded_images(n: int, size: int) -> list[bytes]:
     raise ValueError(f"the generator made fewer than {n} images")
 
 
+def torch_decode_forward(model: object, spec: object, blobs: list[bytes]) -> object:
+    """Plain torch doing what a caller of the EmbeddingService gets done: decode the
+    encoded images, preprocess them, one forward pass (the baseline of the product path)."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from reidal.embedding.preprocess import preprocess
+
+    imgs = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
+    with torch.inference_mode():
+        return model(torch.from_numpy(preprocess(imgs, spec)))  # type: ignore[operator]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
@@ -74,14 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args(argv)
 
-    import io
 
     import grpc
     import torch
-    from PIL import Image
 
     from reidal.embedding.model import build_default_model
-    from reidal.embedding.preprocess import preprocess
     from reidal.embedding.spec import default_spec
     from reidal.embedding.triton_client import TritonEmbedder
     from reidal.embedding.triton_repo import write_model_repository
@@ -139,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                     common_pb2.Image(id=f"img{i}", data=b) for i, b in enumerate(jpegs[:bs])])
 
                 def run_torch_full(blobs: list[bytes] = jpegs[:bs]) -> object:
-                    imgs = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
-                    with torch.inference_mode():
-                        return model(torch.from_numpy(preprocess(imgs, spec)))
+                    return torch_decode_forward(model, spec, blobs)
 
                 def run_service(request: embedding_pb2.EmbedRequest = request) -> object:
                     return stub.Embed(request, timeout=120)

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/bench_server.py [--quick] [--stored 0 100000 1000000]
                                            [--clients 8] [--read-clients 16] [--seconds 10]
-                                           [--images 2000] [--ingest 256] [--out results.json]
+                                           [--images 2000] [--ingest 256] [--ingest-rounds 3]
+                                           [--ingest-only] [--out results.json]
 
 What it measures, each figure from this run:
 
@@ -21,7 +22,11 @@ What it measures, each figure from this run:
   ``identities_cached_s``: alone on an unchanged state.
 * ingest: ``--ingest`` synthetic 128 px PNG images streamed through AddImages (16 a
   message) into a server with every service and the bundled Triton on CPU: images/s,
-  embedding included (skipped with ``--ingest 0``; ``--quick`` skips it).
+  embedding included, beside bench_embedding.py's two figures measured in the same run on
+  the same server and images (the EmbeddingService at 32 images a request, and plain
+  torch decoding and embedding 32 at a time in this process), in ``--ingest-rounds``
+  alternating rounds, medians and their ratios, with the load average before and after
+  (skipped with ``--ingest 0``; ``--quick`` skips it; ``--ingest-only`` runs only it).
 
 Pre-filled data goes in through the store API (``Store``: collections, images, vectors)
 and, for the stored answers, one ``executemany`` INSERT into the answers table inside one
@@ -275,10 +280,24 @@ def read_load(server: Server, image_ids: list[str], clients: int,
             "identities_calls": len(ident_lat), "pairs_calls": len(pair_lat)}
 
 
-def ingest(data_dir: Path, n: int) -> dict[str, float]:
+def ingest(data_dir: Path, n: int, rounds: int = 3, per_message: int = 16,
+           batch: int = 32) -> dict[str, object]:
+    """AddImages against bench_embedding's two images/s figures, side by side on the same
+    server, machine and images: ``rounds`` alternating blocks of (1) ``n`` images streamed
+    through AddImages ``per_message`` a message into a new collection, (2) the same images
+    sent to the server's own EmbeddingService (Embed, ``batch`` a request: nothing
+    stored), (3) plain torch in this process decoding and embedding them ``batch`` at a
+    time with the same model; the median of each, and the load average around them."""
     import io
+    import statistics
+
+    import torch
+    from bench_embedding import torch_decode_forward
 
     from reidal.data.synthetic_images import SyntheticConfig, iter_samples
+    from reidal.embedding.model import build_default_model
+    from reidal.embedding.spec import default_spec
+    from reidal.v1 import embedding_pb2, embedding_pb2_grpc
 
     cfg = SyntheticConfig.tiny(n_individuals=max(2, n // 8), images_per_individual=(8, 8),
                                seed=0, image_size=128)
@@ -288,22 +307,53 @@ def ingest(data_dir: Path, n: int) -> dict[str, float]:
         s.image.save(buf, format="PNG")
         pics.append((s.image_id, buf.getvalue()))
     pics = pics[:n]
+    spec = default_spec()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    model = build_default_model(input_size=spec.input_size)
+    blobs = [d for _, d in pics]
+    load_before = os.getloadavg()
     t0 = time.perf_counter()
     server = Server(data_dir, ["all"])
     started = time.perf_counter() - t0
+    runs: dict[str, list[float]] = {"ingest": [], "embed_service": [], "torch": []}
     try:
         stub = collections_pb2_grpc.CollectionServiceStub(server.channel())
-        stub.CreateCollection(collections_pb2.CreateCollectionRequest(collection_id="ingest"))
-        msgs = [collections_pb2.AddImagesRequest(collection_id="ingest", images=[
-            collections_pb2.IngestImage(image=common_pb2.Image(id=i, data=d))
-            for i, d in pics[s:s + 16]]) for s in range(0, len(pics), 16)]
-        t0 = time.perf_counter()
-        out = stub.AddImages(iter(msgs), timeout=3600)
-        seconds = time.perf_counter() - t0
+        embed = embedding_pb2_grpc.EmbeddingServiceStub(server.channel())
+        requests = [embedding_pb2.EmbedRequest(images=[
+            common_pb2.Image(id=i, data=d) for i, d in pics[s:s + batch]])
+            for s in range(0, len(pics), batch)]
+        embed.Embed(requests[0], timeout=600)  # warm-up: Triton's first call
+        for r in range(rounds):
+            cid = f"ingest-{r}"
+            stub.CreateCollection(collections_pb2.CreateCollectionRequest(collection_id=cid))
+            msgs = [collections_pb2.AddImagesRequest(collection_id=cid, images=[
+                collections_pb2.IngestImage(image=common_pb2.Image(id=i, data=d))
+                for i, d in pics[s:s + per_message]]) for s in range(0, len(pics), per_message)]
+            t0 = time.perf_counter()
+            out = stub.AddImages(iter(msgs), timeout=3600)
+            runs["ingest"].append(out.added / (time.perf_counter() - t0))
+            assert out.added == out.embedded == len(pics), out
+            t0 = time.perf_counter()
+            for request in requests:
+                embed.Embed(request, timeout=600)
+            runs["embed_service"].append(len(pics) / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            for s in range(0, len(blobs), batch):
+                torch_decode_forward(model, spec, blobs[s:s + batch])
+            runs["torch"].append(len(pics) / (time.perf_counter() - t0))
+            print(f"ingest round {r}: " + ", ".join(f"{k} {v[-1]:.1f} img/s"
+                                                   for k, v in runs.items()), flush=True)
     finally:
         server.stop()
-    return {"ingest_images": out.added, "ingest_images_per_s": out.added / seconds,
-            "ingest_embedded": out.embedded, "server_start_s": started}
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return {"ingest_images": len(pics), "ingest_images_per_s": med["ingest"],
+            "embed_service_images_per_s": med["embed_service"],
+            "torch_images_per_s": med["torch"],
+            "ingest_vs_embed_service": med["ingest"] / med["embed_service"],
+            "ingest_vs_torch": med["ingest"] / med["torch"],
+            "ingest_rounds": runs, "ingest_per_message": per_message, "embed_batch": batch,
+            "load_before": load_before, "load_after": os.getloadavg(),
+            "server_start_s": started}
 
 
 # --------------------------------------------------------------------------- main
@@ -318,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="per measured phase")
     ap.add_argument("--images", type=int, default=2000, help="images of the reads collection")
     ap.add_argument("--ingest", type=int, default=256, help="images to ingest (0: skip)")
+    ap.add_argument("--ingest-rounds", type=int, default=3,
+                    help="alternating rounds of ingest / Embed / torch")
+    ap.add_argument("--ingest-only", action="store_true",
+                    help="only the ingest figures (no answers, no reads)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
     if args.quick:
@@ -330,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.node()} {os.cpu_count()} cpu", "clients": args.clients,
         "read_clients": args.read_clients, "seconds": args.seconds, "answers": {}}
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
+        if args.ingest_only:
+            result["ingest"] = ingest(Path(tmp) / "ingest", args.ingest, args.ingest_rounds)
+            print(json.dumps(result, sort_keys=True))
+            return 0
         data = Path(tmp) / "data"
         store = Store(data)
         t0 = time.perf_counter()
@@ -357,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.stop()
         if args.ingest:
-            result["ingest"] = ingest(Path(tmp) / "ingest", args.ingest)
+            result["ingest"] = ingest(Path(tmp) / "ingest", args.ingest, args.ingest_rounds)
             print(f"ingest: {json.dumps(result['ingest'])}", flush=True)
     line = json.dumps(result, sort_keys=True)
     if args.out:

@@ -13,8 +13,12 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+#: Threads writing (and fsyncing) the blobs of one ingest batch at once (OURS).
+BLOB_WRITERS = 8
 
 
 def sha256_hex(data: bytes) -> str:
@@ -52,6 +56,16 @@ class BlobStore:
                 os.unlink(tmp)
             raise
         return sha
+
+    def put_many(self, blobs: Sequence[bytes], workers: int = BLOB_WRITERS) -> list[str]:
+        """:meth:`put` each of ``blobs`` on up to ``workers`` threads: every file is still
+        fsynced before this returns, but the disk overlaps the fsyncs (measured on this
+        project's VM: 32 small files 0.44-0.64 s one by one, 0.08-0.18 s on 8-16 threads)."""
+        if len(blobs) <= 1 or workers <= 1:
+            return [self.put(b) for b in blobs]
+        with ThreadPoolExecutor(min(workers, len(blobs)),
+                                thread_name_prefix="reidal-blob-write") as pool:
+            return list(pool.map(self.put, blobs))
 
     def get(self, sha: str) -> bytes:
         try:

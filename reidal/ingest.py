@@ -1,10 +1,15 @@
 """Images into a collection: check, deduplicate by id, embed, keep the bytes, store.
 
-One call handles one batch of images (one AddImages message) all or nothing: the images,
-where their pixels are, and their vectors are written in one store transaction after the
-embedding service answered, so a failure (a bad image, Triton down) stores nothing of the
-batch. Ingest is idempotent per image id: an id already present is not added or embedded
-again, and when its new content differs from the stored one it is reported, not replaced.
+:func:`ingest` handles one batch of images all or nothing: the images, where their pixels
+are, and their vectors are written in one store transaction after the embedding service
+answered, so a failure (a bad image, Triton down) stores nothing of the batch. Ingest is
+idempotent per image id: an id already present is not added or embedded again, and when its
+new content differs from the stored one it is reported, not replaced.
+
+:func:`ingest_stream` (AddImages) gathers consecutive messages of a stream into such
+batches of up to ``Runtime.ingest_batch`` images, so the embedder runs full batches and
+the store commits once per batch whatever size the client's messages are, and stores one
+batch while it embeds the next.
 
 :func:`embed_missing` is the long form (EmbedCollection): every image lacking a vector of a
 model version is embedded in chunks, with progress, and the collection then switches to
@@ -13,7 +18,9 @@ that version.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent import futures
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,11 +29,20 @@ from reidal.collection_state import check_id
 from reidal.embedding.images import ImageLimits, check_uri
 from reidal.errors import FailedPrecondition, InvalidArgument
 from reidal.limits import MAX_METADATA_ENTRIES, MAX_METADATA_TEXT, MAX_NAME_LENGTH
+from reidal.metrics import counter, histogram
 from reidal.runtime import Progress, Runtime
 from reidal.store import ImageRecord, ImageSource
+from reidal.stream_batches import BatchLimits, gather
 
 #: Most images per ingest call (one AddImages message); the embedding service's limit.
 MAX_IMAGES_PER_CALL = 1024
+
+_BATCH_IMAGES = histogram(
+    "reidal_ingest_batch_images",
+    "Images per embedding call of an ingest (an AddImages batch gathers several messages)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+_STORED = counter("reidal_ingest_images",
+                  "Images added by ingest, counted as each batch commits (progress of streams)")
 
 
 @dataclass(frozen=True)
@@ -113,6 +129,26 @@ def ingest(runtime: Runtime, collection_id: str, items: Sequence[IngestItem], *,
            defer_embedding: bool = False, deadline: float | None = None,
            is_active: Callable[[], bool] | None = None) -> IngestOutcome:
     """Add one batch of images (see the module docstring)."""
+    planned = _plan(runtime, collection_id, items, defer_embedding)
+    return _store(runtime, planned, _embed(runtime, planned, deadline, is_active))
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """One batch checked against the store: what is new, changed, and to be embedded."""
+
+    collection_id: str
+    items: Sequence[IngestItem]
+    present: set[str]
+    sources: dict[str, ImageSource]
+    changed: list[str]
+    to_embed: list[IngestItem]
+    model_name: str
+    model_version: str
+
+
+def _plan(runtime: Runtime, collection_id: str, items: Sequence[IngestItem],
+          defer_embedding: bool) -> _Planned:
     store = runtime.store
     col = store.get_collection(collection_id)
     check_items(items, runtime.image_limits)
@@ -121,38 +157,183 @@ def ingest(runtime: Runtime, collection_id: str, items: Sequence[IngestItem], *,
     known = store.image_sources(collection_id, present)
     sources = {it.image_id: it.source() for it in items}
     changed = [i for i in ids if i in known and known[i].sha256 != sources[i].sha256]
-    out = IngestOutcome(received=len(items), changed_ids=changed)
-
     to_embed: list[IngestItem] = []
     if not defer_embedding:
-        have = (store.vector_ids(collection_id, col.model_name, col.model_version)
+        have = (store.vector_ids(collection_id, col.model_name, col.model_version, ids)
                 if col.model_version else set())
         to_embed = [it for it in items if it.image_id not in have
                     and (it.image_id not in present or it.image_id not in changed)]
-    embedded = None
-    if to_embed:
-        embedder = runtime.require_embedder()
-        embedded = embedder.embed(_embed_items(to_embed), col.model_name, col.model_version,
-                                  deadline=deadline, is_active=is_active)
+    return _Planned(collection_id, items, present, sources, changed, to_embed,
+                    col.model_name, col.model_version)
+
+
+def _embed(runtime: Runtime, planned: _Planned, deadline: float | None,
+           is_active: Callable[[], bool] | None) -> Any:
+    """The embedder's answer for the batch's images to embed (None when none is)."""
+    if not planned.to_embed:
+        return None
+    embedder = runtime.require_embedder()
+    _BATCH_IMAGES.observe(len(planned.to_embed))
+    return embedder.embed(_embed_items(planned.to_embed), planned.model_name,
+                          planned.model_version, deadline=deadline, is_active=is_active)
+
+
+def _store(runtime: Runtime, planned: _Planned, embedded: Any) -> IngestOutcome:
+    """Keep the new images' bytes, then store images, sources and vectors in one
+    transaction."""
+    items = planned.items
     records = [ImageRecord(it.image_id, it.uri or "", it.name, dict(it.metadata))
-               for it in items if it.image_id not in present]
+               for it in items if it.image_id not in planned.present]
     with runtime.blob_lock:  # no blob GC between writing a blob and referencing it
-        for it in items:
-            if it.data is not None and it.image_id not in present:
-                runtime.blobs.put(it.data)
-        added, already = store.ingest(
-            collection_id, records, sources,
+        runtime.blobs.put_many([it.data for it in items
+                                if it.data is not None and it.image_id not in planned.present])
+        added, _ = runtime.store.ingest(
+            planned.collection_id, records, planned.sources,
             model_name=embedded.model_name if embedded else "",
             model_version=embedded.model_version if embedded else "",
             vector_ids=embedded.ids if embedded else (),
             vectors=embedded.vectors if embedded else None,
         )
-    out.added = added
-    out.already_present = len(items) - added
-    out.embedded = len(embedded.ids) if embedded else 0
+    _STORED.inc(added)
+    out = IngestOutcome(received=len(items), changed_ids=list(planned.changed), added=added,
+                        already_present=len(items) - added,
+                        embedded=len(embedded.ids) if embedded else 0)
     if embedded:
         out.model_name, out.model_version = embedded.model_name, embedded.model_version
     return out
+
+
+# ------------------------------------------------------------------ streams
+
+
+@dataclass(frozen=True)
+class IngestMessage:
+    """One message of an ingest stream: its position in the stream (errors name it), the
+    collection, its images, and whether they are stored without embedding."""
+
+    index: int
+    collection_id: str
+    items: Sequence[IngestItem]
+    defer_embedding: bool = False
+
+
+class StreamFailure(Exception):
+    """An ingest stream failed at ``where`` ("message 3", "messages 2 to 5") because of
+    ``cause``; every message before ``where`` is stored, nothing from ``where`` on."""
+
+    def __init__(self, where: str, cause: BaseException) -> None:
+        super().__init__(f"{where}: {cause}")
+        self.where = where
+        self.cause = cause
+
+
+def ingest_stream(runtime: Runtime, messages: Iterable[IngestMessage], *,
+                  deadline: float | None = None,
+                  is_active: Callable[[], bool] | None = None) -> IngestOutcome:
+    """Ingest a stream of messages in batches that span messages (AddImages).
+
+    Consecutive messages are gathered up to ``runtime.ingest_batch`` images, or for at most
+    ``runtime.ingest_wait_s`` (:mod:`reidal.stream_batches`; messages with a repeated id or
+    another ``defer_embedding`` start a new batch), so the embedder gets full batches
+    whatever size the client's messages are. Each batch is embedded in one call and stored
+    in one transaction; the store of one batch runs while the next one is embedded.
+
+    The guarantees of :func:`ingest` per message stay: each message is checked on arrival
+    (a bad one fails the stream after everything before it is stored); when the embedder
+    rejects images of a batch of several messages, the batch is ingested again message by
+    message, so the messages before the one holding the bad image are stored and the error
+    names that message and every bad image in it. Any other failure (Triton down, deadline)
+    stores nothing of its batch and names the batch's messages. Raises
+    :class:`StreamFailure`; an exception of ``messages`` itself (a malformed stream) is
+    raised as it is, after the messages before it were stored.
+    """
+    limits: BatchLimits[IngestMessage] = BatchLimits(
+        max_items=runtime.ingest_batch, max_wait_s=runtime.ingest_wait_s,
+        size=lambda m: len(m.items), fits=_may_join)
+    total = IngestOutcome()
+    storing: futures.Future[IngestOutcome] | None = None
+    stored_ids: set[str] = set()
+
+    def settle() -> None:  # wait for the batch being stored; its outcome in order
+        nonlocal storing
+        if storing is not None:
+            done, storing = storing, None
+            total.merge(done.result())
+
+    pool = futures.ThreadPoolExecutor(1, thread_name_prefix="reidal-ingest-store")
+    try:
+        with closing(gather((_checked(runtime, m) for m in messages), limits)) as batches:
+            for batch in batches:
+                items = [it for m in batch for it in m.items]
+                ids = {it.image_id for it in items}
+                if not stored_ids.isdisjoint(ids):
+                    settle()  # its lookups must see the batch before stored
+                where = _where(batch)
+                try:
+                    planned = _plan(runtime, batch[0].collection_id, items,
+                                    batch[0].defer_embedding)
+                    embedded = _embed(runtime, planned, deadline, is_active)
+                except Exception as exc:
+                    settle()
+                    if len(batch) == 1 or not _bad_input(exc):
+                        raise StreamFailure(where, exc) from exc
+                    for m in batch:  # find the message of the bad image; store the rest
+                        try:
+                            total.merge(ingest(runtime, m.collection_id, m.items,
+                                               defer_embedding=m.defer_embedding,
+                                               deadline=deadline, is_active=is_active))
+                        except Exception as one:
+                            raise StreamFailure(f"message {m.index}", one) from one
+                    continue
+                settle()
+                storing = pool.submit(_store_or_fail, runtime, planned, embedded, where)
+                stored_ids = ids
+            settle()
+    finally:
+        pool.shutdown(wait=True)  # a batch being stored is committed before we return
+    return total
+
+
+def _checked(runtime: Runtime, message: IngestMessage) -> IngestMessage:
+    try:
+        check_items(message.items, runtime.image_limits)
+    except Exception as exc:
+        raise StreamFailure(f"message {message.index}", exc) from exc
+    return message
+
+
+def _may_join(batch: Sequence[IngestMessage], message: IngestMessage) -> bool:
+    """A message joins a batch of the same collection and ``defer_embedding`` none of whose
+    ids it repeats (a repeated id is ingested after the first one is stored: already
+    present)."""
+    if (message.defer_embedding, message.collection_id) != (batch[0].defer_embedding,
+                                                            batch[0].collection_id):
+        return False
+    ids = {it.image_id for m in batch for it in m.items}
+    return not any(it.image_id in ids for it in message.items)
+
+
+def _where(batch: Sequence[IngestMessage]) -> str:
+    first, last = batch[0].index, batch[-1].index
+    return f"message {first}" if first == last else f"messages {first} to {last}"
+
+
+def _store_or_fail(runtime: Runtime, planned: _Planned, embedded: Any,
+                   where: str) -> IngestOutcome:
+    try:
+        return _store(runtime, planned, embedded)
+    except Exception as exc:
+        raise StreamFailure(where, exc) from exc
+
+
+def _bad_input(exc: Exception) -> bool:
+    """Whether the embedder refused the images themselves (in-process: BadImages and the
+    other InvalidArgument; a remote embedding service: INVALID_ARGUMENT)."""
+    import grpc
+
+    return isinstance(exc, InvalidArgument) or (
+        isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call)
+        and exc.code() == grpc.StatusCode.INVALID_ARGUMENT)
 
 
 def resolve_model(runtime: Runtime, model_name: str, version: str) -> tuple[str, str]:

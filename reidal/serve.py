@@ -399,7 +399,8 @@ def serve(
             operations = OperationRunner(store, notifier, workers=operation_workers,
                                          classify=classify)
             started.runtime = Runtime(store, BlobStore(root / "blobs"), started.embedder,
-                                      notifier, operations, image_limits=limits)
+                                      notifier, operations, image_limits=limits,
+                                      ingest_batch=embed_batch_size)
             if database_url is not None:  # the other replicas' watch streams wake at once
                 from reidal.notify_pg import PgNotifications
 

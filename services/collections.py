@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -30,7 +30,14 @@ from reidal.embedding.triton_client import (
     ModelInfo,
 )
 from reidal.grpc_server import ServiceBinding, deadline_left
-from reidal.ingest import IngestItem, IngestOutcome, embed_missing, ingest, resolve_model
+from reidal.ingest import (
+    IngestItem,
+    IngestMessage,
+    StreamFailure,
+    embed_missing,
+    ingest_stream,
+    resolve_model,
+)
 from reidal.request_checks import page_size, parse_page_token
 from reidal.runtime import Runtime, queue_key
 from reidal.services.embedding import Embedded, ImageItem, embedding_status
@@ -193,6 +200,29 @@ def _items(msg: collections_pb2.AddImagesRequest) -> list[IngestItem]:
     return out
 
 
+class _StreamHead:
+    """The collection an AddImages stream names: taken from its first message, which must
+    name it; every later message names the same one or none."""
+
+    def __init__(self) -> None:
+        self.collection_id = ""
+
+    def messages(self, store: Store, requests: Iterable[collections_pb2.AddImagesRequest]
+                 ) -> Iterator[IngestMessage]:
+        for k, msg in enumerate(requests):
+            if not self.collection_id:
+                if not msg.collection_id:
+                    raise errors.InvalidArgument("the first message must name the collection")
+                store.get_collection(msg.collection_id)
+                self.collection_id = msg.collection_id
+            elif msg.collection_id and msg.collection_id != self.collection_id:
+                raise errors.InvalidArgument(
+                    f"message {k} names collection {msg.collection_id!r} but the stream "
+                    f"started with {self.collection_id!r}")
+            if msg.images:
+                yield IngestMessage(k, self.collection_id, _items(msg), msg.defer_embedding)
+
+
 def _deadline(context: grpc.ServicerContext) -> float | None:
     left = deadline_left(context)
     return None if left is None else time.monotonic() + left
@@ -242,31 +272,16 @@ class CollectionsServicer(collections_pb2_grpc.CollectionServiceServicer):
         return collections_pb2.DeleteCollectionResponse(collection_id=request.collection_id)
 
     def AddImages(self, request_iterator, context):  # noqa: N802
-        total = IngestOutcome()
-        cid: str | None = None
-        for k, msg in enumerate(request_iterator):
-            if cid is None:
-                if not msg.collection_id:
-                    raise errors.InvalidArgument("the first message must name the collection")
-                cid = msg.collection_id
-                self.store.get_collection(cid)
-            elif msg.collection_id and msg.collection_id != cid:
-                raise errors.InvalidArgument(
-                    f"message {k} names collection {msg.collection_id!r} but the stream "
-                    f"started with {cid!r}")
-            if not msg.images:
-                continue
-            try:
-                part = ingest(self.runtime, cid, _items(msg),
-                              defer_embedding=msg.defer_embedding,
-                              deadline=_deadline(context), is_active=context.is_active)
-            except Exception as exc:
-                abort_for(context, exc, prefix=f"message {k}: ")
-            total.merge(part)
+        stream = _StreamHead()
+        try:
+            total = ingest_stream(self.runtime, stream.messages(self.store, request_iterator),
+                                  deadline=_deadline(context), is_active=context.is_active)
+        except StreamFailure as failed:
+            abort_for(context, failed.cause, prefix=f"{failed.where}: ")
         if total.received == 0:
             raise errors.InvalidArgument("the stream carried no images")
         return collections_pb2.AddImagesResponse(
-            collection_id=cid, received=total.received, added=total.added,
+            collection_id=stream.collection_id, received=total.received, added=total.added,
             already_present=total.already_present, embedded=total.embedded,
             changed_ids=total.changed_ids,
             model=common_pb2.ModelRef(name=total.model_name, version=total.model_version))

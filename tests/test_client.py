@@ -101,7 +101,7 @@ def test_round_trip_create_ingest_pairs_answers_identities_csv(server, client, t
               + [(p.image_id, tmp_path / f"{p.image_id}.png") for p in pics[8:16]]
               + [ImageInput(p.image_id, data=p.png, name=p.identity) for p in pics[16:]])
     seen: list[tuple[int, int | None]] = []
-    added = client.add_images("herd", images, batch_size=8,
+    added = client.add_images("herd", images, batch_size=8, messages_per_call=1,
                               progress=lambda done, total: seen.append((done, total)))
     assert seen == [(8, 24), (16, 24), (24, 24)]
     assert (added.received, added.added, added.already_present, added.embedded) == (24, 24, 0, 24)

@@ -219,10 +219,9 @@ class ImagesStore(CollectionsStore):
                       image_ids: Iterable[str] | None = None) -> dict[str, ImageSource]:
         """Where the pixels of (some of) a collection's images are, by image id (only the
         rows of ``image_ids`` are read when given: one image costs one indexed lookup)."""
-        sql = "SELECT image_id, kind, sha256, size FROM image_sources WHERE collection_id = ?"
-        rows = ([r for marks, chunk in self._id_chunks(image_ids)
-                 for r in self._query(f"{sql} AND image_id IN ({marks})", (collection_id, *chunk))]
-                if image_ids is not None else self._query(sql, (collection_id,)))
+        rows = self._rows_of_ids(
+            "SELECT image_id, kind, sha256, size FROM image_sources WHERE collection_id = ?",
+            (collection_id,), image_ids)
         return {r["image_id"]: ImageSource(r["kind"], r["sha256"], r["size"]) for r in rows}
 
     def referenced_blobs(self) -> set[str]:
@@ -295,9 +294,21 @@ class ImagesStore(CollectionsStore):
         mat = np.stack([np.frombuffer(r["vector"], dtype=np.float32) for r in rows])
         return ids, mat
 
-    def vector_ids(self, collection_id: str, model_name: str, model_version: str) -> set[str]:
-        """Ids of the images that have a vector of this model version."""
-        rows = self._query(
+    def vector_ids(self, collection_id: str, model_name: str, model_version: str,
+                   image_ids: Iterable[str] | None = None) -> set[str]:
+        """Ids of the images that have a vector of this model version (only among
+        ``image_ids`` when given: an ingest batch looks up its own images, not the whole
+        collection)."""
+        rows = self._rows_of_ids(
             "SELECT image_id FROM vectors WHERE collection_id = ? AND model_name = ?"
-            " AND model_version = ?", (collection_id, model_name, model_version))
+            " AND model_version = ?", (collection_id, model_name, model_version), image_ids)
         return {r["image_id"] for r in rows}
+
+    def _rows_of_ids(self, sql: str, args: tuple[Any, ...],
+                     image_ids: Iterable[str] | None) -> list[Any]:
+        """The rows of ``sql`` (a query on one collection), only those of ``image_ids``
+        when given (looked up in chunks by the index, not by reading the collection)."""
+        if image_ids is None:
+            return list(self._query(sql, args))
+        return [r for marks, chunk in self._id_chunks(image_ids)
+                for r in self._query(f"{sql} AND image_id IN ({marks})", (*args, *chunk))]

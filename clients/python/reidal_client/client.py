@@ -90,8 +90,11 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_MB = 64
 #: Hosts a token may be sent to without TLS and without a warning.
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
-#: Images per AddImages message: a batch is embedded and stored in one transaction.
+#: Images per AddImages message (the server gathers messages into embedding batches).
 DEFAULT_INGEST_BATCH = 32
+#: AddImages messages per call: the server embeds one batch while it stores the previous
+#: one and receives the next, within a call; progress is reported after each call.
+DEFAULT_MESSAGES_PER_CALL = 4
 
 RetryCallback = Callable[[str, int, float, ReidalClientError], None]
 ProgressCallback = Callable[[int, int | None], None]
@@ -389,7 +392,8 @@ class ReidalClient:
         return int(response.answers_retired) if response is not None else 0
 
     def add_images(self, collection_id: str, images: Iterable[ImageInput | Sequence[Any]], *,
-                   batch_size: int = DEFAULT_INGEST_BATCH, messages_per_call: int = 1,
+                   batch_size: int = DEFAULT_INGEST_BATCH,
+                   messages_per_call: int = DEFAULT_MESSAGES_PER_CALL,
                    defer_embedding: bool = False, total: int | None = None,
                    progress: ProgressCallback | None = None,
                    timeout_s: float | None = None) -> AddImagesResult:
