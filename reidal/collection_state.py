@@ -19,39 +19,38 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time
 from typing import Any
 
 import numpy as np
 
+from reidal.core import samplers
 from reidal.core.aas import AmbiguityAwareSampler
 from reidal.core.calibration import ClusteringCalibrator, ClusteringChoice
-from reidal.core.clustering import DBSCANJaccard, FinchFirstPartition
+from reidal.core.clustering import DBSCANJaccard
 from reidal.core.constraints import ConstraintSet, Contradiction
-from reidal.core.continuation import AASContinuation
-from reidal.core.validation import resolve_budget
+from reidal.core.params import (
+    CHOICE_NAMES,
+    SAMPLING,
+    ClusteringParams,
+    SamplingParams,
+    check_group,
+    params_from_dict,
+    params_to_dict,
+)
+from reidal.core.params import (
+    CLUSTERING_MODES as CLUSTERING_MODES,  # re-exported: the modes a collection takes
+)
+from reidal.core.sampling import Sampler
+from reidal.core.validation import OneOf, check_params, resolve_budget
 from reidal.errors import FailedPrecondition, InvalidArgument, NotFound
 from reidal.limits import MAX_ID_LENGTH
 from reidal.store import Collection, ImageRecord, Store, StoredAnswer
 
-#: Clustering modes (ClusteringParams.mode): the paper's fixed values, or OURS calibrated
-#: per cycle from the vectors and the answers (reidal.core.calibration).
-CLUSTERING_MODES = ("fixed", "calibrated")
-#: Samplers (SamplingParams.sampler): the paper's AAS, or OURS AAS + continuation.
-SAMPLERS = ("aas", "aas-continued")
-#: Clustering defaults: SpCL's (method.md step 1), FINCH's first partition (the paper).
-DEFAULT_CLUSTERING: dict[str, Any] = {"mode": "fixed", "dbscan_eps": 0.6, "min_samples": 4,
-                                      "k1": 30, "k2": 6, "finch_level": 0}
-#: Sampling defaults: the paper's values and our documented choices (method.md step 1.5).
-DEFAULT_SAMPLING: dict[str, Any] = {
-    "mixture_eps": 0.6, "k_max": 5, "s_min": 0.3, "type_weights": "uniform",
-    "region_weights": "disagreement", "pair_weights": "uniform", "seed": 0,
-    "default_budget": {"fraction": 0.0002}, "sampler": "aas",
-}
-#: Stored clustering key -> the calibrator's name of the parameter (a user override).
-_CALIBRATED_NAMES = {"dbscan_eps": "eps", "min_samples": "min_samples", "k1": "k1",
-                     "k2": "k2", "finch_level": "finch_level"}
+#: The samplers a collection may run (SamplingParams.sampler): those whose pools the API
+#: names (reidal.core.samplers.SERVED).
+SAMPLERS = samplers.SERVED
 
 
 def check_id(value: str, what: str) -> str:
@@ -76,6 +75,18 @@ def _budget_dict(budget: Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(budget)
 
 
+def collection_params(params: Mapping[str, Any]) -> tuple[ClusteringParams, SamplingParams]:
+    """The typed parameters of a collection's stored ``params`` (``{"clustering": {...},
+    "sampling": {...}}``), defaults (reidal.core.params) filled in for the keys a collection
+    did not store (it predates them, or its clustering is calibrated). InvalidArgument
+    names an unknown key."""
+    try:
+        return (params_from_dict(ClusteringParams, params.get("clustering"), "clustering"),
+                params_from_dict(SamplingParams, params.get("sampling"), "sampling"))
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
 def effective_params(clustering: Mapping[str, Any] | None = None,
                      sampling: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Defaults filled in and every value checked by building the objects that use it.
@@ -86,47 +97,25 @@ def effective_params(clustering: Mapping[str, Any] | None = None,
     values given (the user's overrides, kept by every cycle's calibration); the others are
     chosen per cycle (:func:`clustering_choice`).
     """
-    c = dict(DEFAULT_CLUSTERING)
-    s = dict(DEFAULT_SAMPLING)
-    for given, base, what in ((clustering, c, "clustering"), (sampling, s, "sampling")):
-        unknown = set(given or {}) - set(base)
-        if unknown:
-            raise InvalidArgument(f"unknown {what} parameter(s): {sorted(unknown)}")
-        base.update({k: v for k, v in (given or {}).items() if v is not None and v != ""})
-    s["default_budget"] = _budget_dict(s["default_budget"]) or dict(DEFAULT_SAMPLING["default_budget"])
-    if c["mode"] not in CLUSTERING_MODES:
-        raise InvalidArgument(f"bad collection parameter: clustering mode {c['mode']!r} is "
-                              f"not one of {', '.join(CLUSTERING_MODES)}")
-    if s["sampler"] not in SAMPLERS:
-        raise InvalidArgument(f"bad collection parameter: sampler {s['sampler']!r} is not "
-                              f"one of {', '.join(SAMPLERS)}")
-    params = {"clustering": c, "sampling": s}
+    given = {what: {k: v for k, v in (values or {}).items() if v is not None and v != ""}
+             for what, values in (("clustering", clustering), ("sampling", sampling))}
+    c, s = collection_params(given)
+    s = replace(s, default_budget=_budget_dict(s.default_budget) or SAMPLING.default_budget)
+    params = {"clustering": params_to_dict(c), "sampling": params_to_dict(s)}
     try:
-        if not 0 <= int(c["finch_level"]) <= MAX_FINCH_LEVEL:
-            raise ValueError(f"finch_level must be in 0..{MAX_FINCH_LEVEL}, "
-                             f"got {c['finch_level']}")
-        make_dbscan(params)
-        make_sampler(params)
-        if c["mode"] == "calibrated":
-            calibrator(params)
-        budget_value(s["default_budget"], 2)
-        if int(s["seed"]) < 0:
-            raise ValueError(f"seed must be >= 0, got {s['seed']}")
+        check_group(c)
+        check_group(s)
+        check_params({"sampler": s.sampler}, {"sampler": OneOf(SAMPLERS)})
+        samplers.make_sampler(c, s)
+        if c.mode == "calibrated":
+            calibrator(given)
+        budget_value(s.default_budget, 2)
     except ValueError as exc:
         raise InvalidArgument(f"bad collection parameter: {exc}") from None
-    if c["mode"] == "calibrated":
+    if c.mode == "calibrated":
         params["clustering"] = {"mode": "calibrated", **{
-            k: v for k, v in (clustering or {}).items()
-            if k in _CALIBRATED_NAMES and v is not None and v != ""}}
+            k: v for k, v in given["clustering"].items() if k in CHOICE_NAMES}}
     return params
-
-
-#: The deepest FINCH level a collection may fix (the calibration searches 0..4 too).
-MAX_FINCH_LEVEL = 4
-
-
-def _clustering_values(params: Mapping[str, Any]) -> dict[str, Any]:
-    return {**DEFAULT_CLUSTERING, **params.get("clustering", {})}
 
 
 def calibrator(params: Mapping[str, Any]) -> ClusteringCalibrator:
@@ -134,7 +123,7 @@ def calibrator(params: Mapping[str, Any]) -> ClusteringCalibrator:
     (the user's overrides) are fixed, everything else is chosen from the data."""
     stored = params.get("clustering", {})
     return ClusteringCalibrator(fixed={name: stored[key] for key, name in
-                                       _CALIBRATED_NAMES.items() if key in stored})
+                                       CHOICE_NAMES.items() if key in stored})
 
 
 def clustering_choice(params: Mapping[str, Any], X: np.ndarray,
@@ -145,54 +134,47 @@ def clustering_choice(params: Mapping[str, Any], X: np.ndarray,
     from ``X`` and the answers so far (:class:`ClusteringCalibrator`), so every cycle (and
     every identity export) re-calibrates from the answers stored until then.
     """
-    c = _clustering_values(params)
-    if c["mode"] == "calibrated":
+    c = collection_params(params)[0]
+    if c.mode == "calibrated":
         return "calibrated", calibrator(params).choose(X, constraints)
     return "fixed", ClusteringChoice(
-        eps=float(c["dbscan_eps"]), k1=int(c["k1"]), k2=int(c["k2"]),
-        min_samples=int(c["min_samples"]), finch_level=int(c["finch_level"]),
-        eps_source="fixed", finch_source="fixed")
+        eps=float(c.dbscan_eps), k1=int(c.k1), k2=int(c.k2), min_samples=int(c.min_samples),
+        finch_level=int(c.finch_level), eps_source="fixed", finch_source="fixed")
+
+
+def _typed(params: Mapping[str, Any], choice: ClusteringChoice | None
+           ) -> tuple[ClusteringParams, SamplingParams]:
+    """The collection's typed parameters, the clustering replaced by ``choice`` if given."""
+    c, s = collection_params(params)
+    if choice is not None:
+        c = replace(c, **{key: getattr(choice, name) for key, name in CHOICE_NAMES.items()})
+    return c, s
 
 
 def make_dbscan(params: Mapping[str, Any],
                 choice: ClusteringChoice | None = None) -> DBSCANJaccard:
     """The density clustering of a collection's (stored) parameters, defaults filled in,
     or of ``choice`` (:func:`clustering_choice`) when given."""
-    if choice is not None:
-        return DBSCANJaccard(eps=choice.eps, min_samples=choice.min_samples, k1=choice.k1,
-                             k2=choice.k2, use_gpu=False)
-    c = _clustering_values(params)
-    return DBSCANJaccard(eps=float(c["dbscan_eps"]), min_samples=int(c["min_samples"]),
-                         k1=int(c["k1"]), k2=int(c["k2"]), use_gpu=False)
+    return samplers.density_clustering(_typed(params, choice)[0])
 
 
 def make_aas(params: Mapping[str, Any],
              choice: ClusteringChoice | None = None) -> AmbiguityAwareSampler:
-    """The paper's AAS of a collection's (stored) parameters, defaults filled in, clustering
-    with ``choice`` when given."""
-    s = {**DEFAULT_SAMPLING, **params.get("sampling", {})}
-    level = choice.finch_level if choice is not None else \
-        int(_clustering_values(params)["finch_level"])
-    return AmbiguityAwareSampler(
-        eps=float(s["mixture_eps"]), k_max=int(s["k_max"]), s_min=float(s["s_min"]),
-        dbscan=make_dbscan(params, choice), finch=FinchFirstPartition(partition=level),
-        type_weights=s["type_weights"], region_weights=s["region_weights"],
-        pair_weights=s["pair_weights"],
-    )
+    """The paper's AAS of a collection's (stored) parameters, whatever sampler it runs (its
+    neighbour graph and clusterings are the collection's identities too), clustering with
+    ``choice`` when given."""
+    return samplers.ambiguity_aware(*_typed(params, choice))
 
 
-def make_sampler(params: Mapping[str, Any], choice: ClusteringChoice | None = None
-                 ) -> AmbiguityAwareSampler | AASContinuation:
-    """The sampler of a collection (SamplingParams.sampler): the paper's AAS
-    (:func:`make_aas`), or AAS followed by the continuation (``aas-continued``)."""
-    aas = make_aas(params, choice)
-    if sampling_param(params, "sampler") == "aas-continued":
-        return AASContinuation(aas)
-    return aas
+def make_sampler(params: Mapping[str, Any], choice: ClusteringChoice | None = None) -> Sampler:
+    """The sampler of a collection (SamplingParams.sampler, the reidal.core.samplers
+    registry), clustering with ``choice`` when given."""
+    return samplers.make_sampler(*_typed(params, choice))
 
 
 def sampling_param(params: Mapping[str, Any], name: str) -> Any:
-    return {**DEFAULT_SAMPLING, **params.get("sampling", {})}[name]
+    """One sampling parameter of a collection's (stored) parameters, default filled in."""
+    return getattr(collection_params(params)[1], name)
 
 
 def budget_value(budget: Mapping[str, Any] | None, n: int) -> int:

@@ -99,18 +99,14 @@ def build_config(overrides: Mapping[str, Any], n_images: int,
     beyond the server's bounds (:mod:`reidal.training_limits`), a batch larger than the
     collection)."""
     from reidal.training import TrainConfig
-    from reidal.training.config import mode_schedule
+    from reidal.training.config import CLUSTERING_FIELDS, PINNABLE, mode_schedule
 
     unknown = sorted(set(overrides) - set(CLIENT_FIELDS))
     if unknown:
         raise InvalidArgument(f"unknown training config field(s) {unknown}")
     c = dict(clustering or {})
-    from_collection = {field: c[key] for field, key in (
-        ("eps", "dbscan_eps"), ("min_samples", "min_samples"), ("k1", "k1"), ("k2", "k2"))
-        if key in c}
+    from_collection = {field: c[key] for field, key in CLUSTERING_FIELDS.items() if key in c}
     if c.get("mode") == "calibrated":  # the job re-chooses them as the cycles do
-        from reidal.training.config import PINNABLE
-
         from_collection["clustering"] = "calibrated"
         from_collection["clustering_pinned"] = tuple(
             k for k in PINNABLE if k in from_collection or k in overrides)

@@ -56,10 +56,6 @@ log = logging.getLogger("reidal.collections")
 
 SERVICE_NAME: str = collections_pb2.DESCRIPTOR.services_by_name["CollectionService"].full_name
 
-_CLUSTERING_FIELDS = ("dbscan_eps", "min_samples", "k1", "k2", "finch_level")
-_SAMPLING_SCALARS = ("mixture_eps", "k_max", "s_min", "seed")
-_SAMPLING_STRINGS = ("type_weights", "region_weights", "pair_weights", "sampler")
-
 
 # ------------------------------------------------------------------------ errors
 
@@ -117,18 +113,31 @@ def budget_pb(budget: dict[str, Any] | None) -> collections_pb2.Budget:
     return collections_pb2.Budget(fraction=float(budget["fraction"]))
 
 
+def _params_from_pb(msg: Any) -> dict[str, Any]:
+    """The fields a client set in a ClusteringParams / SamplingParams message: optional
+    scalars and messages when present, strings when not empty (empty = the default)."""
+    out: dict[str, Any] = {}
+    for f in msg.DESCRIPTOR.fields:
+        if f.has_presence and not msg.HasField(f.name):
+            continue
+        value = getattr(msg, f.name)
+        if f.message_type is not None:
+            value = budget_dict(value)
+        if value is not None and value != "":
+            out[f.name] = value
+    return out
+
+
+def _params_pb(cls: type[Any], values: dict[str, Any]) -> Any:
+    """A ClusteringParams / SamplingParams message of the effective values it has fields for."""
+    names = cls.DESCRIPTOR.fields_by_name
+    return cls(**{k: budget_pb(v) if k == "default_budget" else v
+                  for k, v in values.items() if k in names})
+
+
 def params_from_request(request: collections_pb2.CreateCollectionRequest) -> dict[str, Any]:
-    clustering = {f: getattr(request.clustering, f) for f in _CLUSTERING_FIELDS
-                  if request.clustering.HasField(f)}
-    if request.clustering.mode:
-        clustering["mode"] = request.clustering.mode
-    sampling: dict[str, Any] = {f: getattr(request.sampling, f) for f in _SAMPLING_SCALARS
-                                if request.sampling.HasField(f)}
-    sampling.update({f: getattr(request.sampling, f) for f in _SAMPLING_STRINGS
-                     if getattr(request.sampling, f)})
-    if request.sampling.HasField("default_budget"):
-        sampling["default_budget"] = budget_dict(request.sampling.default_budget)
-    return effective_params(clustering, sampling)
+    return effective_params(_params_from_pb(request.clustering),
+                            _params_from_pb(request.sampling))
 
 
 def filter_from_pb(msg: collections_pb2.ImageFilter) -> ImageFilter:
@@ -154,10 +163,8 @@ def collection_pb(runtime: Runtime, col: Collection) -> collections_pb2.Collecti
         collection_id=col.id,
         species=col.species,
         model=common_pb2.ModelRef(name=col.model_name, version=col.model_version),
-        clustering=collections_pb2.ClusteringParams(**c),
-        sampling=collections_pb2.SamplingParams(
-            **{k: s[k] for k in (*_SAMPLING_SCALARS, *_SAMPLING_STRINGS)},
-            default_budget=budget_pb(s["default_budget"])),
+        clustering=_params_pb(collections_pb2.ClusteringParams, c),
+        sampling=_params_pb(collections_pb2.SamplingParams, s),
         image_count=counts["images"],
         excluded_image_count=counts["excluded"],
         embedded_image_count=counts["embedded"],

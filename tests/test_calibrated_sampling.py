@@ -141,10 +141,10 @@ def test_aas_continued_asks_aas_pairs_then_fills_the_allowance(client):
 
 
 @pytest.mark.parametrize(("clustering", "sampling", "message"), [
-    (ClusteringParams(mode="adaptive"), None, "clustering mode 'adaptive'"),
+    (ClusteringParams(mode="adaptive"), None, "mode must be one of .*got 'adaptive'"),
     (ClusteringParams(mode="calibrated", dbscan_eps=1.5), None, "eps"),
     (ClusteringParams(finch_level=9), None, "finch_level"),
-    (None, SamplingParams(sampler="nis"), "sampler 'nis'"),
+    (None, SamplingParams(sampler="nis"), "sampler must be one of .*got 'nis'"),
 ])
 def test_bad_modes_and_samplers_are_invalid_argument(client, clustering, sampling, message):
     with pytest.raises(InvalidArgument, match=message):

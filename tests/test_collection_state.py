@@ -44,10 +44,10 @@ def test_effective_params_fill_defaults_and_name_bad_values():
         (None, {"pair_weights": "odd"}, "pair_weights"),
         (None, {"default_budget": {"fraction": 0.0}}, "fraction"),
         ({"k3": 1}, None, "unknown clustering parameter"),
-        ({"mode": "adaptive"}, None, "clustering mode 'adaptive'"),
+        ({"mode": "adaptive"}, None, "mode must be one of .*got 'adaptive'"),
         ({"mode": "calibrated", "dbscan_eps": 1.0}, None, "eps"),
         ({"finch_level": 9}, None, "finch_level"),
-        (None, {"sampler": "nis"}, "sampler 'nis'"),
+        (None, {"sampler": "nis"}, "sampler must be one of .*got 'nis'"),
     ):
         with pytest.raises(InvalidArgument, match=message):
             effective_params(clustering, sampling)

@@ -31,15 +31,16 @@ import numpy as np
 
 from reidal.benchmark.budget import BudgetSpec
 from reidal.benchmark.datasets import BenchDataset
+from reidal.core.params import CLUSTERING, SAMPLING
+from reidal.core.samplers import SAMPLERS
 from reidal.demo_params import DEMO_K1, DEMO_K2, DEMO_MIN_SAMPLES
 
+#: Methods that ask the simulated annotator: SpCL + each sampler of the registry
+#: (reidal.core.samplers), which the trainer builds from TrainConfig.sampler with the run's
+#: clustering.
+SAMPLER_METHODS = tuple(SAMPLERS)
 #: Methods in Table 1's order (``triton:MODEL@URL`` rows go after zero-shot).
-METHODS = ("zero-shot", "supervised", "usl", "random", "uncertainty", "nis", "aas",
-           "aas-continued")
-#: Methods that ask the simulated annotator (SpCL + a sampler).
-SAMPLER_METHODS = ("random", "uncertainty", "nis", "aas", "aas-continued")
-#: Samplers the trainer builds itself from TrainConfig.sampler (with the run's clustering).
-TRAINER_SAMPLERS = ("random", "aas", "aas-continued")
+METHODS = ("zero-shot", "supervised", "usl", *SAMPLER_METHODS)
 #: The method the Wilcoxon tests compare every other one against.
 REFERENCE_METHOD = "aas"
 TRITON_PREFIX = "triton:"
@@ -82,11 +83,11 @@ class BenchSchedule:
     k1: int = DEMO_K1
     k2: int = DEMO_K2
     min_samples: int = DEMO_MIN_SAMPLES
-    eps: float = 0.6
+    eps: float = CLUSTERING.dbscan_eps
     num_identities: int = 16
     num_instances: int = 4
     question_rounds: int = 1
-    aas_os_similarity: str = "jaccard"
+    aas_os_similarity: str = SAMPLING.os_similarity
     mode: str = "head"
     image_size: int = 128
     trainable_stages: int = 1
@@ -96,7 +97,7 @@ class BenchSchedule:
     clustering_pinned: tuple[str, ...] = ()
 
     def train_config(self, cycles: int, budget: BudgetSpec, seed: int, sampler: str) -> Any:
-        """The TrainConfig of one run (``sampler``: "none", "random" or "aas")."""
+        """The TrainConfig of one run (``sampler``: "none" or a SAMPLER_METHODS name)."""
         from reidal.training import TrainConfig
 
         return TrainConfig(
@@ -244,20 +245,6 @@ def run_triton(method: str, data: BenchDataset, seed: int, ctx: RunContext) -> d
     return _fixed_model_rows(np.concatenate(parts), data, ctx, t0)
 
 
-def sampler_override(method: str, schedule: BenchSchedule) -> Any:
-    """The sampler object a method hands the trainer: None for TRAINER_SAMPLERS, which
-    the trainer builds itself from ``TrainConfig.sampler`` (with the run's DBSCAN), and
-    for methods that ask nothing; the baselines' own otherwise, with the same DBSCAN
-    parameters where they have them (uncertainty: eps, k1, k2; NIS: its defaults)."""
-    from reidal.core.baselines import NISSampler, UncertaintySampler
-
-    if method == "uncertainty":
-        return UncertaintySampler(eps=schedule.eps, k1=schedule.k1, k2=schedule.k2)
-    if method == "nis":
-        return NISSampler()
-    return None
-
-
 def run_trained(method: str, data: BenchDataset, seed: int, ctx: RunContext) -> dict[str, Any]:
     """SpCL (+ a sampler, or on the true labels for ``supervised``) under the schedule."""
     from reidal.simulation.oracle import SimulatedOracle
@@ -266,9 +253,7 @@ def run_trained(method: str, data: BenchDataset, seed: int, ctx: RunContext) -> 
     s, budget = ctx.schedule, ctx.budget
     cycles, per = budget.cycles, s.epochs_per_cycle
     asks = method in SAMPLER_METHODS
-    config = s.train_config(cycles, budget, seed, method if method in TRAINER_SAMPLERS
-                            else "none")
-    sampler = sampler_override(method, s)
+    config = s.train_config(cycles, budget, seed, method if asks else "none")
     truth = data.pool_truth
     oracle = SimulatedOracle(truth, error_rate=ctx.error_rate, seed=seed) if asks else None
     n = data.pool.size
@@ -286,7 +271,7 @@ def run_trained(method: str, data: BenchDataset, seed: int, ctx: RunContext) -> 
                          f"F1 {q.get('f1', float('nan')):.3f}, {r.contradictions} "
                          f"contradiction(s), {ends[r.cycle][0]:.0f} s")
 
-    trainer = SpCLTrainer(config, ctx.model, sampler=sampler)
+    trainer = SpCLTrainer(config, ctx.model)
     train_items, eval_items = _training_inputs(data, ctx, config)
     result = trainer.fit(
         train_items, oracle=oracle, true_labels=truth,

@@ -45,6 +45,7 @@ from reidal.core.aas_regions import (
 )
 from reidal.core.neighbors import KNN_EXACT_BELOW, KNN_TARGET_RECALL
 from reidal.core.neighbour_cache import _NEIGHBOUR_GRAPHS, NeighbourGraphCache
+from reidal.core.params import CLUSTERING, SAMPLING, ParamsMixin
 from reidal.core.sampling import (
     REASON_ALL_RESOLVED,
     QueryPair,
@@ -55,7 +56,7 @@ from reidal.core.sampling import (
     make_rng,
     unresolved_mask,
 )
-from reidal.core.validation import check_labels
+from reidal.core.validation import InstanceOf, Interval, OneOf, check_labels
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from reidal.core.constraints import ConstraintSet
@@ -85,10 +86,10 @@ def _has_answers(constraints: Any) -> bool:
 
 
 
-class AmbiguityAwareSampler:
+class AmbiguityAwareSampler(ParamsMixin):
     """Ambiguity-Aware Sampling (Sani et al., AAAI-26), method.md step 1.
 
-    Parameters (paper values as defaults):
+    Parameters (paper values as defaults, from reidal.core.params.SAMPLING):
     eps: mass of U_os in the mixture (0.6). k_max, s_min: medoid neighbours per medoid and
     their minimum similarity (5, 0.3). dbscan / finch / refiner: the clusterings and the
     constraint refinement (default DBSCANJaccard(), FinchFirstPartition(), NP3()); any
@@ -133,88 +134,68 @@ class AmbiguityAwareSampler:
     number must be >= DBSCAN's eps (checked).
     """
 
+    _constraints = {
+        "eps": Interval(0.0, 1.0),
+        "k_max": Interval(0, None, integer=True),
+        "s_min": Interval(0.0, 1.0, closed="right"),
+        "type_weights": OneOf(("uniform", "disagreement"), callables=True),
+        "region_weights": OneOf(("disagreement", "uniform"), callables=True),
+        "pair_weights": OneOf(("uniform", "similarity"), callables=True),
+        "use_knn_candidates": OneOf((True, False)),
+        "jaccard_max_distance": (OneOf(("auto",)), Interval(0.0, 1.0, closed="right")),
+        "knn_index": OneOf(("auto", "flat", "hnsw", "ivf")),
+        "knn_options": (OneOf((None,)), InstanceOf(dict, "a dict")),
+        "knn_auto_threshold": Interval(1, None, integer=True),
+        "knn_auto_index": OneOf(("flat", "hnsw", "ivf")),
+        "os_similarity": OneOf(OS_SIMILARITIES),
+        "knn_target_recall": Interval(0.0, 1.0, closed="right"),
+    }
+
     def __init__(
         self,
-        eps: float = 0.6,
-        k_max: int = 5,
-        s_min: float = 0.3,
+        eps: float = SAMPLING.mixture_eps,
+        k_max: int = SAMPLING.k_max,
+        s_min: float = SAMPLING.s_min,
         dbscan: Any = None,
         finch: Any = None,
         refiner: Any = None,
-        type_weights: TypeWeights = "uniform",
-        region_weights: RegionWeights = "disagreement",
-        pair_weights: PairWeights = "uniform",
+        type_weights: TypeWeights = SAMPLING.type_weights,
+        region_weights: RegionWeights = SAMPLING.region_weights,
+        pair_weights: PairWeights = SAMPLING.pair_weights,
         use_knn_candidates: bool = True,
         jaccard_max_distance: float | Literal["auto"] = "auto",
         knn_index: KnnIndexChoice = "auto",
         knn_options: dict[str, Any] | None = None,
         knn_auto_threshold: int = KNN_EXACT_BELOW,
         knn_auto_index: IndexKind = "ivf",
-        os_similarity: str = "jaccard",
+        os_similarity: str = SAMPLING.os_similarity,
         knn_target_recall: float = KNN_TARGET_RECALL,
     ) -> None:
-        if not 0.0 <= float(eps) <= 1.0:
-            raise ValueError(f"eps must be in [0, 1], got {eps}")
-        if int(k_max) < 0:
-            raise ValueError(f"k_max must be >= 0, got {k_max}")
-        if not 0.0 < float(s_min) <= 1.0:
-            raise ValueError(
-                f"s_min must be in (0, 1] (similarity 0 means no shared neighbours), got {s_min}"
-            )
-        for name, value, options in (
-            ("type_weights", type_weights, ("uniform", "disagreement")),
-            ("region_weights", region_weights, ("disagreement", "uniform")),
-            ("pair_weights", pair_weights, ("uniform", "similarity")),
-        ):
-            if not callable(value) and value not in options:
-                raise ValueError(f"{name} must be one of {options} or a callable, got {value!r}")
-        if os_similarity not in OS_SIMILARITIES:
-            raise ValueError(
-                f"os_similarity must be one of {OS_SIMILARITIES}, got {os_similarity!r}"
-            )
-        self.os_similarity = os_similarity
-        self.eps = float(eps)
-        self.k_max = int(k_max)
-        self.s_min = float(s_min)
+        self.eps = eps
+        self.k_max = k_max
+        self.s_min = s_min
         self.dbscan = dbscan
         self.finch = finch
         self.refiner = refiner
         self.type_weights = type_weights
         self.region_weights = region_weights
         self.pair_weights = pair_weights
-        self.use_knn_candidates = bool(use_knn_candidates)
-        if jaccard_max_distance != "auto":
-            cut = jaccard_max_distance
-            if isinstance(cut, str) or not 0.0 < float(cut) <= 1.0:
-                raise ValueError(f"jaccard_max_distance must be 'auto' or in (0, 1], got {cut!r}")
-            jaccard_max_distance = float(cut)
+        self.use_knn_candidates = use_knn_candidates
         self.jaccard_max_distance = jaccard_max_distance
-        if knn_index not in ("auto", "flat", "hnsw", "ivf"):
-            raise ValueError(
-                f"knn_index must be 'auto', 'flat', 'hnsw' or 'ivf', got {knn_index!r}"
-            )
-        if knn_auto_index not in ("flat", "hnsw", "ivf"):
-            raise ValueError(
-                f"knn_auto_index must be 'flat', 'hnsw' or 'ivf', got {knn_auto_index!r}"
-            )
-        if isinstance(knn_auto_threshold, bool) or int(knn_auto_threshold) < 1:
-            raise ValueError(
-                f"knn_auto_threshold must be an integer >= 1, got {knn_auto_threshold}"
-            )
-        if knn_options is not None and not isinstance(knn_options, dict):
-            raise ValueError(
-                f"knn_options must be a dict or None, got {type(knn_options).__name__}"
-            )
-        if isinstance(knn_target_recall, bool) or not 0.0 < float(knn_target_recall) <= 1.0:
-            raise ValueError(f"knn_target_recall must be in (0, 1], got {knn_target_recall!r}")
-        self.knn_target_recall = float(knn_target_recall)
-        reserved = {"index", "k", "X", "target_recall", "exact_below"} & set(knn_options or {})
+        self.knn_index = knn_index
+        self.knn_options = knn_options
+        self.knn_auto_threshold = knn_auto_threshold
+        self.knn_auto_index = knn_auto_index
+        self.os_similarity = os_similarity
+        self.knn_target_recall = knn_target_recall
+        self._check_params()
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        reserved = {"index", "k", "X", "target_recall", "exact_below"} & set(
+            self.knn_options or {})
         if reserved:
             raise ValueError(f"knn_options must not set {sorted(reserved)}: use knn_index")
-        self.knn_index = knn_index
-        self.knn_options = dict(knn_options or {})
-        self.knn_auto_threshold = int(knn_auto_threshold)
-        self.knn_auto_index = knn_auto_index
 
     def resolved_knn_index(self, n: int) -> IndexKind:
         """The index ``knn_index`` means for a collection of n items."""
@@ -224,8 +205,8 @@ class AmbiguityAwareSampler:
 
     def _knn_request(self, n: int) -> tuple[str, dict[str, Any]]:
         """The index and options the neighbour graph's kNN search is asked for at n items."""
-        options = {"target_recall": self.knn_target_recall,
-                   "exact_below": self.knn_auto_threshold, **self.knn_options}
+        options = {"target_recall": float(self.knn_target_recall),
+                   "exact_below": int(self.knn_auto_threshold), **(self.knn_options or {})}
         if self.knn_index == "auto" and self.knn_auto_index == "ivf":
             return "auto", options
         return self.resolved_knn_index(n), options
@@ -235,7 +216,7 @@ class AmbiguityAwareSampler:
         if self.jaccard_max_distance != "auto":
             return float(self.jaccard_max_distance)
         db_eps = float(getattr(self._dbscan(), "eps", 0.0))
-        return min(1.0, max(db_eps, 1.0 - self.s_min))
+        return min(1.0, max(db_eps, 1.0 - float(self.s_min)))
 
     def neighbour_graph(
         self, X: np.ndarray, timings: dict[str, float] | None = None,
@@ -261,7 +242,8 @@ class AmbiguityAwareSampler:
             )
         index, options = self._knn_request(X.shape[0])
         knn_result, D, cached, report = _NEIGHBOUR_GRAPHS.get_or_build(
-            X, k1=int(getattr(dbscan, "k1", 30)), k2=int(getattr(dbscan, "k2", 6)),
+            X, k1=int(getattr(dbscan, "k1", CLUSTERING.k1)),
+            k2=int(getattr(dbscan, "k2", CLUSTERING.k2)),
             index=index, options=options, max_distance=max_distance,
             timings=timings if timings is not None else {},
         )
@@ -394,7 +376,8 @@ class AmbiguityAwareSampler:
         t = time.perf_counter()
         rp = region_pairs(region, D)
         medoids = region_medoids(region, D, X, pairs=rp)
-        pool_os = oversegmentation_pool(medoids, D, k_max=self.k_max, s_min=self.s_min,
+        pool_os = oversegmentation_pool(medoids, D, k_max=int(self.k_max),
+                                        s_min=float(self.s_min),
                                         similarity=self.os_similarity, X=X)
         pool_us = undersegmentation_pool(la, lb, region, D, X, knn_idx=knn_idx, pairs=rp)
         keep_os = unresolved_mask(pool_os.pairs, n, constraints, excl)
@@ -412,7 +395,7 @@ class AmbiguityAwareSampler:
             pool_us.kind,
             pool_us.region,
             tangle,
-            eps=self.eps,
+            eps=float(self.eps),
             type_weights=self.type_weights,
             region_weights=self.region_weights,
             pair_weights=self.pair_weights,

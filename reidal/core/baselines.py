@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import scipy.sparse as sp
 
+from reidal.core.params import CLUSTERING, ParamsMixin
 from reidal.core.sampling import (
     REASON_ALL_RESOLVED,
     QueryPair,
@@ -32,7 +33,7 @@ from reidal.core.sampling import (
     unresolved_mask,
     weighted_order,
 )
-from reidal.core.validation import total_pairs
+from reidal.core.validation import Interval, OneOf, total_pairs
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from reidal.core.constraints import ConstraintSet
@@ -48,7 +49,7 @@ def _cosine(X: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", X[pairs[:, 0]], X[pairs[:, 1]]).astype(np.float64)
 
 
-class RandomPairSampler:
+class RandomPairSampler(ParamsMixin):
     """Uniformly random unanswered pairs, drawn by rejection of (i, j) keys.
 
     Each round draws ordered (i, j) with i != j uniformly (hence unordered pairs
@@ -57,13 +58,13 @@ class RandomPairSampler:
     per draw; ``similarity`` is the cosine similarity.
     """
 
+    _constraints = {"max_rounds": Interval(1, None, integer=True),
+                    "oversample": Interval(1.0, None)}
+
     def __init__(self, max_rounds: int = 32, oversample: float = 2.0) -> None:
-        if int(max_rounds) < 1:
-            raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
-        if not float(oversample) >= 1.0:
-            raise ValueError(f"oversample must be >= 1, got {oversample}")
-        self.max_rounds = int(max_rounds)
-        self.oversample = float(oversample)
+        self.max_rounds = max_rounds
+        self.oversample = oversample
+        self._check_params()
 
     def sample(
         self,
@@ -135,7 +136,7 @@ def _knn_edges(idx: np.ndarray) -> np.ndarray:
     return pairs[dedupe_pairs(pairs, n)]
 
 
-class UncertaintySampler:
+class UncertaintySampler(ParamsMixin):
     """kNN-graph pairs whose Jaccard distance is closest to DBSCAN's ``eps``.
 
     Those pairs decide whether DBSCAN links two neighbourhoods; a small change in the
@@ -144,17 +145,18 @@ class UncertaintySampler:
     ``probability`` is 1.0; ``similarity`` is 1 - Jaccard distance.
     """
 
-    def __init__(self, eps: float = 0.6, k1: int = 30, k2: int = 6, k: int | None = None) -> None:
-        if not 0.0 <= float(eps) <= 1.0:
-            raise ValueError(f"eps must be in [0, 1], got {eps}")
-        if int(k1) < 1 or int(k2) < 1:
-            raise ValueError(f"k1 and k2 must be >= 1, got {k1}, {k2}")
-        if k is not None and int(k) < 2:
-            raise ValueError(f"k must be >= 2 (self plus one neighbour), got {k}")
-        self.eps = float(eps)
-        self.k1 = int(k1)
-        self.k2 = int(k2)
-        self.k = None if k is None else int(k)
+    _constraints = {"eps": Interval(0.0, 1.0), "k1": Interval(1, None, integer=True),
+                    "k2": Interval(1, None, integer=True),
+                    # self plus one neighbour at least
+                    "k": (OneOf((None,)), Interval(2, None, integer=True))}
+
+    def __init__(self, eps: float = CLUSTERING.dbscan_eps, k1: int = CLUSTERING.k1,
+                 k2: int = CLUSTERING.k2, k: int | None = None) -> None:
+        self.eps = eps
+        self.k1 = k1
+        self.k2 = k2
+        self.k = k
+        self._check_params()
 
     def sample(
         self,
@@ -216,7 +218,7 @@ def vertex_degrees(
     return np.asarray(W.sum(axis=1)).ravel()
 
 
-class NISSampler:
+class NISSampler(ParamsMixin):
     """NIS-style sampler (Perez et al., ECCV 2024): low-degree vertices first.
 
     Degrees come from the kNN similarity graph (``vertex_degrees``); a vertex is drawn
@@ -228,6 +230,11 @@ class NISSampler:
     ``stats["anchors"]`` names the vertex each pair was chosen for.
     """
 
+    _constraints = {"k": Interval(1, None, integer=True),
+                    "degree": OneOf(("similarity_sum", "threshold")),
+                    "threshold": Interval(), "alpha": Interval(0.0, None),
+                    "pairs_per_vertex": Interval(1, None, integer=True)}
+
     def __init__(
         self,
         k: int = 10,
@@ -236,19 +243,12 @@ class NISSampler:
         alpha: float = 1.0,
         pairs_per_vertex: int = 1,
     ) -> None:
-        if int(k) < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if degree not in ("similarity_sum", "threshold"):
-            raise ValueError(f"degree must be 'similarity_sum' or 'threshold', got {degree!r}")
-        if not float(alpha) >= 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
-        if int(pairs_per_vertex) < 1:
-            raise ValueError(f"pairs_per_vertex must be >= 1, got {pairs_per_vertex}")
-        self.k = int(k)
+        self.k = k
         self.degree = degree
-        self.threshold = float(threshold)
-        self.alpha = float(alpha)
-        self.pairs_per_vertex = int(pairs_per_vertex)
+        self.threshold = threshold
+        self.alpha = alpha
+        self.pairs_per_vertex = pairs_per_vertex
+        self._check_params()
 
     def sample(
         self,

@@ -33,15 +33,10 @@ from reidal.core.neighbors import (
     jaccard_distance,
     knn,
 )
-from reidal.core.validation import check_embeddings
+from reidal.core.params import CLUSTERING, ParamsMixin
+from reidal.core.validation import Interval, OneOf, check_embeddings
 
 __all__ = ["DBSCANJaccard", "FinchFirstPartition", "finch_partitions", "first_neighbours"]
-
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
 
 
 def _first_occurrence_labels(labels: np.ndarray) -> np.ndarray:
@@ -58,34 +53,41 @@ def _first_occurrence_labels(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-class DBSCANJaccard:
+class DBSCANJaccard(ParamsMixin):
     """DBSCAN (``metric="precomputed"``) on the sparse k-reciprocal Jaccard distance.
 
-    Defaults are SpCL's (eps 0.6, min_samples 4, k1 30, k2 6). eps must be < 1: absent
-    entries of the sparse matrix mean distance 1, which DBSCAN then never sees as
-    neighbours, exactly as SpCL's dense matrix with eps < 1. When the distance is computed
-    here it keeps only pairs within eps (``max_distance=eps``), which changes nothing for
-    DBSCAN and saves most of the memory.
+    Defaults are SpCL's (eps 0.6, min_samples 4, k1 30, k2 6: reidal.core.params). eps must
+    be < 1: absent entries of the sparse matrix mean distance 1, which DBSCAN then never
+    sees as neighbours, exactly as SpCL's dense matrix with eps < 1. When the distance is
+    computed here it keeps only pairs within eps (``max_distance=eps``), which changes
+    nothing for DBSCAN and saves most of the memory.
     """
+
+    _constraints = {
+        "eps": Interval(0.0, 1.0, closed="neither"),
+        "min_samples": Interval(1, None, integer=True),
+        "k1": Interval(1, None, integer=True),
+        "k2": Interval(1, None, integer=True),
+        "index": OneOf(("flat", "hnsw", "ivf")),
+        "use_gpu": OneOf(("auto", True, False)),
+    }
 
     def __init__(
         self,
-        eps: float = 0.6,
-        min_samples: int = 4,
-        k1: int = 30,
-        k2: int = 6,
+        eps: float = CLUSTERING.dbscan_eps,
+        min_samples: int = CLUSTERING.min_samples,
+        k1: int = CLUSTERING.k1,
+        k2: int = CLUSTERING.k2,
         index: IndexKind = "flat",
         use_gpu: GpuChoice = "auto",
     ) -> None:
-        eps = float(eps)
-        if not 0.0 < eps < 1.0:
-            raise ValueError(f"eps must be in (0, 1) for a Jaccard distance, got {eps}")
         self.eps = eps
-        self.min_samples = _positive_int(min_samples, "min_samples")
-        self.k1 = _positive_int(k1, "k1")
-        self.k2 = _positive_int(k2, "k2")
+        self.min_samples = min_samples
+        self.k1 = k1
+        self.k2 = k2
         self.index = index
         self.use_gpu = use_gpu
+        self._check_params()
 
     def __call__(
         self,
@@ -251,7 +253,7 @@ def finch_partitions(
     return levels
 
 
-class FinchFirstPartition:
+class FinchFirstPartition(ParamsMixin):
     """FINCH clustering, one partition of its hierarchy (default 0, the finest: method.md).
 
     ``distance``: "cosine" (default) or "euclidean"; on L2-normalised embeddings both give
@@ -261,25 +263,28 @@ class FinchFirstPartition:
     Every item gets a cluster (FINCH has no outliers); labels 0..C-1 in order of first member.
     """
 
+    _constraints = {
+        "distance": OneOf(("cosine", "euclidean")),
+        "partition": Interval(0, None, integer=True),
+        "ensure_early_exit": OneOf((True, False)),
+        "index": OneOf(("flat", "hnsw", "ivf")),
+        "use_gpu": OneOf(("auto", True, False)),
+    }
+
     def __init__(
         self,
         distance: Literal["cosine", "euclidean"] = "cosine",
-        partition: int = 0,
+        partition: int = CLUSTERING.finch_level,
         ensure_early_exit: bool = False,
         index: IndexKind = "flat",
         use_gpu: GpuChoice = "auto",
     ) -> None:
-        if distance not in ("cosine", "euclidean"):
-            raise ValueError(f"distance must be 'cosine' or 'euclidean', got {distance!r}")
-        if isinstance(partition, bool) or not isinstance(partition, (int, np.integer)):
-            raise ValueError(f"partition must be an integer >= 0, got {partition!r}")
-        if partition < 0:
-            raise ValueError(f"partition must be >= 0, got {partition}")
         self.distance = distance
-        self.partition = int(partition)
-        self.ensure_early_exit = bool(ensure_early_exit)
+        self.partition = partition
+        self.ensure_early_exit = ensure_early_exit
         self.index = index
         self.use_gpu = use_gpu
+        self._check_params()
 
     def __call__(
         self, X: object, *, knn_result: tuple[np.ndarray, np.ndarray] | None = None
@@ -290,6 +295,6 @@ class FinchFirstPartition:
         kappa = first_neighbours(X, knn_result=knn_result, index=self.index, use_gpu=self.use_gpu)
         levels = finch_partitions(
             X, kappa, distance=self.distance, ensure_early_exit=self.ensure_early_exit,
-            max_level=self.partition,
+            max_level=int(self.partition),
         )
-        return levels[min(self.partition, len(levels) - 1)]
+        return levels[min(int(self.partition), len(levels) - 1)]

@@ -23,17 +23,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from reidal.core.baselines import UncertaintySampler
+from reidal.core.params import ParamsMixin
 from reidal.core.sampling import (
     SampleResult,
     batch_reason,
     check_sample_inputs,
 )
+from reidal.core.validation import Interval, OneOf
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from reidal.core.aas import AmbiguityAwareSampler
     from reidal.core.constraints import ConstraintSet
 
-class AASContinuation:
+class AASContinuation(ParamsMixin):
     """AAS, then the most ambiguous remaining pairs up to the budget (module docstring).
 
     ``aas``: the AmbiguityAwareSampler whose pairs come first (its DBSCAN's eps, k1, k2
@@ -41,17 +43,23 @@ class AASContinuation:
     continuation considers (default: the DBSCAN's k1, UncertaintySampler's default).
     """
 
-    def __init__(self, aas: AmbiguityAwareSampler | None = None, k: int | None = None) -> None:
-        if aas is None:
-            from reidal.core.aas import AmbiguityAwareSampler
+    _constraints = {"k": (OneOf((None,)), Interval(2, None, integer=True))}
 
-            aas = AmbiguityAwareSampler()
+    def __init__(self, aas: AmbiguityAwareSampler | None = None, k: int | None = None) -> None:
         self.aas = aas
         self.k = k
+        self._check_params()
+
+    def _aas(self) -> AmbiguityAwareSampler:
+        if self.aas is None:  # built lazily, as AmbiguityAwareSampler builds its clusterings
+            from reidal.core.aas import AmbiguityAwareSampler
+
+            self.aas = AmbiguityAwareSampler()
+        return self.aas
 
     def continuation(self) -> UncertaintySampler:
         """The boundary sampler on AAS's DBSCAN parameters."""
-        db: Any = self.aas._dbscan()
+        db: Any = self._aas()._dbscan()
         return UncertaintySampler(eps=float(db.eps), k1=int(db.k1), k2=int(db.k2), k=self.k)
 
     def sample(
@@ -64,7 +72,7 @@ class AASContinuation:
         exclude_pairs: np.ndarray | None = None,
     ) -> SampleResult:
         X, n_budget, excl = check_sample_inputs(X, constraints, budget, exclude_pairs)
-        first = self.aas.sample(X, constraints, n_budget, seed=seed, exclude_pairs=excl)
+        first = self._aas().sample(X, constraints, n_budget, seed=seed, exclude_pairs=excl)
         rest = n_budget - len(first.pairs)
         stats = dict(first.stats)
         stats["aas_pairs"] = len(first.pairs)

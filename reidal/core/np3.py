@@ -45,7 +45,8 @@ from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from reidal.core.constraints import ConstraintSet
-from reidal.core.validation import check_embeddings, check_labels
+from reidal.core.params import ParamsMixin
+from reidal.core.validation import Interval, check_embeddings, check_labels
 
 
 @dataclass(frozen=True)
@@ -164,23 +165,18 @@ def exact_coloring(n_nodes: int, edges: object) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- NP3
-class NP3:
+class NP3(ParamsMixin):
     """NP3 constrained refinement; see the module docstring for the steps and id rules.
 
     ``exact_coloring_max_nodes`` (OURS, default 10): conflict graphs with at most this many
     ML groups are coloured exactly, larger ones with DSATUR.
     """
 
+    _constraints = {"exact_coloring_max_nodes": Interval(0, None, integer=True)}
+
     def __init__(self, exact_coloring_max_nodes: int = 10) -> None:
-        if isinstance(exact_coloring_max_nodes, bool) or not isinstance(
-            exact_coloring_max_nodes, (int, np.integer)
-        ):
-            raise ValueError("exact_coloring_max_nodes must be an int")
-        if exact_coloring_max_nodes < 0:
-            raise ValueError(
-                f"exact_coloring_max_nodes must be >= 0, got {exact_coloring_max_nodes}"
-            )
-        self.exact_coloring_max_nodes = int(exact_coloring_max_nodes)
+        self.exact_coloring_max_nodes = exact_coloring_max_nodes
+        self._check_params()
 
     def _colour(self, n_nodes: int, edges: np.ndarray) -> np.ndarray:
         if n_nodes == 1 or not len(edges):

@@ -6,6 +6,12 @@ The core follows scikit-learn's habit: validate at the public boundary, raise a
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
 import numpy as np
 
 #: How far from unit length a row may be before we refuse it. Vectors from float32 models
@@ -115,3 +121,96 @@ def resolve_budget(budget: float | int, n: int) -> int:
     if not np.isfinite(b) or b <= 0 or b > 1:
         raise ValueError(f"a fractional budget must be in (0, 1], got {budget}")
     return max(1, int(np.ceil(b * total_pairs(n))))
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A number between ``low`` and ``high`` (None: unbounded), ends closed or open.
+
+    ``integer``: only whole numbers of an integer type (``5.0`` is refused, as a float where
+    a count is meant is usually a mistake). Booleans are never numbers here.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    closed: Literal["both", "left", "right", "neither"] = "both"
+    integer: bool = False
+
+    def accepts(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(
+                value, numbers.Integral if self.integer else numbers.Real):
+            return False
+        v = float(value)  # type: ignore[arg-type]
+        if not math.isfinite(v):
+            return False
+        if self.low is not None and (v < self.low or (v == self.low and self.closed in
+                                                      ("right", "neither"))):
+            return False
+        return not (self.high is not None and (v > self.high or (
+            v == self.high and self.closed in ("left", "neither"))))
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        if self.low is not None and self.high is not None:
+            left = "[" if self.closed in ("both", "left") else "("
+            right = "]" if self.closed in ("both", "right") else ")"
+            return f"{kind} in {left}{self.low:g}, {self.high:g}{right}"
+        if self.low is not None:
+            return f"{kind} {'>=' if self.closed in ('both', 'left') else '>'} {self.low:g}"
+        if self.high is not None:
+            return f"{kind} {'<=' if self.closed in ('both', 'right') else '<'} {self.high:g}"
+        return kind
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """One of a few given values (compared with ==), or any callable when ``callables``."""
+
+    options: tuple[Any, ...]
+    callables: bool = False
+
+    def accepts(self, value: object) -> bool:
+        if self.callables and callable(value):
+            return True
+        return any(value is o or (not isinstance(value, bool) and value == o)
+                   for o in self.options)
+
+    def describe(self) -> str:
+        text = "one of " + ", ".join(repr(o) for o in self.options)
+        return text + (" or a callable" if self.callables else "")
+
+
+@dataclass(frozen=True)
+class InstanceOf:
+    """Any value of the given type(s) (e.g. a dict of options, or None)."""
+
+    types: type | tuple[type, ...]
+    name: str
+
+    def accepts(self, value: object) -> bool:
+        return isinstance(value, self.types)
+
+    def describe(self) -> str:
+        return self.name
+
+
+#: One constraint on a parameter, or several of which any one may hold.
+Constraint = Interval | OneOf | InstanceOf
+
+
+def check_params(values: Mapping[str, Any],
+                 constraints: Mapping[str, Constraint | tuple[Constraint, ...]]) -> None:
+    """Raise ``ValueError`` naming the first parameter in ``values`` that none of its declared
+    constraints accept: "k1 must be an integer >= 1, got 0". Parameters without a declared
+    constraint are not checked (objects such as a clustering are checked by their own class).
+    """
+    for name, allowed in constraints.items():
+        if name not in values:
+            continue
+        options = allowed if isinstance(allowed, tuple) else (allowed,)
+        if not any(c.accepts(values[name]) for c in options):
+            wanted = " or ".join(c.describe() for c in options)
+            raise ValueError(f"{name} must be {wanted}, got {values[name]!r}")

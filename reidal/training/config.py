@@ -6,7 +6,8 @@ epochs (5 cycles), batch 64 = 16 pseudo-identities x 4 images, Adam lr 3.5e-4, w
 5e-4, StepLR 20 / 0.1, 400 iterations an epoch, hybrid memory momentum 0.2 and temperature
 0.05, DBSCAN eps 0.6 / min_samples 4 on the k-reciprocal Jaccard distance (k1 30, k2 6),
 reliability re-clusterings at eps +/- 0.02 with the independence threshold at the 90th
-percentile of the first epoch's clusters. Choices SpCL does not make are marked OURS.
+percentile of the first epoch's clusters. Choices SpCL does not make are marked OURS. The
+clustering and sampler defaults are read from the one defaults table, reidal.core.params.
 
 A bad value raises ``ValueError`` naming the field when the config is built; the one check
 that needs the data (a batch larger than the collection) happens in ``SpCLTrainer.fit``.
@@ -19,13 +20,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from reidal.core.params import CHOICE_NAMES, CLUSTERING, CLUSTERING_MODES, SAMPLING
+from reidal.core.samplers import SAMPLERS as REGISTERED_SAMPLERS
+
 MODES = ("head", "partial", "full")
 DEVICES = ("cpu", "cuda", "auto")
-SAMPLERS = ("aas", "aas-continued", "random", "none")
-CLUSTERINGS = ("fixed", "calibrated")
+#: The samplers of the registry (reidal.core.samplers), and "none": SpCL alone.
+SAMPLERS = (*REGISTERED_SAMPLERS, "none")
+CLUSTERINGS = CLUSTERING_MODES
 #: Clustering parameters a calibrated run may keep at the config's values.
 PINNABLE = ("eps", "k1", "k2", "min_samples")
 CLUSTER_FEATURES = ("memory", "model")
+
+
+#: TrainConfig field -> the ClusteringParams field (a collection's stored name) it is.
+CLUSTERING_FIELDS = {name: key for key, name in CHOICE_NAMES.items() if name in PINNABLE}
 
 
 def _is_int(value: object) -> bool:
@@ -74,10 +83,12 @@ class TrainConfig:
     cluster as given, for ablations).
     budget_per_cycle: pairs asked per cycle, a count (int) or a fraction of all pairs
     (float; paper 0.0002 = 0.02 %).
-    sampler: ``"aas"`` (Ambiguity-Aware Sampling), ``"aas-continued"`` (OURS: AAS, then the
-    allowance it leaves goes to the pairs closest to DBSCAN's eps;
-    reidal.core.continuation), ``"random"`` (uniform unanswered pairs) or ``"none"`` (SpCL
-    alone: no question is asked).
+    sampler: a name of the sampler registry (reidal.core.samplers), built with this
+    config's (or the calibrated) clustering: ``"aas"`` (Ambiguity-Aware Sampling),
+    ``"aas-continued"`` (OURS: AAS, then the allowance it leaves goes to the pairs closest to
+    DBSCAN's eps; reidal.core.continuation), ``"random"`` (uniform unanswered pairs),
+    ``"uncertainty"`` / ``"nis"`` (the benchmark's baselines), or ``"none"`` (SpCL alone: no
+    question is asked).
     clustering (OURS, default "fixed" = the paper: eps, k1, k2, min_samples as given):
     ``"calibrated"`` chooses them at every cycle start from the data and the answers so far,
     and again after the cycle's answers (reidal.core.calibration: k1 from the collection's
@@ -133,17 +144,17 @@ class TrainConfig:
     gamma: float = 0.1
     momentum: float = 0.2
     temperature: float = 0.05
-    eps: float = 0.6
-    min_samples: int = 4
-    k1: int = 30
-    k2: int = 6
+    eps: float = CLUSTERING.dbscan_eps
+    min_samples: int = CLUSTERING.min_samples
+    k1: int = CLUSTERING.k1
+    k2: int = CLUSTERING.k2
     eps_gap: float = 0.02
     reliability_percentile: float = 0.9
     self_paced: bool = True
-    budget_per_cycle: int | float = 0.0002
-    sampler: str = "aas"
+    budget_per_cycle: int | float = SAMPLING.default_budget["fraction"]
+    sampler: str = SAMPLING.sampler
     question_rounds: int = 1
-    aas_os_similarity: str = "jaccard"
+    aas_os_similarity: str = SAMPLING.os_similarity
     clustering: str = "fixed"
     clustering_pinned: tuple[str, ...] = ()
     cluster_features: str = "memory"

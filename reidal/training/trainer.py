@@ -48,7 +48,9 @@ import torch
 
 from reidal.core.constraints import ConstraintSet
 from reidal.core.evaluation import OpenSetSplit, clustering_quality, evaluate_open_set
+from reidal.core.params import CHOICE_NAMES, CLUSTERING, ClusteringParams, SamplingParams
 from reidal.core.questions import Oracle, ask_and_record
+from reidal.core.samplers import make_sampler
 from reidal.core.validation import check_labels, resolve_budget, total_pairs
 from reidal.embedding.model import EmbeddingNet
 from reidal.embedding.spec import ModelSpec
@@ -279,24 +281,10 @@ class SpCLTrainer:
         c = self.config
         if c.sampler == "none":
             return None
-        if c.sampler == "random":
-            from reidal.core.baselines import RandomPairSampler
-
-            return RandomPairSampler()
-        from reidal.core.aas import AmbiguityAwareSampler
-        from reidal.core.clustering import DBSCANJaccard, FinchFirstPartition
-
         p = _clustering(c, choice)
-        aas = AmbiguityAwareSampler(
-            dbscan=DBSCANJaccard(eps=p["eps"], min_samples=p["min_samples"], k1=p["k1"],
-                                 k2=p["k2"]),
-            finch=FinchFirstPartition(partition=p["finch_level"]),
-            os_similarity=c.aas_os_similarity)
-        if c.sampler == "aas-continued":
-            from reidal.core.continuation import AASContinuation
-
-            return AASContinuation(aas)
-        return aas
+        clustering = ClusteringParams(**{key: p[name] for key, name in CHOICE_NAMES.items()})
+        return make_sampler(clustering, SamplingParams(sampler=c.sampler,
+                                                       os_similarity=c.aas_os_similarity))
 
     def make_calibrator(self) -> Any:
         """The per-cycle clustering calibrator (None unless ``clustering="calibrated"``),
@@ -679,7 +667,8 @@ def _clustering(c: TrainConfig, choice: Any, *, with_sources: bool = False) -> d
     """The clustering parameters in force: the calibrated ``choice`` or the config's."""
     if choice is None:
         out: dict[str, Any] = {"eps": c.eps, "k1": c.k1, "k2": c.k2,
-                               "min_samples": c.min_samples, "finch_level": 0}
+                               "min_samples": c.min_samples,
+                               "finch_level": CLUSTERING.finch_level}
         if with_sources:
             out.update(eps_source="config", finch_source="default")
         return out
