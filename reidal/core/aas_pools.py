@@ -21,6 +21,7 @@ from reidal.core.aas_regions import (
     _compact_with_singletons,
     region_pairs,
 )
+from reidal.core.params import SAMPLING
 from reidal.core.validation import check_labels
 
 TypeWeights = str | Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -301,10 +302,10 @@ def mixture_probabilities(
     us_region: np.ndarray,
     tangle: np.ndarray,
     *,
-    eps: float = 0.6,
-    type_weights: TypeWeights = "uniform",
-    region_weights: RegionWeights = "disagreement",
-    pair_weights: PairWeights = "uniform",
+    eps: float = SAMPLING.mixture_eps,
+    type_weights: TypeWeights = SAMPLING.type_weights,
+    region_weights: RegionWeights = SAMPLING.region_weights,
+    pair_weights: PairWeights = SAMPLING.pair_weights,
     us_similarity: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """P(y) = eps P(y | U_os) + (1 - eps) P(y | U_us); returns (P over U_os, P over U_us).

@@ -21,6 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from reidal.core import ivf_knn
+from reidal.core.params import CLUSTERING
 from reidal.core.validation import check_embeddings
 
 IndexKind = Literal["flat", "hnsw", "ivf"]
@@ -653,8 +654,8 @@ def _assemble_symmetric(blocks: list[tuple[int, sp.csr_matrix]], n: int) -> sp.c
 def jaccard_distance(
     X: object,
     *,
-    k1: int = 30,
-    k2: int = 6,
+    k1: int = CLUSTERING.k1,
+    k2: int = CLUSTERING.k2,
     knn_result: tuple[np.ndarray, np.ndarray] | None = None,
     index: IndexKind = "flat",
     use_gpu: GpuChoice = "auto",

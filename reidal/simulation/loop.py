@@ -18,6 +18,7 @@ import numpy as np
 
 from reidal.core.constraints import ConstraintSet
 from reidal.core.evaluation import clustering_quality
+from reidal.core.params import SAMPLING
 from reidal.core.questions import Oracle, ask_and_record, next_answer_id
 from reidal.core.sampling import Sampler
 from reidal.core.validation import check_embeddings, check_labels, resolve_budget, total_pairs
@@ -70,7 +71,7 @@ class ActiveLearningLoop:
         *,
         clustering: Callable[[np.ndarray], np.ndarray] | None = None,
         refiner: Any = None,
-        budget_per_cycle: int | float = 0.0002,
+        budget_per_cycle: int | float = SAMPLING.default_budget["fraction"],
         cycles: int = 5,
         seed: int = 0,
     ) -> None:

@@ -35,6 +35,7 @@ from reidal.core.clustering import DBSCANJaccard
 from reidal.core.constraints import ConstraintSet
 from reidal.core.neighbors import jaccard_distance
 from reidal.core.np3 import NP3
+from reidal.core.params import CLUSTERING
 from reidal.core.validation import check_embeddings
 
 
@@ -118,8 +119,9 @@ class PseudoLabels:
 class SpCLPseudoLabeler:
     """DBSCAN x 3 on one Jaccard matrix -> NP3 -> reliability filter -> NP3 -> compact labels."""
 
-    def __init__(self, *, eps: float = 0.6, eps_gap: float = 0.02, min_samples: int = 4,
-                 k1: int = 30, k2: int = 6, reliability_percentile: float = 0.9,
+    def __init__(self, *, eps: float = CLUSTERING.dbscan_eps, eps_gap: float = 0.02,
+                 min_samples: int = CLUSTERING.min_samples, k1: int = CLUSTERING.k1,
+                 k2: int = CLUSTERING.k2, reliability_percentile: float = 0.9,
                  self_paced: bool = True, refiner: NP3 | None = None) -> None:
         if not 0.0 <= eps_gap < eps < 1.0 or eps + eps_gap >= 1.0:
             raise ValueError(f"need 0 <= eps_gap < eps and eps + eps_gap < 1, got eps={eps}, "
