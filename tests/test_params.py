@@ -15,6 +15,7 @@ from reidal.benchmark.methods import SAMPLER_METHODS
 from reidal.collection_state import collection_params, effective_params, make_sampler
 from reidal.core.aas import AmbiguityAwareSampler
 from reidal.core.baselines import NISSampler, RandomPairSampler, UncertaintySampler
+from reidal.core.calibration import ClusteringCalibrator
 from reidal.core.clustering import DBSCANJaccard, FinchFirstPartition
 from reidal.core.continuation import AASContinuation
 from reidal.core.np3 import NP3
@@ -26,9 +27,11 @@ from reidal.core.validation import Interval, OneOf, check_params
 from reidal.errors import InvalidArgument
 from reidal.training.config import SAMPLERS as TRAIN_SAMPLERS
 from reidal.training.config import TrainConfig
+from reidal.training.pseudo_labels import SpCLPseudoLabeler
 
 ALGORITHMS = [DBSCANJaccard, FinchFirstPartition, AmbiguityAwareSampler, AASContinuation,
-              RandomPairSampler, UncertaintySampler, NISSampler, NP3]
+              RandomPairSampler, UncertaintySampler, NISSampler, NP3, ClusteringCalibrator,
+              SpCLPseudoLabeler]
 
 
 @pytest.mark.parametrize("cls", ALGORITHMS, ids=lambda c: c.__name__)
@@ -69,6 +72,20 @@ def test_set_params_reaches_nested_parameters_and_checks_again():
         aas.set_params(dbscan__k1=0)
     with pytest.raises(ValueError, match="knn_index"):
         aas.set_params(knn_options={"index": "flat"})
+
+
+def test_cross_parameter_checks_run_on_set_params_too():
+    cal = ClusteringCalibrator(fixed={"k1": 9})
+    cal.set_params(k1_min=8)
+    with pytest.raises(ValueError, match="k1_min <= k1_max"):
+        cal.set_params(k1_min=40)
+    assert cal.k1_min == 8
+    labeler = SpCLPseudoLabeler(eps=0.5)
+    with pytest.raises(ValueError, match="eps_gap"):
+        labeler.set_params(eps_gap=0.6)
+    with pytest.raises(ValueError, match="min_samples"):
+        labeler.set_params(min_samples=0)  # the DBSCAN it builds refuses it
+    assert labeler.dbscan.get_params()["eps"] == 0.5 and labeler.eps_gap == 0.02
 
 
 def test_declared_constraints_name_the_parameter_and_what_it_takes():

@@ -35,8 +35,9 @@ import scipy.sparse as sp
 
 from reidal.core.clustering import finch_partitions, first_neighbours
 from reidal.core.neighbors import jaccard_distance
+from reidal.core.params import ParamsMixin
 from reidal.core.sampling import sparse_lookup
-from reidal.core.validation import check_embeddings
+from reidal.core.validation import InstanceOf, Interval, check_embeddings
 
 #: Parameters a calibration chooses (and a user may fix).
 PARAMETERS = ("eps", "k1", "k2", "min_samples", "finch_level")
@@ -65,8 +66,8 @@ class ClusteringChoice:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class ClusteringCalibrator:
+@dataclass
+class ClusteringCalibrator(ParamsMixin):
     """Chooses DBSCAN's eps / k1 / k2 / min_samples and FINCH's level (module docstring).
 
     OURS parameters (docs/method.md): ``rho`` (1.6e-3, MMT/SSG), ``k1_scale`` (0.25),
@@ -74,6 +75,15 @@ class ClusteringCalibrator:
     ``eps_max`` (0.9: DBSCAN on a Jaccard distance needs eps < 1, and the reliability
     filter's loose clustering eps + gap too). ``fixed``: parameter -> value, kept as given.
     """
+
+    _constraints = {"rho": Interval(0.0, 1.0, closed="neither"),
+                    "k1_scale": Interval(0.0, None, closed="neither"),
+                    "k1_min": Interval(1, None, integer=True),
+                    "k1_max": Interval(1, None, integer=True),
+                    "min_answers": Interval(1, None, integer=True),
+                    "eps_min": Interval(0.0, 1.0, closed="neither"),
+                    "eps_max": Interval(0.0, 1.0, closed="neither"),
+                    "fixed": InstanceOf(dict, "a dict")}
 
     rho: float = 1.6e-3
     k1_scale: float = 0.25
@@ -85,17 +95,15 @@ class ClusteringCalibrator:
     fixed: dict[str, float | int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not 0.0 < float(self.rho) < 1.0:
-            raise ValueError(f"rho must be in (0, 1), got {self.rho}")
-        if not float(self.k1_scale) > 0:
-            raise ValueError(f"k1_scale must be > 0, got {self.k1_scale}")
-        if not 1 <= int(self.k1_min) <= int(self.k1_max):
+        self._check_params()
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        if not self.k1_min <= self.k1_max:
             raise ValueError(f"need 1 <= k1_min <= k1_max, got {self.k1_min}, {self.k1_max}")
-        if not 0.0 < float(self.eps_min) <= float(self.eps_max) < 1.0:
+        if not self.eps_min <= self.eps_max:
             raise ValueError(f"need 0 < eps_min <= eps_max < 1, got {self.eps_min}, "
                              f"{self.eps_max}")
-        if int(self.min_answers) < 1:
-            raise ValueError(f"min_answers must be >= 1, got {self.min_answers}")
         unknown = set(self.fixed) - set(PARAMETERS)
         if unknown:
             raise ValueError(f"unknown clustering parameter(s) to fix: {sorted(unknown)}; "

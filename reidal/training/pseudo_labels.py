@@ -35,8 +35,8 @@ from reidal.core.clustering import DBSCANJaccard
 from reidal.core.constraints import ConstraintSet
 from reidal.core.neighbors import jaccard_distance
 from reidal.core.np3 import NP3
-from reidal.core.params import CLUSTERING
-from reidal.core.validation import check_embeddings
+from reidal.core.params import CLUSTERING, ParamsMixin
+from reidal.core.validation import Interval, OneOf, check_embeddings
 
 
 def compact_with_singletons(labels: np.ndarray) -> np.ndarray:
@@ -116,49 +116,80 @@ class PseudoLabels:
     indep_threshold: float | None
 
 
-class SpCLPseudoLabeler:
-    """DBSCAN x 3 on one Jaccard matrix -> NP3 -> reliability filter -> NP3 -> compact labels."""
+class SpCLPseudoLabeler(ParamsMixin):
+    """DBSCAN x 3 on one Jaccard matrix -> NP3 -> reliability filter -> NP3 -> compact labels.
+
+    eps, min_samples, k1, k2: the DBSCAN (defaults: reidal.core.params); eps_gap: the tight
+    and loose re-clusterings use eps -/+ it; reliability_percentile, self_paced: SpCL's
+    reliability filter (see TrainConfig); refiner: the constraint refinement (NP3()).
+    """
+
+    _constraints = {"eps_gap": Interval(0.0, None),
+                    "reliability_percentile": Interval(0.0, 1.0),
+                    "self_paced": OneOf((True, False))}
 
     def __init__(self, *, eps: float = CLUSTERING.dbscan_eps, eps_gap: float = 0.02,
                  min_samples: int = CLUSTERING.min_samples, k1: int = CLUSTERING.k1,
                  k2: int = CLUSTERING.k2, reliability_percentile: float = 0.9,
                  self_paced: bool = True, refiner: NP3 | None = None) -> None:
-        if not 0.0 <= eps_gap < eps < 1.0 or eps + eps_gap >= 1.0:
+        self.eps = eps
+        self.eps_gap = eps_gap
+        self.min_samples = min_samples
+        self.k1 = k1
+        self.k2 = k2
+        self.reliability_percentile = reliability_percentile
+        self.self_paced = self_paced
+        self.refiner = refiner
+        self._check_params()
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        eps, gap = self.eps, self.eps_gap
+        if not 0.0 <= gap < eps < 1.0 or eps + gap >= 1.0:
             raise ValueError(f"need 0 <= eps_gap < eps and eps + eps_gap < 1, got eps={eps}, "
-                             f"eps_gap={eps_gap}")
-        self.eps, self.eps_gap = float(eps), float(eps_gap)
-        self.k1, self.k2 = int(k1), int(k2)
-        self.dbscan = DBSCANJaccard(eps=eps, min_samples=min_samples, k1=k1, k2=k2)
-        self.tight = DBSCANJaccard(eps=eps - eps_gap, min_samples=min_samples, k1=k1, k2=k2) \
-            if eps_gap > 0 else self.dbscan
-        self.loose = DBSCANJaccard(eps=eps + eps_gap, min_samples=min_samples, k1=k1, k2=k2)
-        self.percentile = float(reliability_percentile)
-        self.self_paced = bool(self_paced)
-        self.refiner = refiner or NP3()
+                             f"eps_gap={gap}")
+        self._dbscan(0.0)  # DBSCANJaccard checks min_samples, k1, k2
+
+    def _dbscan(self, shift: float) -> DBSCANJaccard:
+        return DBSCANJaccard(eps=self.eps + shift, min_samples=self.min_samples, k1=self.k1,
+                             k2=self.k2)
+
+    @property
+    def dbscan(self) -> DBSCANJaccard:
+        """The clustering at eps (the one the labels come from)."""
+        return self._dbscan(0.0)
+
+    def refinement(self) -> NP3:
+        """The constraint refinement: ``refiner``, NP3() when None (built once)."""
+        if self.refiner is None:
+            self.refiner = NP3()
+        return self.refiner
 
     def __call__(self, X: np.ndarray, constraints: ConstraintSet | None,
                  indep_threshold: float | None = None) -> PseudoLabels:
         X = check_embeddings(X, min_rows=2)
-        D = jaccard_distance(X, k1=self.k1, k2=self.k2, max_distance=self.eps + self.eps_gap)
+        eps, gap = float(self.eps), float(self.eps_gap)
+        D = jaccard_distance(X, k1=int(self.k1), k2=int(self.k2), max_distance=eps + gap)
         has_answers = constraints is not None and len(constraints) > 0
+        refiner = self.refinement()
 
         def cluster(dbscan: DBSCANJaccard) -> tuple[np.ndarray, int]:
             labels = dbscan(X, distance=D)
             if not has_answers:
                 return labels, 0
-            res = self.refiner(labels, X, constraints)
+            res = refiner(labels, X, constraints)
             return res.labels, res.n_changed
 
         labels, changed = cluster(self.dbscan)
         train = labels
         if self.self_paced:
-            tight = cluster(self.tight)[0] if self.eps_gap > 0 else labels
-            loose = cluster(self.loose)[0]
+            tight = cluster(self._dbscan(-gap))[0] if gap > 0 else labels
+            loose = cluster(self._dbscan(gap))[0]
             rel = reliability_filter(labels, tight, loose, indep_threshold=indep_threshold,
-                                     percentile=self.percentile)
+                                     percentile=float(self.reliability_percentile))
             train, indep_threshold = rel.labels, rel.indep_threshold
             if has_answers:
-                train = self.refiner(train, X, constraints).labels
+                train = refiner(train, X, constraints).labels
         compact = compact_with_singletons(train)
         sizes = np.bincount(compact)
         return PseudoLabels(

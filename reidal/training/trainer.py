@@ -597,7 +597,7 @@ class SpCLTrainer:
                    else inputs.embed_all(model, ctx)).cpu().numpy()
         final = labeler.dbscan(X_final) if fixed is None else fixed
         if len(constraints):
-            final = labeler.refiner(final, X_final, constraints).labels
+            final = labeler.refinement()(final, X_final, constraints).labels
         model = model.cpu().eval()
         for p in model.parameters():
             p.requires_grad_(True)
