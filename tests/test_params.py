@@ -145,3 +145,36 @@ def test_a_collection_stored_before_a_parameter_existed_reads_with_its_default()
         collection_params({"sampling": {"mixtur_eps": 0.5}})
     with pytest.raises(InvalidArgument, match="sampler"):
         effective_params(None, {"sampler": "oracle"})
+
+
+def test_a_collection_stored_in_the_old_form_samples_what_the_new_form_samples(tmp_path):
+    """The stored form before the defaults table (no mode, finch_level, sampler or
+    os_similarity) and the form effective_params stores now: the same batch, in a real
+    SQLite store through the sampling cycle."""
+    from reidal.cycle import CycleRequest, run_cycle
+    from reidal.simulation.synthetic import make_reid_embeddings
+    from reidal.store import ImageRecord, Store
+
+    old = {"clustering": {"dbscan_eps": 0.6, "min_samples": 2, "k1": 6, "k2": 2},
+           "sampling": {"mixture_eps": 0.6, "k_max": 5, "s_min": 0.3,
+                        "type_weights": "uniform", "region_weights": "disagreement",
+                        "pair_weights": "uniform", "seed": 4,
+                        "default_budget": {"count": 7}}}
+    new = effective_params(old["clustering"], old["sampling"])
+    assert set(new["clustering"]) > set(old["clustering"])
+    data = make_reid_embeddings(n_identities=8, dim=16, seed=1)
+    ids = [f"img{k:03d}" for k in range(data.X.shape[0])]
+    store = Store(tmp_path)
+    try:
+        batches = []
+        for cid, params in (("old", old), ("new", new)):
+            store.create_collection(cid, params=params)
+            store.add_images(cid, [ImageRecord(i) for i in ids])
+            store.add_vectors(cid, "m", "1", ids, data.X.astype(np.float32))
+            batch, _ = run_cycle(store, cid, CycleRequest())
+            batches.append((batch.budget, [(p.image_a, p.image_b, p.pool)
+                                           for p, _ in store.batch_pairs(cid, batch.batch_id)]))
+        assert batches[0][0] == 7 and batches[0][1]
+        assert batches[0] == batches[1]
+    finally:
+        store.close()
