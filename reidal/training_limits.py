@@ -35,7 +35,7 @@ MAXIMA: dict[str, float] = {
     "temperature": 1.0,  # SpCL 0.05
     "trainable_stages": 7,  # EfficientNet-Lite0's stages; partial mode 1
     "augment_views": 64,  # partial mode 4 (each view is a cached map per image)
-    "pair_loss_weight": 100.0,  # partial mode 1
+    "pair_loss_weight": 100.0,  # server jobs 1 (head and partial schedules)
 }
 #: Most optimiser steps in one job (epochs x iters_per_epoch; SpCL 20,000, server 1,250).
 MAX_TOTAL_STEPS = 1_000_000

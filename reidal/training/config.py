@@ -261,23 +261,27 @@ class TrainConfig:
 #: answers or without, ended 2-7 mAP points *below* the untrained model (the head memorises
 #: noisy pseudo-labels); with this one training without answers stays near the untrained
 #: model and answers add to it. Same schedule for every method and sampler.
+#: ``pair_loss_weight`` 1 (OURS; 0 before 2026-12-07): the answers also enter the loss
+#: directly (reidal.training.pair_loss); with reidal bench on zebra-rapid at 20 pairs x 5
+#: cycles, 4 seeds, it added +2.4 mAP to AAS and +4.1 to NIS (docs/results/README.md,
+#: "Issue 13 at 224 px"; BenchSchedule's default too). Without answers it changes nothing.
 HEAD_SCHEDULE: dict[str, Any] = {
     "lr": 1e-4,
     "iters_per_epoch": 50,
     "epochs": 25,
     "epochs_per_cycle": 5,
     "step_size": 10,
+    "pair_loss_weight": 1.0,
 }
 
 #: The schedule of partial mode on small collections (OURS; reidal.training.partial): the
 #: head schedule with 10 steps an epoch instead of 50 (a step runs the last backbone stage
 #: as well as the head, and the pool is a few hundred images: 250 steps of 64 are ~80
-#: passes over a 200-image pool), the loss on the answers at weight 1 and 4 cached augmented
-#: views per image. Used by server jobs in partial mode and by ``reidal bench --mode partial``
+#: passes over a 200-image pool), the loss on the answers at weight 1 (as in head mode) and
+#: 4 cached augmented views per image. Used by server jobs in partial mode and by ``reidal bench --mode partial``
 #: (which takes its own --iters).
 PARTIAL_SCHEDULE: dict[str, Any] = {**HEAD_SCHEDULE, "iters_per_epoch": 10,
-                                    "pair_loss_weight": 1.0, "augment_views": 4,
-                                    "trainable_stages": 1}
+                                    "augment_views": 4, "trainable_stages": 1}
 
 
 def mode_schedule(mode: str) -> dict[str, Any]:
