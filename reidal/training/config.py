@@ -278,8 +278,8 @@ HEAD_SCHEDULE: dict[str, Any] = {
 #: head schedule with 10 steps an epoch instead of 50 (a step runs the last backbone stage
 #: as well as the head, and the pool is a few hundred images: 250 steps of 64 are ~80
 #: passes over a 200-image pool), the loss on the answers at weight 1 (as in head mode) and
-#: 4 cached augmented views per image. Used by server jobs in partial mode and by ``reidal bench --mode partial``
-#: (which takes its own --iters).
+#: 4 cached augmented views per image. Used by server jobs in partial mode and by
+#: ``reidal bench --mode partial`` (which takes its own --iters).
 PARTIAL_SCHEDULE: dict[str, Any] = {**HEAD_SCHEDULE, "iters_per_epoch": 10,
                                     "augment_views": 4, "trainable_stages": 1}
 
