@@ -136,6 +136,7 @@ def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
     from reidal.data.wildlife import load_wildlife_csv
     from reidal.embedding.spec import DEFAULT_MODEL_NAME
     from reidal.serve import serve
+    from reidal.serve_config import ServeConfig
     from reidal.simulation.oracle import SimulatedOracle
     from reidal_client import (
         Answer,
@@ -170,7 +171,7 @@ def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
 
     _say("[2/7] starting the all-in-one reidal server (bundled Triton on CPU, default model)")
     t = time.perf_counter()
-    server = serve("all", data_dir=out / "server", start_triton=True)
+    server = serve(ServeConfig(data_dir=out / "server"))  # all services, bundled Triton
     try:
         _say(f"  serving {', '.join(server.services)} on {server.address}, Triton at "
              f"{server.triton_url} ({time.perf_counter() - t:.1f} s)")

@@ -1,4 +1,8 @@
-"""Serve any set of reidal services on one port: ``serve(["sampling"])`` or ``serve("all")``.
+"""Serve any set of reidal services on one port: ``serve(ServeConfig(services=["sampling"]))``,
+``serve(["sampling"], data_dir=...)`` or ``serve("all", ...)``.
+
+What to start is one :class:`~reidal.serve_config.ServeConfig` (its fields, defaults,
+flags and environment variables are in reidal/serve_config.py).
 
 Every service runs through the same code path, alone or together: one
 :class:`~reidal.runtime.Runtime` (store, blobs, embedder, locks, operations) per process,
@@ -29,7 +33,7 @@ import logging
 import signal
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,37 +41,23 @@ import grpc
 
 from reidal.auth import Authorizer, TokenFile
 from reidal.blobs import BlobStore
-from reidal.embedding.decode_budget import DEFAULT_BUDGET_MB, DEFAULT_WAIT_S, MIB, DecodeBudget
+from reidal.embedding.decode_budget import MIB, DecodeBudget
 from reidal.embedding.images import ImageLimits
-from reidal.embedding.spec import DEFAULT_MODEL_NAME
 from reidal.grpc_server import RunningServer, ServiceBinding, build_server, log_kv
-from reidal.metrics import MetricsHTTP, RpcMetrics, start_metrics_http
+from reidal.metrics import MetricsHTTP, start_metrics_http
 from reidal.runtime import Notifier, OperationRunner, Runtime
+from reidal.serve_config import (  # noqa: F401 - SERVICES, resolve_services: re-exported
+    PAGE_SERVICES,
+    SERVICES,
+    STATEFUL,
+    ServeConfig,
+    resolve_services,
+)
 from reidal.store import Store
 from reidal.tls import ServerTLS, https_context, own_server_channel
 from reidal.triton_supervisor import TritonSupervisor
 
 log = logging.getLogger("reidal.serve")
-
-#: Every service name ``serve`` knows, in the order "all" registers them.
-SERVICES: tuple[str, ...] = ("embedding", "collections", "sampling", "constraints", "training")
-#: Services that need the durable store (a data directory).
-STATEFUL = frozenset({"collections", "sampling", "constraints", "training"})
-#: What the review page (http_port) calls: these services must run in the same process.
-PAGE_SERVICES = frozenset({"collections", "sampling", "constraints"})
-
-
-def resolve_services(services: str | Sequence[str]) -> list[str]:
-    """``"all"`` -> every service; a name or names -> checked, deduplicated, in SERVICES order."""
-    names = [services] if isinstance(services, str) else list(services)
-    if "all" in names:
-        return list(SERVICES)
-    unknown = sorted(set(names) - set(SERVICES))
-    if unknown or not names:
-        raise ValueError(f"unknown service(s) {unknown or names}: choose from "
-                         f"{', '.join(SERVICES)} or 'all'")
-    return [s for s in SERVICES if s in names]
-
 
 @dataclass
 class Started:
@@ -238,218 +228,55 @@ def _training_binding(training: Any) -> ServiceBinding:
     return TrainingServicer(training).binding()
 
 
-def serve(
-    services: str | Sequence[str] = "all",
-    *,
-    address: str = "127.0.0.1:0",
-    data_dir: str | Path | None = None,
-    database_url: str | None = None,
-    triton_url: str | None = None,
-    start_triton: bool = True,
-    embedding_url: str | None = None,
-    model_name: str = DEFAULT_MODEL_NAME,
-    metrics_port: int | None = None,
-    metrics_addr: str | None = None,
-    max_workers: int = 16,
-    max_message_mb: float = 64,
-    max_concurrent_rpcs: int | None = None,
-    health_interval_s: float = 3.0,
-    embed_batch_size: int = 32,
-    operation_workers: int = 1,
-    triton_startup_timeout_s: float = 180.0,
-    rpc_metrics: RpcMetrics | None = None,
-    model_repository: str | Path | None = None,
-    load_model: Callable[..., Any] | None = None,
-    http_port: int | None = None,
-    tls_cert: str | Path | None = None,
-    tls_key: str | Path | None = None,
-    tls_client_ca: str | Path | None = None,
-    auth_tokens: str | Path | None = None,
-    embedding_credentials: Any = None,
-    embedding_token: str | None = None,
-    review_client_cert: str | Path | None = None,
-    review_client_key: str | Path | None = None,
-    image_roots: Sequence[str | Path] | None = None,
-    decode_budget_mb: float = DEFAULT_BUDGET_MB,
-    decode_wait_s: float = DEFAULT_WAIT_S,
-) -> ReidalServer:
-    """Start ``services`` (names, or "all") on ``address`` and return the running server.
+def serve(config: ServeConfig | str | Sequence[str] = "all", /, **fields: Any) -> ReidalServer:
+    """Start what ``config`` (a :class:`~reidal.serve_config.ServeConfig`) says and return
+    the running server. ``serve(services, **fields)`` is short for
+    ``serve(ServeConfig(services=services, **fields))``, and ``serve(config, **fields)`` for
+    ``serve(config.replace(**fields))``.
 
-    data_dir: the durable state (required by collections, sampling, constraints; with
-    ``start_triton`` also by embedding). database_url: keep the store in this PostgreSQL
-    database (``postgresql://user:password@host:port/db``) instead of SQLite in data_dir,
-    which still holds the blobs. triton_url / start_triton / embedding_url: how
-    images are embedded (module docstring); ignored when no served service embeds.
-    model_name: the default embedding model. metrics_port: serve Prometheus ``/metrics``
-    there (0: any free port, read ``.metrics_port``; None: no endpoint), on the interface
-    ``metrics_addr`` (None: the gRPC address's host, so a server bound to loopback does not
-    expose its metrics on every interface). max_message_mb:
-    largest gRPC message either way (RESOURCE_EXHAUSTED beyond). The rest tune the server
-    (see :func:`reidal.grpc_server.build_server`). model_repository / load_model: where
-    training writes new model versions and how it has Triton serve exactly a set of a
-    model's versions, ``load_model(name, versions)`` (defaults: with ``start_triton``, its
-    repository; the model-control API of the Triton at ``triton_url`` or started,
-    :func:`reidal.embedding.triton_versions.triton_loader`; without a repository, training
-    is refused with FAILED_PRECONDITION). tls_cert / tls_key: serve TLS with this certificate chain
-    and key (PEM files); tls_client_ca: also require client certificates signed by it
-    (mutual TLS). auth_tokens: a tokens file (:mod:`reidal.auth`): every call but health
-    and reflection needs a token allowed for its collection. embedding_credentials /
-    embedding_token: TLS channel credentials (:func:`reidal.tls.channel_credentials`) and
-    the token for the separate embedding service at ``embedding_url``. Raises ValueError
-    for a bad combination or an unreadable TLS / tokens file, RuntimeError when the address
-    cannot be bound; nothing is left running on failure.
-
-    http_port: also serve the pair-review web page (:mod:`reidal.web`) on this port (0: any
-    free port, read ``.http_url``; None: no page), on the gRPC address's interface; it calls
-    this server's gRPC services over loopback. With TLS the page is HTTPS with the same
-    certificate and key, and calls the TLS gRPC port trusting exactly this server's own
-    certificate (:func:`reidal.tls.own_server_channel` says why that needs no CA). Under
-    mutual TLS the HTTPS port too requires client certificates from ``tls_client_ca``, and
-    the page presents ``review_client_cert`` / ``review_client_key`` (a client certificate
-    signed by that CA) to the gRPC port: without them the combination is refused, since
-    the page would otherwise need a way in that skips client certificates.
-
-    image_roots: the directories whose files an image URI (a path or ``file://``) may name,
-    in AddImages, Embed, GetImage, EmbedCollection and training; every symlink is resolved
-    first, so a link out of a root is refused, and every refused path gets the same message.
-    None or empty (the default): no local path is read at all, callers send bytes
-    (:class:`reidal.embedding.images.ImageLimits`). A root that is not a directory is a
-    ValueError.
-
-    decode_budget_mb: the most memory (estimated from the images' headers) that decoded
-    images may hold at once, every request and handler thread together; a request whose
-    images do not fit waits its turn up to ``decode_wait_s`` seconds (or its deadline),
-    then gets RESOURCE_EXHAUSTED (:class:`reidal.embedding.decode_budget.DecodeBudget`).
+    Raises ValueError for a bad combination or an unreadable TLS / tokens file,
+    RuntimeError when the address cannot be bound; nothing is left running on failure.
     """
-    names = resolve_services(services)
-    if http_port is not None and not PAGE_SERVICES <= set(names):
-        raise ValueError("the review page (http_port) needs the collections, sampling and "
-                         "constraints services in this process")
-    if (tls_cert is None) != (tls_key is None):
-        raise ValueError("TLS needs both tls_cert and tls_key")
-    if tls_client_ca is not None and tls_cert is None:
-        raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
-    if (review_client_cert is None) != (review_client_key is None):
-        raise ValueError("the review page's client certificate needs both review_client_cert "
-                         "and review_client_key")
-    if review_client_cert is not None and tls_client_ca is None:
-        raise ValueError("review_client_cert / review_client_key are for mutual TLS: pass "
-                         "tls_client_ca too, or leave them out")
-    if http_port is not None and tls_client_ca is not None and review_client_cert is None:
-        raise ValueError("under mutual TLS (tls_client_ca) the review page (http_port) must "
-                         "present a client certificate to the gRPC port like every client: "
-                         "pass review_client_cert and review_client_key (signed by the client "
-                         "CA), or http_port=None")
-    limits = ImageLimits(allowed_roots=tuple(str(r) for r in image_roots or ()))
+    c = (config.replace(**fields) if isinstance(config, ServeConfig)
+         else ServeConfig(services=config, **fields))
+    names = resolve_services(c.services)
+    _check_security(c, names)
+    limits = ImageLimits(allowed_roots=tuple(str(r) for r in c.image_roots or ()))
     # Read the TLS and token files first: a wrong path fails before anything starts.
-    tls = None if tls_cert is None else ServerTLS.from_files(tls_cert, tls_key, tls_client_ca)
-    tokens = None if auth_tokens is None else TokenFile(auth_tokens)
-    page_ssl, page_credentials, page_options = None, None, []
-    if http_port is not None and tls is not None:
-        assert tls_cert is not None and tls_key is not None
-        page_ssl = https_context(tls_cert, tls_key, tls.client_ca)
-        page_credentials, page_options = own_server_channel(tls, review_client_cert,
-                                                            review_client_key)
-    stateful = [n for n in names if n in STATEFUL]
-    needs_embedding = bool({"embedding", "collections", "training"} & set(names))
-    root = Path(data_dir) if data_dir is not None else None
-    if stateful and root is None:
-        raise ValueError(f"service(s) {stateful} keep state: pass data_dir")
-    if "embedding" in names and embedding_url is not None:
-        raise ValueError("the embedding service embeds with Triton: pass triton_url or "
-                         "start_triton, not embedding_url")
-    if needs_embedding and embedding_url is None and triton_url is None and not start_triton:
-        raise ValueError("embedding needs triton_url, embedding_url or start_triton=True")
-    if needs_embedding and embedding_url is None and triton_url is None and root is None:
-        raise ValueError("start_triton writes its model repository into data_dir: pass data_dir")
+    tls = None if c.tls_cert is None else ServerTLS.from_files(c.tls_cert, c.tls_key,
+                                                              c.tls_client_ca)
+    tokens = None if c.auth_tokens is None else TokenFile(c.auth_tokens)
+    page = _PageTLS()
+    if c.http_port is not None and tls is not None:
+        assert c.tls_cert is not None and c.tls_key is not None
+        page.ssl = https_context(c.tls_cert, c.tls_key, tls.client_ca)
+        page.credentials, page.options = own_server_channel(tls, c.review_client_cert,
+                                                            c.review_client_key)
+    root = Path(c.data_dir) if c.data_dir is not None else None
+    needs_embedding = _check_state(c, names, root)
 
     started = Started(None, None, None, None)
+    triton_url = c.triton_url
     try:
         embedding_servicer = None
         if needs_embedding:
-            if embedding_url is not None:
-                from reidal.services.collections import RemoteEmbedder
-
-                started.embedder = RemoteEmbedder(embedding_url, model_name,
-                                                  max_message_mb=max_message_mb,
-                                                  credentials=embedding_credentials,
-                                                  token=embedding_token)
-            else:
-                from reidal.services.embedding import EmbeddingServicer
-
-                if triton_url is None:
-                    assert root is not None
-                    started.triton = _start_triton(root, model_name, triton_startup_timeout_s)
-                    triton_url = started.triton.grpc_url
-                    started.triton_supervisor = TritonSupervisor(started.triton).start()
-                embedding_servicer = EmbeddingServicer(
-                    triton_url, model_name, batch_size=embed_batch_size, limits=limits,
-                    decode_budget=DecodeBudget(int(decode_budget_mb * MIB), decode_wait_s))
-                started.embedder = embedding_servicer
-        if stateful:
-            from reidal.services.collections import classify
-
+            embedding_servicer, triton_url = _start_embedder(c, root, limits, started)
+        if STATEFUL & set(names):
             assert root is not None
-            store = Store(root) if database_url is None else Store(database_url=database_url)
-            aborted = store.fail_unfinished_operations(
-                "the server stopped while the operation ran; start it again")
-            if aborted:
-                log_kv(log, logging.WARNING, "operations_aborted", count=aborted)
-            notifier = Notifier()
-            operations = OperationRunner(store, notifier, workers=operation_workers,
-                                         classify=classify)
-            started.runtime = Runtime(store, BlobStore(root / "blobs"), started.embedder,
-                                      notifier, operations, image_limits=limits,
-                                      ingest_batch=embed_batch_size)
-            if database_url is not None:  # the other replicas' watch streams wake at once
-                from reidal.notify_pg import PgNotifications
-
-                started.runtime.notifications = PgNotifications(database_url, notifier)
-        training = None
-        if "training" in names:
-            from reidal.embedding.triton_versions import triton_loader
-            from reidal.training_jobs import TrainingJobs
-
-            assert started.runtime is not None
-            repo = model_repository
-            loader = load_model
-            if started.triton is not None:
-                repo = repo if repo is not None else started.triton.model_repository
-                loader = loader or started.triton.load_versions  # records the new stubs
-            if loader is None and triton_url is not None:
-                loader = triton_loader(triton_url, repo)
-            training = TrainingJobs(started.runtime, repo, loader, model_name)
+            started.runtime = _start_runtime(c, root, limits, started.embedder)
+        training = _training_jobs(c, started, triton_url) if "training" in names else None
         bindings = build_bindings(names, started.runtime, embedding_servicer, training)
-        running = build_server(bindings, address=address, max_workers=max_workers,
-                               max_message_mb=max_message_mb,
-                               max_concurrent_rpcs=max_concurrent_rpcs, metrics=rpc_metrics,
-                               health_interval_s=health_interval_s, tls=tls,
-                               auth=None if tokens is None
+        running = build_server(bindings, address=c.address, max_workers=c.max_workers,
+                               max_message_mb=c.max_message_mb,
+                               max_concurrent_rpcs=c.max_concurrent_rpcs,
+                               metrics=c.rpc_metrics, health_interval_s=c.health_interval_s,
+                               tls=tls, auth=None if tokens is None
                                else Authorizer(tokens, _owners(started.runtime)))
-        if metrics_port is not None:
-            try:
-                started.metrics_http = start_metrics_http(
-                    metrics_port, metrics_addr if metrics_addr is not None else _host(running.address))
-            except BaseException:
-                running.stop(grace=0)
-                raise
-        if http_port is not None:
-            from reidal.web import start_review_http
-
-            target = _page_target(running.address)
-            try:
-                if page_credentials is not None:
-                    _check_page_channel(target, page_credentials, page_options,
-                                        mutual=tls_client_ca is not None)
-                started.review_http = start_review_http(
-                    target, host=_host(running.address),
-                    port=http_port, auth_required=tokens is not None,
-                    pinned_annotator=None if tokens is None else _pinned_annotator(tokens),
-                    ssl_context=page_ssl, credentials=page_credentials,
-                    channel_options=page_options)
-            except BaseException:
-                running.stop(grace=0)
-                raise
+        try:
+            _start_http(c, running, started, tokens, page)
+        except BaseException:
+            running.stop(grace=0)
+            raise
     except BaseException:
         _cleanup(started)
         raise
@@ -457,10 +284,145 @@ def serve(
     log_kv(log, logging.INFO, "reidal_serving", address=running.address, services=names,
            data_dir=str(root) if root else "", triton=triton_url or "",
            store=started.runtime.store.describe() if started.runtime else "",
-           embedding=embedding_url or "", image_roots=list(limits.allowed_roots or ()),
+           embedding=c.embedding_url or "", image_roots=list(limits.allowed_roots or ()),
            review_page=started.review_http.url if started.review_http else "")
     return ReidalServer(running, started, names, root,
-                        triton_url if needs_embedding and embedding_url is None else None)
+                        triton_url if needs_embedding and c.embedding_url is None else None)
+
+
+@dataclass
+class _PageTLS:
+    """How the review page serves HTTPS and calls the TLS gRPC port (all None without TLS)."""
+
+    ssl: Any = None
+    credentials: grpc.ChannelCredentials | None = None
+    options: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _check_security(c: ServeConfig, names: list[str]) -> None:
+    """The TLS and review-page combinations :func:`serve` refuses (ValueError)."""
+    if c.http_port is not None and not PAGE_SERVICES <= set(names):
+        raise ValueError("the review page (http_port) needs the collections, sampling and "
+                         "constraints services in this process")
+    if (c.tls_cert is None) != (c.tls_key is None):
+        raise ValueError("TLS needs both tls_cert and tls_key")
+    if c.tls_client_ca is not None and c.tls_cert is None:
+        raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+    if (c.review_client_cert is None) != (c.review_client_key is None):
+        raise ValueError("the review page's client certificate needs both review_client_cert "
+                         "and review_client_key")
+    if c.review_client_cert is not None and c.tls_client_ca is None:
+        raise ValueError("review_client_cert / review_client_key are for mutual TLS: pass "
+                         "tls_client_ca too, or leave them out")
+    if c.http_port is not None and c.tls_client_ca is not None and c.review_client_cert is None:
+        raise ValueError("under mutual TLS (tls_client_ca) the review page (http_port) must "
+                         "present a client certificate to the gRPC port like every client: "
+                         "pass review_client_cert and review_client_key (signed by the client "
+                         "CA), or http_port=None")
+
+
+def _check_state(c: ServeConfig, names: list[str], root: Path | None) -> bool:
+    """Refuse (ValueError) services without the state or embedder they need; True when a
+    served service embeds images."""
+    stateful = [n for n in names if n in STATEFUL]
+    needs_embedding = bool({"embedding", "collections", "training"} & set(names))
+    if stateful and root is None:
+        raise ValueError(f"service(s) {stateful} keep state: pass data_dir")
+    if "embedding" in names and c.embedding_url is not None:
+        raise ValueError("the embedding service embeds with Triton: pass triton_url or "
+                         "start_triton, not embedding_url")
+    local = needs_embedding and c.embedding_url is None and c.triton_url is None
+    if local and not c.start_triton:
+        raise ValueError("embedding needs triton_url, embedding_url or start_triton=True")
+    if local and root is None:
+        raise ValueError("start_triton writes its model repository into data_dir: pass data_dir")
+    return needs_embedding
+
+
+def _start_embedder(c: ServeConfig, root: Path | None, limits: ImageLimits,
+                    started: Started) -> tuple[Any, str | None]:
+    """The embedder (into ``started``): a client of the separate embedding service, or an
+    EmbeddingServicer on Triton (the bundled one started first when no URL is given).
+    Returns the servicer (None for a remote one) and the Triton URL embedded with."""
+    if c.embedding_url is not None:
+        from reidal.services.collections import RemoteEmbedder
+
+        started.embedder = RemoteEmbedder(c.embedding_url, c.model_name,
+                                          max_message_mb=c.max_message_mb,
+                                          credentials=c.embedding_credentials,
+                                          token=c.embedding_token)
+        return None, c.triton_url
+    from reidal.services.embedding import EmbeddingServicer
+
+    triton_url = c.triton_url
+    if triton_url is None:
+        assert root is not None
+        started.triton = _start_triton(root, c.model_name, c.triton_startup_timeout_s)
+        triton_url = started.triton.grpc_url
+        started.triton_supervisor = TritonSupervisor(started.triton).start()
+    started.embedder = EmbeddingServicer(
+        triton_url, c.model_name, batch_size=c.embed_batch_size, limits=limits,
+        decode_budget=DecodeBudget(int(c.decode_budget_mb * MIB), c.decode_wait_s))
+    return started.embedder, triton_url
+
+
+def _start_runtime(c: ServeConfig, root: Path, limits: ImageLimits, embedder: Any) -> Runtime:
+    """The store (operations a previous process left running are failed), blobs, notifier
+    and operation runner the stateful services share."""
+    from reidal.services.collections import classify
+
+    store = Store(root) if c.database_url is None else Store(database_url=c.database_url)
+    aborted = store.fail_unfinished_operations(
+        "the server stopped while the operation ran; start it again")
+    if aborted:
+        log_kv(log, logging.WARNING, "operations_aborted", count=aborted)
+    notifier = Notifier()
+    operations = OperationRunner(store, notifier, workers=c.operation_workers,
+                                 classify=classify)
+    runtime = Runtime(store, BlobStore(root / "blobs"), embedder, notifier, operations,
+                      image_limits=limits, ingest_batch=c.embed_batch_size)
+    if c.database_url is not None:  # the other replicas' watch streams wake at once
+        from reidal.notify_pg import PgNotifications
+
+        runtime.notifications = PgNotifications(c.database_url, notifier)
+    return runtime
+
+
+def _training_jobs(c: ServeConfig, started: Started, triton_url: str | None) -> Any:
+    """The training service's jobs: where new versions go and how Triton loads them."""
+    from reidal.embedding.triton_versions import triton_loader
+    from reidal.training_jobs import TrainingJobs
+
+    assert started.runtime is not None
+    repo, loader = c.model_repository, c.load_model
+    if started.triton is not None:
+        repo = repo if repo is not None else started.triton.model_repository
+        loader = loader or started.triton.load_versions  # records the new stubs
+    if loader is None and triton_url is not None:
+        loader = triton_loader(triton_url, repo)
+    return TrainingJobs(started.runtime, repo, loader, c.model_name)
+
+
+def _start_http(c: ServeConfig, running: RunningServer, started: Started,
+                tokens: TokenFile | None, page: _PageTLS) -> None:
+    """The metrics endpoint and the review page, when asked for (into ``started``)."""
+    if c.metrics_port is not None:
+        started.metrics_http = start_metrics_http(
+            c.metrics_port,
+            c.metrics_addr if c.metrics_addr is not None else _host(running.address))
+    if c.http_port is None:
+        return
+    from reidal.web import start_review_http
+
+    target = _page_target(running.address)
+    if page.credentials is not None:
+        _check_page_channel(target, page.credentials, page.options,
+                            mutual=c.tls_client_ca is not None)
+    started.review_http = start_review_http(
+        target, host=_host(running.address), port=c.http_port,
+        auth_required=tokens is not None,
+        pinned_annotator=None if tokens is None else _pinned_annotator(tokens),
+        ssl_context=page.ssl, credentials=page.credentials, channel_options=page.options)
 
 
 def _owners(runtime: Runtime | None) -> dict[str, Callable[[str], str]]:

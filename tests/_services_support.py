@@ -13,6 +13,7 @@ import grpc
 
 from reidal.data.synthetic_images import SyntheticConfig, iter_samples
 from reidal.serve import ReidalServer, serve
+from reidal.serve_config import ServeConfig
 from reidal.v1 import (
     collections_pb2,
     collections_pb2_grpc,
@@ -144,8 +145,8 @@ def in_flight(service: str, method: str) -> float:
 @contextmanager
 def running_server(triton, data_dir: Path, **options) -> Iterator[ReidalServer]:
     """The all-in-one server on a free loopback port, embedding with the test Triton."""
-    srv = serve("all", data_dir=data_dir, triton_url=triton.grpc_url, health_interval_s=60,
-                **options)
+    srv = serve(ServeConfig(data_dir=data_dir, triton_url=triton.grpc_url,
+                            health_interval_s=60, **options))
     try:
         yield srv
     finally:

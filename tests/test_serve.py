@@ -23,8 +23,10 @@ from _services_support import (
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
+from reidal.cli import build_parser
 from reidal.embedding.preprocess import preprocess
 from reidal.serve import SERVICES, resolve_services, serve
+from reidal.serve_config import ServeConfig
 from reidal.store import ImageRecord, Store
 from reidal.v1 import collections_pb2, constraints_pb2, sampling_pb2
 
@@ -50,6 +52,42 @@ def test_service_names_and_bad_combinations(tmp_path):
         serve(["collections"], data_dir=tmp_path, start_triton=False)
     with pytest.raises(ValueError, match="not embedding_url"):
         serve(["embedding"], embedding_url="127.0.0.1:1")
+
+
+def test_serve_flags_and_environment_map_onto_one_config(tmp_path):
+    """`reidal serve`'s flags, the REIDAL_* variables and the library's defaults meet in one
+    ServeConfig: a bare `reidal serve` keeps the library's tuning defaults, each flag lands
+    on its field, the environment fills what no flag gives, and serve() takes the config."""
+    parser = build_parser()
+    bare, library = ServeConfig.from_args(parser.parse_args(["serve"]), environ={}), ServeConfig()
+    for name in ("max_workers", "max_message_mb", "decode_budget_mb", "decode_wait_s",
+                 "model_name", "metrics_port", "database_url", "embedding_token"):
+        assert getattr(bare, name) == getattr(library, name), name
+    assert (bare.address, bare.data_dir, bare.http_port, bare.start_triton) == \
+        ("127.0.0.1:50051", "reidal-data", 8080, True)
+    args = parser.parse_args([
+        "serve", "--service", "collections", "sampling", "constraints", "--host", "0.0.0.0",
+        "--port", "0", "--workers", "4", "--embedding-url", "emb:50051", "--model", "m",
+        "--metrics-port", "9090", "--image-roots", "/a,/b", "--max-message-mb", "8",
+        "--database-url", "postgresql://r@db/x", "--no-http"])
+    c = ServeConfig.from_args(args, environ={"REIDAL_EMBEDDING_TOKEN": " tok "})
+    assert (c.services, c.address, c.max_workers, c.embedding_url, c.start_triton) == \
+        (("collections", "sampling", "constraints"), "0.0.0.0:0", 4, "emb:50051", False)
+    assert (c.model_name, c.metrics_port, c.image_roots, c.max_message_mb) == \
+        ("m", 9090, ["/a", "/b"], 8.0)
+    assert (c.database_url, c.http_port, c.embedding_token) == ("postgresql://r@db/x", None, "tok")
+    env = ServeConfig.from_env({"REIDAL_DATABASE_URL": "postgresql://e/x",
+                                "REIDAL_IMAGE_ROOTS": "/r,,/s", "REIDAL_EMBEDDING_TOKEN": ""},
+                               data_dir=tmp_path)
+    assert (env.database_url, env.image_roots, env.embedding_token, env.data_dir) == \
+        ("postgresql://e/x", ["/r", "/s"], None, tmp_path)
+    assert env.replace(data_dir=None).data_dir is None and env.data_dir == tmp_path
+    with pytest.raises(ValueError, match="data_dir"):
+        serve(ServeConfig(services=("sampling",)))
+    with pytest.raises(ValueError, match="data_dir"):
+        serve(ServeConfig(services=("sampling",), data_dir=tmp_path), data_dir=None)
+    with pytest.raises(TypeError, match="no_such_option"):
+        serve(["sampling"], data_dir=tmp_path, no_such_option=1)
 
 
 def test_each_service_alone_on_one_data_directory(triton, tmp_path):

@@ -326,7 +326,8 @@ def test_services_on_postgresql_keep_everything_across_a_restart(triton, postgre
 
 
 def test_cli_serve_takes_the_database_url_from_the_environment(monkeypatch):
-    from reidal.cli import DATABASE_URL_ENV, build_parser
+    from reidal.cli import build_parser
+    from reidal.serve_config import DATABASE_URL_ENV
 
     assert build_parser().parse_args(["serve"]).database_url == ""
     monkeypatch.setenv(DATABASE_URL_ENV, "postgresql://r@db:5432/reidal")

@@ -29,8 +29,8 @@ from _services_support import Picture, Stubs, create_and_fill, pictures, rpc_err
 from PIL import Image
 
 from reidal.cli import build_parser
-from reidal.cli.server import review_port
 from reidal.serve import serve
+from reidal.serve_config import review_port
 from reidal.v1 import collections_pb2, common_pb2
 from reidal.web import start_review_http
 from reidal_client import ReidalClient

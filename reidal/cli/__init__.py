@@ -37,15 +37,9 @@ from reidal.cli.common import (
     CliError,
     run_command,
 )
-from reidal.cli.server import (
-    DATABASE_URL_ENV,
-    DEFAULT_HTTP_PORT,
-    DEFAULT_PORT,
-    EMBEDDING_TOKEN_ENV,
-    IMAGE_ROOTS_ENV,
-)
+from reidal.cli.server import DEFAULT_HTTP_PORT, DEFAULT_PORT
 
-__all__ = ["CLUSTERING_MODES", "DATABASE_URL_ENV", "DEBUG_ENV", "DEFAULT_HTTP_PORT", "DEFAULT_PORT",
-           "DEFAULT_SERVER", "EMBEDDING_TOKEN_ENV", "IMAGE_ROOTS_ENV", "IMAGE_SUFFIXES",
+__all__ = ["CLUSTERING_MODES", "DEBUG_ENV", "DEFAULT_HTTP_PORT", "DEFAULT_PORT",
+           "DEFAULT_SERVER", "IMAGE_SUFFIXES",
            "PAIR_CSV_FIELDS", "SAMPLERS", "SERVER_ENV", "TOKEN_ENV", "CliError", "build_parser",
            "csv_images", "folder_images", "main", "read_answers_csv", "run_command"]

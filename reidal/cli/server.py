@@ -1,7 +1,8 @@
 """`reidal serve`, `reidal health`, `reidal triton`: run and probe the server processes.
 
 The flags of `reidal serve` are what the Dockerfile's entry point and the Kubernetes
-manifests pass (deploy/); tests/test_deploy.py parses every manifest's flags with this parser.
+manifests pass (deploy/); tests/test_deploy.py parses every manifest's flags with this parser,
+and :meth:`reidal.serve_config.ServeConfig.from_args` maps them onto the server's config.
 """
 
 from __future__ import annotations
@@ -14,58 +15,20 @@ from typing import Any
 
 from reidal.cli.common import CliError, out
 
-#: Environment variable with the access token a collections service sends to its separate
-#: embedding service (--embedding-url).
-EMBEDDING_TOKEN_ENV = "REIDAL_EMBEDDING_TOKEN"
-#: Environment variable with the PostgreSQL URL of `reidal serve` (as --database-url).
-DATABASE_URL_ENV = "REIDAL_DATABASE_URL"
-#: Environment variable with the image roots of `reidal serve` (as --image-roots).
-IMAGE_ROOTS_ENV = "REIDAL_IMAGE_ROOTS"
+#: gRPC port of `reidal serve` (--port).
 DEFAULT_PORT = 50051
 #: Port of the pair-review web page of `reidal serve` (--http-port).
 DEFAULT_HTTP_PORT = 8080
 
 
-def review_port(args: argparse.Namespace) -> int | None:
-    """The review page's port: --http-port, unless --no-http, the served services lack
-    what the page calls (collections, sampling, constraints), or the gRPC port wants
-    client certificates (--tls-client-ca) and the page was given none of its own
-    (--review-client-cert/--review-client-key). With --tls-cert the page is HTTPS; with
-    --auth-tokens it asks each person for their token."""
-    from reidal.serve import PAGE_SERVICES, resolve_services
-
-    if args.no_http or not PAGE_SERVICES <= set(resolve_services(args.service)):
-        return None
-    if args.tls_client_ca and not args.review_client_cert:
-        print("review page off: under mutual TLS it needs its own client certificate "
-              "(--review-client-cert/--review-client-key)", file=sys.stderr)
-        return None
-    return args.http_port
-
-
 def _serve(args: argparse.Namespace) -> int:
     from reidal.grpc_server import configure_logging
     from reidal.serve import serve
+    from reidal.serve_config import ServeConfig
 
     configure_logging(args.log_level, json_lines=args.log_json)
-    start_triton = args.triton_url is None and args.embedding_url is None
     try:
-        server = serve(args.service, address=f"{args.host}:{args.port}", data_dir=args.data_dir,
-                       database_url=args.database_url or None,
-                       triton_url=args.triton_url, start_triton=start_triton,
-                       embedding_url=args.embedding_url,
-                       **({"model_name": args.model} if args.model else {}),
-                       metrics_port=args.metrics_port, metrics_addr=args.metrics_host,
-                       max_workers=args.workers,
-                       max_message_mb=args.max_message_mb, tls_cert=args.tls_cert,
-                       tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-                       auth_tokens=args.auth_tokens, **_embedding_channel(args),
-                       model_repository=args.model_repository,
-                       http_port=review_port(args),
-                       review_client_cert=args.review_client_cert,
-                       review_client_key=args.review_client_key,
-                       image_roots=[r for r in args.image_roots.split(",") if r.strip()],
-                       decode_budget_mb=args.decode_budget_mb, decode_wait_s=args.decode_wait_s)
+        server = serve(ServeConfig.from_args(args))
     except RuntimeError as exc:
         raise CliError(str(exc)) from None
     services = ", ".join(server.services)
@@ -76,18 +39,6 @@ def _serve(args: argparse.Namespace) -> int:
     server.serve_forever(grace=args.grace)
     out("reidal stopped")
     return 0
-
-
-def _embedding_channel(args: argparse.Namespace) -> dict[str, Any]:
-    """TLS and token of the channel to a separate embedding service (--embedding-url)."""
-    out: dict[str, Any] = {
-        "embedding_token": os.environ.get(EMBEDDING_TOKEN_ENV, "").strip() or None}
-    if args.embedding_tls_ca or args.embedding_tls_cert or args.embedding_tls_key:
-        from reidal.tls import channel_credentials
-
-        out["embedding_credentials"] = channel_credentials(
-            args.embedding_tls_ca, args.embedding_tls_cert, args.embedding_tls_key)
-    return out
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -134,10 +85,17 @@ def _triton(args: argparse.Namespace) -> int:
 def add_commands(sub: Any, client: argparse.ArgumentParser) -> None:
     """Register this group's commands on ``sub`` (``client``: the shared server-connection
     options, a parent parser)."""
-    from reidal.embedding.decode_budget import DEFAULT_BUDGET_MB, DEFAULT_WAIT_S
     from reidal.embedding.spec import DEFAULT_MODEL_NAME
     from reidal.health_probe import add_arguments as health_arguments
-    from reidal.serve import SERVICES
+    from reidal.serve_config import (
+        DATABASE_URL_ENV,
+        EMBEDDING_TOKEN_ENV,
+        IMAGE_ROOTS_ENV,
+        SERVICES,
+        ServeConfig,
+    )
+
+    defaults = ServeConfig()  # the library's defaults; the command's own are below
 
     serve = sub.add_parser(
         "serve", help="run the gRPC server (all services, or some)",
@@ -176,10 +134,12 @@ def add_commands(sub: Any, client: argparse.ArgumentParser) -> None:
                             "interface (default: %(default)s; 0 = any free port)")
     serve.add_argument("--no-http", action="store_true",
                        help="do not serve the pair-review web page")
-    serve.add_argument("--workers", type=int, default=16, help="gRPC handler threads")
+    serve.add_argument("--workers", type=int, default=defaults.max_workers,
+                       help="gRPC handler threads (default: %(default)s)")
     serve.add_argument("--grace", type=float, default=30.0,
                        help="seconds calls in flight get on SIGTERM (default: %(default)s)")
-    serve.add_argument("--max-message-mb", type=float, default=64.0, metavar="MB",
+    serve.add_argument("--max-message-mb", type=float, default=defaults.max_message_mb,
+                       metavar="MB",
                        help="largest gRPC message either way (default: %(default)s)")
     serve.add_argument("--tls-cert", default=None, metavar="PEM",
                        help="serve TLS with this certificate chain (needs --tls-key)")
@@ -208,10 +168,12 @@ def add_commands(sub: Any, client: argparse.ArgumentParser) -> None:
                        help="directories whose files an image URI (a path or file://) may "
                             "name, symlinks resolved (default: $" + IMAGE_ROOTS_ENV + "; "
                             "none: no local path is read, clients send bytes)")
-    serve.add_argument("--decode-budget-mb", type=float, default=DEFAULT_BUDGET_MB, metavar="MB",
+    serve.add_argument("--decode-budget-mb", type=float, default=defaults.decode_budget_mb,
+                       metavar="MB",
                        help="most memory decoded images may hold at once, all requests "
                             "together (estimated from headers; default: %(default)s)")
-    serve.add_argument("--decode-wait-s", type=float, default=DEFAULT_WAIT_S, metavar="S",
+    serve.add_argument("--decode-wait-s", type=float, default=defaults.decode_wait_s,
+                       metavar="S",
                        help="how long a request waits for decode memory before "
                             "RESOURCE_EXHAUSTED (default: %(default)s)")
     serve.add_argument("--log-json", action="store_true", help="JSON log lines")
