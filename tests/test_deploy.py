@@ -322,6 +322,23 @@ def test_dockerfile_copies_every_package_pyproject_installs():
             f"package folder {d} is not copied into the build stage")
 
 
+def test_pyproject_lists_every_package():
+    """setuptools installs exactly the packages pyproject.toml names, so a package folder
+    missing there is missing from the wheel and the image (an editable install, as in the
+    tests, still finds it): every folder with an __init__.py under the packages' roots is
+    listed."""
+    import tomllib
+
+    setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = {setup.get("package-dir", {}).get(p, p.replace(".", "/")) for p in setup["packages"]}
+    roots = ("reidal", "services", "clients/python/reidal_client",
+             "clients/wildbook/reidal_wildbook")
+    found = {init.parent.relative_to(REPO).as_posix() for root in roots
+             for init in (REPO / root).rglob("__init__.py")
+             if "__pycache__" not in init.parts and "node_modules" not in init.parts}
+    assert sorted(found - listed) == []
+
+
 def test_dockerfile_entrypoint_and_healthcheck_match_the_cli():
     from reidal.serve import SERVICES
 
