@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import argparse
 
-from reidal.cli import answers, bench, collections, demo, server, tokens, training, vectors
+# Each group by its full module name: no module here imports the package reidal.cli itself,
+# whose __init__ imports this one.
+import reidal.cli.answers as answers
+import reidal.cli.bench as bench
+import reidal.cli.collections as collections
+import reidal.cli.demo as demo
+import reidal.cli.server as server
+import reidal.cli.tokens as tokens
+import reidal.cli.training as training
+import reidal.cli.vectors as vectors
 from reidal.cli.common import client_options, run_command
 
 #: The command groups in the order `reidal --help` lists them.
