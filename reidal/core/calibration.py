@@ -35,7 +35,7 @@ import scipy.sparse as sp
 
 from reidal.core.clustering import finch_partitions, first_neighbours
 from reidal.core.neighbors import jaccard_distance
-from reidal.core.params import ParamsMixin
+from reidal.core.params import MAX_FINCH_LEVEL, ParamsMixin
 from reidal.core.sampling import sparse_lookup
 from reidal.core.validation import InstanceOf, Interval, check_embeddings
 
@@ -193,7 +193,7 @@ def separating_threshold(d: np.ndarray, same: np.ndarray) -> float:
 
 
 def best_finch_level(X: np.ndarray, pairs: np.ndarray, same: np.ndarray,
-                     max_level: int = 4) -> int:
+                     max_level: int = MAX_FINCH_LEVEL) -> int:
     """The FINCH level (0..max_level) whose partition agrees best with the answers
     (balanced: the mean of the SAME pairs kept together and the DIFFERENT pairs kept
     apart); the finest among equals."""

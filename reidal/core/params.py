@@ -28,7 +28,7 @@ from reidal.core.validation import Constraint, Interval, OneOf, check_params
 #: ClusteringParams.mode: the paper's fixed values, or (OURS) calibrated per cycle from the
 #: vectors and the answers (reidal.core.calibration).
 CLUSTERING_MODES = ("fixed", "calibrated")
-#: The deepest FINCH level a collection may fix (the calibration searches 0..4 too).
+#: The deepest FINCH level a collection may fix, and the deepest the calibration tries.
 MAX_FINCH_LEVEL = 4
 
 
