@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from reidal.core.aas_pools import OS_SIMILARITIES
 from reidal.core.params import CHOICE_NAMES, CLUSTERING, CLUSTERING_MODES, SAMPLING
 from reidal.core.samplers import SAMPLERS as REGISTERED_SAMPLERS
 
@@ -187,8 +188,8 @@ class TrainConfig:
             object.__setattr__(self, "clustering_pinned", tuple(pinned))
         if not isinstance(pinned, (list, tuple)) or set(pinned) - set(PINNABLE):
             bad("clustering_pinned", f"must name some of {PINNABLE}")
-        if self.aas_os_similarity not in ("jaccard", "cosine"):
-            bad("aas_os_similarity", "must be 'jaccard' or 'cosine'")
+        if self.aas_os_similarity not in OS_SIMILARITIES:
+            bad("aas_os_similarity", f"must be one of {OS_SIMILARITIES}")
         for name in ("num_workers", "eval_every", "seed", "question_rounds", "augment_views"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
                 bad(name, "must be an integer >= 0")
