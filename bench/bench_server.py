@@ -3,7 +3,8 @@
     .venv/bin/python bench/bench_server.py [--quick] [--stored 0 100000 1000000]
                                            [--clients 8] [--read-clients 16] [--seconds 10]
                                            [--images 2000] [--ingest 256] [--ingest-rounds 3]
-                                           [--ingest-only] [--out results.json]
+                                           [--ingest-per-message 16] [--ingest-only]
+                                           [--out results.json]
 
 What it measures, each figure from this run:
 
@@ -20,8 +21,8 @@ What it measures, each figure from this run:
   more client submits an answer every 0.5 s (so the state keeps changing); p50 / p99 of
   each. ``identities_idle_s``: GetIdentities alone, computing a changed state, and
   ``identities_cached_s``: alone on an unchanged state.
-* ingest: ``--ingest`` synthetic 128 px PNG images streamed through AddImages (16 a
-  message) into a server with every service and the bundled Triton on CPU: images/s,
+* ingest: ``--ingest`` synthetic 128 px PNG images streamed through AddImages
+  (``--ingest-per-message``, 16 a message) into a server with every service and the bundled Triton on CPU: images/s,
   embedding included, beside bench_embedding.py's two figures measured in the same run on
   the same server and images (the EmbeddingService at 32 images a request, and plain
   torch decoding and embedding 32 at a time in this process), in ``--ingest-rounds``
@@ -370,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ingest", type=int, default=256, help="images to ingest (0: skip)")
     ap.add_argument("--ingest-rounds", type=int, default=3,
                     help="alternating rounds of ingest / Embed / torch")
+    ap.add_argument("--ingest-per-message", type=int, default=16,
+                    help="images per AddImages message")
     ap.add_argument("--ingest-only", action="store_true",
                     help="only the ingest figures (no answers, no reads)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
@@ -385,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         "read_clients": args.read_clients, "seconds": args.seconds, "answers": {}}
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
         if args.ingest_only:
-            result["ingest"] = ingest(Path(tmp) / "ingest", args.ingest, args.ingest_rounds)
+            result["ingest"] = ingest(Path(tmp) / "ingest", args.ingest, args.ingest_rounds,
+                                      args.ingest_per_message)
             print(json.dumps(result, sort_keys=True))
             return 0
         data = Path(tmp) / "data"
@@ -415,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.stop()
         if args.ingest:
-            result["ingest"] = ingest(Path(tmp) / "ingest", args.ingest, args.ingest_rounds)
+            result["ingest"] = ingest(Path(tmp) / "ingest", args.ingest, args.ingest_rounds,
+                                      args.ingest_per_message)
             print(f"ingest: {json.dumps(result['ingest'])}", flush=True)
     line = json.dumps(result, sort_keys=True)
     if args.out:
