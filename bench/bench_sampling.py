@@ -37,6 +37,7 @@ import argparse
 import datetime as dt
 import gc
 import json
+import logging
 import os
 import platform
 import sys
@@ -433,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write the tables (.json or .md)")
     args = parser.parse_args(argv)
     sizes = [2000] if args.quick else args.sizes
+    # The kNN search logs its calibration (nlist, recall by nprobe) as it goes.
+    logging.basicConfig(level=logging.INFO, format="# %(asctime)s %(name)s: %(message)s")
 
     import faiss
 

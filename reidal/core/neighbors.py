@@ -13,6 +13,7 @@ GiB. ``tests/test_neighbors.py`` checks it against a dense transcription of the 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,6 +24,8 @@ import scipy.sparse as sp
 from reidal.core import ivf_knn
 from reidal.core.params import CLUSTERING
 from reidal.core.validation import check_embeddings
+
+log = logging.getLogger(__name__)
 
 IndexKind = Literal["flat", "hnsw", "ivf"]
 IndexChoice = Literal["auto", "flat", "hnsw", "ivf"]
@@ -289,7 +292,7 @@ def knn_search(
     ``index="auto"`` chooses by n and ``target_recall``: exact search ("flat") below
     ``exact_below`` items, for a target of 1, or when the search runs on a GPU (exact search
     of a million vectors takes seconds there); otherwise a calibrated inverted file
-    (:mod:`reidal.core.ivf_knn`): nlist = sqrt(n) spherical kmeans lists, and the smallest
+    (:mod:`reidal.core.ivf_knn`): default_nlist(n) spherical kmeans lists, and the smallest
     nprobe whose recall on ``n_queries`` seeded sample rows, measured against exact search
     of those rows, clears the target by ``KNN_CALIBRATION_Z`` standard errors. If no nprobe
     up to a quarter of the lists does, exact search runs instead (it then costs at most
@@ -351,6 +354,8 @@ def knn_search(
                 ivf_knn.recall_by_nprobe(homes[inverse.reshape(exact.shape)], query_lists),
                 target, KNN_CALIBRATION_Z,
             )
+            log.info("kNN n=%d: nlist %d, sample recall@%d by nprobe %s", n, nlist, k,
+                     np.round(cal.curve[:16], 3).tolist())
             if cal.nprobe is None:
                 return (*knn(X, k, index="flat", use_gpu=False), exact_report(
                     f"IVF reached recall {cal.recall:.3f} at nprobe {cal.max_nprobe} of "
@@ -374,6 +379,7 @@ def knn_search(
     recall, se = _sample_recall(idx, rows, exact)
     report = KNNReport(index, k, recall, se, rows.size, None if chosen else target, params,
                        reason)
+    log.info("kNN n=%d: %s", n, report)
     return sims, idx, report
 
 
