@@ -36,8 +36,8 @@ from reidal.answer_state import answer_states
 from reidal.collection_state import constraints_from_answers
 from reidal.core.constraints import Contradiction
 from reidal.errors import AlreadyExists, InvalidArgument, NotFound
-from reidal.grpc_server import log_kv
 from reidal.limits import MAX_NOTE_LENGTH
+from reidal.logs import log_kv
 from reidal.metrics import counter
 from reidal.store import LABELS, AnswerIn, Store, StoredAnswer
 

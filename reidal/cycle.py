@@ -40,7 +40,7 @@ from reidal.collection_state import (
 from reidal.core.aas import REASON_AGREE
 from reidal.core.sampling import REASON_ALL_RESOLVED, REASON_FULL, REASON_SMALL_POOL
 from reidal.errors import InvalidArgument
-from reidal.grpc_server import log_kv
+from reidal.logs import log_kv
 from reidal.metrics import counter, histogram
 from reidal.runtime import Progress
 from reidal.store import BatchDraft, BatchRecord, PairRecord, Store

@@ -11,7 +11,7 @@ gets, so that no servicer re-implements it:
 - Server reflection (``grpc.reflection.v1alpha``) for every service, so grpcurl works.
 - An interceptor that times every RPC into ``reidal_rpc_seconds`` / ``reidal_rpc_total``
   (:mod:`reidal.metrics`), logs one structured line per call, turns reidal's domain errors
-  (:mod:`reidal.errors`) into their status codes in this one place, turns any other
+  (:mod:`reidal.errors`) into the status codes they name, turns any other
   exception into INTERNAL with its message logged, and refuses calls whose deadline is
   already over. Status messages are cut to ``MAX_STATUS_DETAILS`` bytes and logged values
   to ``MAX_LOG_VALUE`` characters, whatever a handler put in them.
@@ -28,10 +28,8 @@ gets, so that no servicer re-implements it:
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,6 +43,13 @@ from grpc_reflection.v1alpha import reflection
 
 from reidal import errors
 from reidal.auth import Authorizer
+from reidal.logs import (  # noqa: F401 - also served from here for older imports
+    MAX_LOG_VALUE,
+    JsonFormatter,
+    bounded,
+    configure_logging,
+    log_kv,
+)
 from reidal.metrics import RpcMetrics
 from reidal.request_checks import (
     UnparsedRequest,
@@ -57,20 +62,9 @@ from reidal.tls import ServerTLS
 log = logging.getLogger("reidal.server")
 rpc_log = logging.getLogger("reidal.rpc")
 
-#: Domain error -> status code: the only place this mapping lives.
-ERROR_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
-    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
-)
-
 #: Longest status message sent (bytes of UTF-8): gRPC carries it in a header, and a header
 #: beyond the client's limit turns any status into RESOURCE_EXHAUSTED.
 MAX_STATUS_DETAILS = 4096
-#: Longest value written into a log line (characters); longer ones are cut.
-MAX_LOG_VALUE = 1000
 
 #: Services whose calls are logged at DEBUG only (probes every few seconds would drown the
 #: log); they are still counted in the metrics.
@@ -78,11 +72,22 @@ QUIET_SERVICES = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME})
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode | None:
-    """The status code of a reidal domain error, or None when ``exc`` is not one."""
-    for kind, code in ERROR_CODES:
-        if isinstance(exc, kind):
-            return code
-    return None
+    """The status code of a reidal domain error, or None when ``exc`` is not one.
+
+    The code is the one the error names (:mod:`reidal.errors`, where the mapping lives);
+    this only turns its name into gRPC's enum.
+    """
+    name = errors.status_code(exc)
+    return None if name is None else grpc.StatusCode[name]
+
+
+def abort_with(context: grpc.ServicerContext, exc: Exception, prefix: str = "") -> None:
+    """Abort the call with the status of domain error ``exc``, its message after ``prefix``
+    (which says where in a stream it failed); re-raise anything else (raises either way)."""
+    code = status_for(exc)
+    if code is None:
+        raise exc
+    context.abort(code, _status_details(prefix + str(exc)))
 
 
 @dataclass
@@ -101,75 +106,6 @@ class ServiceBinding:
     add_to_server: Callable[[Any, grpc.Server], None]
     readiness: Callable[[], bool] | None = None
     close: Callable[[], None] | None = None
-
-
-# ---------------------------------------------------------------------------------- logs
-
-
-def bounded(text: str, limit: int, unit: str = "characters") -> str:
-    """``text`` cut to ``limit`` characters, saying how long it was."""
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... (cut: {len(text)} {unit})"
-
-
-def _log_value(value: object) -> object:
-    return bounded(value, MAX_LOG_VALUE) if isinstance(value, str) else value
-
-
-def _kv_value(value: object) -> str:
-    if isinstance(value, list | tuple | set | frozenset):
-        text = ",".join(str(v) for v in value)
-    else:
-        text = value if isinstance(value, str) else json.dumps(value, default=str)
-    if text == "" or any(c in text for c in ' "=\n\t'):
-        return json.dumps(text)
-    return text
-
-
-def log_kv(logger: logging.Logger, level: int, event: str, **fields: object) -> None:
-    """Log ``event k=v k=v ...`` (values quoted when needed) with the fields attached.
-
-    The fields also travel as ``record.fields`` so :class:`JsonFormatter` can emit them as
-    JSON keys: one call, readable in a terminal and parseable by a log pipeline. String
-    values are cut to ``MAX_LOG_VALUE`` characters: a log line never holds a huge input.
-    """
-    if logger.isEnabledFor(level):
-        fields = {k: _log_value(v) for k, v in fields.items()}
-        text = " ".join([event, *(f"{k}={_kv_value(v)}" for k, v in fields.items())])
-        logger.log(level, text, extra={"fields": {"event": event, **fields}}, stacklevel=2)
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and the structured fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, object] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            out.update(fields)
-        else:
-            out["msg"] = record.getMessage()
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
-
-
-def configure_logging(level: str | int = "INFO", *, json_lines: bool = False) -> None:
-    """Root logging for a reidal process: key=value lines (default) or JSON lines on stderr."""
-    handler = logging.StreamHandler(sys.stderr)
-    if json_lines:
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter(
-            "time=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level if isinstance(level, int) else level.upper())
 
 
 # --------------------------------------------------------------------------- interceptor

@@ -26,8 +26,9 @@ from typing import Any
 
 from reidal.blobs import sha256_hex
 from reidal.collection_state import check_id
+from reidal.embedding.embedder import BadImages, Embedded, Embedder, ImageItem
 from reidal.embedding.images import ImageLimits, check_uri
-from reidal.errors import FailedPrecondition, InvalidArgument
+from reidal.errors import FailedPrecondition, InvalidArgument, RemoteError
 from reidal.limits import MAX_METADATA_ENTRIES, MAX_METADATA_TEXT, MAX_NAME_LENGTH
 from reidal.metrics import counter, histogram
 from reidal.runtime import Progress, Runtime
@@ -119,9 +120,7 @@ def check_items(items: Sequence[IngestItem], limits: ImageLimits | None = None) 
                     f"values at most {MAX_METADATA_TEXT} characters (key {key[:40]!r})")
 
 
-def _embed_items(items: Sequence[IngestItem]) -> list[Any]:
-    from reidal.services.embedding import ImageItem
-
+def _embed_items(items: Sequence[IngestItem]) -> list[ImageItem]:
     return [ImageItem(it.image_id, data=it.data, uri=it.uri) for it in items]
 
 
@@ -416,8 +415,8 @@ def _stored_item(runtime: Runtime, img: ImageRecord, src: ImageSource | None
     return "it has neither kept bytes nor a uri to embed from"
 
 
-def _embed_good(embedder: Any, items: list[IngestItem], model_name: str, version: str
-                ) -> tuple[Any, list[tuple[str, str]]]:
+def _embed_good(embedder: Embedder, items: list[IngestItem], model_name: str, version: str
+                ) -> tuple[Embedded | None, list[tuple[str, str]]]:
     """Embed ``items`` leaving out the ones the embedder rejects as bad images:
     (result or None when none is left, [(id, reason)] of the rejected)."""
     rejected: list[tuple[str, str]] = []
@@ -434,27 +433,26 @@ def _embed_good(embedder: Any, items: list[IngestItem], model_name: str, version
     return None, rejected
 
 
-def _rejected(exc: Exception, embedder: Any, items: list[IngestItem], model_name: str,
+def _rejected(exc: Exception, embedder: Embedder, items: list[IngestItem], model_name: str,
               version: str) -> list[tuple[str, str]]:
     """The (id, reason) of each bad image a failed embedding call names: from the
-    in-process servicer's BadImages, or, from a remote embedding service's
+    in-process embedder's BadImages, or, from a remote embedding service's
     INVALID_ARGUMENT (which names them only in words), by embedding each image alone."""
-    import grpc
-
-    from reidal.services.embedding import BadImages
-
     if isinstance(exc, BadImages):
         return [(p.item_id, p.reason) for p in exc.problems]
-    if not (isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call)
-            and exc.code() == grpc.StatusCode.INVALID_ARGUMENT):
+    if not _remote_invalid(exc):
         return []
     found = []
     for it in items:
         try:
             embedder.embed(_embed_items([it]), model_name, version)
-        except grpc.RpcError as one:
-            if isinstance(one, grpc.Call) and one.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                found.append((it.image_id, one.details()))
-            else:
+        except RemoteError as one:
+            if not _remote_invalid(one):
                 raise
+            found.append((it.image_id, one.detail))
     return found
+
+
+def _remote_invalid(exc: BaseException) -> bool:
+    """A remote embedding service refused the images of a call (INVALID_ARGUMENT)."""
+    return isinstance(exc, RemoteError) and exc.code == InvalidArgument.code

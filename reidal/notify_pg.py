@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Hashable
 from typing import Any
 
-from reidal.grpc_server import log_kv
+from reidal.logs import log_kv
 from reidal.runtime import Notifier
 from reidal.store import redact_url
 

@@ -27,26 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from reidal.blobs import BlobStore
+from reidal.embedding.embedder import Embedder
 from reidal.embedding.images import SERVER_LIMITS, ImageLimits
-from reidal.errors import FailedPrecondition, ReidalError
-from reidal.grpc_server import log_kv, status_for
+from reidal.errors import Aborted, FailedPrecondition, status_code
+from reidal.logs import log_kv
 from reidal.store import OperationRecord, Store
 
 log = logging.getLogger("reidal.runtime")
-
-
-class Embedder(Protocol):
-    """What ingest needs from an embedding service (in-process servicer or remote client)."""
-
-    default_model: str
-
-    def embed(self, items: Any, model: str = "", version: str = "", *,
-              deadline: float | None = None,
-              is_active: Callable[[], bool] | None = None) -> Any: ...
-
-    def model(self, name: str = "", version: str = "") -> Any: ...
-
-    def close(self) -> None: ...
 
 
 class Closeable(Protocol):
@@ -143,7 +130,7 @@ def operation_key(operation_id: str) -> tuple[str, str]:
     return ("operation", operation_id)
 
 
-class OperationAborted(ReidalError):
+class OperationAborted(Aborted):
     """The server is stopping: the operation ends (FAILED, ABORTED) at its next update."""
 
 
@@ -170,24 +157,19 @@ class Progress:
         self._notifier.bump(operation_key(self.operation_id))
 
 
-Classifier = Callable[[BaseException], "tuple[str, str] | None"]
-
-
 class OperationRunner:
     """Runs operations on a small thread pool, their state durable in the store.
 
-    ``classify(exc)`` names the status code and message of a failure; when it returns None
-    a domain error (:mod:`reidal.errors`) gets its usual code and anything else is logged
-    with its traceback and reported as INTERNAL.
+    A failure is recorded with its domain error's status code name and message
+    (:func:`reidal.errors.status_code`: the code a call would answer); anything else is
+    logged with its traceback and recorded as INTERNAL.
     """
 
-    def __init__(self, store: Store, notifier: Notifier, *, workers: int = 1,
-                 classify: Classifier | None = None) -> None:
+    def __init__(self, store: Store, notifier: Notifier, *, workers: int = 1) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.store = store
         self.notifier = notifier
-        self._classify = classify
         self._pool = futures.ThreadPoolExecutor(workers, thread_name_prefix="reidal-op")
         self._running: dict[tuple[str, str], str] = {}  # (collection, kind) -> operation id
         self._lock = threading.Lock()
@@ -223,17 +205,10 @@ class OperationRunner:
             self.store.update_operation(op_id, state="SUCCEEDED", result=result or {})
             log_kv(log, logging.INFO, "operation_succeeded", operation=op_id)
         except BaseException as exc:  # the worker must record every failure
-            named = self._classify(exc) if self._classify is not None else None
-            if isinstance(exc, OperationAborted):
-                named = ("ABORTED", str(exc))
-            if named is None:
-                code = status_for(exc)
-                if code is not None:
-                    named = (code.name, str(exc))
-                else:
-                    log.error("operation %s failed", op_id, exc_info=exc)
-                    named = ("INTERNAL", f"{type(exc).__name__}: {exc}")
-            code, message = named
+            code, message = status_code(exc), str(exc)
+            if code is None:
+                log.error("operation %s failed", op_id, exc_info=exc)
+                code, message = "INTERNAL", f"{type(exc).__name__}: {exc}"
             log_kv(log, logging.WARNING, "operation_failed", operation=op_id, code=code,
                    detail=message)
             try:

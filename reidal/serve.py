@@ -38,13 +38,20 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from reidal.auth import Authorizer, TokenFile
 from reidal.blobs import BlobStore
 from reidal.embedding.decode_budget import MIB, DecodeBudget
+from reidal.embedding.embedder import ImageEmbedder
 from reidal.embedding.images import ImageLimits
-from reidal.grpc_server import RunningServer, ServiceBinding, build_server, log_kv
+from reidal.embedding.triton_repo import name_pretrained_default, write_model_repository
+from reidal.embedding.triton_server import TritonServer
+from reidal.embedding.triton_versions import triton_loader
+from reidal.grpc_server import RunningServer, ServiceBinding, build_server
+from reidal.logs import log_kv
 from reidal.metrics import MetricsHTTP, start_metrics_http
+from reidal.notify_pg import PgNotifications
 from reidal.runtime import Notifier, OperationRunner, Runtime
 from reidal.serve_config import (  # noqa: F401 - SERVICES, resolve_services: re-exported
     PAGE_SERVICES,
@@ -53,9 +60,17 @@ from reidal.serve_config import (  # noqa: F401 - SERVICES, resolve_services: re
     ServeConfig,
     resolve_services,
 )
+from reidal.services.collections import CollectionsServicer
+from reidal.services.constraints import ConstraintsServicer
+from reidal.services.embedding import EmbeddingServicer
+from reidal.services.embedding_client import RemoteEmbedder
+from reidal.services.sampling import SamplingServicer
+from reidal.services.training import TrainingServicer
 from reidal.store import Store
 from reidal.tls import ServerTLS, https_context, own_server_channel
+from reidal.training_jobs import TrainingJobs
 from reidal.triton_supervisor import TritonSupervisor
+from reidal.web import start_review_http
 
 log = logging.getLogger("reidal.serve")
 
@@ -181,8 +196,6 @@ class ReidalServer:
 
 
 def _start_triton(data_dir: Path, model_name: str, startup_timeout_s: float) -> Any:
-    from reidal.embedding.triton_repo import name_pretrained_default, write_model_repository
-    from reidal.embedding.triton_server import TritonServer
 
     repo = data_dir / "model_repository"
     if not (repo / model_name / "config.pbtxt").exists():
@@ -201,9 +214,6 @@ def build_bindings(names: Sequence[str], runtime: Runtime | None,
                    embedding_servicer: Any = None, training: Any = None) -> list[ServiceBinding]:
     """One binding per service name, all sharing ``runtime`` (``training``: the
     :class:`reidal.training_jobs.TrainingJobs` of the training service)."""
-    from reidal.services.collections import CollectionsServicer
-    from reidal.services.constraints import ConstraintsServicer
-    from reidal.services.sampling import SamplingServicer
 
     makers: dict[str, Callable[[], ServiceBinding]] = {
         "collections": lambda: CollectionsServicer(runtime).binding(),
@@ -223,7 +233,6 @@ def build_bindings(names: Sequence[str], runtime: Runtime | None,
 
 
 def _training_binding(training: Any) -> ServiceBinding:
-    from reidal.services.training import TrainingServicer
 
     return TrainingServicer(training).binding()
 
@@ -342,56 +351,46 @@ def _check_state(c: ServeConfig, names: list[str], root: Path | None) -> bool:
 def _start_embedder(c: ServeConfig, root: Path | None, limits: ImageLimits,
                     started: Started) -> tuple[Any, str | None]:
     """The embedder (into ``started``): a client of the separate embedding service, or an
-    EmbeddingServicer on Triton (the bundled one started first when no URL is given).
-    Returns the servicer (None for a remote one) and the Triton URL embedded with."""
+    ImageEmbedder on Triton (the bundled one started first when no URL is given), which
+    the EmbeddingServicer returned wraps. Returns the servicer (None for a remote
+    embedder) and the Triton URL embedded with."""
     if c.embedding_url is not None:
-        from reidal.services.collections import RemoteEmbedder
-
         started.embedder = RemoteEmbedder(c.embedding_url, c.model_name,
                                           max_message_mb=c.max_message_mb,
                                           credentials=c.embedding_credentials,
                                           token=c.embedding_token)
         return None, c.triton_url
-    from reidal.services.embedding import EmbeddingServicer
-
     triton_url = c.triton_url
     if triton_url is None:
         assert root is not None
         started.triton = _start_triton(root, c.model_name, c.triton_startup_timeout_s)
         triton_url = started.triton.grpc_url
         started.triton_supervisor = TritonSupervisor(started.triton).start()
-    started.embedder = EmbeddingServicer(
+    started.embedder = ImageEmbedder(
         triton_url, c.model_name, batch_size=c.embed_batch_size, limits=limits,
         decode_budget=DecodeBudget(int(c.decode_budget_mb * MIB), c.decode_wait_s))
-    return started.embedder, triton_url
+    return EmbeddingServicer(started.embedder), triton_url
 
 
 def _start_runtime(c: ServeConfig, root: Path, limits: ImageLimits, embedder: Any) -> Runtime:
     """The store (operations a previous process left running are failed), blobs, notifier
     and operation runner the stateful services share."""
-    from reidal.services.collections import classify
-
     store = Store(root) if c.database_url is None else Store(database_url=c.database_url)
     aborted = store.fail_unfinished_operations(
         "the server stopped while the operation ran; start it again")
     if aborted:
         log_kv(log, logging.WARNING, "operations_aborted", count=aborted)
     notifier = Notifier()
-    operations = OperationRunner(store, notifier, workers=c.operation_workers,
-                                 classify=classify)
+    operations = OperationRunner(store, notifier, workers=c.operation_workers)
     runtime = Runtime(store, BlobStore(root / "blobs"), embedder, notifier, operations,
                       image_limits=limits, ingest_batch=c.embed_batch_size)
     if c.database_url is not None:  # the other replicas' watch streams wake at once
-        from reidal.notify_pg import PgNotifications
-
         runtime.notifications = PgNotifications(c.database_url, notifier)
     return runtime
 
 
 def _training_jobs(c: ServeConfig, started: Started, triton_url: str | None) -> Any:
     """The training service's jobs: where new versions go and how Triton loads them."""
-    from reidal.embedding.triton_versions import triton_loader
-    from reidal.training_jobs import TrainingJobs
 
     assert started.runtime is not None
     repo, loader = c.model_repository, c.load_model
@@ -412,7 +411,6 @@ def _start_http(c: ServeConfig, running: RunningServer, started: Started,
             c.metrics_addr if c.metrics_addr is not None else _host(running.address))
     if c.http_port is None:
         return
-    from reidal.web import start_review_http
 
     target = _page_target(running.address)
     if page.credentials is not None:
@@ -450,7 +448,6 @@ def _check_page_channel(target: str, credentials: grpc.ChannelCredentials,
     """One health call over the review page's TLS channel before the page starts, so a
     client certificate the gRPC port refuses fails the start with the handshake's reason
     instead of every page request later. Health needs no token."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     with grpc.secure_channel(target, credentials, options=options) as channel:
         try:

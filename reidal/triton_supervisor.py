@@ -27,7 +27,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from reidal.grpc_server import log_kv
+from reidal.logs import log_kv
 
 if TYPE_CHECKING:
     from reidal.embedding.triton_server import TritonServer

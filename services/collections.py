@@ -1,35 +1,31 @@
 """CollectionService (collections.proto): collections, ingest, image read-back, operations.
 
 A thin layer over :mod:`reidal.ingest`, :mod:`reidal.collection_state` and the store:
-translate messages, call, translate back. Domain errors travel to the server's interceptor,
-which maps them to status codes; embedding failures (Triton down, unknown model) are mapped
-here by :func:`status_of`, which the operation runner also uses for background work.
+translate messages, call, translate back. Failures are domain errors naming their status
+codes (embedding failures too: Triton's, and a separate embedding service's,
+:mod:`reidal.errors`); the server's interceptor answers with them, and
+:func:`reidal.grpc_server.abort_with` where the message says which message of the stream
+failed.
 
-Embedding goes through an :class:`reidal.runtime.Embedder`: the in-process
-EmbeddingServicer when the embedding service runs in the same process (``--service all``)
-or Triton is reachable, else :class:`RemoteEmbedder`, a client of a separate embedding
-service.
+Embedding goes through a :class:`reidal.embedding.embedder.Embedder`: the in-process
+:class:`~reidal.embedding.embedder.ImageEmbedder` when Triton is reachable from this
+process, else :class:`reidal.services.embedding_client.RemoteEmbedder`, a client of a
+separate embedding service.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
-import numpy as np
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from reidal import errors
 from reidal.blobs import sha256_hex
-from reidal.collection_state import ImageFilter, check_id, effective_params
+from reidal.collection_state import check_id, effective_params
 from reidal.embedding.images import ImageError, read_uri
-from reidal.embedding.triton_client import (
-    ModelInfo,
-)
-from reidal.grpc_server import ServiceBinding, deadline_left
+from reidal.grpc_server import ServiceBinding, abort_with
 from reidal.ingest import (
     IngestItem,
     IngestMessage,
@@ -40,77 +36,27 @@ from reidal.ingest import (
 )
 from reidal.request_checks import page_size, parse_page_token
 from reidal.runtime import Runtime, queue_key
-from reidal.services.embedding import Embedded, ImageItem, embedding_status
-from reidal.store import Collection, ImageRecord, ImageRow, OperationRecord, Store
-from reidal.v1 import (
-    collections_pb2,
-    collections_pb2_grpc,
-    common_pb2,
-    embedding_pb2,
-    embedding_pb2_grpc,
+from reidal.services._common import (  # noqa: F401 - older imports name them here
+    budget_dict,
+    budget_pb,
+    deadline_at,
+    filter_from_pb,
+    filter_pb,
+    operation_pb,
+    seconds_of,
+    timestamp,
 )
+from reidal.services.embedding_client import RemoteEmbedder  # noqa: F401 - older imports
+from reidal.store import Collection, ImageRecord, ImageRow, Store
+from reidal.v1 import collections_pb2, collections_pb2_grpc, common_pb2
 from reidal.vectors import add_vectors, read_vectors, vectors_per_message
-from reidal_client.client import default_channel_options
 
 log = logging.getLogger("reidal.collections")
 
 SERVICE_NAME: str = collections_pb2.DESCRIPTOR.services_by_name["CollectionService"].full_name
 
 
-# ------------------------------------------------------------------------ errors
-
-
-def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
-    """Status code and message of a failure, or None for an unexpected exception.
-
-    Embedding failures first (their classes are not domain errors), then the domain errors'
-    usual mapping. A status from a remote embedding service keeps its code.
-    """
-    if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
-        return exc.code(), f"embedding service: {exc.details()}"
-    return embedding_status(exc)
-
-
-def classify(exc: BaseException) -> tuple[str, str] | None:
-    """:func:`status_of` with the code's name: what an Operation records."""
-    found = status_of(exc)
-    return (found[0].name, found[1]) if found is not None else None
-
-
-def abort_for(context: grpc.ServicerContext, exc: Exception, prefix: str = "") -> None:
-    """Abort the call with the status of ``exc`` (raises); re-raise an unexpected one."""
-    found = status_of(exc)
-    if found is None:
-        raise exc
-    context.abort(found[0], prefix + found[1])
-
-
 # ------------------------------------------------------------------------ conversions
-
-
-def timestamp(seconds: float | None) -> Timestamp | None:
-    if seconds is None:
-        return None
-    ts = Timestamp()
-    ts.FromNanoseconds(int(round(seconds * 1e9)))
-    return ts
-
-
-def seconds_of(ts: Timestamp) -> float:
-    return ts.ToNanoseconds() / 1e9
-
-
-def budget_dict(msg: collections_pb2.Budget) -> dict[str, Any] | None:
-    which = msg.WhichOneof("amount")
-    return None if which is None else {which: getattr(msg, which)}
-
-
-def budget_pb(budget: dict[str, Any] | None) -> collections_pb2.Budget:
-    if not budget:
-        return collections_pb2.Budget()
-    if "count" in budget:
-        return collections_pb2.Budget(count=int(budget["count"]))
-    return collections_pb2.Budget(fraction=float(budget["fraction"]))
 
 
 def _params_from_pb(msg: Any) -> dict[str, Any]:
@@ -140,19 +86,6 @@ def params_from_request(request: collections_pb2.CreateCollectionRequest) -> dic
                             _params_from_pb(request.sampling))
 
 
-def filter_from_pb(msg: collections_pb2.ImageFilter) -> ImageFilter:
-    return ImageFilter(metadata=dict(msg.metadata), date_key=msg.date_key,
-                       date_from=msg.date_from, date_to=msg.date_to,
-                       image_ids=tuple(msg.image_ids))
-
-
-def filter_pb(data: dict[str, Any]) -> collections_pb2.ImageFilter:
-    f = ImageFilter.from_dict(data)
-    return collections_pb2.ImageFilter(metadata=dict(f.metadata), date_key=f.date_key,
-                                       date_from=f.date_from, date_to=f.date_to,
-                                       image_ids=list(f.image_ids))
-
-
 def collection_pb(runtime: Runtime, col: Collection) -> collections_pb2.Collection:
     counts = runtime.store.counts(col.id)
     params = effective_params(col.params.get("clustering"), col.params.get("sampling"))
@@ -174,24 +107,6 @@ def collection_pb(runtime: Runtime, col: Collection) -> collections_pb2.Collecti
         total_pairs=total,
         budget_used=counts["pairs_asked"] / total if total else 0.0,
         created_at=timestamp(col.created_at),
-    )
-
-
-_STATES = {name: collections_pb2.OperationState.Value(f"OPERATION_STATE_{name}")
-           for name in ("PENDING", "RUNNING", "SUCCEEDED", "FAILED")}
-
-
-def operation_pb(op: OperationRecord) -> collections_pb2.Operation:
-    r = op.result
-    return collections_pb2.Operation(
-        operation_id=op.operation_id, collection_id=op.collection_id, kind=op.kind,
-        state=_STATES[op.state], done=op.done, total=op.total, stage=op.stage,
-        error_code=op.error_code, error_message=op.error_message,
-        batch_id=r.get("batch_id", ""),
-        model=common_pb2.ModelRef(name=r.get("model_name", ""),
-                                  version=r.get("model_version", "")),
-        created_at=timestamp(op.created_at), updated_at=timestamp(op.updated_at),
-        skipped_image_ids=r.get("skipped_image_ids", []),
     )
 
 
@@ -228,11 +143,6 @@ class _StreamHead:
                     f"started with {self.collection_id!r}")
             if msg.images:
                 yield IngestMessage(k, self.collection_id, _items(msg), msg.defer_embedding)
-
-
-def _deadline(context: grpc.ServicerContext) -> float | None:
-    left = deadline_left(context)
-    return None if left is None else time.monotonic() + left
 
 
 # ------------------------------------------------------------------------ servicer
@@ -282,9 +192,9 @@ class CollectionsServicer(collections_pb2_grpc.CollectionServiceServicer):
         stream = _StreamHead()
         try:
             total = ingest_stream(self.runtime, stream.messages(self.store, request_iterator),
-                                  deadline=_deadline(context), is_active=context.is_active)
+                                  deadline=deadline_at(context), is_active=context.is_active)
         except StreamFailure as failed:
-            abort_for(context, failed.cause, prefix=f"{failed.where}: ")
+            abort_with(context, failed.cause, prefix=f"{failed.where}: ")
         if total.received == 0:
             raise errors.InvalidArgument("the stream carried no images")
         return collections_pb2.AddImagesResponse(
@@ -327,10 +237,7 @@ class CollectionsServicer(collections_pb2_grpc.CollectionServiceServicer):
         name = request.model.name or col.model_name
         # empty version: the collection's own (a pin is never moved by an empty request)
         pinned = col.model_version if name == col.model_name else ""
-        try:
-            name, version = resolve_model(self.runtime, name, request.model.version or pinned)
-        except Exception as exc:
-            abort_for(context, exc)
+        name, version = resolve_model(self.runtime, name, request.model.version or pinned)
         runtime = self.runtime
         ops = runtime.operations
         assert ops is not None
@@ -451,67 +358,3 @@ def _image_pb(row: ImageRow, embedded: bool) -> collections_pb2.ImageInfo:
         image_id=row.image_id, name=row.name, metadata=row.metadata, uri=row.uri,
         excluded=row.excluded_reason is not None, excluded_reason=row.excluded_reason or "",
         embedded=embedded, added_at=timestamp(row.added_at))
-
-
-# ------------------------------------------------------------------------ remote embedder
-
-
-class RemoteEmbedder:
-    """A client of an EmbeddingService in another process, with the in-process API.
-
-    credentials: TLS channel credentials (:func:`reidal.tls.channel_credentials`; None:
-    plaintext). token: the access token sent with every call when that service checks them.
-    """
-
-    def __init__(self, address: str, default_model: str = "", *, timeout_s: float = 120.0,
-                 max_message_mb: float = 64, credentials: grpc.ChannelCredentials | None = None,
-                 token: str | None = None) -> None:
-        self.address = address
-        # The client's options: message limits, and a reconnect within about a second of
-        # a restarted embedding pod being back (gRPC's own backoff grows to 120 s, and
-        # every ingest would fail UNAVAILABLE meanwhile).
-        options = list(default_channel_options(max_message_mb).items())
-        self._channel = (grpc.secure_channel(address, credentials, options=options)
-                         if credentials is not None
-                         else grpc.insecure_channel(address, options=options))
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        self._stub = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
-        self._timeout = timeout_s
-        self._default = default_model
-
-    @property
-    def default_model(self) -> str:
-        if not self._default:
-            self._default = self._stub.ListModels(embedding_pb2.ListModelsRequest(),
-                                                  timeout=self._timeout,
-                                                  metadata=self._metadata).default_model
-        return self._default
-
-    def embed(self, items: Sequence[ImageItem], model: str = "", version: str = "", *,
-              deadline: float | None = None,
-              is_active: Callable[[], bool] | None = None) -> Embedded:
-        timeout = self._timeout if deadline is None else max(deadline - time.monotonic(), 0.0)
-        request = embedding_pb2.EmbedRequest(
-            model=common_pb2.ModelRef(name=model, version=version),
-            images=[common_pb2.Image(id=i.id, data=i.data) if i.data is not None
-                    else common_pb2.Image(id=i.id, uri=i.uri) for i in items])
-        resp = self._stub.Embed(request, timeout=timeout, metadata=self._metadata)
-        vectors = np.array([list(e.vector) for e in resp.embeddings], dtype=np.float32)
-        return Embedded([e.id for e in resp.embeddings], vectors.reshape(len(items), -1),
-                        resp.model_name, resp.model_version)
-
-    def model(self, name: str = "", version: str = "") -> ModelInfo:
-        info = self._stub.GetModel(embedding_pb2.GetModelRequest(
-            model=common_pb2.ModelRef(name=name, version=version)), timeout=self._timeout,
-            metadata=self._metadata)
-        return ModelInfo(info.name, info.version, info.state, info.ready, info.dim or None)
-
-    def is_ready(self) -> bool:
-        try:
-            self.model()
-            return True
-        except grpc.RpcError:
-            return False
-
-    def close(self) -> None:
-        self._channel.close()

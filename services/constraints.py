@@ -21,7 +21,7 @@ from reidal.grpc_server import ServiceBinding
 from reidal.identities import LatestIdentities
 from reidal.request_checks import page_size, parse_page_token
 from reidal.runtime import Runtime
-from reidal.services.collections import seconds_of, timestamp
+from reidal.services._common import seconds_of, timestamp
 from reidal.store import StoredAnswer
 from reidal.v1 import common_pb2, constraints_pb2, constraints_pb2_grpc
 

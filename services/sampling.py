@@ -15,7 +15,7 @@ import grpc
 from reidal.cycle import REASON_CODES, CycleRequest, CycleRunner
 from reidal.grpc_server import ServiceBinding
 from reidal.runtime import Runtime, queue_key
-from reidal.services.collections import (
+from reidal.services._common import (
     budget_dict,
     filter_from_pb,
     filter_pb,

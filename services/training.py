@@ -1,8 +1,8 @@
 """TrainingService: training jobs and model promotion (training.proto).
 
 A thin layer over :mod:`reidal.training_jobs`: translate messages, call, translate back.
-Domain errors travel to the server's interceptor (status codes); embedding failures of
-PromoteModel are mapped by :func:`reidal.services.collections.abort_for`.
+Domain errors (embedding failures of PromoteModel too) travel to the server's interceptor,
+which answers with the status codes they name.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import grpc
 
 from reidal import errors
 from reidal.grpc_server import ServiceBinding
-from reidal.services.collections import abort_for, operation_pb, timestamp
+from reidal.services._common import operation_pb, timestamp
 from reidal.training_jobs import CLIENT_FIELDS, JobRecord, TrainingJobs, promote
 from reidal.v1 import common_pb2, training_pb2, training_pb2_grpc
 
@@ -83,11 +83,5 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             jobs=[job_pb(j) for j in self.jobs.list(request.collection_id)])
 
     def PromoteModel(self, request, context):  # noqa: N802
-        try:
-            op = promote(self.jobs.runtime, request.collection_id, request.model.name,
-                         request.model.version)
-        except errors.ReidalError:
-            raise
-        except Exception as exc:
-            abort_for(context, exc)
-        return operation_pb(op)
+        return operation_pb(promote(self.jobs.runtime, request.collection_id,
+                                    request.model.name, request.model.version))

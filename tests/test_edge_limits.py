@@ -22,7 +22,7 @@ from _services_support import ingest_message, pictures
 
 from reidal.auth import create_token
 from reidal.cli import build_parser
-from reidal.grpc_server import JsonFormatter
+from reidal.logs import JsonFormatter
 from reidal.serve import serve
 from reidal.v1 import (
     collections_pb2,

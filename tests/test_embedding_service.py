@@ -21,17 +21,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from reidal.embedding.embedder import ImageEmbedder, ImageItem
 from reidal.embedding.images import ImageLimits
 from reidal.embedding.preprocess import preprocess
+from reidal.errors import Cancelled, DeadlineExceeded
 from reidal.grpc_server import RunningServer, build_server
 from reidal.metrics import RpcMetrics
-from reidal.services.embedding import (
-    SERVICE_NAME,
-    Cancelled,
-    DeadlineExceeded,
-    EmbeddingServicer,
-    ImageItem,
-)
+from reidal.services.embedding import SERVICE_NAME, EmbeddingServicer
 from reidal.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
 
 
@@ -71,9 +67,9 @@ def service(triton, rpc_registry, tmp_path_factory
             ) -> Iterator[tuple[RunningServer, EmbeddingServicer]]:
     # batch_size 5 with the fixture's max_batch_size 8: requests span several batches;
     # URIs may name the tests' temporary files.
-    servicer = EmbeddingServicer(triton.grpc_url, triton.model_name, batch_size=5,
-                                 limits=ImageLimits(allowed_roots=(
-                                     str(tmp_path_factory.getbasetemp()),)))
+    servicer = EmbeddingServicer(ImageEmbedder(
+        triton.grpc_url, triton.model_name, batch_size=5,
+        limits=ImageLimits(allowed_roots=(str(tmp_path_factory.getbasetemp()),))))
     running = build_server([servicer.binding()], metrics=RpcMetrics.create(rpc_registry),
                            health_interval_s=60)
     try:
@@ -225,12 +221,12 @@ def test_bad_requests_fail_whole_and_name_the_items(stub, encoded):
 
 
 def test_deadline_and_cancellation_are_honoured(service, stub, rpc_registry, encoded):
-    _, servicer = service
+    embedder = service[1].embedder
     items = [ImageItem(i, data=d) for i, d in encoded]
     with pytest.raises(DeadlineExceeded, match="after 0 of 9 images"):
-        servicer.embed(items, deadline=time.monotonic() - 0.01)
+        embedder.embed(items, deadline=time.monotonic() - 0.01)
     with pytest.raises(Cancelled, match="after 0 of 9 images"):
-        servicer.embed(items, is_active=lambda: False)
+        embedder.embed(items, is_active=lambda: False)
     # Over gRPC: 200 images (40 Triton batches) cannot finish in 50 ms; the server notices.
     many = [(f"m{k}", encoded[k % len(encoded)][1]) for k in range(200)]
     err = _error(stub.Embed, _request(many), timeout=0.05)

@@ -252,7 +252,7 @@ def test_log_lines_are_structured(caplog: pytest.LogCaptureFixture) -> None:
     import json
     import logging
 
-    from reidal.grpc_server import JsonFormatter, log_kv
+    from reidal.logs import JsonFormatter, log_kv
 
     logger = logging.getLogger("reidal.test")
     with caplog.at_level(logging.INFO, logger="reidal.test"):

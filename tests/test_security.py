@@ -35,7 +35,7 @@ from reidal.auth import (
     parse_tokens,
 )
 from reidal.cli import main as cli_main
-from reidal.grpc_server import JsonFormatter
+from reidal.logs import JsonFormatter
 from reidal.serve import serve
 from reidal.v1 import (
     collections_pb2,
@@ -400,15 +400,16 @@ def test_missing_malformed_and_unknown_tokens_are_unauthenticated(world: World, 
 
 def test_collections_reaches_a_separate_embedding_service_with_tls_and_token(world: World):
     """The channel a collections service opens to ``--embedding-url`` carries both."""
-    from reidal.services.collections import RemoteEmbedder
+    from reidal.errors import RemoteError
+    from reidal.services.embedding_client import RemoteEmbedder
     from reidal.tls import channel_credentials
 
     def code(**kw) -> tuple[grpc.StatusCode, str]:
         embedder = RemoteEmbedder(world.address, "m", timeout_s=10, **kw)
         try:
             embedder.model()
-        except grpc.RpcError as exc:
-            return exc.code(), exc.details()
+        except RemoteError as exc:  # the embedding service's status, code and words kept
+            return grpc.StatusCode[exc.code], exc.detail
         finally:
             embedder.close()
         return OK, ""

@@ -6,9 +6,9 @@ shapes and ``max_batch_size`` come from the model's config on the server (cached
 so any embedding model Triton serves works; the :class:`ModelSpec` names the default model
 and is checked against that config.
 
-Errors are three exceptions the gRPC layer maps to status codes: :class:`TritonUnavailable`
-(UNAVAILABLE; :class:`TritonTimeout` is its deadline flavour), :class:`ModelNotFound`
-(NOT_FOUND), and :class:`TritonError` for the rest. After an UNAVAILABLE the underlying gRPC
+Errors are three domain errors (:mod:`reidal.errors`, which names their status codes):
+:class:`TritonUnavailable` (UNAVAILABLE; :class:`TritonTimeout` is its deadline flavour),
+:class:`ModelNotFound` (NOT_FOUND), and :class:`TritonError` for the rest (INTERNAL). After an UNAVAILABLE the underlying gRPC
 channel is dropped and the next call opens a fresh one, so one :class:`TritonEmbedder` keeps
 working across a Triton restart without the reconnect back-off of a long-dead channel.
 
@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from reidal import errors
 from reidal.core.validation import check_embeddings, l2_normalise
 from reidal.embedding.spec import DEFAULT_MODEL_NAME, ModelSpec
 from reidal.embedding.triton_repo import P_DEFAULT_VERSION, spec_from_config
@@ -36,11 +37,11 @@ from reidal.embedding.triton_repo import P_DEFAULT_VERSION, spec_from_config
 DEFAULT_LOAD_TIMEOUT_S = 300.0
 
 
-class TritonError(RuntimeError):
+class TritonError(errors.BackendFailed, RuntimeError):
     """Triton answered with an error that is neither 'unavailable' nor 'no such model'."""
 
 
-class TritonUnavailable(TritonError):
+class TritonUnavailable(errors.Unavailable, TritonError):
     """Triton cannot be reached (down, restarting, wrong URL)."""
 
 
@@ -52,7 +53,7 @@ class VersionNotReady(TritonUnavailable):
     """Triton knows the model version but it is not loaded now (unloaded, or loading)."""
 
 
-class ModelNotFound(TritonError, LookupError):
+class ModelNotFound(errors.NotFound, TritonError):
     """The model (or the requested version of it) is not loaded in Triton."""
 
 
@@ -355,12 +356,14 @@ class TritonEmbedder:
         lowered = message.lower()
         what = f"model {name!r}" + (f" version {version!r}" if version else "")
         if "DEADLINE_EXCEEDED" in status or "deadline exceeded" in lowered:
-            return TritonTimeout(f"Triton at {self.url} did not answer within {self.timeout_s:g} s")
+            return TritonTimeout(f"Triton at {self.url} did not answer within "
+                                 f"{self.timeout_s:g} s; retry later")
         if "UNAVAILABLE" in status:
             if "unknown model" in lowered or "not at ready state" in lowered:
                 return VersionNotReady(f"{what} is not ready in Triton at {self.url}: "
-                                       f"{message}")
-            return TritonUnavailable(f"Triton at {self.url} is unavailable: {message}")
+                                       f"{message}; retry later")
+            return TritonUnavailable(f"Triton at {self.url} is unreachable: {message}; "
+                                     "retry later")
         if "NOT_FOUND" in status or any(
             s in lowered
             for s in ("unknown model", "is not found", "no available version", "is not ready",

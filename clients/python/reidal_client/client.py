@@ -34,6 +34,8 @@ from typing import Any, TypeVar
 
 import grpc
 
+from reidal.channels import default_channel_options
+from reidal.tls import channel_credentials
 from reidal.v1 import (
     collections_pb2,
     collections_pb2_grpc,
@@ -86,8 +88,6 @@ T = TypeVar("T")
 
 #: Address used when none is given (``reidal serve``'s default port).
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-#: Largest message either way, as the server's default (64 MiB).
-DEFAULT_MAX_MESSAGE_MB = 64
 #: Hosts a token may be sent to without TLS and without a warning.
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
 #: Images per AddImages message (the server gathers messages into embedding batches).
@@ -98,19 +98,6 @@ DEFAULT_MESSAGES_PER_CALL = 4
 
 RetryCallback = Callable[[str, int, float, ReidalClientError], None]
 ProgressCallback = Callable[[int, int | None], None]
-
-
-def default_channel_options(max_message_mb: float = DEFAULT_MAX_MESSAGE_MB,
-                            max_reconnect_backoff_s: float = 2.0) -> dict[str, Any]:
-    limit = int(max_message_mb * 1024 * 1024)
-    return {
-        "grpc.max_receive_message_length": limit,
-        "grpc.max_send_message_length": limit,
-        # Reconnect soon after a restart instead of gRPC's default (up to 120 s).
-        "grpc.initial_reconnect_backoff_ms": 100,
-        "grpc.min_reconnect_backoff_ms": 100,
-        "grpc.max_reconnect_backoff_ms": max(int(max_reconnect_backoff_s * 1000), 100),
-    }
 
 
 def _with_bearer(metadata: tuple[tuple[str, str], ...], token: str
@@ -192,8 +179,6 @@ class ReidalClient:
         if credentials is not None and (tls or tls_ca or tls_cert or tls_key):
             raise ValueError("pass credentials or tls / tls_ca / tls_cert / tls_key, not both")
         if credentials is None and (tls or tls_ca or tls_cert or tls_key):
-            from reidal.tls import channel_credentials
-
             credentials = channel_credentials(tls_ca, tls_cert, tls_key)
         self.metadata = tuple(metadata)
         if token is not None:
