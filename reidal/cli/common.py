@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from reidal_client.command_line import DEBUG_ENV  # noqa: F401 - the CLI's debug switch
+from reidal_client.command_line import run_command as run_client_command
 
 #: Environment variable naming the server of the client commands.
 SERVER_ENV = "REIDAL_SERVER"
 #: Environment variable holding the access token of the client commands.
 TOKEN_ENV = "REIDAL_TOKEN"
-#: Set (to anything) to get the traceback of a failed command instead of one line.
-DEBUG_ENV = "REIDAL_DEBUG"
 DEFAULT_SERVER = "127.0.0.1:50051"
 #: ClusteringParams.mode and SamplingParams.sampler values (reidal.collection_state's, kept
 #: here so building the parser imports no algorithm; test_cli_choices_match_the_server's).
@@ -113,18 +113,8 @@ def client_options() -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace, expected: tuple[type[BaseException], ...] = ()) -> int:
-    """Run ``args.func``; the exit status (0 ok, 1 failed, 130 interrupted). A client
-    error, a CliError, a ValueError, an OSError or one of ``expected`` prints one line (the
-    traceback with $REIDAL_DEBUG set). Shared by every reidal command-line program."""
-    from reidal_client import ReidalClientError
-
-    try:
-        return int(args.func(args) or 0)
-    except (ReidalClientError, CliError, ValueError, OSError, *expected) as exc:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
-        return 130
+    """Run ``args.func`` as every reidal program does
+    (:func:`reidal_client.command_line.run_command`: exit status 0 ok, 1 failed, 130
+    interrupted; one line per error, the traceback with $REIDAL_DEBUG set), a CliError
+    printed as one line too."""
+    return run_client_command(args, (CliError, *expected))

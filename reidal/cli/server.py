@@ -22,7 +22,7 @@ DEFAULT_HTTP_PORT = 8080
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from reidal.grpc_server import configure_logging
+    from reidal.logs import configure_logging
     from reidal.serve import serve
     from reidal.serve_config import ServeConfig
 

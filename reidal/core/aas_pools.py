@@ -21,6 +21,7 @@ from reidal.core.aas_regions import (
     _compact_with_singletons,
     region_pairs,
 )
+from reidal.core.neighbors import knn
 from reidal.core.params import SAMPLING
 from reidal.core.validation import check_labels
 
@@ -62,8 +63,6 @@ def _medoid_cosine_block(medoids: np.ndarray, X: np.ndarray, k_max: int
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(row, col, cosine) of each medoid's ``k_max`` nearest other medoids (exact faiss
     search over the medoids only: one query per region, never all pairs of items)."""
-    from reidal.core.neighbors import knn
-
     Xm = np.asarray(X, dtype=np.float32)[medoids]
     sims, idx = knn(Xm, min(k_max + 1, medoids.size), index="flat", use_gpu=False)
     r = np.repeat(np.arange(medoids.size, dtype=np.int64), idx.shape[1])

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import scipy.sparse as sp
 
+from reidal.core.neighbors import jaccard_distance, knn
 from reidal.core.params import CLUSTERING, ParamsMixin
 from reidal.core.sampling import (
     REASON_ALL_RESOLVED,
@@ -167,8 +168,6 @@ class UncertaintySampler(ParamsMixin):
         seed: int = 0,
         exclude_pairs: np.ndarray | None = None,
     ) -> SampleResult:
-        from reidal.core.neighbors import jaccard_distance, knn
-
         X, n_budget, excl = check_sample_inputs(X, constraints, budget, exclude_pairs)
         n = X.shape[0]
         rng = make_rng(seed)
@@ -259,8 +258,6 @@ class NISSampler(ParamsMixin):
         seed: int = 0,
         exclude_pairs: np.ndarray | None = None,
     ) -> SampleResult:
-        from reidal.core.neighbors import knn
-
         X, n_budget, excl = check_sample_inputs(X, constraints, budget, exclude_pairs)
         n = X.shape[0]
         rng = make_rng(seed)

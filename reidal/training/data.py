@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from reidal.embedding.images import decode_image
 from reidal.embedding.preprocess import preprocess
 from reidal.embedding.spec import ModelSpec, default_spec
 
@@ -47,8 +48,6 @@ def load_image(item: ImageItem) -> Image.Image:
     if isinstance(item, Image.Image):
         return item
     if isinstance(item, (str, Path)):
-        from reidal.embedding.images import decode_image
-
         return decode_image(None, str(item), item_id=str(item))
     raise ValueError(f"an image item must be a PIL image or a path, got {type(item).__name__}")
 

@@ -46,8 +46,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from reidal.core.evaluation import open_set_split
+from reidal.data.synthetic_images import SyntheticConfig, iter_samples
+from reidal.data.wildlife import load_wildlife_csv
+from reidal.embedding.model import build_default_model, load_model, save_model
 from reidal.embedding.spec import DEFAULT_MODEL_NAME
+from reidal.embedding.triton_repo import model_versions
+from reidal.errors import ReidalError
+from reidal.simulation.oracle import SimulatedOracle
+from reidal.training import EvalSet, SpCLTrainer, TrainConfig
+from reidal.training import distributed as D
 from reidal.training.config import MODES, SAMPLERS, mode_schedule
 
 
@@ -61,8 +71,6 @@ def _digest(tensors: Sequence[Any]) -> str:
 def synthetic_items(config: Any) -> tuple[list[Any], np.ndarray, np.ndarray]:
     """The PIL images, identities and train/test split of a generated collection
     (``config``: a :class:`reidal.data.synthetic_images.SyntheticConfig`), in memory."""
-    from reidal.data.synthetic_images import iter_samples
-
     samples = list(iter_samples(config))
     return ([s.image for s in samples], np.array([s.identity for s in samples]),
             np.array([s.split for s in samples]))
@@ -73,8 +81,6 @@ def csv_items(path: str, *, labelled_only: bool = False
     """A WildlifeDatasets metadata CSV's image paths, identities (``""`` = unlabelled;
     ``labelled_only`` leaves those images out) and split column (None unless every image
     kept has one: :func:`reidal.core.evaluation.open_set_split` then draws the split)."""
-    from reidal.data.wildlife import load_wildlife_csv
-
     ds = load_wildlife_csv(path)
     if labelled_only:
         ds = ds.subset(ds.is_labelled)
@@ -92,8 +98,6 @@ def load_items(dataset: str, image_size: int, seed: int) -> tuple[list[Any], np.
     generator's default collection, or N individuals), rendered in memory.
     """
     if dataset == "synthetic" or dataset.startswith("synthetic:"):
-        from reidal.data.synthetic_images import SyntheticConfig
-
         n = dataset.partition(":")[2]
         cfg = SyntheticConfig(seed=seed, image_size=image_size,
                               **({"n_individuals": int(n)} if n else {}))
@@ -169,14 +173,6 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train as ``args`` say; the summary rank 0 writes to reports.json (every rank returns
     its own)."""
-    import torch
-
-    from reidal.core.evaluation import open_set_split
-    from reidal.embedding.model import build_default_model, save_model
-    from reidal.simulation.oracle import SimulatedOracle
-    from reidal.training import EvalSet, SpCLTrainer, TrainConfig
-    from reidal.training import distributed as D
-
     constraints, base = None, None
     if args.collection:
         items, constraints, base = _open_collection(args)
@@ -273,7 +269,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # Imported here: the export path needs the server's packages (gRPC, the store),
             # a training node that only writes OUT/model does not.
             from reidal.embedding.triton_versions import triton_loader
-            from reidal.training_jobs import export_version
+            from reidal.training_io import export_version
 
             name_out = args.model_name or (base[1] if base else None) or DEFAULT_MODEL_NAME
             loader = (triton_loader(args.triton_url, args.model_repository)
@@ -298,7 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _open_store(args: argparse.Namespace) -> Any:
-    from reidal.store import Store
+    from reidal.store import Store  # the server's packages: only a --collection run needs them
 
     if not args.data_dir:
         raise ValueError("--collection needs --data-dir (the images' blobs; the SQLite store "
@@ -311,8 +307,9 @@ def _open_collection(args: argparse.Namespace) -> tuple[list[Any], Any, tuple]:
     store is closed again before training (rank 0 reopens it to record the job). Images
     decode as the EmbeddingService decodes them for this model (JPEGs drafted to its
     input size: :func:`reidal.embedding.images.open_image`)."""
+    # the server's packages: only a --collection run needs them
     from reidal.blobs import BlobStore
-    from reidal.training_jobs import collection_constraints, collection_images
+    from reidal.training_io import collection_constraints, collection_images
 
     store = _open_store(args)
     try:
@@ -330,8 +327,6 @@ def _open_collection(args: argparse.Namespace) -> tuple[list[Any], Any, tuple]:
 
 def _base_model(args: argparse.Namespace, col: Any) -> tuple:
     """(model, name, version) a collection's training starts from (--model)."""
-    from reidal.embedding.model import build_default_model, load_model
-
     if args.model == "pretrained":
         return (build_default_model(input_size=(args.image_size, args.image_size)),
                 DEFAULT_MODEL_NAME, "")
@@ -342,8 +337,6 @@ def _base_model(args: argparse.Namespace, col: Any) -> tuple:
         raise ValueError("--collection starts from a version in --model-repository "
                          "(or give --model pretrained)")
     if not version:
-        from reidal.embedding.triton_repo import model_versions
-
         found = model_versions(args.model_repository, name)
         if not found:
             raise ValueError(f"{args.model_repository} has no version of {name!r}")
@@ -358,7 +351,7 @@ def _base_model(args: argparse.Namespace, col: Any) -> tuple:
 def _record_job(args: argparse.Namespace, config: Any, base: tuple, summary: dict,
                 result: Any, answers: int) -> str:
     """A finished training-job row, so the server lists the version this run produced."""
-    from reidal.store import JOB_RUNNING, JOB_SUCCEEDED
+    from reidal.store import JOB_RUNNING, JOB_SUCCEEDED  # the server's: a --collection run
 
     last = result.reports[-1] if result.reports else None
     store = _open_store(args)
@@ -379,8 +372,6 @@ def _record_job(args: argparse.Namespace, config: Any, base: tuple, summary: dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    from reidal.errors import ReidalError
-
     args = build_parser().parse_args(argv)
     try:
         run(args)

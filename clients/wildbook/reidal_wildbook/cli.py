@@ -15,6 +15,12 @@ import os
 import sys
 from collections.abc import Sequence
 
+from reidal_client import ReidalClient
+from reidal_client.command_line import run_command
+from reidal_client.progress import TextProgress
+from reidal_wildbook.api import WildbookClient, WildbookError
+from reidal_wildbook.sync import WildbookSync
+
 TOKEN_ENV = "WILDBOOK_TOKEN"
 SERVER_ENV = "REIDAL_SERVER"
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -65,11 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    from reidal_client import ReidalClient
-    from reidal_client.progress import TextProgress
-    from reidal_wildbook.api import WildbookClient
-    from reidal_wildbook.sync import WildbookSync
-
     token = os.environ.get(args.token_env) or None
     wildbook = WildbookClient(args.wildbook, token=token, timeout_s=args.timeout,
                               page_size=args.page_size)
@@ -95,9 +96,6 @@ def _sync(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from reidal.cli import run_command
-    from reidal_wildbook.api import WildbookError
-
     return run_command(build_parser().parse_args(argv), (WildbookError,))
 
 
