@@ -167,7 +167,7 @@ def _plan(runtime: Runtime, collection_id: str, items: Sequence[IngestItem],
 
 
 def _embed(runtime: Runtime, planned: _Planned, deadline: float | None,
-           is_active: Callable[[], bool] | None) -> Any:
+           is_active: Callable[[], bool] | None) -> Embedded | None:
     """The embedder's answer for the batch's images to embed (None when none is)."""
     if not planned.to_embed:
         return None
@@ -177,7 +177,7 @@ def _embed(runtime: Runtime, planned: _Planned, deadline: float | None,
                           planned.model_version, deadline=deadline, is_active=is_active)
 
 
-def _store(runtime: Runtime, planned: _Planned, embedded: Any) -> IngestOutcome:
+def _store(runtime: Runtime, planned: _Planned, embedded: Embedded | None) -> IngestOutcome:
     """Keep the new images' bytes, then store images, sources and vectors in one
     transaction."""
     items = planned.items
@@ -317,7 +317,7 @@ def _where(batch: Sequence[IngestMessage]) -> str:
     return f"message {first}" if first == last else f"messages {first} to {last}"
 
 
-def _store_or_fail(runtime: Runtime, planned: _Planned, embedded: Any,
+def _store_or_fail(runtime: Runtime, planned: _Planned, embedded: Embedded | None,
                    where: str) -> IngestOutcome:
     try:
         return _store(runtime, planned, embedded)
@@ -328,11 +328,7 @@ def _store_or_fail(runtime: Runtime, planned: _Planned, embedded: Any,
 def _bad_input(exc: Exception) -> bool:
     """Whether the embedder refused the images themselves (in-process: BadImages and the
     other InvalidArgument; a remote embedding service: INVALID_ARGUMENT)."""
-    import grpc
-
-    return isinstance(exc, InvalidArgument) or (
-        isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call)
-        and exc.code() == grpc.StatusCode.INVALID_ARGUMENT)
+    return isinstance(exc, InvalidArgument) or _remote_invalid(exc)
 
 
 def resolve_model(runtime: Runtime, model_name: str, version: str) -> tuple[str, str]:

@@ -60,14 +60,6 @@ TRANSPORT: tuple[str, ...] = (
     "grpc", "grpc_health", "grpc_reflection", "reidal.v1", "reidal.services",
     "reidal.grpc_server", "reidal.serve", "reidal.web", "reidal.cli", "reidal.cli_training",
 )
-#: Modules that only stand in for one that moved, for one release (reidal.core's
-#: simulation helpers, now reidal.simulation): each imports its new home, which would read
-#: as a core -> simulation -> core cycle. They are left out of the graph, and nothing of
-#: ours may import them (test_nothing_imports_a_moved_modules_alias).
-ALIASES: tuple[str, ...] = ("reidal.core.loop", "reidal.core.oracle", "reidal.core.reference",
-                            "reidal.core.synthetic")
-
-
 @dataclass(frozen=True)
 class Import:
     """One imported module, where it is imported, and whether inside a function."""
@@ -142,7 +134,7 @@ def import_graph(files: Mapping[str, Path]) -> dict[str, dict[str, Import]]:
     graph: dict[str, dict[str, Import]] = {}
     for name, path in files.items():
         source = unit(name)
-        if source is None or name in ALIASES:
+        if source is None:
             continue
         edges = graph.setdefault(source, {})
         for imp in imports_of(name, path, files):
@@ -211,12 +203,6 @@ def test_core_and_workflows_import_no_transport():
 def test_package_import_graph_has_no_cycle():
     report = cycle_report(import_graph(module_files(SOURCES)))
     assert report is None, report
-
-
-def test_nothing_imports_a_moved_modules_alias():
-    files = module_files(SOURCES)
-    assert [f"{imp.path}:{imp.line} imports {imp.module}" for name, path in files.items()
-            for imp in imports_of(name, path, files) if under(imp.module, ALIASES)] == []
 
 
 def test_the_checks_catch_planted_violations(tmp_path):
