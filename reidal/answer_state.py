@@ -56,8 +56,11 @@ class AnswerState:
     def load(cls, store: Store, collection_id: str, version: AnswerLogVersion) -> AnswerState:
         """Build from the store's current answers (once per process, or after a reload)."""
         excluded = frozenset(store.excluded_images(collection_id))
-        rows = [r for r in store.answer_rows(collection_id) if r.label != "UNSURE"
-                and r.image_a not in excluded and r.image_b not in excluded]
+        # answers newer than ``version`` (committed since it was read, when this runs
+        # outside a transaction: :meth:`AnswerStates.prepare`) are left to catch_up
+        rows = [r for r in store.answer_rows(collection_id) if r.seq <= version.max_seq
+                and r.label != "UNSURE" and r.image_a not in excluded
+                and r.image_b not in excluded]
         seq, a_ids, b_ids, labels = (list(col) for col in zip(*rows, strict=True)) \
             if rows else ([], [], [], [])
         items: dict[str, int] = {}
@@ -145,6 +148,27 @@ class AnswerStates:
             except BaseException:
                 self.forget(collection_id)
                 raise
+
+    def prepare(self, store: Store, collection_id: str) -> AnswerState | None:
+        """Build the collection's state before its write transaction when this process
+        has none (its first write after a restart) or one of another epoch; returns it
+        (None when the kept one is current). Call it inside :meth:`writing`, outside the
+        transaction: the load is the expensive part (16-25 s at a million answers,
+        docs/benchmarks.md), and inside the transaction it held the collection's writers
+        everywhere and, on SQLite, every store call of the process. Only answers up to
+        the log version read first are loaded; what is committed after it (new answers,
+        supersessions by them) is caught up by :meth:`sync` inside the transaction, and
+        a deletion or exclusion since (the epoch moved) makes :meth:`sync` load again."""
+        version = store.answer_log_version(collection_id)
+        with self._guard:
+            state = self._states.get(collection_id)
+        if state is not None and (state.version.created_at, state.version.epoch) == (
+                version.created_at, version.epoch) and state.max_seq <= version.max_seq:
+            return None
+        state = AnswerState.load(store, collection_id, version)
+        with self._guard:
+            self._states[collection_id] = state
+        return state
 
     def sync(self, store: Store, collection_id: str) -> AnswerState:
         """The collection's state, caught up with the store. Call it inside the

@@ -170,16 +170,19 @@ def submit(store: Store, collection_id: str, submissions: Sequence[AnswerSubmiss
     print_ = fingerprint(batch_id, submissions)
     store.check_answers(collection_id, answers)
     states = answer_states(store)
-    # a failed transaction's state is dropped (writing); the state reads see the inserts
-    with states.writing(collection_id), store.answer_transaction(collection_id) as tx:
-        record = tx.response_of(request_id)
-        if record is None:
-            seqs = tx.insert(answers, request_id)
-            outcome = SubmitOutcome(
-                seqs, stored=len(answers), replayed=0,
-                superseded=store.count_superseded_by(collection_id, seqs),
-                contradictions=states.sync(store, collection_id).contradictions_with(seqs))
-            tx.record_response(request_id, _record(print_, outcome))
+    # a failed transaction's state is dropped (writing); the state reads see the inserts;
+    # a state this process lacks is built before the transaction (prepare), not in it
+    with states.writing(collection_id):
+        states.prepare(store, collection_id)
+        with store.answer_transaction(collection_id) as tx:
+            record = tx.response_of(request_id)
+            if record is None:
+                seqs = tx.insert(answers, request_id)
+                outcome = SubmitOutcome(
+                    seqs, stored=len(answers), replayed=0,
+                    superseded=store.count_superseded_by(collection_id, seqs),
+                    contradictions=states.sync(store, collection_id).contradictions_with(seqs))
+                tx.record_response(request_id, _record(print_, outcome))
     if record is not None:
         if record.get("fingerprint") != print_:
             raise AlreadyExists(

@@ -157,3 +157,24 @@ def test_a_failed_transaction_leaves_no_answer_in_the_state(store):
     assert reported(out) == reference(store, cid, out.seqs) == []
     state = states.sync(store, cid)
     assert state.constraints.contradictions == [] and len(state.constraints) == 3
+
+
+def test_a_state_built_before_the_transaction_catches_up_with_what_came_after(
+        store, store_target):
+    """A process's first write builds the state outside the write transaction
+    (AnswerStates.prepare); answers another handle commits after that build, a revision of
+    a built answer among them, are caught up inside the transaction, not loaded again."""
+    cid = new_collection(store)
+    other = Store.open(store_target)  # another process on the same database
+    try:
+        submit(other, cid, as_submissions([(0, 1, "SAME"), (1, 1, "SAME"), (4, 1, "SAME")]))
+        states = answer_states(store)
+        built = states.prepare(store, cid)
+        assert built is not None and len(built.constraints) == 3
+        assert states.prepare(store, cid) is None  # current: nothing to build again
+        submit(other, cid, as_submissions([(0, 1, "DIFFERENT"), (3, 2, "DIFFERENT")]))
+    finally:
+        other.close()
+    mine = submit(store, cid, as_submissions([(0, 2, "SAME"), (3, 1, "SAME")]))
+    assert reported(mine) == reference(store, cid, mine.seqs)
+    assert states.sync(store, cid) is built  # caught up, never reloaded
