@@ -40,7 +40,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from reidal.errors import FailedPrecondition, InvalidArgument, NotFound
+from reidal.embedding.triton_repo import default_version
+from reidal.errors import FailedPrecondition, InvalidArgument, NotFound, status_code
+from reidal.ingest import embed_missing
 from reidal.logs import log_kv
 from reidal.runtime import Runtime
 from reidal.store import (
@@ -105,6 +107,7 @@ def build_config(overrides: Mapping[str, Any], n_images: int,
     InvalidArgument names the bad field (TrainConfig's own checks, mode "full", a value
     beyond the server's bounds (:mod:`reidal.training_limits`), a batch larger than the
     collection)."""
+    # torch (reidal.training): loaded when a job is started, never by a server without one
     from reidal.training import TrainConfig
     from reidal.training.config import CLUSTERING_FIELDS, PINNABLE, mode_schedule
 
@@ -150,7 +153,7 @@ def cached_features(model: Any, images: list[Any], config: Any, spec: Any,
     cancelled. Head mode: the pooled backbone features; partial mode: the maps below the
     trainable stages, clean and in ``augment_views`` views (reidal.training.partial; each
     image's views seeded by its index in the collection, as one call would)."""
-    import torch
+    import torch  # lazy like every torch import here: only a running job needs it
 
     from reidal.training import cache_backbone_features
     from reidal.training.partial import LowerFeatures, cache_lower_features, lite_backbone
@@ -366,8 +369,6 @@ class TrainingJobs:
     # -- the job ------------------------------------------------------------------------
     def _default_version(self, name: str) -> str:
         """The version a collection that pins none (nothing embedded yet) would pin."""
-        from reidal.embedding.triton_repo import default_version
-
         assert self.repository is not None
         version = default_version(self.repository, name)
         if not version:
@@ -421,7 +422,7 @@ class TrainingJobs:
             log_kv(log, logging.INFO, "training_job_done", job=job.job_id,
                    state=self.store.get_training_job(job.job_id).state, version=produced or "")
         except BaseException as exc:  # a job's failure is recorded, never raised into nothing
-            code = "FAILED_PRECONDITION" if isinstance(exc, FailedPrecondition) else "INTERNAL"
+            code = status_code(exc) or "INTERNAL"
             log.exception("training job %s failed", job.job_id)
             try:
                 self._update(job.job_id, state=FAILED, error_code=code,
@@ -435,7 +436,7 @@ class TrainingJobs:
 
     def _train(self, job: JobRecord, config: Any, cancel: CancelSignal) -> str | None:
         """Train and export; the version produced, or None when cancelled."""
-        from reidal.embedding.model import load_model, load_spec
+        from reidal.embedding.model import load_model, load_spec  # torch: a running job only
         from reidal.training import SpCLTrainer
 
         assert self.repository is not None and self.load_model is not None
@@ -482,8 +483,6 @@ def promote(runtime: Runtime, collection_id: str, model_name: str, version: str)
     """Start re-embedding the collection with the model version (an Operation record): the
     new vectors are stored beside the old ones and the collection switches to the new
     version only once all are stored (:func:`reidal.ingest.embed_missing`)."""
-    from reidal.ingest import embed_missing
-
     if not version:
         raise InvalidArgument("model.version is required: the version to promote")
     col = runtime.store.get_collection(collection_id)

@@ -47,6 +47,7 @@ WORKFLOWS: tuple[str, ...] = (
     "reidal.notify_pg",
     "reidal.runtime",
     "reidal.store",
+    "reidal.stream_batches",
     "reidal.training_io",
     "reidal.training_jobs",
     "reidal.training_limits",

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from reidal.data.synthetic_images import HARD_PRESET
+from reidal.core.evaluation import open_set_split
+from reidal.data.synthetic_images import HARD_PRESET, SyntheticConfig
 
 #: The open-set split's seed: one split per dataset, shared by every method and run seed.
 SPLIT_SEED = 0
@@ -82,8 +83,6 @@ def dataset_name(spec: str) -> str:
 
 
 def _synthetic_config(spec: str) -> Any:
-    from reidal.data.synthetic_images import SyntheticConfig
-
     return SyntheticConfig(**BUNDLED[spec])
 
 
@@ -188,8 +187,7 @@ def load_dataset(spec: str, model: Any, *, batch: int = 32,
     """
     import torch
 
-    from reidal.core.evaluation import open_set_split
-    from reidal.training.launch import csv_items, synthetic_items
+    from reidal.training.launch import csv_items, synthetic_items  # torch: a run only
 
     fingerprint = dataset_fingerprint(spec)
     images: list[Any]

@@ -31,9 +31,15 @@ import numpy as np
 
 from reidal.benchmark.budget import BudgetSpec
 from reidal.benchmark.datasets import BenchDataset
+from reidal.core.clustering import DBSCANJaccard
+from reidal.core.evaluation import clustering_quality, evaluate_open_set
 from reidal.core.params import CLUSTERING, SAMPLING
 from reidal.core.samplers import SAMPLERS
+from reidal.core.validation import l2_normalise
 from reidal.demo_params import DEMO_K1, DEMO_K2, DEMO_MIN_SAMPLES
+from reidal.embedding.preprocess import preprocess
+from reidal.embedding.triton_client import TritonEmbedder
+from reidal.simulation.oracle import SimulatedOracle
 
 #: Methods that ask the simulated annotator: SpCL + each sampler of the registry
 #: (reidal.core.samplers), which the trainer builds from TrainConfig.sampler with the run's
@@ -188,9 +194,6 @@ def _metrics(retrieval: dict[str, float], quality: dict[str, float]) -> dict[str
 def _cluster_quality(X_pool: np.ndarray, truth: np.ndarray, s: BenchSchedule) -> dict[str, float]:
     """Quality of the benchmark's DBSCAN (the trainer's first clustering) on fixed vectors,
     with its cluster count."""
-    from reidal.core.clustering import DBSCANJaccard
-    from reidal.core.evaluation import clustering_quality
-
     labels = DBSCANJaccard(eps=s.eps, min_samples=s.min_samples, k1=s.k1, k2=s.k2)(X_pool)
     q = clustering_quality(labels, truth)
     return {k: float(q[k]) for k in (*QUALITY_KEYS, "n_clusters")}
@@ -210,9 +213,6 @@ def _clustering_of(used: dict[str, Any], s: BenchSchedule) -> dict[str, Any]:
 def _fixed_model_rows(X: np.ndarray, data: BenchDataset, ctx: RunContext, t0: float
                       ) -> dict[str, Any]:
     """The same row for every cycle: a model that nothing trains."""
-    from reidal.core.evaluation import evaluate_open_set
-    from reidal.core.validation import l2_normalise
-
     X = l2_normalise(np.asarray(X, dtype=np.float32))
     retrieval = evaluate_open_set(X, data.identities, data.split)
     quality = _cluster_quality(X[data.pool], data.pool_truth, ctx.schedule)
@@ -237,9 +237,7 @@ def run_zero_shot(data: BenchDataset, seed: int, ctx: RunContext) -> dict[str, A
 
 def run_triton(method: str, data: BenchDataset, seed: int, ctx: RunContext) -> dict[str, Any]:
     """Embed every image with a Triton model and evaluate it like the zero-shot row."""
-    from reidal.embedding.preprocess import preprocess
-    from reidal.embedding.triton_client import TritonEmbedder
-    from reidal.training.data import load_image
+    from reidal.training.data import load_image  # torch: only when a run needs it
 
     name, url = parse_triton_method(method)
     t0 = time.perf_counter()
@@ -254,8 +252,7 @@ def run_triton(method: str, data: BenchDataset, seed: int, ctx: RunContext) -> d
 
 def run_trained(method: str, data: BenchDataset, seed: int, ctx: RunContext) -> dict[str, Any]:
     """SpCL (+ a sampler, or on the true labels for ``supervised``) under the schedule."""
-    from reidal.simulation.oracle import SimulatedOracle
-    from reidal.training import EvalSet, SpCLTrainer
+    from reidal.training import EvalSet, SpCLTrainer  # torch: only when a run needs it
 
     s, budget = ctx.schedule, ctx.budget
     cycles, per = budget.cycles, s.epochs_per_cycle

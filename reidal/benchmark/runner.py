@@ -32,14 +32,27 @@ from pathlib import Path
 from typing import Any
 
 from reidal.benchmark.budget import BudgetSpec, parse_budget_spec
-from reidal.benchmark.datasets import SPLIT_SEED, dataset_fingerprint, dataset_name
+from reidal.benchmark.datasets import (
+    SPLIT_SEED,
+    dataset_fingerprint,
+    dataset_name,
+    default_feature_cache,
+    load_dataset,
+)
 from reidal.benchmark.methods import (
     METHODS,
     QUICK_SCHEDULE,
     TRITON_PREFIX,
     BenchSchedule,
+    RunContext,
     check_method,
+    parse_triton_method,
+    run_method,
 )
+from reidal.benchmark.plots import map_vs_budget_png, pairs_per_cycle_png
+from reidal.benchmark.report import results_csv, summary_markdown
+from reidal.embedding.spec import ModelSpec
+from reidal.embedding.triton_client import TritonEmbedder
 
 #: Bumped when a run's stored numbers would change meaning; older run files are redone.
 RUN_FORMAT = 1
@@ -108,7 +121,7 @@ class BenchConfig:
 
 def run_key(config: BenchConfig, fingerprint: str, method: str, seed: int) -> tuple[str, dict]:
     """The hash that identifies one run's numbers, and what it hashes."""
-    from reidal.embedding.model import DEFAULT_BACKBONE, DEFAULT_DIM
+    from reidal.embedding.model import DEFAULT_BACKBONE, DEFAULT_DIM  # torch: only for a run
 
     spec = None
     if method.startswith(TRITON_PREFIX) and config.triton_spec is not None:
@@ -177,9 +190,6 @@ def _set_threads(threads: int | None) -> None:
 
 def _check_triton(methods: Sequence[str]) -> None:
     """Fail before hours of training when a Triton row's server does not answer."""
-    from reidal.benchmark.methods import parse_triton_method
-    from reidal.embedding.triton_client import TritonEmbedder
-
     for m in methods:
         if m.startswith(TRITON_PREFIX):
             name, url = parse_triton_method(m)
@@ -241,16 +251,12 @@ def _run_all(config: BenchConfig, out: Path, todo: list, total: int,
              progress: Callable[[str], None]) -> None:
     import gc
 
-    from reidal.benchmark.datasets import load_dataset
-    from reidal.benchmark.methods import RunContext, run_method
-    from reidal.embedding.model import build_default_model
+    from reidal.embedding.model import build_default_model  # torch: only for a run
 
     _set_threads(config.threads)
     _check_triton(sorted({t[3] for t in todo}))
     triton_spec = None
     if config.triton_spec is not None:
-        from reidal.embedding.spec import ModelSpec
-
         triton_spec = ModelSpec.from_file(config.triton_spec)
     size = config.schedule.image_size
     model = build_default_model(input_size=(size, size))
@@ -327,8 +333,6 @@ def _write_outputs(config: BenchConfig, out: Path, rows: list[dict[str, Any]],
                    ) -> list[Path]:
     import statistics
 
-    from reidal.benchmark.plots import map_vs_budget_png, pairs_per_cycle_png
-    from reidal.benchmark.report import results_csv, summary_markdown
 
     files = {out / "results.csv": results_csv(rows).encode(),
              out / "summary.md": summary_markdown(
@@ -489,8 +493,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         range(QUICK_SEEDS if quick else DEFAULT_SEEDS))
     cache = args.feature_cache
     if cache is None:
-        from reidal.benchmark.datasets import default_feature_cache
-
         cache = str(default_feature_cache())
     elif cache.strip().lower() == "none":
         cache = None

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from reidal.core.aas import AmbiguityAwareSampler
 from reidal.core.baselines import UncertaintySampler
 from reidal.core.params import ParamsMixin
 from reidal.core.sampling import (
@@ -32,7 +33,6 @@ from reidal.core.sampling import (
 from reidal.core.validation import Interval, OneOf
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from reidal.core.aas import AmbiguityAwareSampler
     from reidal.core.constraints import ConstraintSet
 
 class AASContinuation(ParamsMixin):
@@ -52,8 +52,6 @@ class AASContinuation(ParamsMixin):
 
     def _aas(self) -> AmbiguityAwareSampler:
         if self.aas is None:  # built lazily, as AmbiguityAwareSampler builds its clusterings
-            from reidal.core.aas import AmbiguityAwareSampler
-
             self.aas = AmbiguityAwareSampler()
         return self.aas
 

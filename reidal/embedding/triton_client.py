@@ -32,6 +32,7 @@ from reidal import errors
 from reidal.core.validation import check_embeddings, l2_normalise
 from reidal.embedding.spec import DEFAULT_MODEL_NAME, ModelSpec
 from reidal.embedding.triton_repo import P_DEFAULT_VERSION, spec_from_config
+from reidal.embedding.triton_versions import load_versions
 
 #: Seconds a load of one model version may take (about 10 s on 2 busy CPU cores).
 DEFAULT_LOAD_TIMEOUT_S = 300.0
@@ -268,8 +269,6 @@ class TritonEmbedder:
         repository has no such version or Triton cannot load it; TritonUnavailable when
         Triton cannot be reached."""
         from tritonclient.utils import InferenceServerException
-
-        from reidal.embedding.triton_versions import load_versions
 
         what = f"model {name!r} version {version!r}"
         if not version.isdigit():

@@ -54,6 +54,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from reidal.embedding.spec import DEFAULT_MODEL_NAME
+from reidal.embedding.triton_versions import load_versions
 
 #: Seconds allowed for the server and its models to become ready.
 DEFAULT_STARTUP_TIMEOUT_S = 120.0
@@ -280,8 +281,6 @@ class TritonServer:
         (:func:`reidal.embedding.triton_versions.load_versions`); the new python stubs are
         recorded, to be killed with the server. Returns the versions ready after."""
         import tritonclient.grpc as grpcclient
-
-        from reidal.embedding.triton_versions import load_versions
 
         if not self.running:
             raise RuntimeError(f"Triton at {self.grpc_url} is not running")

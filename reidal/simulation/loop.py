@@ -16,8 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from reidal.core.clustering import DBSCANJaccard
 from reidal.core.constraints import ConstraintSet
 from reidal.core.evaluation import clustering_quality
+from reidal.core.np3 import NP3
 from reidal.core.params import SAMPLING
 from reidal.core.questions import Oracle, ask_and_record, next_answer_id
 from reidal.core.sampling import Sampler
@@ -85,9 +87,6 @@ class ActiveLearningLoop:
         self.seed = int(seed)
 
     def _defaults(self) -> tuple[Callable[[np.ndarray], np.ndarray], Any]:
-        from reidal.core.clustering import DBSCANJaccard
-        from reidal.core.np3 import NP3
-
         return self.clustering or DBSCANJaccard(), self.refiner or NP3()
 
     def run(

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from reidal.core.calibration import ClusteringCalibrator, ClusteringChoice
 from reidal.core.constraints import ConstraintSet
 from reidal.core.evaluation import OpenSetSplit, clustering_quality, evaluate_open_set
 from reidal.core.params import CHOICE_NAMES, CLUSTERING, ClusteringParams, SamplingParams
@@ -292,8 +293,6 @@ class SpCLTrainer:
         c = self.config
         if c.clustering != "calibrated":
             return None
-        from reidal.core.calibration import ClusteringCalibrator
-
         values = {"eps": c.eps, "k1": c.k1, "k2": c.k2, "min_samples": c.min_samples}
         return ClusteringCalibrator(fixed={k: values[k] for k in c.clustering_pinned})
 
@@ -498,8 +497,6 @@ class SpCLTrainer:
             indep_threshold = state["indep_threshold"]
             reports = [EpochReport.from_dict(r) for r in state["reports"]]
             if calibrator is not None and state.get("clustering_choice"):
-                from reidal.core.calibration import ClusteringChoice
-
                 choice = ClusteringChoice(**state["clustering_choice"])
                 labeler = self.make_labeler(choice)
                 sampler = self.make_sampler(choice) if sampler is not None else None
