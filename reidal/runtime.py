@@ -202,7 +202,7 @@ class OperationRunner:
             self.store.update_operation(op_id, state="RUNNING")
             self.notifier.bump(operation_key(op_id))
             result = work(progress)
-            self.store.update_operation(op_id, state="SUCCEEDED", result=result or {})
+            self._finish(op_id, key, state="SUCCEEDED", result=result or {})
             log_kv(log, logging.INFO, "operation_succeeded", operation=op_id)
         except BaseException as exc:  # the worker must record every failure
             code, message = status_code(exc), str(exc)
@@ -212,15 +212,27 @@ class OperationRunner:
             log_kv(log, logging.WARNING, "operation_failed", operation=op_id, code=code,
                    detail=message)
             try:
-                self.store.update_operation(op_id, state="FAILED", error_code=code,
-                                            error_message=message)
+                self._finish(op_id, key, state="FAILED", error_code=code,
+                             error_message=message)
             except Exception:  # the store may be closing: the restart marks it ABORTED
                 log.exception("could not record the failure of operation %s", op_id)
         finally:
             if key is not None:
                 with self._lock:
-                    self._running.pop(key, None)
+                    if self._running.get(key) == op_id:
+                        del self._running[key]
             self.notifier.bump(operation_key(op_id))
+
+    def _finish(self, op_id: str, key: tuple[str, str] | None, **fields: Any) -> None:
+        """Record the final state and free the operation's slot in one step under the lock,
+        so a caller that sees the operation final (watch, GetOperation) can start the next
+        one at once: :meth:`start` takes the same lock."""
+        with self._lock:
+            try:
+                self.store.update_operation(op_id, **fields)
+            finally:
+                if key is not None and self._running.get(key) == op_id:
+                    del self._running[key]
 
     def watch(self, operation_id: str, is_active: Callable[[], bool], *,
               poll_s: float = 2.0) -> Iterator[OperationRecord]:

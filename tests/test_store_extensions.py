@@ -269,6 +269,36 @@ def test_operation_runner_records_progress_failure_and_exclusivity(store):
     assert notifier.version(operation_key(op.operation_id)) >= 3
 
 
+def test_an_operation_seen_final_frees_its_slot_at_once(store, monkeypatch):
+    """A client that watches an operation to its end may start the next one at once. The
+    store write of the final state is slowed here (real store, a delay after the write), to
+    widen the window where the final state was visible but the slot still taken."""
+    record_final = store.update_operation
+
+    def slow_after_final(op_id, **fields):
+        record_final(op_id, **fields)
+        if fields.get("state") in ("SUCCEEDED", "FAILED"):
+            time.sleep(0.5)
+
+    monkeypatch.setattr(store, "update_operation", slow_after_final)
+    runner = OperationRunner(store, Notifier(), workers=2)
+
+    def succeed(progress):
+        return {"n": 1}
+
+    def fail(progress):
+        raise NotFound("x")
+
+    for kind, work in (("embed", succeed), ("sample", fail)):
+        op = runner.start("c", kind, work)
+        deadline = time.time() + 10
+        while not store.operation(op.operation_id).final and time.time() < deadline:
+            time.sleep(0.005)
+        assert store.operation(op.operation_id).final
+        runner.start("c", kind, succeed)  # was FailedPrecondition
+    runner.close()
+
+
 def test_unfinished_operations_are_failed_at_start(store_target):
     s = Store.open(store_target)
     s.create_collection("c")
