@@ -38,13 +38,29 @@ from typing import Any
 
 import numpy as np
 
+from reidal.core.evaluation import clustering_quality, evaluate_open_set, open_set_split
+from reidal.data.synthetic_images import generate_dataset, preset_config
+from reidal.data.wildlife import load_wildlife_csv
 from reidal.demo_params import (  # noqa: F401 - re-exported, the demo's defaults
     DEMO_BUDGET_PER_CYCLE,
     DEMO_K1,
     DEMO_K2,
     DEMO_MIN_SAMPLES,
 )
+from reidal.embedding.spec import DEFAULT_MODEL_NAME
+from reidal.serve import serve
+from reidal.serve_config import ServeConfig
 from reidal.simulation.loop import CycleReport
+from reidal.simulation.oracle import SimulatedOracle
+from reidal_client import (
+    Answer,
+    ClusteringParams,
+    ModelRef,
+    NotFound,
+    ReidalClient,
+    SamplingParams,
+)
+from reidal_client.progress import TextProgress
 
 #: The collection the demo creates (deleted and re-created on every run).
 DEMO_COLLECTION = "demo"
@@ -131,23 +147,6 @@ def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
     server); ``sampler``: SamplingParams.sampler ("aas" or "aas-continued"). Output lands in
     ``out_dir``; the server's state in ``out_dir/server`` (its model repository is reused
     by the next run; the collection always starts from the pretrained version 1)."""
-    from reidal.core.evaluation import clustering_quality, evaluate_open_set, open_set_split
-    from reidal.data.synthetic_images import generate_dataset, preset_config
-    from reidal.data.wildlife import load_wildlife_csv
-    from reidal.embedding.spec import DEFAULT_MODEL_NAME
-    from reidal.serve import serve
-    from reidal.serve_config import ServeConfig
-    from reidal.simulation.oracle import SimulatedOracle
-    from reidal_client import (
-        Answer,
-        ClusteringParams,
-        ModelRef,
-        NotFound,
-        ReidalClient,
-        SamplingParams,
-    )
-    from reidal_client.progress import TextProgress
-
     if int(cycles) < 1:
         raise ValueError(f"cycles must be >= 1, got {cycles}")
     out = Path(out_dir)
@@ -301,8 +300,6 @@ def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
 def _train_and_promote(client: Any, cid: str, image_ids: list[str], labels: np.ndarray,
                        retrieval: Any, before: dict[str, float]) -> dict[str, Any]:
     """The training step of the demo (see the module docstring): returns before / after."""
-    from reidal.core.evaluation import clustering_quality
-
     t = time.perf_counter()
     col = client.get_collection(cid)
     _say(f"[6/7] training over gRPC: StartTraining on {cid!r} (head mode, the server's "

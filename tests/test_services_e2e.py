@@ -541,7 +541,8 @@ def test_restart_on_the_same_data_directory_finds_everything(triton, tmp_path):
 def test_deleting_a_collection_ends_watchers_and_frees_its_blobs(server, stubs):
     own = tuple(dataclasses.replace(p, image_id=f"own-{p.image_id}")
                 for p in pictures(seed=2)[:3])  # bytes no other collection holds
-    shared = pictures()[:3]  # bytes other collections hold too
+    shared = pictures()[:3]  # bytes another collection holds too (its own: runnable alone)
+    create_and_fill(stubs, "keeps-shared", shared)
     create_and_fill(stubs, "doomed", own + shared)
     blobs = server.runtime.blobs
     from reidal.blobs import sha256_hex
