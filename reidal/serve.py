@@ -49,7 +49,7 @@ from reidal.embedding.triton_repo import name_pretrained_default, write_model_re
 from reidal.embedding.triton_server import TritonServer
 from reidal.embedding.triton_versions import triton_loader
 from reidal.grpc_server import RunningServer, ServiceBinding, build_server
-from reidal.logs import log_kv
+from reidal.logs import configure_logging, log_kv
 from reidal.metrics import MetricsHTTP, start_metrics_http
 from reidal.notify_pg import PgNotifications
 from reidal.runtime import Notifier, OperationRunner, Runtime
@@ -96,8 +96,9 @@ class ReidalServer:
     """
 
     def __init__(self, running: RunningServer, started: Started, services: list[str],
-                 data_dir: Path | None, triton_url: str | None) -> None:
+                 data_dir: Path | None, triton_url: str | None, grace_s: float = 30.0) -> None:
         self.running = running
+        self.grace_s = grace_s
         self.services = services
         self.data_dir = data_dir
         self.triton_url = triton_url
@@ -176,8 +177,10 @@ class ReidalServer:
         """Block until stopped; True when it has."""
         return self._stopped.wait(timeout)
 
-    def serve_forever(self, grace: float = 30.0) -> None:
-        """Stop gracefully on SIGTERM / SIGINT and block until stopped (main thread only)."""
+    def serve_forever(self, grace: float | None = None) -> None:
+        """Stop gracefully on SIGTERM / SIGINT and block until stopped (main thread only);
+        calls in flight get ``grace`` seconds (None: the config's ``grace_s``)."""
+        grace = self.grace_s if grace is None else grace
 
         def handler(signum: int, _frame: object) -> None:
             log_kv(log, logging.INFO, "signal", signal=signal.Signals(signum).name, grace_s=grace)
@@ -249,6 +252,8 @@ def serve(config: ServeConfig | str | Sequence[str] = "all", /, **fields: Any) -
     c = (config.replace(**fields) if isinstance(config, ServeConfig)
          else ServeConfig(services=config, **fields))
     names = resolve_services(c.services)
+    if c.log_level is not None:
+        configure_logging(c.log_level, json_lines=c.log_json)
     _check_security(c, names)
     limits = ImageLimits(allowed_roots=tuple(str(r) for r in c.image_roots or ()))
     # Read the TLS and token files first: a wrong path fails before anything starts.
@@ -296,7 +301,8 @@ def serve(config: ServeConfig | str | Sequence[str] = "all", /, **fields: Any) -
            embedding=c.embedding_url or "", image_roots=list(limits.allowed_roots or ()),
            review_page=started.review_http.url if started.review_http else "")
     return ReidalServer(running, started, names, root,
-                        triton_url if needs_embedding and c.embedding_url is None else None)
+                        triton_url if needs_embedding and c.embedding_url is None else None,
+                        grace_s=c.grace_s)
 
 
 @dataclass

@@ -3,8 +3,15 @@
 :func:`reidal.serve.serve` takes a ServeConfig. It comes from `reidal serve`'s flags
 (:meth:`ServeConfig.from_args`, which the Dockerfile's entry point and the Kubernetes
 manifests use), from the environment (:meth:`ServeConfig.from_env`), or from code (the demo,
-the tests, the benchmarks: ``ServeConfig(data_dir=..., triton_url=...)``), so every flag, every
-REIDAL_* variable and every default maps onto a field in this one place.
+the tests, the benchmarks: ``ServeConfig(data_dir=..., triton_url=...)``).
+
+Each field is declared once, with :func:`setting`: its default, its flag(s) with their help
+(:class:`Flag`), its REIDAL_* variable, and how a parsed command line sets it. The flags of
+`reidal serve` are generated from these declarations (:func:`add_serve_arguments`), and
+:meth:`ServeConfig.from_args` / :meth:`ServeConfig.from_env` read them back, so a new setting
+is one new field here. A field without a flag says why (``no_flag``: a Python object, a
+secret, or a value derived from other flags); tests/test_serve.py fails on a field with
+neither, and on a `reidal serve` flag that belongs to no field.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import dataclasses
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +34,11 @@ SERVICES: tuple[str, ...] = ("embedding", "collections", "sampling", "constraint
 STATEFUL = frozenset({"collections", "sampling", "constraints", "training"})
 #: What the review page (http_port) calls: these services must run in the same process.
 PAGE_SERVICES = frozenset({"collections", "sampling", "constraints"})
+
+#: gRPC port of `reidal serve` (--port).
+DEFAULT_PORT = 50051
+#: Port of the pair-review web page of `reidal serve` (--http-port).
+DEFAULT_HTTP_PORT = 8080
 
 #: Environment variable with the PostgreSQL URL of the store (field ``database_url``).
 DATABASE_URL_ENV = "REIDAL_DATABASE_URL"
@@ -52,6 +64,117 @@ def resolve_services(services: str | Sequence[str]) -> list[str]:
 def split_roots(text: str) -> list[str]:
     """``--image-roots`` / $REIDAL_IMAGE_ROOTS: comma-separated directories, blanks dropped."""
     return [r for r in text.split(",") if r.strip()]
+
+
+def _text(value: str) -> str | None:
+    """A flag's or variable's text, stripped; empty means unset (None)."""
+    return value.strip() or None
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One option of `reidal serve`: its name, its help (``%(default)s`` allowed) and the
+    other :meth:`argparse.ArgumentParser.add_argument` keywords (type, metavar, nargs,
+    choices, action, default). Without a ``default`` the flag's default is its field's
+    (or, for a field with an environment variable, that variable's value)."""
+
+    name: str
+    help: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def dest(self) -> str:
+        """The attribute argparse stores the value under (``--data-dir`` -> ``data_dir``)."""
+        return self.name.removeprefix("--").replace("-", "_")
+
+
+#: Returned by a field's reader when the command line leaves the field to the environment
+#: or the default.
+UNSET: Any = object()
+
+
+def setting(default: Any, *flags: Flag, env: str | None = None,
+            parse: Callable[[Any], Any] | None = None,
+            read: Callable[[argparse.Namespace], Any] | None = None,
+            no_flag: str | None = None) -> Any:
+    """Declare one ServeConfig field: its ``default``, its ``flags``, the environment
+    variable ``env`` (its text through ``parse``; empty or falsy: unset), how a parsed
+    command line sets it (``read``; by default its one flag's value through ``parse``,
+    UNSET when that is None) and, for a field with no flag, why (``no_flag``)."""
+    if bool(flags) == bool(no_flag):
+        raise TypeError("a setting has flags or says why it has none (no_flag), not both")
+    return field(default=default, metadata={"flags": flags, "env": env, "parse": parse,
+                                            "read": read, "no_flag": no_flag})
+
+
+def _flag_default(f: dataclasses.Field[Any], flag: Flag) -> Any:
+    if "default" in flag.options:
+        return flag.options["default"]
+    env = f.metadata["env"]
+    return os.environ.get(env, "") if env else f.default
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every ServeConfig field's flags to ``parser`` (`reidal serve`), in field order;
+    a flag backed by an environment variable defaults to its value now."""
+    for f in dataclasses.fields(ServeConfig):
+        for flag in f.metadata["flags"]:
+            options = dict(flag.options)
+            if options.get("action") not in ("store_true", "store_false"):
+                options["default"] = _flag_default(f, flag)
+            parser.add_argument(flag.name, dest=flag.dest, help=flag.help, **options)
+
+
+def _read(f: dataclasses.Field[Any], args: argparse.Namespace) -> Any:
+    meta = f.metadata
+    if meta["read"] is not None:
+        return meta["read"](args)
+    if not meta["flags"]:
+        return UNSET
+    (flag,) = meta["flags"]
+    raw = getattr(args, flag.dest)
+    if raw is None:
+        return UNSET
+    return meta["parse"](raw) if meta["parse"] is not None else raw
+
+
+def _address(args: argparse.Namespace) -> str:
+    return f"{args.host}:{args.port}"
+
+
+def _start_triton(args: argparse.Namespace) -> bool:
+    """Without --triton-url or --embedding-url the bundled Triton starts."""
+    return args.triton_url is None and args.embedding_url is None
+
+
+def _embedding_credentials(args: argparse.Namespace) -> Any:
+    """TLS to a separate embedding service (--embedding-tls-*), read now, so a wrong path
+    fails before anything starts; None without those flags."""
+    if not (args.embedding_tls_ca or args.embedding_tls_cert or args.embedding_tls_key):
+        return None
+    from reidal.tls import channel_credentials
+
+    return channel_credentials(args.embedding_tls_ca, args.embedding_tls_cert,
+                               args.embedding_tls_key)
+
+
+def review_port(args: argparse.Namespace) -> int | None:
+    """The review page's port from `reidal serve`'s flags: --http-port, unless --no-http,
+    the served services lack what the page calls (collections, sampling, constraints), or
+    the gRPC port wants client certificates (--tls-client-ca) and the page was given none of
+    its own (--review-client-cert/--review-client-key; a notice on stderr says so). With
+    --tls-cert the page is HTTPS; with --auth-tokens it asks each person for their token."""
+    if args.no_http or not PAGE_SERVICES <= set(resolve_services(args.service)):
+        return None
+    if args.tls_client_ca and not args.review_client_cert:
+        print("review page off: under mutual TLS it needs its own client certificate "
+              "(--review-client-cert/--review-client-key)", file=sys.stderr)
+        return None
+    return args.http_port
+
+
+_PEM = {"metavar": "PEM"}
+_CODE_ONLY = "a Python object: set from code only"
 
 
 @dataclass(frozen=True)
@@ -108,40 +231,147 @@ class ServeConfig:
     images may hold at once, every request and handler thread together; a request whose
     images do not fit waits its turn up to ``decode_wait_s`` seconds (or its deadline),
     then gets RESOURCE_EXHAUSTED (:class:`reidal.embedding.decode_budget.DecodeBudget`).
+
+    grace_s: the seconds calls in flight get when :meth:`ReidalServer.serve_forever
+    <reidal.serve.ReidalServer.serve_forever>` stops on SIGTERM. log_level / log_json:
+    configure the process's root logging (:func:`reidal.logs.configure_logging`) when
+    serve() starts; None (the library's default) leaves logging as the caller set it.
+
+    Each field's flag, help and environment variable are declared beside it
+    (:func:`setting`); `reidal serve --help` lists them.
     """
 
-    services: str | Sequence[str] = "all"
-    address: str = "127.0.0.1:0"
-    data_dir: str | Path | None = None
-    database_url: str | None = None
-    triton_url: str | None = None
-    start_triton: bool = True
-    embedding_url: str | None = None
-    model_name: str = DEFAULT_MODEL_NAME
-    metrics_port: int | None = None
-    metrics_addr: str | None = None
-    max_workers: int = 16
-    max_message_mb: float = 64.0
-    max_concurrent_rpcs: int | None = None
-    health_interval_s: float = 3.0
-    embed_batch_size: int = 32
-    operation_workers: int = 1
-    triton_startup_timeout_s: float = 180.0
-    rpc_metrics: Any = None  # reidal.metrics.RpcMetrics or None
-    model_repository: str | Path | None = None
-    load_model: Callable[..., Any] | None = None
-    http_port: int | None = None
-    tls_cert: str | Path | None = None
-    tls_key: str | Path | None = None
-    tls_client_ca: str | Path | None = None
-    auth_tokens: str | Path | None = None
-    embedding_credentials: Any = None  # grpc.ChannelCredentials or None
-    embedding_token: str | None = None
-    review_client_cert: str | Path | None = None
-    review_client_key: str | Path | None = None
-    image_roots: Sequence[str | Path] | None = None
-    decode_budget_mb: float = DEFAULT_BUDGET_MB
-    decode_wait_s: float = DEFAULT_WAIT_S
+    services: str | Sequence[str] = setting(
+        "all", Flag("--service", f"all (default) or some of: {', '.join(SERVICES)}",
+                    {"nargs": "+", "default": ["all"], "choices": ["all", *SERVICES],
+                     "metavar": "NAME"}),
+        read=lambda args: tuple(args.service))
+    address: str = setting(
+        "127.0.0.1:0",
+        Flag("--host", "interface to listen on (default: %(default)s; 0.0.0.0 for all)",
+             {"default": "127.0.0.1"}),
+        Flag("--port", "port (default: %(default)s; 0 = any free port)",
+             {"type": int, "default": DEFAULT_PORT}),
+        read=_address)
+    data_dir: str | Path | None = setting(
+        None, Flag("--data-dir", "durable state: SQLite, image blobs, model repository "
+                                 "(default: %(default)s)", {"default": "reidal-data"}))
+    database_url: str | None = setting(
+        None, Flag("--database-url", "keep the store in PostgreSQL "
+                   "(postgresql://user:pass@host:5432/db; "
+                   f"default: ${DATABASE_URL_ENV}) instead of SQLite in --data-dir, so "
+                   "replicas can share it; blobs stay in --data-dir", {"metavar": "URL"}),
+        env=DATABASE_URL_ENV, parse=_text)
+    triton_url: str | None = setting(
+        None, Flag("--triton-url", "an already running Triton's gRPC endpoint",
+                   {"metavar": "HOST:PORT"}))
+    start_triton: bool = setting(
+        True, read=_start_triton,
+        no_flag="derived: true unless --triton-url or --embedding-url is given")
+    embedding_url: str | None = setting(
+        None, Flag("--embedding-url", "a separate reidal embedding service to embed with",
+                   {"metavar": "HOST:PORT"}))
+    model_name: str = setting(
+        DEFAULT_MODEL_NAME, Flag("--model", "default embedding model name "
+                                            "(default: %(default)s)"))
+    metrics_port: int | None = setting(
+        None, Flag("--metrics-port", "serve Prometheus /metrics on this port (default: none)",
+                   {"type": int}))
+    metrics_addr: str | None = setting(
+        None, Flag("--metrics-host", "interface of the metrics port (default: the --host "
+                                     "interface)"))
+    max_workers: int = setting(
+        16, Flag("--workers", "gRPC handler threads (default: %(default)s)", {"type": int}))
+    max_message_mb: float = setting(
+        64.0, Flag("--max-message-mb", "largest gRPC message either way (default: "
+                                       "%(default)s)", {"type": float, "metavar": "MB"}))
+    max_concurrent_rpcs: int | None = setting(
+        None, Flag("--max-concurrent-rpcs", "calls in progress at once before new ones get "
+                                            "RESOURCE_EXHAUSTED (default: no bound)",
+                   {"type": int, "metavar": "N"}))
+    health_interval_s: float = setting(
+        3.0, Flag("--health-interval-s", "seconds between the health checks of each service "
+                                         "(default: %(default)s)",
+                  {"type": float, "metavar": "S"}))
+    embed_batch_size: int = setting(
+        32, Flag("--embed-batch-size", "images per embedding call and per AddImages "
+                                       "embedding batch (default: %(default)s)",
+                 {"type": int, "metavar": "N"}))
+    operation_workers: int = setting(
+        1, Flag("--operation-workers", "threads running long operations (EmbedCollection, "
+                                       "...; default: %(default)s)",
+                {"type": int, "metavar": "N"}))
+    triton_startup_timeout_s: float = setting(
+        180.0, Flag("--triton-startup-timeout-s", "seconds the bundled Triton may take to "
+                                                  "start (default: %(default)s)",
+                    {"type": float, "metavar": "S"}))
+    rpc_metrics: Any = setting(None, no_flag=_CODE_ONLY)  # reidal.metrics.RpcMetrics or None
+    model_repository: str | Path | None = setting(
+        None, Flag("--model-repository", "with --triton-url: that Triton's model repository "
+                                         "(a shared volume), where training writes new model "
+                                         "versions", {"metavar": "DIR"}))
+    load_model: Callable[..., Any] | None = setting(None, no_flag=_CODE_ONLY)
+    http_port: int | None = setting(
+        None,
+        Flag("--http-port", "serve the pair-review web page on this port, on the --host "
+                            "interface (default: %(default)s; 0 = any free port)",
+             {"type": int, "default": DEFAULT_HTTP_PORT}),
+        Flag("--no-http", "do not serve the pair-review web page", {"action": "store_true"}),
+        read=review_port)
+    tls_cert: str | Path | None = setting(
+        None, Flag("--tls-cert", "serve TLS with this certificate chain (needs --tls-key)",
+                   _PEM))
+    tls_key: str | Path | None = setting(
+        None, Flag("--tls-key", "the certificate's private key", _PEM))
+    tls_client_ca: str | Path | None = setting(
+        None, Flag("--tls-client-ca", "require client certificates signed by this CA "
+                                      "(mutual TLS)", _PEM))
+    auth_tokens: str | Path | None = setting(
+        None, Flag("--auth-tokens", "tokens file: every call needs a token allowed for its "
+                                    "collection (see `reidal token create`; "
+                                    "docs/security.md)", {"metavar": "JSON"}))
+    embedding_credentials: Any = setting(  # grpc.ChannelCredentials or None
+        None,
+        Flag("--embedding-tls-ca", "with --embedding-url: TLS to it, trusting this CA", _PEM),
+        Flag("--embedding-tls-cert", "with --embedding-url: client certificate for mutual "
+                                     "TLS", _PEM),
+        Flag("--embedding-tls-key", "with --embedding-url: the client certificate's key "
+                                    f"(its token: ${EMBEDDING_TOKEN_ENV})", _PEM),
+        read=_embedding_credentials)
+    embedding_token: str | None = setting(
+        None, env=EMBEDDING_TOKEN_ENV, parse=_text,
+        no_flag=f"a secret: only from ${EMBEDDING_TOKEN_ENV}, never on a command line")
+    review_client_cert: str | Path | None = setting(
+        None, Flag("--review-client-cert", "with --tls-client-ca: the client certificate "
+                                           "(signed by that CA) the review page presents to "
+                                           "the gRPC port; without it the page is off under "
+                                           "mutual TLS", _PEM))
+    review_client_key: str | Path | None = setting(
+        None, Flag("--review-client-key", "the review page's client certificate's key", _PEM))
+    image_roots: Sequence[str | Path] | None = setting(
+        None, Flag("--image-roots", "directories whose files an image URI (a path or "
+                                    "file://) may name, symlinks resolved (default: $"
+                   + IMAGE_ROOTS_ENV + "; none: no local path is read, clients send bytes)",
+                   {"metavar": "DIR[,DIR...]"}),
+        env=IMAGE_ROOTS_ENV, parse=split_roots)
+    decode_budget_mb: float = setting(
+        DEFAULT_BUDGET_MB,
+        Flag("--decode-budget-mb", "most memory decoded images may hold at once, all requests "
+                                   "together (estimated from headers; default: %(default)s)",
+             {"type": float, "metavar": "MB"}))
+    decode_wait_s: float = setting(
+        DEFAULT_WAIT_S,
+        Flag("--decode-wait-s", "how long a request waits for decode memory before "
+                                "RESOURCE_EXHAUSTED (default: %(default)s)",
+             {"type": float, "metavar": "S"}))
+    grace_s: float = setting(
+        30.0, Flag("--grace", "seconds calls in flight get on SIGTERM (default: %(default)s)",
+                   {"type": float, "metavar": "S"}))
+    log_level: str | None = setting(
+        None, Flag("--log-level", "root log level (default: %(default)s)",
+                   {"default": "INFO"}))
+    log_json: bool = setting(False, Flag("--log-json", "JSON log lines",
+                                         {"action": "store_true"}))
 
     def replace(self, **fields: Any) -> ServeConfig:
         """A copy with ``fields`` changed (a TypeError names a field that does not exist)."""
@@ -149,62 +379,22 @@ class ServeConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **fields: Any) -> ServeConfig:
-        """The defaults, then what $REIDAL_DATABASE_URL, $REIDAL_IMAGE_ROOTS and
-        $REIDAL_EMBEDDING_TOKEN set (empty = unset), then ``fields``."""
+        """The defaults, then what the fields' variables ($REIDAL_DATABASE_URL,
+        $REIDAL_IMAGE_ROOTS, $REIDAL_EMBEDDING_TOKEN) set (empty = unset), then ``fields``."""
         env = os.environ if environ is None else environ
         from_env: dict[str, Any] = {}
-        if env.get(DATABASE_URL_ENV, "").strip():
-            from_env["database_url"] = env[DATABASE_URL_ENV].strip()
-        if split_roots(env.get(IMAGE_ROOTS_ENV, "")):
-            from_env["image_roots"] = split_roots(env[IMAGE_ROOTS_ENV])
-        if env.get(EMBEDDING_TOKEN_ENV, "").strip():
-            from_env["embedding_token"] = env[EMBEDDING_TOKEN_ENV].strip()
+        for f in dataclasses.fields(cls):
+            var = f.metadata["env"]
+            if var is not None and (value := f.metadata["parse"](env.get(var, ""))):
+                from_env[f.name] = value
         return cls(**{**from_env, **fields})
 
     @classmethod
     def from_args(cls, args: argparse.Namespace,
                   environ: Mapping[str, str] | None = None) -> ServeConfig:
-        """`reidal serve`'s flags (reidal/cli/server.py declares them, --database-url and
-        --image-roots with the environment's values as defaults), plus the embedding token
-        of the environment (:meth:`from_env`). Without --triton-url or
-        --embedding-url the bundled Triton starts. TLS to a separate embedding service
-        (--embedding-tls-*) is read here, so a wrong path fails before anything starts."""
-        embedding_credentials = None
-        if args.embedding_tls_ca or args.embedding_tls_cert or args.embedding_tls_key:
-            from reidal.tls import channel_credentials
-
-            embedding_credentials = channel_credentials(
-                args.embedding_tls_ca, args.embedding_tls_cert, args.embedding_tls_key)
-        flags: dict[str, Any] = dict(
-            services=tuple(args.service), address=f"{args.host}:{args.port}",
-            data_dir=args.data_dir, triton_url=args.triton_url,
-            start_triton=args.triton_url is None and args.embedding_url is None,
-            embedding_url=args.embedding_url, metrics_port=args.metrics_port,
-            metrics_addr=args.metrics_host, max_workers=args.workers,
-            max_message_mb=args.max_message_mb, tls_cert=args.tls_cert,
-            tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-            auth_tokens=args.auth_tokens, embedding_credentials=embedding_credentials,
-            model_repository=args.model_repository, http_port=review_port(args),
-            review_client_cert=args.review_client_cert,
-            review_client_key=args.review_client_key,
-            decode_budget_mb=args.decode_budget_mb, decode_wait_s=args.decode_wait_s,
-            # their flags' defaults are the environment's values (read by the parser)
-            database_url=args.database_url or None, image_roots=split_roots(args.image_roots))
-        if args.model:
-            flags["model_name"] = args.model
-        return cls.from_env(environ, **flags)
-
-
-def review_port(args: argparse.Namespace) -> int | None:
-    """The review page's port from `reidal serve`'s flags: --http-port, unless --no-http,
-    the served services lack what the page calls (collections, sampling, constraints), or
-    the gRPC port wants client certificates (--tls-client-ca) and the page was given none of
-    its own (--review-client-cert/--review-client-key; a notice on stderr says so). With
-    --tls-cert the page is HTTPS; with --auth-tokens it asks each person for their token."""
-    if args.no_http or not PAGE_SERVICES <= set(resolve_services(args.service)):
-        return None
-    if args.tls_client_ca and not args.review_client_cert:
-        print("review page off: under mutual TLS it needs its own client certificate "
-              "(--review-client-cert/--review-client-key)", file=sys.stderr)
-        return None
-    return args.http_port
+        """`reidal serve`'s flags (:func:`add_serve_arguments`: --database-url and
+        --image-roots with the environment's values as defaults), each field read as its
+        :func:`setting` says, over :meth:`from_env` (which adds the embedding token)."""
+        values = {f.name: value for f in dataclasses.fields(cls)
+                  if (value := _read(f, args)) is not UNSET}
+        return cls.from_env(environ, **values)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import io
 import threading
 import time
@@ -88,6 +90,47 @@ def test_serve_flags_and_environment_map_onto_one_config(tmp_path):
         serve(ServeConfig(services=("sampling",), data_dir=tmp_path), data_dir=None)
     with pytest.raises(TypeError, match="no_such_option"):
         serve(["sampling"], data_dir=tmp_path, no_such_option=1)
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices["serve"]
+
+
+def test_every_serve_config_field_has_a_flag_and_every_flag_a_field():
+    """ServeConfig is the one declaration of `reidal serve`'s settings: each field has
+    its flag(s) or says why it has none (a Python object, a secret, a derived value), each
+    flag of `reidal serve` belongs to exactly one field, and `reidal serve --help` lists
+    every flag with its help. A setting added beside ServeConfig (a hand-written
+    add_argument) or a field added without a flag fails here."""
+    fields = dataclasses.fields(ServeConfig)
+    declared: dict[str, str] = {}
+    for f in fields:
+        flags, reason = f.metadata.get("flags"), f.metadata.get("no_flag")
+        assert flags or reason, f"ServeConfig.{f.name} has no flag and no reason for none"
+        for flag in flags or ():
+            assert flag.help.strip(), f"{flag.name} of ServeConfig.{f.name} has no help"
+            assert flag.name not in declared, f"{flag.name} declared twice"
+            declared[flag.name] = f.name
+    parser = _serve_parser()
+    options = {o for a in parser._actions for o in a.option_strings} - {"-h", "--help"}
+    assert options == set(declared), (
+        f"flags without a field: {sorted(options - set(declared))}; "
+        f"fields' flags not on `reidal serve`: {sorted(set(declared) - options)}")
+    text = parser.format_help()
+    for action in parser._actions:
+        assert action.help and action.help.strip(), action.option_strings
+        assert all(o in text for o in action.option_strings)
+    # every field the command line can set is set by it: a flag per field, read back
+    args = parser.parse_args(["--max-concurrent-rpcs", "7", "--health-interval-s", "9",
+                              "--embed-batch-size", "5", "--operation-workers", "3",
+                              "--triton-startup-timeout-s", "11", "--grace", "2",
+                              "--log-level", "WARNING", "--log-json", "--tls-cert", "c.pem"])
+    c = ServeConfig.from_args(args, environ={})
+    assert (c.max_concurrent_rpcs, c.health_interval_s, c.embed_batch_size,
+            c.operation_workers, c.triton_startup_timeout_s, c.grace_s) == (7, 9.0, 5, 3,
+                                                                            11.0, 2.0)
+    assert (c.log_level, c.log_json, c.tls_cert) == ("WARNING", True, "c.pem")
 
 
 def test_each_service_alone_on_one_data_directory(triton, tmp_path):
