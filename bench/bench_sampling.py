@@ -187,6 +187,25 @@ class Table:
         return "\n".join(lines)
 
 
+def calibrated_cycle(X: np.ndarray, cs: object, seed: int) -> tuple:
+    """The server's cycle in clustering mode "calibrated" (reidal.cycle.run_cycle's
+    sampling part): parameters chosen from the vectors and the answers, then AAS with them.
+    Returns (SampleResult with "calibration" seconds first, the ClusteringChoice, the
+    sampler, whose graph the checks below read)."""
+    import time
+
+    from reidal.collection_state import clustering_choice, make_sampler
+
+    params = {"clustering": {"mode": "calibrated"}}
+    t = time.perf_counter()
+    _, choice = clustering_choice(params, X, cs)
+    calibration_s = time.perf_counter() - t
+    sampler = make_sampler(params, choice)
+    res = sampler.sample(X, cs, BUDGET_FRACTION, seed=seed)
+    res.stats["seconds"] = {"calibration": calibration_s, **res.stats["seconds"]}
+    return res, choice, sampler
+
+
 def run_size(n: int, args: argparse.Namespace) -> tuple[Table, list[str]]:
     from reidal.core import aas as aas_mod
     from reidal.core.aas import AmbiguityAwareSampler
@@ -234,15 +253,20 @@ def run_size(n: int, args: argparse.Namespace) -> tuple[Table, list[str]]:
 
     # ---- the full cycle first, before any stage below leaves memory behind
     gc.collect()
-    cyc = stage(lambda: sampler.sample(X, cs, BUDGET_FRACTION, seed=args.seed))
-    res = cyc.result
+    if args.clustering == "calibrated":
+        cyc = stage(lambda: calibrated_cycle(X, cs, args.seed))
+        res, choice, sampler = cyc.result
+        print(f"# calibrated clustering: {choice.to_dict()}")
+    else:
+        cyc = stage(lambda: sampler.sample(X, cs, BUDGET_FRACTION, seed=args.seed))
+        res = cyc.result
     secs = res.stats["seconds"]
     parts = ", ".join(f"{k} {v:.1f}" for k, v in secs.items() if k != "knn_jaccard")
     rep = res.stats["knn"]
     knn_note = (f"kNN {rep['index']} {rep['params']}, recall@{rep['k']} {rep['recall']:.3f} "
                 f"+- {rep['recall_se']:.3f} on its {rep['n_queries']} calibration rows")
     table.add(
-        "full AAS cycle (sample)", cyc,
+        f"full AAS cycle ({args.clustering})", cyc,
         check=f"{len(res.pairs)} pairs, U_os {res.stats['U_os']}, U_us {res.stats['U_us']}; "
         f"{parts}; {knn_note}",
     )
@@ -429,6 +453,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the exact kNN row where the sampler uses another index")
     parser.add_argument("--cycle-only", action="store_true",
                         help="only the full cycle and its kNN recall check (the 1M row)")
+    parser.add_argument("--clustering", choices=["fixed", "calibrated"], default="fixed",
+                        help="the full cycle's clustering parameters: 'fixed' (SpCL's) or "
+                        "'calibrated' (the server's mode: chosen from the data and the "
+                        "10k answers, then AAS with the server's kNN settings)")
     parser.add_argument("--dense-max-gib", type=float, default=1.0,
                         help="run the dense references when one n x n float32 fits in this")
     parser.add_argument("--out", type=Path, help="also write the tables (.json or .md)")
