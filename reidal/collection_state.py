@@ -132,11 +132,13 @@ def clustering_choice(params: Mapping[str, Any], X: np.ndarray,
 
     Mode "fixed": the collection's values (sources "fixed"). Mode "calibrated": chosen
     from ``X`` and the answers so far (:class:`ClusteringCalibrator`), so every cycle (and
-    every identity export) re-calibrates from the answers stored until then.
+    every identity export) re-calibrates from the answers stored until then. The
+    calibration reads the neighbour graph of the collection's sampler (:func:`make_aas`),
+    which the sampler built with the choice then finds in the cache: one graph a cycle.
     """
     c = collection_params(params)[0]
     if c.mode == "calibrated":
-        return "calibrated", calibrator(params).choose(X, constraints)
+        return "calibrated", calibrator(params).choose(X, constraints, graph=make_aas(params))
     return "fixed", ClusteringChoice(
         eps=float(c.dbscan_eps), k1=int(c.k1), k2=int(c.k2), min_samples=int(c.min_samples),
         finch_level=int(c.finch_level), eps_source="fixed", finch_source="fixed")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from reidal.core.aas import AmbiguityAwareSampler
 from reidal.core.calibration import (
     ClusteringCalibrator,
     answered_pairs,
@@ -17,10 +18,17 @@ from reidal.core.calibration import (
     rho_eps,
     separating_threshold,
 )
-from reidal.core.clustering import DBSCANJaccard, finch_partitions, first_neighbours
+from reidal.core.clustering import (
+    DBSCANJaccard,
+    FinchFirstPartition,
+    finch_partitions,
+    first_neighbours,
+)
 from reidal.core.constraints import Answer, ConstraintSet
 from reidal.core.evaluation import clustering_quality
-from reidal.core.neighbors import jaccard_distance
+from reidal.core.neighbors import KNN_EXACT_BELOW, jaccard_distance
+from reidal.core.neighbour_cache import NeighbourGraphCache
+from reidal.core.sampling import sparse_lookup
 from reidal.simulation.synthetic import make_reid_embeddings
 
 
@@ -125,3 +133,73 @@ def test_finch_level_is_the_one_the_answers_agree_with(data):
         return 0.5 * (t[same].mean() + (~t[~same]).mean())
 
     assert agreement(levels[level]) == max(agreement(x) for x in levels)
+
+
+def _choice_on_the_full_matrix(cal: ClusteringCalibrator, X: np.ndarray,
+                               cs: ConstraintSet | None) -> tuple:
+    """The calibration as it was before it shared the sampler's graph, written out: its own
+    exact kNN search and uncut Jaccard matrix, exact first neighbours for FINCH."""
+    k1, k2, min_samples = cal.sizes(X.shape[0])
+    D = jaccard_distance(X, k1=k1, k2=k2)
+    pairs, same = answered_pairs(cs)
+    if same.sum() >= cal.min_answers and (~same).sum() >= cal.min_answers:
+        eps = separating_threshold(sparse_lookup(D, pairs[:, 0], pairs[:, 1], default=1.0), same)
+        level = best_finch_level(X, pairs, same)
+    else:
+        eps, level = rho_eps(D, cal.rho), 0
+    return float(np.clip(eps, cal.eps_min, cal.eps_max)), k1, k2, min_samples, level
+
+
+@pytest.mark.parametrize("n_answers", [0, 200])
+@pytest.mark.parametrize("full_below", [KNN_EXACT_BELOW, 0])
+def test_the_sampler_graph_gives_the_full_matrix_choice(data, n_answers, full_below):
+    """Below KNN_EXACT_BELOW the graph is exact and uncut: the same choice as before. With
+    the cut (full_jaccard_below 0) it is still the same on this set, whose matrix within
+    the cut holds the rho fraction of pairs."""
+    X, truth = data
+    cs = _answers(truth, n_answers, seed=4) if n_answers else None
+    cal = ClusteringCalibrator(full_jaccard_below=full_below)
+    c = cal.choose(X, cs)
+    assert (c.eps, c.k1, c.k2, c.min_samples, c.finch_level) == \
+        _choice_on_the_full_matrix(cal, X, cs)
+    assert c.eps_source == ("answers" if n_answers else "rho")
+    assert cal.jaccard_cut(X.shape[0], AmbiguityAwareSampler()) == (1.0 if full_below else 0.9)
+
+
+@pytest.mark.parametrize("knn_auto_threshold", [KNN_EXACT_BELOW, 300])
+def test_one_neighbour_graph_per_calibrated_cycle(knn_auto_threshold):
+    """The calibration builds the cycle's graph; the sampler clustering with its choice
+    finds it in the cache (nothing recomputed), also where the graph is an inverted file
+    and the calibration reads the matrix cut at eps_max."""
+    d = make_reid_embeddings(n_identities=60, dim=24, seed=17 + knn_auto_threshold % 7)
+    X, truth = d.X, d.labels
+    cs = _answers(truth, 100, seed=5)
+    # a given nprobe: an inverted file whatever recall it reaches on this small set
+    knn = {"knn_auto_threshold": knn_auto_threshold, "knn_options": {"nprobe": 8}}
+    graph = AmbiguityAwareSampler(**knn)
+    c = ClusteringCalibrator(full_jaccard_below=knn_auto_threshold).choose(X, cs, graph=graph)
+    sampler = AmbiguityAwareSampler(
+        dbscan=DBSCANJaccard(eps=c.eps, min_samples=c.min_samples, k1=c.k1, k2=c.k2),
+        finch=FinchFirstPartition(partition=c.finch_level), **knn)
+    res = sampler.sample(X, cs, 30, seed=0)
+    assert res.stats["neighbour_graph_cached"] is True
+    assert res.stats["seconds"]["knn"] == res.stats["seconds"]["jaccard"] == 0.0
+    assert res.stats["knn"]["index"] == ("flat" if X.shape[0] < knn_auto_threshold else "ivf")
+
+
+def test_the_cache_serves_a_narrower_cut_exactly(data):
+    """One matrix at the widest cut asked serves every narrower one, entry for entry as
+    if computed at that cut; a wider cut recomputes the Jaccard from the stored kNN."""
+    X, _ = data
+    cache = NeighbourGraphCache()
+    opts = {"index": "flat", "options": {}, "k1": 8, "k2": 2}
+    knn_a, wide, cached, _ = cache.get_or_build(X, max_distance=0.9, timings={}, **opts)
+    knn_b, narrow, cached_b, _ = cache.get_or_build(X, max_distance=0.6, timings={}, **opts)
+    assert not cached and cached_b and knn_b is knn_a
+    direct = jaccard_distance(X, k1=8, k2=2, knn_result=knn_a, max_distance=0.6)
+    for name in ("data", "indices", "indptr"):
+        assert np.array_equal(getattr(narrow, name), getattr(direct, name))
+    timings: dict[str, float] = {}
+    knn_c, full, cached_c, _ = cache.get_or_build(X, max_distance=1.0, timings=timings, **opts)
+    assert not cached_c and knn_c is knn_a and timings["knn"] == 0.0
+    assert full.nnz > wide.nnz > narrow.nnz

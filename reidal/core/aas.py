@@ -220,7 +220,8 @@ class AmbiguityAwareSampler(ParamsMixin):
 
     def neighbour_graph(
         self, X: np.ndarray, timings: dict[str, float] | None = None,
-        reports: dict[str, Any] | None = None,
+        reports: dict[str, Any] | None = None, *, k1: int | None = None,
+        k2: int | None = None, max_distance: float | None = None,
     ) -> tuple[tuple[np.ndarray, np.ndarray], sp.csr_matrix, bool]:
         """(kNN result, Jaccard matrix, was cached) of ``X`` as this sampler builds them.
 
@@ -231,19 +232,26 @@ class AmbiguityAwareSampler(ParamsMixin):
         both come from the process-wide cache, so whatever else clusters the same vectors
         with the same parameters (the identities of a collection) reuses this cycle's work
         and sees exactly the clusters the sampler saw.
+
+        ``k1`` / ``k2`` / ``max_distance`` default to this sampler's (its DBSCAN's k1 and
+        k2, :meth:`resolved_jaccard_max_distance`); the clustering calibration
+        (reidal.core.calibration) asks for the graph of the k1 / k2 it is about to choose,
+        at its own wider cut, before this cycle's sampler exists: same kNN settings, so
+        the sampler then gets that very graph (the cache serves a narrower cut from it).
         """
         dbscan = self._dbscan()
-        db_eps = float(getattr(dbscan, "eps", 0.0))
-        max_distance = self.resolved_jaccard_max_distance()
-        if max_distance < db_eps:
-            raise ValueError(
-                f"jaccard_max_distance {max_distance} is below DBSCAN's eps "
-                f"{db_eps}: DBSCAN would lose neighbours"
-            )
+        if max_distance is None:
+            db_eps = float(getattr(dbscan, "eps", 0.0))
+            max_distance = self.resolved_jaccard_max_distance()
+            if max_distance < db_eps:
+                raise ValueError(
+                    f"jaccard_max_distance {max_distance} is below DBSCAN's eps "
+                    f"{db_eps}: DBSCAN would lose neighbours"
+                )
         index, options = self._knn_request(X.shape[0])
         knn_result, D, cached, report = _NEIGHBOUR_GRAPHS.get_or_build(
-            X, k1=int(getattr(dbscan, "k1", CLUSTERING.k1)),
-            k2=int(getattr(dbscan, "k2", CLUSTERING.k2)),
+            X, k1=int(k1 if k1 is not None else getattr(dbscan, "k1", CLUSTERING.k1)),
+            k2=int(k2 if k2 is not None else getattr(dbscan, "k2", CLUSTERING.k2)),
             index=index, options=options, max_distance=max_distance,
             timings=timings if timings is not None else {},
         )

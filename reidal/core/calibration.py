@@ -22,6 +22,14 @@ another range). Here the parameters follow the embedding they are given:
 An explicit value for any parameter wins (``fixed``): a user's override is never replaced.
 The chosen values and where each came from are returned, so every cycle can record them.
 Vectorised: one sparse Jaccard matrix, sorted once; no per-pair Python loop.
+
+The neighbour graph (kNN search and k-reciprocal Jaccard matrix) is the cycle's sampler's,
+not a second one: :meth:`ClusteringCalibrator.choose` asks the sampler
+(:meth:`reidal.core.aas.AmbiguityAwareSampler.neighbour_graph`) for the graph of the k1 / k2
+it chooses, through the process-wide cache, so the sampler that then clusters with the
+choice reuses it: one kNN search and one Jaccard computation per cycle, exact below
+KNN_EXACT_BELOW items and a recall-calibrated inverted file above (nothing quadratic in
+n). The calibration reads the Jaccard matrix up to ``jaccard_cut`` (see the class).
 """
 
 from __future__ import annotations
@@ -33,8 +41,9 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from reidal.core.aas import AmbiguityAwareSampler
 from reidal.core.clustering import finch_partitions, first_neighbours
-from reidal.core.neighbors import jaccard_distance
+from reidal.core.neighbors import KNN_EXACT_BELOW
 from reidal.core.params import MAX_FINCH_LEVEL, ParamsMixin
 from reidal.core.sampling import sparse_lookup
 from reidal.core.validation import InstanceOf, Interval, check_embeddings
@@ -74,6 +83,18 @@ class ClusteringCalibrator(ParamsMixin):
     ``k1_min`` (5), ``k1_max`` (30), ``min_answers`` (10 of each kind), ``eps_min`` (0.2),
     ``eps_max`` (0.9: DBSCAN on a Jaccard distance needs eps < 1, and the reliability
     filter's loose clustering eps + gap too). ``fixed``: parameter -> value, kept as given.
+
+    ``full_jaccard_below`` (OURS, KNN_EXACT_BELOW = 10k, where the sampler's kNN graph is
+    exact too): below this many items the calibration reads every overlapping pair of the
+    Jaccard matrix (cut 1.0), so its choice is exactly the full matrix's; the sampler's
+    narrower cut is taken from that matrix. From there on it reads the matrix cut at
+    max(eps_max, 1 - s_min, a fixed eps), the widest distance the cycle compares against
+    anything (the full matrix holds thousands of entries a row at 100k, nearly all above
+    0.9: GiBs). Beyond the cut a pair counts as distance 1, as pairs that share no
+    encoding always do: an answered pair there reads 1 (it is farther than any eps the
+    calibration may choose either way), and the rho rule is exact as long as the cut
+    holds the rho fraction of pairs, else it over-estimates by at most 1 - cut per pair
+    it lacks (at 100k the rho fraction is 8e6 pairs, and most of them are at 1 anyway).
     """
 
     _constraints = {"rho": Interval(0.0, 1.0, closed="neither"),
@@ -83,6 +104,7 @@ class ClusteringCalibrator(ParamsMixin):
                     "min_answers": Interval(1, None, integer=True),
                     "eps_min": Interval(0.0, 1.0, closed="neither"),
                     "eps_max": Interval(0.0, 1.0, closed="neither"),
+                    "full_jaccard_below": Interval(0, None, integer=True),
                     "fixed": InstanceOf(dict, "a dict")}
 
     rho: float = 1.6e-3
@@ -92,6 +114,7 @@ class ClusteringCalibrator(ParamsMixin):
     min_answers: int = 10
     eps_min: float = 0.2
     eps_max: float = 0.9
+    full_jaccard_below: int = KNN_EXACT_BELOW
     fixed: dict[str, float | int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -118,9 +141,25 @@ class ClusteringCalibrator(ParamsMixin):
         min_samples = int(f.get("min_samples", max(2, round(k1 / 7))))
         return k1, k2, min_samples
 
-    def choose(self, X: object, constraints: Any = None) -> ClusteringChoice:
+    def jaccard_cut(self, n: int, graph: AmbiguityAwareSampler) -> float:
+        """The widest Jaccard distance the calibration reads at n items (the class
+        docstring): 1.0 below ``full_jaccard_below``, else max(eps_max, 1 - the sampler's
+        s_min, a fixed eps), never narrower than the cycle's sampler will cut."""
+        if n < self.full_jaccard_below:
+            return 1.0
+        return min(1.0, max(self.eps_max, 1.0 - float(graph.s_min),
+                            float(self.fixed.get("eps", 0.0))))
+
+    def choose(self, X: object, constraints: Any = None,
+               graph: AmbiguityAwareSampler | None = None) -> ClusteringChoice:
         """The parameters for clustering ``X`` (rows = items) given the answers so far
-        (a :class:`reidal.core.constraints.ConstraintSet` or None)."""
+        (a :class:`reidal.core.constraints.ConstraintSet` or None).
+
+        ``graph``: the sampler whose neighbour graph (kNN settings) the cycle uses (a
+        collection's AAS, whatever its clustering parameters); default the sampler's
+        defaults, which every sampler a collection or the trainer builds has. The graph
+        comes from the process-wide cache, where that sampler finds it again.
+        """
         X = check_embeddings(X, min_rows=2)
         n = X.shape[0]
         k1, k2, min_samples = self.sizes(n)
@@ -128,10 +167,14 @@ class ClusteringCalibrator(ParamsMixin):
         n_same, n_diff = int(same.sum()), int((~same).sum())
         enough = n_same >= self.min_answers and n_diff >= self.min_answers
         f = self.fixed
+        knn_result = D = None
+        if "eps" not in f or ("finch_level" not in f and enough):
+            graph = graph if graph is not None else AmbiguityAwareSampler()
+            knn_result, D, _ = graph.neighbour_graph(
+                X, k1=k1, k2=k2, max_distance=self.jaccard_cut(n, graph))
         if "eps" in f:
             eps, eps_source = float(f["eps"]), "user"
         else:
-            D = jaccard_distance(X, k1=k1, k2=k2)
             if enough:
                 d = sparse_lookup(D, pairs[:, 0], pairs[:, 1], default=1.0)
                 eps, eps_source = separating_threshold(d, same), "answers"
@@ -141,7 +184,8 @@ class ClusteringCalibrator(ParamsMixin):
         if "finch_level" in f:
             level, finch_source = int(f["finch_level"]), "user"
         elif enough:
-            level, finch_source = best_finch_level(X, pairs, same), "answers"
+            level = best_finch_level(X, pairs, same, knn_result=knn_result)
+            finch_source = "answers"
         else:
             level, finch_source = 0, "default"
         return ClusteringChoice(eps=eps, k1=k1, k2=k2, min_samples=min_samples,
@@ -193,11 +237,14 @@ def separating_threshold(d: np.ndarray, same: np.ndarray) -> float:
 
 
 def best_finch_level(X: np.ndarray, pairs: np.ndarray, same: np.ndarray,
-                     max_level: int = MAX_FINCH_LEVEL) -> int:
+                     max_level: int = MAX_FINCH_LEVEL,
+                     knn_result: tuple[np.ndarray, np.ndarray] | None = None) -> int:
     """The FINCH level (0..max_level) whose partition agrees best with the answers
     (balanced: the mean of the SAME pairs kept together and the DIFFERENT pairs kept
-    apart); the finest among equals."""
-    levels = finch_partitions(X, first_neighbours(X), max_level=max_level)
+    apart); the finest among equals. ``knn_result``: the cycle's kNN graph, whose first
+    neighbours the sampler's FINCH uses too (exact search of X otherwise)."""
+    levels = finch_partitions(X, first_neighbours(X, knn_result=knn_result),
+                              max_level=max_level)
     scores = []
     for labels in levels:
         together = labels[pairs[:, 0]] == labels[pairs[:, 1]]

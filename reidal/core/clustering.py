@@ -27,11 +27,14 @@ from sklearn.cluster import DBSCAN
 from sklearn.neighbors import sort_graph_by_row_values
 
 from reidal.core.neighbors import (
+    KNN_EXACT_BELOW,
     GpuChoice,
     IndexKind,
     check_knn_result,
     jaccard_distance,
     knn,
+    knn_search,
+    within_distance,
 )
 from reidal.core.params import CLUSTERING, ParamsMixin
 from reidal.core.validation import Interval, OneOf, check_embeddings
@@ -124,12 +127,8 @@ class DBSCANJaccard(ParamsMixin):
 
         sklearn copies, sorts and expands the whole matrix: at n = 100k a full Jaccard
         matrix (~4000 entries a row) costs it some 20 GiB, the pruned one well under 1.
-        Built from index arrays (no arithmetic, no eliminate_zeros) and without a copy of D.
         """
-        kept = np.flatnonzero(D.data <= self.eps)  # positions; few, since eps < 1
-        rows = np.searchsorted(D.indptr, kept, side="right") - 1
-        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=D.shape[0]))])
-        return sp.csr_matrix((D.data[kept], D.indices[kept], indptr), shape=D.shape)
+        return within_distance(D, self.eps)
 
     @staticmethod
     def _check_distance(D: object, n: int) -> sp.spmatrix | np.ndarray:
@@ -164,9 +163,16 @@ def first_neighbours(
         _, idx = knn(X, 2, index=index, use_gpu=use_gpu)
     else:
         _, idx = check_knn_result(knn_result, n, min(2, n))
-    other = idx != np.arange(n)[:, None]
-    first = idx[np.arange(n), np.argmax(other, axis=1)]
-    return np.where(other.any(axis=1), first, np.arange(n))
+    return _first_other(idx)
+
+
+def _first_other(idx: np.ndarray) -> np.ndarray:
+    """Per row of a k-NN result, the first neighbour that is not the row itself (nor a
+    missing -1); the row itself when there is none."""
+    rows = np.arange(idx.shape[0])
+    other = (idx != rows[:, None]) & (idx >= 0)
+    first = idx[rows, np.argmax(other, axis=1)]
+    return np.where(other.any(axis=1), first, rows)
 
 
 def _link_components(kappa: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
@@ -191,20 +197,25 @@ def _pair_distance(a: np.ndarray, b: np.ndarray, distance: str) -> np.ndarray:
 
 
 def _means_first_neighbours(means: np.ndarray, distance: str) -> np.ndarray:
-    """Exact 1-NN among cluster means (cosine: inner product of normalised means)."""
+    """1-NN among cluster means (cosine: inner product of normalised means).
+
+    Exact, except for cosine from KNN_EXACT_BELOW means on, where exact search would cost
+    C^2 d (level 1 of a million images has some 300k means): there the collection's own
+    k-NN search (:func:`reidal.core.neighbors.knn_search`, an inverted file calibrated to
+    KNN_TARGET_RECALL) finds them, so no FINCH level is quadratic in n.
+    """
     c = means.shape[0]
     if distance == "cosine":
         norms = np.linalg.norm(means, axis=1, keepdims=True)
         vecs = (means / np.maximum(norms, 1e-30)).astype(np.float32)
+        if c >= KNN_EXACT_BELOW and (norms > 1e-6).all():
+            return _first_other(knn_search(vecs, 2, index="auto")[1])
         flat = faiss.IndexFlatIP(means.shape[1])
     else:
         vecs = np.ascontiguousarray(means, dtype=np.float32)
         flat = faiss.IndexFlatL2(means.shape[1])
     flat.add(vecs)
-    _, idx = flat.search(vecs, min(2, c))
-    other = idx != np.arange(c)[:, None]
-    first = idx[np.arange(c), np.argmax(other, axis=1)]
-    return np.where(other.any(axis=1) & (idx >= 0).all(axis=1), first, np.arange(c))
+    return _first_other(flat.search(vecs, min(2, c))[1])
 
 
 def finch_partitions(

@@ -69,6 +69,7 @@ __all__ = [
     "knn",
     "knn_recall",
     "knn_search",
+    "within_distance",
 ]
 
 
@@ -698,6 +699,20 @@ def jaccard_distance(
 
     V = _encodings(X, sims, idx, k1, k2)
     return _assemble_symmetric(_lower_blocks(V, max_distance), n)
+
+
+def within_distance(D: sp.csr_matrix, max_distance: float) -> sp.csr_matrix:
+    """The entries of a sparse distance matrix at most ``max_distance``, stored zeros kept.
+
+    On a :func:`jaccard_distance` matrix cut at some c >= ``max_distance`` this is exactly
+    the matrix cut at ``max_distance`` (the same float32 comparison), so one matrix at the
+    widest cut a cycle needs serves every narrower one. Built from index arrays (no
+    arithmetic, no eliminate_zeros) and without a copy of D.
+    """
+    kept = np.flatnonzero(D.data <= max_distance)
+    rows = np.searchsorted(D.indptr, kept, side="right") - 1
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=D.shape[0]))])
+    return sp.csr_matrix((D.data[kept], D.indices[kept], indptr), shape=D.shape)
 
 
 def jaccard_similarity(D: sp.spmatrix) -> sp.csr_matrix:
