@@ -340,3 +340,41 @@ def test_partial_mode_inputs_are_cached_once_and_match_a_direct_cache():
     torch.testing.assert_close(every.clean, direct.clean, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(pool.views, direct.views[torch.from_numpy(data.pool)],
                                rtol=1e-4, atol=1e-4)
+
+
+def test_partial_mode_maps_are_kept_on_disk_between_invocations(tmp_path):
+    """With a feature cache folder the lower-stage maps are stored once and read back by a
+    later invocation (a fresh dataset object) exactly; other view parameters are another file."""
+    import torch
+
+    from reidal.benchmark.budget import parse_budget_spec
+    from reidal.benchmark.datasets import BenchDataset
+    from reidal.benchmark.methods import RunContext, _training_inputs
+    from reidal.core.evaluation import open_set_split
+    from reidal.data.synthetic_images import SyntheticConfig, iter_samples
+    from reidal.embedding.model import build_default_model
+
+    samples = list(iter_samples(SyntheticConfig.tiny()))
+    images = [s.image for s in samples]
+    ids = np.array([s.identity for s in samples])
+    split = open_set_split(ids, seed=0)
+    model = build_default_model(input_size=(64, 64))
+
+    def load(views: int) -> tuple[object, list[str]]:
+        lines: list[str] = []
+        data = BenchDataset("tiny", "fp", images, None, ids, split, cache_dir=tmp_path,
+                            feature_key="k")
+        schedule = BenchSchedule(mode="partial", augment_views=views)
+        ctx = RunContext(model, schedule, parse_budget_spec("2x1"), 0.0,
+                         progress=lines.append)
+        return _training_inputs(data, ctx, schedule.train_config(1, ctx.budget, 0, "none")), lines
+
+    (pool, every), lines = load(1)
+    assert any("stored in" in x for x in lines) and len(list(tmp_path.glob("lower-*.pt"))) == 1
+    (pool2, every2), lines = load(1)
+    assert [x for x in lines if "caching" in x] == [] and "read from" in lines[-1]
+    assert torch.equal(pool.clean, pool2.clean) and torch.equal(pool.views, pool2.views)
+    assert torch.equal(every.clean, every2.clean) and every2.views is None
+    (pool0, _), lines = load(0)
+    assert pool0.views is None and any("caching" in x for x in lines)
+    assert len(list(tmp_path.glob("lower-*.pt"))) == 2

@@ -61,6 +61,10 @@ class BenchDataset:
     split: Any  # reidal.core.evaluation.OpenSetSplit
     #: what methods compute once and share (e.g. partial mode's cached lower-stage maps)
     cache: dict[Any, Any] = field(default_factory=dict)
+    #: the on-disk cache folder (None: nothing kept between invocations) and the key of the
+    #: backbone features there, which keys derived caches too (:func:`cached_on_disk`)
+    cache_dir: str | Path | None = None
+    feature_key: str = ""
 
     @property
     def pool(self) -> np.ndarray:
@@ -142,8 +146,6 @@ def backbone_features(images: list[Any], model: Any, key: str, *,
     else computed in chunks of :data:`FEATURE_CHUNK` images with a progress line each
     (minutes on thousands of images on a busy CPU) and stored there (atomically).
     ``cache_dir`` None: computed, not stored."""
-    import os
-    import pickle
     import time
 
     import torch
@@ -151,29 +153,52 @@ def backbone_features(images: list[Any], model: Any, key: str, *,
     from reidal.training import cache_backbone_features
 
     say = progress or (lambda line: None)
+
+    def compute() -> Any:
+        parts, t = [], time.perf_counter()
+        for s in range(0, len(images), FEATURE_CHUNK):
+            parts.append(cache_backbone_features(model, images[s:s + FEATURE_CHUNK], batch))
+            done = min(s + FEATURE_CHUNK, len(images))
+            rate = done / max(time.perf_counter() - t, 1e-9)
+            say(f"  backbone features {done}/{len(images)} images ({rate:.1f}/s)")
+        return torch.cat(parts) if parts else cache_backbone_features(model, images, batch)
+
+    return cached_on_disk(cache_dir, key, compute,
+                          lambda f: isinstance(f, torch.Tensor) and f.shape[0] == len(images),
+                          what="backbone features", progress=say)
+
+
+def cached_on_disk(cache_dir: str | Path | None, key: str, compute: Callable[[], Any],
+                   valid: Callable[[Any], bool], *, what: str,
+                   progress: Callable[[str], None] | None = None) -> Any:
+    """``compute()``, kept in ``cache_dir/<key>.pt`` between invocations: read from there when
+    the file holds something ``valid`` accepts (tensors only, ``weights_only``), else computed
+    and stored atomically (a truncated or unreadable file is recomputed and overwritten).
+    ``cache_dir`` None: computed, not stored. One place for every cache of the benchmark (the
+    backbone features; partial mode's lower-stage maps)."""
+    import os
+    import pickle
+
+    import torch
+
+    say = progress or (lambda line: None)
     path = None if cache_dir is None else Path(cache_dir) / f"{key}.pt"
     if path is not None and path.is_file():
         try:
-            feats = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(feats, torch.Tensor) and feats.shape[0] == len(images):
-                say(f"  backbone features read from {path}")
-                return feats
+            value = torch.load(path, map_location="cpu", weights_only=True)
+            if valid(value):
+                say(f"  {what} read from {path}")
+                return value
         except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError):
             pass  # unreadable or truncated: recompute and overwrite
-    parts, t = [], time.perf_counter()
-    for s in range(0, len(images), FEATURE_CHUNK):
-        parts.append(cache_backbone_features(model, images[s:s + FEATURE_CHUNK], batch))
-        done = min(s + FEATURE_CHUNK, len(images))
-        rate = done / max(time.perf_counter() - t, 1e-9)
-        say(f"  backbone features {done}/{len(images)} images ({rate:.1f}/s)")
-    feats = torch.cat(parts) if parts else cache_backbone_features(model, images, batch)
+    value = compute()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save(feats, tmp)
+        torch.save(value, tmp)
         os.replace(tmp, path)
-        say(f"  backbone features stored in {path}")
-    return feats
+        say(f"  {what} stored in {path}")
+    return value
 
 
 def load_dataset(spec: str, model: Any, *, batch: int = 32,
@@ -199,9 +224,11 @@ def load_dataset(spec: str, model: Any, *, batch: int = 32,
         if not images:
             raise ValueError(f"dataset {spec!r} has no image with an identity")
         identities = ids.astype(str)
-    features = backbone_features(images, model, feature_cache_key(fingerprint, model),
-                                 cache_dir=cache_dir, progress=progress, batch=batch)
+    key = feature_cache_key(fingerprint, model)
+    features = backbone_features(images, model, key, cache_dir=cache_dir, progress=progress,
+                                 batch=batch)
     with torch.no_grad():
         X0 = model.embed_features(features).numpy()
     split = open_set_split(identities, split=splits, X=X0, seed=SPLIT_SEED)
-    return BenchDataset(dataset_name(spec), fingerprint, images, features, identities, split)
+    return BenchDataset(dataset_name(spec), fingerprint, images, features, identities, split,
+                        cache_dir=cache_dir, feature_key=key)

@@ -22,6 +22,8 @@ method has one row per cycle and the tables line up.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from reidal.benchmark.budget import BudgetSpec
-from reidal.benchmark.datasets import BenchDataset
+from reidal.benchmark.datasets import BenchDataset, cached_on_disk
 from reidal.core.clustering import DBSCANJaccard
 from reidal.core.evaluation import clustering_quality, evaluate_open_set
 from reidal.core.params import CLUSTERING, SAMPLING
@@ -312,33 +314,62 @@ VIEW_SEED = 0
 
 def _training_inputs(data: BenchDataset, ctx: RunContext, config: Any) -> tuple[Any, Any]:
     """What the trainer trains on and evaluates: the cached pooled features (head mode), or
-    the cached lower-stage maps (partial mode: computed on first use, kept on ``data``)."""
+    the cached lower-stage maps (partial mode: computed on first use, kept on ``data`` and,
+    with a feature cache folder, on disk between invocations: the maps are a fixed function
+    of the images, the backbone's weights, the split block and the views' parameters and
+    seed, all in the key, so a stored cache is exactly what would be computed)."""
     if config.mode != "partial":
         return data.features[data.pool], data.features
-    import torch
-
-    from reidal.training.partial import LowerFeatures, cache_lower_features, lite_backbone
+    from reidal.training.partial import LowerFeatures, lite_backbone
 
     first = lite_backbone(ctx.model).first_trainable_block(config.trainable_stages)
-    key = ("lower", first, config.augment_views, config.crop_scale, config.color_jitter)
+    params = (first, config.augment_views, config.crop_scale, config.color_jitter, VIEW_SEED)
+    key = ("lower", *params)
     if key not in data.cache:
-        t = time.perf_counter()
-        ctx.progress(f"    caching the input of backbone block {first} (once per dataset): "
-                     f"{data.pool.size} pool images x {1 + config.augment_views} views, "
-                     f"{len(data.images) - data.pool.size} others x 1")
-        pool = cache_lower_features(ctx.model, [data.images[i] for i in data.pool], first,
-                                    views=config.augment_views, seed=VIEW_SEED,
-                                    crop_scale=config.crop_scale, jitter=config.color_jitter,
-                                    indices=data.pool)
-        rest = np.setdiff1d(np.arange(len(data.images)), data.pool)
-        clean = torch.empty((len(data.images), *pool.clean.shape[1:]))
-        clean[torch.from_numpy(data.pool)] = pool.clean
-        if rest.size:
-            clean[torch.from_numpy(rest)] = cache_lower_features(ctx.model, [data.images[i] for i in rest],
-                                               first, indices=rest).clean
-        data.cache[key] = (pool, LowerFeatures(first, clean))
-        ctx.progress(f"    cached in {time.perf_counter() - t:.0f} s")
+        disk_key = hashlib.sha256(json.dumps(
+            {"features": data.feature_key, "lower": list(params),
+             "pool": data.pool.tolist()}).encode()).hexdigest()[:24]
+        n, views = len(data.images), config.augment_views
+        maps = cached_on_disk(
+            data.cache_dir, f"lower-{disk_key}", lambda: _lower_maps(data, ctx, config, first),
+            lambda m: (isinstance(m, dict) and {"pool_clean", "clean"} <= set(m)
+                       and m["clean"].shape[0] == n
+                       and m["pool_clean"].shape[0] == data.pool.size
+                       and (m.get("pool_views") is None if not views
+                            else tuple(m["pool_views"].shape[:2]) == (data.pool.size, views))),
+            what=f"the input maps of backbone block {first}", progress=ctx.progress)
+        pool = LowerFeatures(first, maps["pool_clean"], maps.get("pool_views"))
+        data.cache[key] = (pool, LowerFeatures(first, maps["clean"]))
     return data.cache[key]
+
+
+def _lower_maps(data: BenchDataset, ctx: RunContext, config: Any, first: int
+                ) -> dict[str, Any]:
+    """Partial mode's maps of one dataset: the pool's clean maps and views, every image's
+    clean map (the pool's included, for evaluation)."""
+    import torch
+
+    from reidal.training.partial import cache_lower_features
+
+    t = time.perf_counter()
+    ctx.progress(f"    caching the input of backbone block {first} (once per dataset): "
+                 f"{data.pool.size} pool images x {1 + config.augment_views} views, "
+                 f"{len(data.images) - data.pool.size} others x 1")
+    pool = cache_lower_features(ctx.model, [data.images[i] for i in data.pool], first,
+                                views=config.augment_views, seed=VIEW_SEED,
+                                crop_scale=config.crop_scale, jitter=config.color_jitter,
+                                indices=data.pool)
+    rest = np.setdiff1d(np.arange(len(data.images)), data.pool)
+    clean = torch.empty((len(data.images), *pool.clean.shape[1:]))
+    clean[torch.from_numpy(data.pool)] = pool.clean
+    if rest.size:
+        clean[torch.from_numpy(rest)] = cache_lower_features(
+            ctx.model, [data.images[i] for i in rest], first, indices=rest).clean
+    ctx.progress(f"    cached in {time.perf_counter() - t:.0f} s")
+    out = {"pool_clean": pool.clean, "clean": clean}
+    if pool.views is not None:
+        out["pool_views"] = pool.views
+    return out
 
 
 def _initial_pool_vectors(model: Any, data: BenchDataset) -> np.ndarray:
