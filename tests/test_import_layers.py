@@ -61,6 +61,16 @@ TRANSPORT: tuple[str, ...] = (
     "grpc", "grpc_health", "grpc_reflection", "reidal.v1", "reidal.services",
     "reidal.grpc_server", "reidal.serve", "reidal.web", "reidal.cli", "reidal.cli_training",
 )
+#: The simulation helpers (synthetic embeddings, the simulated oracle, the loop on fixed
+#: embeddings, dense references): for tests, experiments and the demo, never for serving.
+SIMULATION: tuple[str, ...] = ("reidal.simulation",)
+#: The modules that may import them, besides the package itself (and bench/, outside the
+#: sources read here): the benchmark suite (`reidal bench`, `python -m
+#: reidal.benchmark.train`) and the demo, whose annotator is simulated by design (`make
+#: demo` answers from the synthetic set's identities). Every other module is production.
+SIMULATION_USERS: tuple[str, ...] = ("reidal.benchmark", "reidal.demo")
+
+
 @dataclass(frozen=True)
 class Import:
     """One imported module, where it is imported, and whether inside a function."""
@@ -177,6 +187,14 @@ def transport_imports(files: Mapping[str, Path],
             for imp in imports_of(name, path, files) if under(imp.module, TRANSPORT)]
 
 
+def simulation_imports(files: Mapping[str, Path]) -> list[str]:
+    """``file:line module imports reidal.simulation...`` for every production module."""
+    return [f"{imp.path.relative_to(ROOT) if imp.path.is_relative_to(ROOT) else imp.path}:"
+            f"{imp.line} {name} imports {imp.module}"
+            for name, path in files.items() if not under(name, SIMULATION + SIMULATION_USERS)
+            for imp in imports_of(name, path, files) if under(imp.module, SIMULATION)]
+
+
 def is_inner(name: str) -> bool:
     return under(name, CORE) or under(name, WORKFLOWS)
 
@@ -201,6 +219,13 @@ def test_core_and_workflows_import_no_transport():
     assert transport_imports(files, is_inner) == []
 
 
+def test_production_imports_no_simulation_helper():
+    files = module_files(SOURCES)
+    assert all(any(under(m, [p]) for m in files) for p in SIMULATION + SIMULATION_USERS), \
+        "a SIMULATION / SIMULATION_USERS entry names no module: keep the lists current"
+    assert simulation_imports(files) == []
+
+
 def test_package_import_graph_has_no_cycle():
     report = cycle_report(import_graph(module_files(SOURCES)))
     assert report is None, report
@@ -208,7 +233,8 @@ def test_package_import_graph_has_no_cycle():
 
 def test_the_checks_catch_planted_violations(tmp_path):
     """A copy of the layout with a core module importing gRPC inside a function, a
-    workflow importing a servicer, and two packages importing each other."""
+    workflow importing a servicer, two packages importing each other, and a production
+    module importing a simulation helper (inside a function) beside the benchmark doing so."""
     reidal, services = tmp_path / "reidal", tmp_path / "services"
     for folder in (reidal / "core", services):
         folder.mkdir(parents=True)
@@ -219,7 +245,15 @@ def test_the_checks_catch_planted_violations(tmp_path):
     (services / "embedding.py").write_text("from reidal import runtime\n")
     (reidal / "a.py").write_text("from . import b\n")
     (reidal / "b.py").write_text("import reidal.a\n")
+    (reidal / "training").mkdir()
+    (reidal / "training" / "__init__.py").write_text("")
+    (reidal / "training" / "launch.py").write_text(
+        "def run():\n    from reidal.simulation.oracle import SimulatedOracle\n")
+    (reidal / "benchmark.py").write_text("import reidal.simulation.oracle\n")
     files = module_files({"reidal": reidal, "reidal.services": services})
+    assert simulation_imports(files) == [
+        f"{reidal / 'training' / 'launch.py'}:2 reidal.training.launch imports "
+        "reidal.simulation.oracle"]
     assert transport_imports(files, is_inner) == [
         f"{reidal / 'core' / 'algo.py'}:2 reidal.core.algo imports grpc",
         f"{reidal / 'runtime.py'}:1 reidal.runtime imports reidal.services.embedding"]

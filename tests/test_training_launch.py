@@ -1,4 +1,5 @@
-"""`python -m reidal.training`: head mode in process, full mode data-parallel under torchrun."""
+"""`python -m reidal.training`: head mode in process, full mode data-parallel under torchrun;
+runs that ask questions through `python -m reidal.benchmark.train` (its simulated annotator)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from reidal.benchmark.train import main as questions_main
 from reidal.training.launch import main
 
 SMALL = ["--k1", "5", "--k2", "2", "--min-samples", "2", "--num-identities", "4",
@@ -23,8 +25,8 @@ def test_head_run_writes_model_reports_and_a_repository_version(tmp_path, capsys
     repo = tmp_path / "repo"
     write_model_repository(repo, model_name="m")
     out = tmp_path / "run"
-    assert main(["--dataset", "synthetic:6", "--out", str(out), "--sampler", "aas",
-                 "--evaluate", "--model-repository", str(repo), "--model-name", "m", *SMALL]) == 0
+    assert questions_main(["--dataset", "synthetic:6", "--out", str(out), "--sampler", "aas",
+                           "--evaluate", "--model-repository", str(repo), "--model-name", "m", *SMALL]) == 0
     printed = capsys.readouterr().out
     assert "epoch 2/2" in printed and "mAP" in printed
     report = json.loads((out / "reports.json").read_text())
@@ -66,9 +68,19 @@ def test_questions_need_identities(tmp_path, capsys):
         s.image.save(path)
         rows.append(f"{k},,{path}")
     (tmp_path / "meta.csv").write_text("\n".join(rows) + "\n")
-    code = main(["--dataset", str(tmp_path / "meta.csv"), "--out", str(tmp_path / "o"),
-                 "--sampler", "aas", *SMALL])
-    assert code == 2 and "--sampler none" in capsys.readouterr().err
+    code = questions_main(["--dataset", str(tmp_path / "meta.csv"), "--out",
+                           str(tmp_path / "o"), "--sampler", "aas", *SMALL])
+    assert code == 2 and "some training images have none" in capsys.readouterr().err
+
+
+def test_the_production_entry_point_asks_no_simulated_annotator(tmp_path, capsys):
+    """`python -m reidal.training` has no annotator of its own (it imports no simulation
+    helper): a run that asks questions is refused, naming the entry point that has one."""
+    code = main(["--dataset", "synthetic:6", "--out", str(tmp_path / "o"), "--sampler",
+                 "random", *SMALL])
+    err = capsys.readouterr().err
+    assert code == 2 and "python -m reidal.benchmark.train" in err and "--sampler none" in err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.timeout(300)
@@ -79,7 +91,7 @@ def test_full_mode_under_torchrun_two_processes_agree(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-         "2", "-m", "reidal.training", "--dataset", "synthetic:6", "--mode", "full",
+         "2", "-m", "reidal.benchmark.train", "--dataset", "synthetic:6", "--mode", "full",
          "--image-size", "64", "--num-workers", "0", "--sampler", "aas", "--out", str(out),
          *SMALL], capture_output=True, text=True, timeout=280, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -29,8 +29,12 @@ It trains a copy of the model with :class:`reidal.training.SpCLTrainer`; rank 0 
 
 Questions: with ``--sampler aas|random`` pairs are asked at every cycle start and answered
 by a simulated annotator from the dataset's identities (``--error-rate`` flips answers):
-the benchmark's protocol. ``--sampler none`` (default) is SpCL alone; answers people gave
-through the server reach training through the TrainingService instead.
+the benchmark's protocol, run as ``python -m reidal.benchmark.train`` (the same flags). This
+module never builds that annotator: :func:`main` / :func:`run` take it as ``annotator``
+(a production module does not depend on reidal.simulation; the benchmark's entry point
+passes :class:`reidal.simulation.oracle.SimulatedOracle`). ``--sampler none`` (default) is
+SpCL alone; answers people gave through the server reach training through the
+TrainingService instead.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +53,13 @@ import numpy as np
 import torch
 
 from reidal.core.evaluation import open_set_split
+from reidal.core.questions import Oracle
 from reidal.data.synthetic_images import SyntheticConfig, iter_samples
 from reidal.data.wildlife import load_wildlife_csv
 from reidal.embedding.model import build_default_model, load_model, save_model
 from reidal.embedding.spec import DEFAULT_MODEL_NAME
 from reidal.embedding.triton_repo import model_versions
 from reidal.errors import ReidalError
-from reidal.simulation.oracle import SimulatedOracle
 from reidal.training import EvalSet, SpCLTrainer, TrainConfig
 from reidal.training import distributed as D
 from reidal.training.config import MODES, SAMPLERS, mode_schedule
@@ -105,8 +109,17 @@ def load_items(dataset: str, image_size: int, seed: int) -> tuple[list[Any], np.
     return (*csv_items(dataset), str(dataset))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m reidal.training",
+#: Builds the annotator of a ``--sampler aas|random`` run:
+#: ``annotator(identities, error_rate=..., seed=...)`` -> an Oracle answering pairs of
+#: those images (:class:`reidal.simulation.oracle.SimulatedOracle` has this signature).
+AnnotatorFactory = Callable[..., Oracle]
+
+#: Where a run that asks questions is started (it supplies the simulated annotator).
+QUESTIONS_ENTRY = "python -m reidal.benchmark.train"
+
+
+def build_parser(prog: str = "python -m reidal.training") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog,
                                 description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", metavar="CSV|synthetic[:N]")
@@ -170,9 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, annotator: AnnotatorFactory | None = None) -> dict[str, Any]:
     """Train as ``args`` say; the summary rank 0 writes to reports.json (every rank returns
-    its own)."""
+    its own). ``annotator`` answers the questions of ``--sampler aas|random`` (module
+    docstring); without it such a run is refused."""
     constraints, base = None, None
     if args.collection:
         items, constraints, base = _open_collection(args)
@@ -214,11 +228,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         train_idx = split.train_idx  # the protocol trains on the known identities' images
     oracle = None
     if args.sampler != "none":
+        if annotator is None:
+            raise ValueError(f"--sampler {args.sampler} asks questions that a simulated "
+                             "annotator answers from the dataset's identities: run "
+                             f"`{QUESTIONS_ENTRY}` with the same flags, or use --sampler "
+                             "none (people's answers: --collection)")
         if not labelled[train_idx].all():
             raise ValueError(f"--sampler {args.sampler} answers from the dataset's identities, "
                              "and some training images have none: use --sampler none")
-        oracle = SimulatedOracle(identities[train_idx], error_rate=args.error_rate,
-                                 seed=args.seed)  # answers from any identity values
+        oracle = annotator(identities[train_idx], error_rate=args.error_rate,
+                           seed=args.seed)  # answers from any identity values
     data = [items[i] for i in train_idx]
 
     rank = D.setup(torch.device("cuda" if torch.cuda.is_available() else "cpu").type
@@ -371,10 +390,13 @@ def _record_job(args: argparse.Namespace, config: Any, base: tuple, summary: dic
     return job.job_id
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, annotator: AnnotatorFactory | None = None,
+         prog: str = "python -m reidal.training") -> int:
+    """Parse ``argv``, train, return the exit status (2: refused, with the reason on
+    stderr). ``annotator``: see :func:`run`."""
+    args = build_parser(prog).parse_args(argv)
     try:
-        run(args)
+        run(args, annotator)
     except (ValueError, ReidalError) as exc:  # e.g. NotFound: an unknown collection
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
