@@ -52,6 +52,7 @@ from reidal.serve import serve
 from reidal.serve_config import ServeConfig
 from reidal.simulation.loop import CycleReport
 from reidal.simulation.oracle import SimulatedOracle
+from reidal.training_jobs import DEFAULT_MODE
 from reidal_client import (
     Answer,
     ClusteringParams,
@@ -138,13 +139,15 @@ def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
              budget_per_cycle: float | int = DEMO_BUDGET_PER_CYCLE, seed: int = 0,
              n_individuals: int | None = None, dataset_csv: str | Path | None = None,
              train: bool = True, preset: str = "default", clustering: str = "fixed",
-             sampler: str = "aas") -> DemoResult:
+             sampler: str = "aas", train_mode: str | None = None) -> DemoResult:
     """Run the demo; with ``dataset_csv`` (WildlifeDatasets layout) on that data instead of
     the generated collection (``preset``: a name of
     :data:`reidal.data.synthetic_images.PRESETS`, e.g. "hard"); ``train``: end with the
     training step. ``clustering``: the collection's ClusteringParams.mode ("fixed": the
     demo's k1 / k2 / min_samples; "calibrated": every value chosen per cycle by the
-    server); ``sampler``: SamplingParams.sampler ("aas" or "aas-continued"). Output lands in
+    server); ``sampler``: SamplingParams.sampler ("aas" or "aas-continued"); ``train_mode``:
+    the training job's TrainingConfig.mode ("head" or "partial"; None: the server's
+    default, reidal.training_jobs.DEFAULT_MODE). Output lands in
     ``out_dir``; the server's state in ``out_dir/server`` (its model repository is reused
     by the next run; the collection always starts from the pretrained version 1)."""
     if int(cycles) < 1:
@@ -275,7 +278,8 @@ def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
                 last = reports[-1]  # cycles >= 1
                 before = {"mAP": last.retrieval["mAP"], "top1": last.retrieval["top1"],
                           "f1": last.quality["f1"], "ari": last.quality["ari"]}
-                trained = _train_and_promote(client, cid, image_ids, labels, retrieval, before)
+                trained = _train_and_promote(client, cid, image_ids, labels, retrieval, before,
+                                             train_mode)
     finally:
         server.stop(grace=5)
 
@@ -298,13 +302,16 @@ def run_demo(out_dir: str | Path = "demo-output", *, cycles: int = 5,
 
 
 def _train_and_promote(client: Any, cid: str, image_ids: list[str], labels: np.ndarray,
-                       retrieval: Any, before: dict[str, float]) -> dict[str, Any]:
-    """The training step of the demo (see the module docstring): returns before / after."""
+                       retrieval: Any, before: dict[str, float], mode: str | None = None
+                       ) -> dict[str, Any]:
+    """The training step of the demo (see the module docstring): returns before / after.
+    ``mode``: the job's TrainingConfig.mode (None: the server's default)."""
     t = time.perf_counter()
     col = client.get_collection(cid)
-    _say(f"[6/7] training over gRPC: StartTraining on {cid!r} (head mode, the server's "
-         f"defaults, {col.answer_count} answers as constraints) -> WatchJob -> PromoteModel")
-    job = client.start_training(cid)
+    _say(f"[6/7] training over gRPC: StartTraining on {cid!r} ({mode or DEFAULT_MODE} mode, "
+         f"the server's defaults, {col.answer_count} answers as constraints) -> WatchJob -> "
+         "PromoteModel")
+    job = client.start_training(cid, **({"mode": mode} if mode else {}))
     shown: set[int] = set()
 
     def progress(j: Any) -> None:

@@ -72,6 +72,22 @@ def test_reproduce_line_is_read_back_into_the_same_benchmark(tmp_path, seeds):
         config.datasets, config.methods, seeds, config.budget, 2)
 
 
+@pytest.mark.parametrize("argv, iters", [
+    (["--mode", "partial"], 10), (["--mode", "partial", "--iters", "7"], 7), ([], 50),
+    (["--mode", "head"], 50),
+])
+def test_a_mode_brings_its_own_steps_an_epoch_unless_given(tmp_path, argv, iters):
+    """--mode partial trains with partial mode's schedule (PARTIAL_SCHEDULE's 10 steps, each
+    also running a backbone stage), not head mode's 50; an explicit --iters wins; the
+    reproduce line reads back into the same schedule."""
+    p = argparse.ArgumentParser()
+    add_bench_arguments(p)
+    config = config_from_args(p.parse_args(["--dataset", "synthetic-small", *argv]))
+    assert config.schedule.iters_per_epoch == iters
+    back = config_from_args(p.parse_args(shlex.split(_command(config, tmp_path))[2:]))
+    assert back.schedule == config.schedule
+
+
 # --------------------------------------------------------------------------- --threads
 def test_threads_are_part_of_the_run_key():
     base = BenchConfig(datasets=("synthetic",))

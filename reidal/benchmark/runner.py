@@ -440,7 +440,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("schedule (the same for every method; defaults: see BenchSchedule)")
     g.add_argument("--lr", type=float, default=None, help=f"Adam learning rate ({d.lr:g})")
     g.add_argument("--iters", type=int, default=None,
-                   help=f"iterations per epoch ({d.iters_per_epoch})")
+                   help=f"iterations per epoch ({d.iters_per_epoch}; with --mode partial "
+                        "partial mode's own, 10: reidal.training.config.PARTIAL_SCHEDULE)")
     g.add_argument("--epochs-per-cycle", type=int, default=None, help=f"({d.epochs_per_cycle})")
     g.add_argument("--step-size", type=int, default=None,
                    help=f"StepLR step in epochs ({d.step_size})")
@@ -483,6 +484,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     base = QUICK_SCHEDULE if quick else BenchSchedule()
     overrides = {name: getattr(args, opt) for opt, name in SCHEDULE_OPTIONS
                  if getattr(args, opt) is not None}
+    if overrides.get("mode", base.mode) != base.mode and "iters_per_epoch" not in overrides:
+        # a mode's own steps an epoch (partial: PARTIAL_SCHEDULE's 10, each step also runs
+        # the last backbone stage) unless --iters says otherwise
+        from reidal.training.config import mode_schedule
+
+        overrides["iters_per_epoch"] = mode_schedule(overrides["mode"])["iters_per_epoch"]
     if overrides.get("clustering") == "calibrated":
         overrides["clustering_pinned"] = tuple(o for o in PINNABLE_OPTIONS if o in overrides)
     schedule = replace(base, **overrides)

@@ -15,7 +15,7 @@ def _demo(args: argparse.Namespace) -> int:
     run_demo(args.out, cycles=args.cycles, budget_per_cycle=parse_budget(args.budget),
              seed=args.seed, n_individuals=args.individuals, dataset_csv=args.dataset,
              train=not args.no_train, preset=args.preset, clustering=args.clustering,
-             sampler=args.sampler)
+             sampler=args.sampler, train_mode=args.train_mode)
     return 0
 
 
@@ -53,4 +53,6 @@ def add_commands(sub: Any, client: argparse.ArgumentParser) -> None:
                            "server from the vectors and the answers)")
     demo.add_argument("--sampler", default="aas", choices=SAMPLERS,
                       help="the collection's sampler (default: %(default)s)")
+    demo.add_argument("--train-mode", default=None, choices=("head", "partial"),
+                      help="the training step's mode (default: the server's, head)")
     demo.set_defaults(func=_demo)
