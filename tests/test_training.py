@@ -185,6 +185,18 @@ def test_bad_config_names_the_field(kwargs, field):
         TrainConfig(**kwargs)
 
 
+def test_every_config_field_has_a_declared_constraint():
+    """TrainConfig's checks are one table: a new field without an entry fails here, and each
+    entry refuses a value of the wrong kind with a message naming the field."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(TrainConfig)}
+    assert set(TrainConfig._constraints) == names
+    for name in sorted(names):
+        with pytest.raises(ValueError, match=rf"^TrainConfig\.{name} must be .*, got <object"):
+            TrainConfig(**{name: object()})
+
+
 def test_fit_refuses_a_batch_larger_than_the_collection_and_a_missing_oracle(collection):
     model, feats, truth = collection
     with pytest.raises(ValueError, match="larger than the collection of 20 items"):

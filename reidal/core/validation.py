@@ -197,15 +197,31 @@ class InstanceOf:
         return self.name
 
 
+@dataclass(frozen=True)
+class SubsetOf:
+    """A list or tuple of some of the given values (possibly none)."""
+
+    options: tuple[Any, ...]
+
+    def accepts(self, value: object) -> bool:
+        return isinstance(value, list | tuple) and all(OneOf(self.options).accepts(v)
+                                                       for v in value)
+
+    def describe(self) -> str:
+        return "a list of some of " + ", ".join(repr(o) for o in self.options)
+
+
 #: One constraint on a parameter, or several of which any one may hold.
-Constraint = Interval | OneOf | InstanceOf
+Constraint = Interval | OneOf | InstanceOf | SubsetOf
 
 
 def check_params(values: Mapping[str, Any],
-                 constraints: Mapping[str, Constraint | tuple[Constraint, ...]]) -> None:
+                 constraints: Mapping[str, Constraint | tuple[Constraint, ...]],
+                 owner: str = "") -> None:
     """Raise ``ValueError`` naming the first parameter in ``values`` that none of its declared
-    constraints accept: "k1 must be an integer >= 1, got 0". Parameters without a declared
-    constraint are not checked (objects such as a clustering are checked by their own class).
+    constraints accept: "k1 must be an integer >= 1, got 0" (with ``owner`` "TrainConfig":
+    "TrainConfig.k1 must be ..."). Parameters without a declared constraint are not checked
+    (objects such as a clustering are checked by their own class).
     """
     for name, allowed in constraints.items():
         if name not in values:
@@ -213,4 +229,5 @@ def check_params(values: Mapping[str, Any],
         options = allowed if isinstance(allowed, tuple) else (allowed,)
         if not any(c.accepts(values[name]) for c in options):
             wanted = " or ".join(c.describe() for c in options)
-            raise ValueError(f"{name} must be {wanted}, got {values[name]!r}")
+            where = f"{owner}.{name}" if owner else name
+            raise ValueError(f"{where} must be {wanted}, got {values[name]!r}")

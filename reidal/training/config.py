@@ -9,20 +9,27 @@ reliability re-clusterings at eps +/- 0.02 with the independence threshold at th
 percentile of the first epoch's clusters. Choices SpCL does not make are marked OURS. The
 clustering and sampler defaults are read from the one defaults table, reidal.core.params.
 
-A bad value raises ``ValueError`` naming the field when the config is built; the one check
-that needs the data (a batch larger than the collection) happens in ``SpCLTrainer.fit``.
+A bad value raises ``ValueError`` naming the field when the config is built: every field's
+accepted values are declared in one table, ``TrainConfig._constraints`` (the constraint
+types and the validator of reidal.core.validation, as the core's estimators declare theirs;
+the clustering fields reuse the DBSCAN's and the pseudo-labeler's own declarations), and the
+two checks that span fields (eps_gap below eps, their sum below 1) extend
+``TrainConfig._check_params`` as a ParamsMixin subclass would. The one check that needs the
+data (a batch larger than the collection) happens in ``SpCLTrainer.fit``.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from reidal.core.aas_pools import OS_SIMILARITIES
+from reidal.core.clustering import DBSCANJaccard
 from reidal.core.params import CHOICE_NAMES, CLUSTERING, CLUSTERING_MODES, SAMPLING
 from reidal.core.samplers import SAMPLERS as REGISTERED_SAMPLERS
+from reidal.core.validation import Constraint, InstanceOf, Interval, OneOf, SubsetOf, check_params
+from reidal.training.pseudo_labels import SpCLPseudoLabeler
 
 MODES = ("head", "partial", "full")
 DEVICES = ("cpu", "cuda", "auto")
@@ -38,8 +45,10 @@ CLUSTER_FEATURES = ("memory", "model")
 CLUSTERING_FIELDS = {name: key for key, name in CHOICE_NAMES.items() if name in PINNABLE}
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+_COUNT = Interval(1, None, integer=True)  # an integer >= 1
+_NATURAL = Interval(0, None, integer=True)  # an integer >= 0
+_BOOL = InstanceOf(bool, "a bool")
+_DBSCAN, _LABELER = DBSCANJaccard._constraints, SpCLPseudoLabeler._constraints
 
 
 @dataclass(frozen=True)
@@ -168,74 +177,55 @@ class TrainConfig:
     checkpoint_dir: str | Path | None = None
     checkpoint_every: int = 1
 
+    #: What each field accepts (reidal.core.validation: the message is "TrainConfig.<field>
+    #: must be <what it accepts>, got <value>").
+    _constraints: ClassVar[dict[str, Constraint | tuple[Constraint, ...]]] = {
+        "mode": OneOf(MODES),
+        "device": OneOf(DEVICES),
+        "sampler": OneOf(SAMPLERS),
+        "cluster_features": OneOf(CLUSTER_FEATURES),
+        "clustering": OneOf(CLUSTERINGS),
+        "clustering_pinned": SubsetOf(PINNABLE),
+        "aas_os_similarity": OneOf(OS_SIMILARITIES),
+        **{name: _COUNT for name in ("epochs", "epochs_per_cycle", "iters_per_epoch",
+                                     "num_identities", "num_instances", "step_size",
+                                     "embed_batch_size", "checkpoint_every",
+                                     "trainable_stages")},
+        **{name: _DBSCAN[name] for name in ("eps", "min_samples", "k1", "k2")},
+        **{name: _NATURAL for name in ("num_workers", "eval_every", "seed",
+                                       "question_rounds", "augment_views")},
+        **{name: _BOOL for name in ("self_paced", "amp", "augment")},
+        "lr": Interval(0.0, None, closed="neither"),
+        "weight_decay": Interval(0.0, None),
+        "gamma": Interval(0.0, 1.0, closed="right"),
+        # 1 would never update the memory
+        "momentum": Interval(0.0, 1.0, closed="left"),
+        "temperature": Interval(0.0, None, closed="neither"),
+        "eps_gap": _LABELER["eps_gap"],
+        "reliability_percentile": _LABELER["reliability_percentile"],
+        "crop_scale": Interval(0.0, 1.0, closed="right"),
+        "color_jitter": Interval(0.0, 1.0),
+        "pair_loss_weight": Interval(0.0, None),
+        "pair_margin": Interval(-1.0, 1.0, closed="left"),
+        # a pair count, or a fraction of all pairs
+        "budget_per_cycle": (_COUNT, Interval(0.0, 1.0, closed="right")),
+        "checkpoint_dir": (OneOf((None,)), InstanceOf((str, Path), "a path")),
+    }
+
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> None:
-            raise ValueError(f"TrainConfig.{name} {why}, got {getattr(self, name)!r}")
+        self._check_params()
+        object.__setattr__(self, "clustering_pinned", tuple(self.clustering_pinned))
 
-        for name, options in (("mode", MODES), ("device", DEVICES), ("sampler", SAMPLERS),
-                              ("cluster_features", CLUSTER_FEATURES),
-                              ("clustering", CLUSTERINGS)):
-            if getattr(self, name) not in options:
-                bad(name, f"must be one of {options}")
-        positive = ("epochs", "epochs_per_cycle", "iters_per_epoch", "num_identities",
-                    "num_instances", "step_size", "min_samples", "k1", "k2",
-                    "embed_batch_size", "checkpoint_every", "trainable_stages")
-        for name in positive:
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-                bad(name, "must be an integer >= 1")
-        pinned = self.clustering_pinned
-        if isinstance(pinned, (list, tuple)):
-            object.__setattr__(self, "clustering_pinned", tuple(pinned))
-        if not isinstance(pinned, (list, tuple)) or set(pinned) - set(PINNABLE):
-            bad("clustering_pinned", f"must name some of {PINNABLE}")
-        if self.aas_os_similarity not in OS_SIMILARITIES:
-            bad("aas_os_similarity", f"must be one of {OS_SIMILARITIES}")
-        for name in ("num_workers", "eval_every", "seed", "question_rounds", "augment_views"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
-                bad(name, "must be an integer >= 0")
-        for name in ("self_paced", "amp", "augment"):
-            if not isinstance(getattr(self, name), bool):
-                bad(name, "must be a bool")
-
-        def number(name: str) -> float:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                bad(name, "must be a finite number")
-            return float(v)
-
-        if number("lr") <= 0:
-            bad("lr", "must be > 0")
-        if number("weight_decay") < 0:
-            bad("weight_decay", "must be >= 0")
-        if not 0.0 < number("gamma") <= 1.0:
-            bad("gamma", "must be in (0, 1]")
-        if not 0.0 <= number("momentum") < 1.0:
-            bad("momentum", "must be in [0, 1) (1 would never update the memory)")
-        if number("temperature") <= 0:
-            bad("temperature", "must be > 0")
-        if not 0.0 <= number("eps_gap") < number("eps"):
-            bad("eps_gap", "must be in [0, eps)")
-        if not number("eps") + number("eps_gap") < 1.0:
-            bad("eps", "plus eps_gap must be < 1 (a Jaccard distance of 1 means no overlap)")
-        if not 0.0 < number("crop_scale") <= 1.0:
-            bad("crop_scale", "must be in (0, 1]")
-        if not 0.0 <= number("color_jitter") <= 1.0:
-            bad("color_jitter", "must be in [0, 1]")
-        if number("pair_loss_weight") < 0:
-            bad("pair_loss_weight", "must be >= 0")
-        if not -1.0 <= number("pair_margin") < 1.0:
-            bad("pair_margin", "must be in [-1, 1)")
-        if not 0.0 <= number("reliability_percentile") <= 1.0:
-            bad("reliability_percentile", "must be in [0, 1]")
-        b = self.budget_per_cycle
-        if isinstance(b, bool) or not isinstance(b, (int, float)):
-            bad("budget_per_cycle", "must be a pair count (int) or a fraction (float)")
-        if _is_int(b) and b < 1:
-            bad("budget_per_cycle", "must be >= 1 pair")
-        if isinstance(b, float) and not 0.0 < b <= 1.0:
-            bad("budget_per_cycle", "as a fraction of all pairs must be in (0, 1]")
-        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, (str, Path)):
-            bad("checkpoint_dir", "must be a path or None")
+    def _check_params(self) -> None:
+        """Every field against its declared constraint, then the checks that span fields."""
+        check_params({f.name: getattr(self, f.name) for f in fields(self)},
+                     self._constraints, owner="TrainConfig")
+        if not self.eps_gap < self.eps:
+            raise ValueError(f"TrainConfig.eps_gap must be below eps ({self.eps:g}): the "
+                             f"tight re-clustering runs at eps - eps_gap, got {self.eps_gap!r}")
+        if not self.eps + self.eps_gap < 1.0:
+            raise ValueError(f"TrainConfig.eps plus eps_gap ({self.eps_gap:g}) must be < 1 (a "
+                             f"Jaccard distance of 1 means no overlap), got {self.eps!r}")
 
     @property
     def batch_size(self) -> int:
