@@ -351,12 +351,20 @@ def state_key(store: Store, collection_id: str, request: Mapping[str, Any]) -> s
     the same result (a cached one may be served). A few indexed lookups, no answer read.
     NotFound when the collection does not exist.
     """
+    return keyed_collection(store, collection_id, request)[0]
+
+
+def keyed_collection(store: Store, collection_id: str,
+                     request: Mapping[str, Any]) -> tuple[str, Collection]:
+    """(:func:`state_key`, the collection record it read): for a caller that also reports
+    something the key leaves out on purpose (the cycle number, which every cycle moves
+    without changing what a computation reads), without a second lookup."""
     col = store.get_collection(collection_id)
     version = store.answer_log_version(collection_id)
     payload = [col.created_at, col.model_name, col.model_version, col.params,
                store.image_count(collection_id), version.epoch, version.max_seq, request]
     text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    return hashlib.sha256(text.encode()).hexdigest()[:32], col
 
 
 # --------------------------------------------------------------------------- a view

@@ -26,17 +26,17 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from reidal.collection_state import (
     CollectionView,
     clustering_choice,
+    keyed_collection,
     load_view,
     make_aas,
     make_dbscan,
-    state_key,
 )
 from reidal.core.constraints import Contradiction
 from reidal.core.np3 import NP3
@@ -191,8 +191,10 @@ def compute_identities(store: Store, collection_id: str) -> IdentitiesResult:
     start = store.counter(collection_id, COUNTER_NAME, default=1)
     ids = view.image_ids
     identity_of, next_number = stable_identity_ids(ids, labels, previous, start)
-    store.save_identities(collection_id, dict(zip(ids, identity_of, strict=True)),
-                          counter_name=COUNTER_NAME, counter_value=next_number)
+    assignment = dict(zip(ids, identity_of, strict=True))
+    if assignment != previous or next_number != start:  # else the saved rows are these
+        store.save_identities(collection_id, assignment,
+                              counter_name=COUNTER_NAME, counter_value=next_number)
     cs = view.answers.constraints
     summaries = summarize(ids, identity_of, [img.name for img in view.images],
                           cs.ml_pairs(), cs.cl_pairs())
@@ -210,10 +212,18 @@ class LatestIdentities:
     Per collection this process keeps the last computed result with its state key
     (:func:`~reidal.collection_state.state_key`). A call whose key equals it gets it at
     once. Otherwise one call at a time computes (under ``lock(collection_id)``, the
-    runtime's per-collection lock shared with sampling cycles) while the other calls get
-    the last computed result at once; only when there is none yet do they wait for that
-    computation. So a result may lag answers committed while another call was computing;
-    its ``applied_answers`` and ``cycle`` say which state it is.
+    runtime's per-collection identities lock, which sampling cycles do not take) while the
+    other calls get the last computed result at once; only when there is none yet do they
+    wait for that computation. So a result may lag answers committed while another call was
+    computing; its ``applied_answers`` and ``cycle`` say which state it is. A call that
+    starts after a change committed (a client's submit, then its GetIdentities) finds a
+    new key, so it computes or waits: never a result older than its own change.
+
+    The cycle number is no input of the computation (a sampling cycle changes no answer,
+    image or parameter), so a new cycle re-labels the kept result with the current number
+    instead of computing again. The kept result is then replaced by the re-labelled one:
+    every call of one state gets the same object, which a caller may key derived data by
+    (the servicer keeps the response message it built for it).
     """
 
     def __init__(self) -> None:
@@ -224,7 +234,7 @@ class LatestIdentities:
     def get(self, store: Store, collection_id: str,
             lock: Callable[[str], AbstractContextManager[None]]) -> IdentitiesResult:
         try:
-            key = state_key(store, collection_id, {"kind": "identities"})
+            key, col = keyed_collection(store, collection_id, {"kind": "identities"})
         except NotFound:
             with self._guard:  # a deleted collection's result is not kept
                 self._latest.pop(collection_id, None)
@@ -233,7 +243,7 @@ class LatestIdentities:
             with self._guard:
                 latest = self._latest.get(collection_id)
                 if latest is not None and latest[0] == key:
-                    return latest[1]
+                    return self._at_cycle(collection_id, latest, col.cycle)
                 running = self._running.get(collection_id)
                 if running is None:
                     done = self._running[collection_id] = threading.Event()
@@ -244,7 +254,7 @@ class LatestIdentities:
                 continue
             try:
                 with lock(collection_id):
-                    key = state_key(store, collection_id, {"kind": "identities"})
+                    key, _ = keyed_collection(store, collection_id, {"kind": "identities"})
                     result = compute_identities(store, collection_id)
                 with self._guard:
                     self._latest[collection_id] = (key, result)
@@ -253,3 +263,12 @@ class LatestIdentities:
                 with self._guard:
                     del self._running[collection_id]
                 done.set()
+
+    def _at_cycle(self, collection_id: str, latest: tuple[str, IdentitiesResult],
+                  cycle: int) -> IdentitiesResult:
+        """The kept result labelled with ``cycle`` (kept in its place); under the guard."""
+        key, result = latest
+        if result.cycle != cycle:
+            result = replace(result, cycle=cycle)
+            self._latest[collection_id] = (key, result)
+        return result

@@ -299,14 +299,25 @@ class Runtime:
 
     @contextmanager
     def lock(self, collection_id: str) -> Iterator[None]:
-        """Serialise the cycle / identity work of one collection (in every process)."""
-        with self._locks_guard:
-            lock = self._locks.get(collection_id)
-            if lock is None:
-                lock = self._locks[collection_id] = SharedLock(self.store,
-                                                               f"collection:{collection_id}")
-        with lock:
+        """Serialise the sampling cycles of one collection (in every process)."""
+        with self._shared_lock(f"collection:{collection_id}"):
             yield
+
+    @contextmanager
+    def identities_lock(self, collection_id: str) -> Iterator[None]:
+        """Serialise the identity computations of one collection (in every process: each
+        reads the saved assignment, then replaces it). A lock of its own, not the cycles':
+        GetIdentities never waits for a sampling cycle, which reads the same state and
+        writes nothing identities read."""
+        with self._shared_lock(f"identities:{collection_id}"):
+            yield
+
+    def _shared_lock(self, name: str) -> SharedLock:
+        with self._locks_guard:
+            lock = self._locks.get(name)
+            if lock is None:
+                lock = self._locks[name] = SharedLock(self.store, name)
+        return lock
 
     def require_embedder(self) -> Embedder:
         if self.embedder is None:
