@@ -1,8 +1,13 @@
 """The SQLite backend.
 
-SQLite (:class:`SqliteBackend`, a data directory): one connection behind a lock, WAL,
-``synchronous=FULL``. ``BEGIN IMMEDIATE`` makes every write transaction exclusive, so
-read-then-write sequences need nothing more. Cross-process locks are ``flock`` files in
+SQLite (:class:`SqliteBackend`, a data directory): one write connection behind a lock,
+WAL, ``synchronous=FULL``. ``BEGIN IMMEDIATE`` makes every write transaction exclusive, so
+read-then-write sequences need nothing more. Reads outside a write transaction go through
+a read-only connection of their own thread: in WAL mode a reader sees the last committed
+state and neither waits for a writer (its commit's fsync included) nor holds one up, so
+GetIdentities and GetQueryPairs on an unchanged state never queue behind submits. A read
+inside the thread's own write transaction uses the write connection, so it sees that
+transaction's writes. Cross-process locks are ``flock`` files in
 ``<data dir>/locks``, so several server processes on one data directory exclude each other.
 """
 
@@ -14,6 +19,7 @@ import hashlib
 import os
 import sqlite3
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,8 +29,18 @@ from reidal.store.backend import OWNER_ID, PerThread, Tx
 from reidal.store.schema import ADDED_COLUMNS, SCHEMA, record_version
 
 
+class _Reader:
+    """A thread's read connection (a holder, since a connection takes no weak reference)."""
+
+    __slots__ = ("__weakref__", "conn")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+
 class SqliteBackend:
-    """``<data dir>/reidal.sqlite3`` through one connection (see the module docstring)."""
+    """``<data dir>/reidal.sqlite3`` through one write connection and a read connection per
+    reading thread (see the module docstring)."""
 
     kind = "sqlite"
 
@@ -44,6 +60,11 @@ class SqliteBackend:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.row_factory = sqlite3.Row
+        self._writer: int | None = None  # the thread inside tx(), if any
+        self._local = threading.local()  # .reader: this thread's _Reader
+        # The live readers, for close(); a thread's reader goes (and closes its connection)
+        # when the thread ends, so short-lived threads leave no open file behind.
+        self._readers: weakref.WeakSet[_Reader] = weakref.WeakSet()
 
     def install_schema(self, version: int) -> None:
         with self.tx() as db:
@@ -61,16 +82,38 @@ class SqliteBackend:
         """One write transaction, exclusive from its start (``lock`` is implied)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
+            outer, self._writer = self._writer, threading.get_ident()
             try:
                 yield self._db
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            finally:
+                self._writer = outer
             self._db.execute("COMMIT")
 
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        """Rows of one statement: on this thread's read connection, or inside this thread's
+        write transaction on the write connection (it sees that transaction's writes)."""
+        if self._writer == threading.get_ident():
+            with self._lock:
+                return self._db.execute(sql, args).fetchall()
+        return self._reader().execute(sql, args).fetchall()
+
+    def _reader(self) -> sqlite3.Connection:
+        reader = getattr(self._local, "reader", None)
+        if reader is None:
+            with self._lock:
+                if self._closed:
+                    raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+                conn = sqlite3.connect(self.path, check_same_thread=False,
+                                       isolation_level=None)
+                conn.execute("PRAGMA busy_timeout=10000")
+                conn.execute("PRAGMA query_only=ON")
+                conn.row_factory = sqlite3.Row
+                reader = self._local.reader = _Reader(conn)
+                self._readers.add(reader)
+        return reader.conn
 
     def ping(self) -> bool:
         return self.query("SELECT 1")[0][0] == 1
@@ -133,6 +176,8 @@ class SqliteBackend:
             if self._closed:
                 return
             self._closed = True
+            for reader in list(self._readers):  # first: a checkpoint waits for open reads
+                reader.conn.close()
             try:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
