@@ -4,7 +4,7 @@
                                            [--clients 8] [--read-clients 16] [--seconds 10]
                                            [--images 2000] [--ingest 256] [--ingest-rounds 3]
                                            [--ingest-per-message 16] [--ingest-only]
-                                           [--out results.json]
+                                           [--reads-only] [--out results.json]
 
 What it measures, each figure from this run:
 
@@ -19,8 +19,15 @@ What it measures, each figure from this run:
 * reads: ``--read-clients`` threads, half calling GetQueryPairs (budget 10), half
   GetIdentities, on a collection of ``--images`` images with stored vectors, while one
   more client submits an answer every 0.5 s (so the state keeps changing); p50 / p99 of
-  each. ``identities_idle_s``: GetIdentities alone, computing a changed state, and
-  ``identities_cached_s``: alone on an unchanged state.
+  each. ``identities_idle_s``: GetIdentities alone, computing a changed state (the median
+  of ``IDLE_SAMPLES`` calls, each after one more answer; one call alone is a noisy
+  baseline on a shared machine), and ``identities_cached_s``: alone on an unchanged state
+  (the call after each of those); ``identities_p99_vs_idle`` the target's ratio. With them the CPU time the server
+  process and this (client) process spent per call served (``server_cpu_ms_per_call``,
+  ``client_cpu_ms_per_call``, from /proc and getrusage) and the load average before and
+  after: the clients are threads of this one process, and these say whether the measured
+  latencies are the server's or this process's (its threads share one GIL). Only this
+  part: ``--reads-only``.
 * ingest: ``--ingest`` synthetic 128 px PNG images streamed through AddImages
   (``--ingest-per-message``, 16 a message) into a server with every service and the bundled Triton on CPU: images/s,
   embedding included, beside bench_embedding.py's two figures measured in the same run on
@@ -45,6 +52,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import socket
 import subprocess
 import sys
@@ -73,6 +81,7 @@ from reidal.v1 import (
 ANSWER_IMAGES = 20_000  # images of each answers collection (--quick: 1000)
 PER_IDENTITY = 10  # images per hidden identity (answers' labels)
 READS_COLLECTION = "reads"
+IDLE_SAMPLES = 5  # idle GetIdentities calls (each after one answer): their median
 
 
 def free_port() -> int:
@@ -223,6 +232,20 @@ def pct(lat: list[float], q: float) -> float | None:
     return float(np.percentile(lat, q)) if lat else None
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (None where /proc is missing)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def read_load(server: Server, image_ids: list[str], clients: int,
               seconds: float) -> dict[str, float | None]:
     ch = server.channel()
@@ -237,13 +260,15 @@ def read_load(server: Server, image_ids: list[str], clients: int,
             answers=[by_images(image_ids[a], image_ids[b], False)]), timeout=60)
 
     ident.GetIdentities(ask, timeout=600)  # first computation (warm-up)
-    one_answer()
-    t0 = time.perf_counter()
-    ident.GetIdentities(ask, timeout=600)
-    idle = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ident.GetIdentities(ask, timeout=600)
-    cached = time.perf_counter() - t0
+    changed: list[float] = []
+    unchanged: list[float] = []
+    for _ in range(IDLE_SAMPLES):
+        one_answer()
+        for into in (changed, unchanged):
+            t0 = time.perf_counter()
+            ident.GetIdentities(ask, timeout=600)
+            into.append(time.perf_counter() - t0)
+    idle, cached = float(np.median(changed)), float(np.median(unchanged))
 
     samplers = [sampling_pb2_grpc.SamplingServiceStub(server.channel()) for _ in range(clients)]
     readers = [constraints_pb2_grpc.ConstraintServiceStub(server.channel())
@@ -268,6 +293,8 @@ def read_load(server: Server, image_ids: list[str], clients: int,
             ident_lat.append(time.perf_counter() - t0)
         return 1
 
+    load_before = os.getloadavg()[0]
+    server_cpu, client_cpu = process_cpu_s(server.proc.pid), own_cpu_s()
     w = threading.Thread(target=writer)
     w.start()
     try:
@@ -275,10 +302,18 @@ def read_load(server: Server, image_ids: list[str], clients: int,
     finally:
         stop.set()
         w.join()
+    server_after, client_after = process_cpu_s(server.proc.pid), own_cpu_s()
+    calls = max(1, len(ident_lat) + len(pair_lat))
     return {"identities_idle_s": idle, "identities_cached_s": cached,
+            "identities_idle_samples_s": changed,
             "identities_p50_s": pct(ident_lat, 50), "identities_p99_s": pct(ident_lat, 99),
+            "identities_p99_vs_idle": (pct(ident_lat, 99) or 0.0) / idle,
             "pairs_p50_s": pct(pair_lat, 50), "pairs_p99_s": pct(pair_lat, 99),
-            "identities_calls": len(ident_lat), "pairs_calls": len(pair_lat)}
+            "identities_calls": len(ident_lat), "pairs_calls": len(pair_lat),
+            "server_cpu_ms_per_call": None if server_cpu is None or server_after is None
+            else 1000 * (server_after - server_cpu) / calls,
+            "client_cpu_ms_per_call": 1000 * (client_after - client_cpu) / calls,
+            "load_before": load_before, "load_after": os.getloadavg()[0]}
 
 
 def ingest(data_dir: Path, n: int, rounds: int = 3, per_message: int = 16,
@@ -375,11 +410,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="images per AddImages message")
     ap.add_argument("--ingest-only", action="store_true",
                     help="only the ingest figures (no answers, no reads)")
+    ap.add_argument("--reads-only", action="store_true",
+                    help="only the reads figures (no answers, no ingest)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
     if args.quick:
         args.stored, args.seconds, args.images, args.ingest = [0, 2000], 0.5, 120, 0
         args.clients, args.read_clients = 4, 4
+    if args.reads_only:
+        args.stored, args.ingest = [], 0
         global ANSWER_IMAGES
         ANSWER_IMAGES = 1000
     rng = np.random.default_rng(0)
