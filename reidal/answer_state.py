@@ -7,8 +7,9 @@ costs O(history) inside the write transaction. Instead each process keeps, per
 collection, an :class:`AnswerState`: a :class:`~reidal.core.constraints.ConstraintSet`
 over the answered images (item index by first appearance) whose answer ids are the
 store's seqs, built once from the store and then moved forward answer by answer, so a
-submit costs O(its own answers) (a rebuild, vectorised, only when an answer contradicts
-or supersedes an applied one).
+submit costs O(its own answers); an answer that contradicts, relabels or removes an
+applied one rebuilds only the ML components around its images
+(:meth:`~reidal.core.constraints.ConstraintSet._rebuild_around`).
 
 The store stays the source of truth. Inside each write transaction the state is checked
 against :meth:`~reidal.store.Store.answer_log_version`: answers another process (a
@@ -20,8 +21,9 @@ next call reloads), so it never holds an answer that was not committed.
 
 Exactness: what the reply reports is what a full rebuild would report. An incremental
 add applies exactly the answers a rebuild applies, but a rebuild may name other answers
-for an older contradiction (the path through a new must-link); so when answers applied
-without a rebuild touch the ML group of an answer already dropped, the set is rebuilt.
+for an older contradiction (the path through a new must-link); so an answer touching the
+ML group of an answer already dropped rebuilds that part of the set instead of being
+applied incrementally (the constraint set does it).
 """
 
 from __future__ import annotations
@@ -84,17 +86,15 @@ class AnswerState:
     def catch_up(self, rows: Sequence[AnswerRow], supersessions: Iterable[tuple[int, int]],
                  version: AnswerLogVersion) -> None:
         """Apply answers newer than the state (in seq order) and the supersessions they
-        made, then make the contradictions those of a full rebuild."""
+        made. The constraint set keeps its contradictions those of a full rebuild."""
         cs = self.constraints
         superseded: dict[int, list[int]] = {}
         for old, new in supersessions:
             superseded.setdefault(new, []).append(old)
-        touched: list[int] = []  # items of the answers applied since the last rebuild
         for r in rows:  # one step per new answer
             olds = [old for old in superseded.get(r.seq, ()) if old in cs]
             constraint = not (r.label == "UNSURE" or r.image_a in self.excluded
                               or r.image_b in self.excluded)
-            rebuilds = cs.rebuilds
             if constraint:
                 i, j = self._item(r.image_a), self._item(r.image_b)
                 answer = Answer(i, j, r.label == "SAME", r.seq)
@@ -107,17 +107,6 @@ class AnswerState:
             else:
                 for old in olds:
                     cs.remove(old)
-            if cs.rebuilds != rebuilds:
-                touched = []
-            elif constraint:
-                touched += (i, j)
-        if cs.contradictions and touched:
-            groups = {cs.group_of(x) for x in touched}
-            for c in cs.contradictions:
-                dropped = cs.answer(c.dropped_answer_id)
-                if cs.group_of(dropped.i) in groups or cs.group_of(dropped.j) in groups:
-                    cs.rebuild()
-                    break
         self.version = version
 
     def contradictions_with(self, seqs: Iterable[int]) -> list[Contradiction]:

@@ -337,3 +337,70 @@ def test_replace_by_the_same_answer_keeps_the_rebuild_state(case, rnd):
     np.testing.assert_array_equal(cs.ml_groups(), ref.ml_groups())
     np.testing.assert_array_equal(cs.cl_group_edges(), ref.cl_group_edges())
     np.testing.assert_array_equal(cs.ml_pairs(), ref.ml_pairs())
+
+
+def assert_same_state(cs: ConstraintSet, n: int, answers) -> None:
+    """``cs`` equals a set built from scratch from ``answers``, as a whole."""
+    ref = ConstraintSet.from_answers(n, answers)
+    assert cs.contradictions == ref.contradictions
+    assert applied_ids(cs) == applied_ids(ref) and len(cs) == len(ref)
+    np.testing.assert_array_equal(cs.ml_groups(), ref.ml_groups())
+    np.testing.assert_array_equal(cs.ml_pairs(), ref.ml_pairs())
+    np.testing.assert_array_equal(cs.cl_group_edges(), ref.cl_group_edges())
+    pairs = np.array(list(itertools.combinations(range(n), 2)))
+    np.testing.assert_array_equal(cs.implied_many(pairs), ref.implied_many(pairs))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_adds_relabels_and_removals_rebuild_only_their_part_and_equal_a_full_build(seed):
+    """Random sequences of new answers, relabels (replace with the other label) and
+    removals, on a set with a few ML components and many contradictions: after every step
+    the set equals one built from scratch, and no step rebuilt the whole set."""
+    rng = np.random.default_rng(seed)
+    n = 40
+    cs = ConstraintSet(n)
+    present: dict[int, Answer] = {}
+    next_id = 0
+    for _ in range(250):
+        roll = rng.random()
+        if present and roll < 0.2:
+            gone = present.pop(int(rng.choice(list(present))))
+            cs.remove(gone.answer_id)
+        elif present and roll < 0.4:
+            old = present.pop(int(rng.choice(list(present))))
+            new = Answer(old.i, old.j, not old.same if rng.random() < 0.8 else old.same, next_id)
+            cs.replace(old.answer_id, new)
+            present[next_id] = new
+            next_id += 1
+        else:
+            # items in 4 clusters of 10, mostly answered inside a cluster: components grow
+            # and fill with contradictions
+            c = int(rng.integers(4))
+            i, j = (int(x) for x in rng.choice(10, 2, replace=False) + 10 * c)
+            if rng.random() < 0.1:
+                j = int(rng.integers(n))
+            if i == j:
+                continue
+            a = Answer(i, j, bool(rng.random() < 0.7), next_id)
+            cs.add(a)
+            present[next_id] = a
+            next_id += 1
+        assert_same_state(cs, n, present.values())
+    assert cs.rebuilds == 0 and cs.local_rebuilds > 50 and cs.contradictions
+
+
+@settings(max_examples=100, deadline=None)
+@given(answer_lists(), st.randoms(use_true_random=False))
+def test_relabel_equals_a_rebuild_with_the_new_label(case, rnd):
+    n, answers = case
+    if not answers:
+        return
+    cs = ConstraintSet.from_answers(n, answers)
+    kept = list(answers)
+    for k in range(min(3, len(kept))):
+        old = kept.pop(rnd.randrange(len(kept)))
+        new = Answer(old.i, old.j, not old.same, max(a.answer_id for a in answers) + 1 + k)
+        cs.replace(old.answer_id, new)
+        kept.append(new)
+        assert_same_state(cs, n, kept)
+    assert cs.rebuilds == 1

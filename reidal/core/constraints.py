@@ -24,9 +24,12 @@ The rule is **the newer answer wins**:
 Processing newest first makes the applied set a pure function of the answers given, so
 :meth:`ConstraintSet.add` of an answer newer than all before can apply it incrementally,
 while an answer that contradicts older applied ones (or one older than the newest) triggers
-a rebuild from all answers, which drops the older answers it overrules; so does
-:meth:`ConstraintSet.remove` of an applied answer (a union-find cannot split a group).
-A rebuild is vectorised: the answers are kept as arrays, ML groups are connected
+a rebuild, which drops the older answers it overrules; so does
+:meth:`ConstraintSet.remove` of an applied answer (a union-find cannot split a group) and a
+relabel (:meth:`ConstraintSet.replace`). That rebuild is local: only the connected
+components of the ML answers that hold the answer's items, with the CLs touching them,
+are computed again (:meth:`ConstraintSet._rebuild_around` says why that is exact).
+A full rebuild (construction, :meth:`ConstraintSet.rebuild`) is vectorised: the answers are kept as arrays, ML groups are connected
 components (scipy), and only the answers of a part of the answer graph that holds a
 contradiction are applied one by one. Answers repeating a
 pair are all kept and all treated as constraints; superseding an answer is the service
@@ -185,6 +188,15 @@ class _CLAdjacency:
         self._load(r)
         return self._d[r]
 
+    def discard_roots(self, roots: Iterable[int]) -> None:
+        """Forget every CL entry of ``roots``, both directions (before their groups are
+        computed again, :meth:`ConstraintSet._rebuild_around`)."""
+        gone = set(roots)
+        for r in gone:
+            for other in self.pop(r) or ():
+                if other not in gone:
+                    self[other].pop(r, None)
+
 
 class _AnswerTable:
     """The answers of a set as parallel arrays (id, i, j, same), appendable, with removal.
@@ -202,6 +214,7 @@ class _AnswerTable:
         self._m = len(ids)
         self._sorted = True
         self._pos: dict[int, int] | None = None
+        self._index: tuple[int, np.ndarray, np.ndarray] | None = None  # see touching()
         self.n_live = len(ids)
 
     @classmethod
@@ -255,6 +268,37 @@ class _AnswerTable:
         self.n_live -= 1
         return a
 
+    def max_id(self) -> int | None:
+        """The largest id present (None: none is)."""
+        live = self._live[:self._m]
+        return int(self._ids[:self._m][live].max()) if live.any() else None
+
+    def at(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, i, j, same) of the answers at positions ``pos``."""
+        return self._ids[pos], self._i[pos], self._j[pos], self._same[pos]
+
+    def touching(self, items: np.ndarray) -> np.ndarray:
+        """Sorted positions of the present answers with an end in ``items`` (sorted,
+        unique): a CSR index over item -> positions, built in numpy on first use and again
+        once more than ``max(4096, m / 16)`` answers came after it; those newer ones are
+        scanned (vectorised). So a lookup costs about the answers it returns."""
+        m = self._m
+        if self._index is None or m - self._index[0] > max(4096, m // 16):
+            ends = np.concatenate([self._i[:m], self._j[:m]])
+            order = np.argsort(ends, kind="stable")
+            ptr = np.searchsorted(ends[order], np.arange(int(ends.max(initial=-1)) + 2))
+            self._index = (m, ptr, order % max(m, 1))
+        covered, ptr, pos = self._index
+        inside = items[items < len(ptr) - 1]
+        starts, stops = ptr[inside], ptr[inside + 1]
+        lens = stops - starts
+        total = int(lens.sum())
+        gather = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(total)
+        tail = np.arange(covered, m)
+        tail = tail[np.isin(self._i[covered:m], items) | np.isin(self._j[covered:m], items)]
+        found = np.union1d(pos[gather], tail)
+        return found[self._live[found]]
+
     def live(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(ids, i, j, same) of the answers present, in id order."""
         live = np.flatnonzero(self._live[:self._m])
@@ -293,10 +337,17 @@ class ConstraintSet:
         #: How many times the set was computed from all its answers (a rebuild); an
         #: incremental :meth:`add` leaves it unchanged.
         self.rebuilds = 0
+        #: How many times a part of it was (:meth:`_rebuild_around`: a contradicting,
+        #: removed or relabelled answer).
+        self.local_rebuilds = 0
         self._reset()
 
     def _reset(self) -> None:
         self._dropped: set[int] = set()
+        # roots of the groups that hold an end of a dropped answer: an answer touching one
+        # may change which answers a rebuild names for that contradiction, so it is not
+        # applied incrementally (a superset is safe: it only costs a local rebuild)
+        self._dirty_roots: set[int] = set()
         self._uf = _UnionFind(self.n_items)
         # ML spanning forest: item -> [(neighbour, answer id)]; only MLs that joined groups.
         # Each tree is also kept rooted (parent, edge to parent, depth; absent = a root) so
@@ -389,11 +440,84 @@ class ConstraintSet:
         self._uf.set_components(ml_comp, ~dirty_item)
         clean_cl = cl & ~dirty
         self._cl_adj_d = self._cl_adjacency(i[clean_cl], j[clean_cl], ids[clean_cl])
+        ends: list[int] = []
         for k in np.flatnonzero(dirty)[::-1].tolist():  # one step per answer, newest first
             found = self._apply(Answer(int(i[k]), int(j[k]), bool(same[k]), int(ids[k])))
             if found is not None:
                 self.contradictions.append(found)
                 self._dropped.add(found.dropped_answer_id)
+                ends += (int(i[k]), int(j[k]))
+        self._dirty_roots = set(self._roots_of(np.array(ends, dtype=np.int64)).tolist())
+
+    def _rebuild_around(self, items: Iterable[int]) -> None:
+        """Recompute the part of the set that the answers on ``items`` can affect, as
+        :meth:`_build` would, without the rest.
+
+        Why that part suffices: ML groups only ever join items linked by ML answers, so
+        every group lies inside one connected component K of the graph of all present ML
+        answers (applied or dropped). An answer is dropped only for a CL whose ends are in
+        one group, or an ML joining two groups that a CL separates: in both cases the CL
+        has both ends in the ML's K. So what is applied inside K, and each contradiction
+        found there, depends only on the answers with both ends in K (replayed newest
+        first, as :meth:`_build` replays them), and a CL between two components is always
+        applied. The components holding ``items`` are found from an item index of the
+        answers (:meth:`_AnswerTable.touching`), rebuilt as a set of their own (vectorised
+        like any build), and spliced in: their union-find entries, their contradictions,
+        and the CL entries of their groups, those to other groups included. The cost is
+        that of the answers touching those components, not of the whole set (all of it
+        when one component holds everything).
+        """
+        k_items = self._ml_component(np.unique(np.fromiter(items, dtype=np.int64)))
+        adj = self._cl_adj  # built from the applied CLs when a build left it for later
+        old_roots = np.unique(self._roots_of(k_items)).tolist()
+        adj.discard_roots(old_roots)
+        self._dirty_roots.difference_update(old_roots)
+        ids, i, j, same = self._table.at(self._table.touching(k_items))
+        inside = np.isin(i, k_items) & np.isin(j, k_items)
+        sub = ConstraintSet.from_arrays(len(k_items), np.searchsorted(k_items, i[inside]),
+                                        np.searchsorted(k_items, j[inside]), same[inside],
+                                        ids[inside])
+        roots = sub._uf.roots()
+        self._uf.parent[k_items] = k_items[roots]
+        self._dirty_roots.update(k_items[sorted(sub._dirty_roots)].tolist())
+        self._uf.size[k_items] = np.bincount(roots, minlength=len(k_items))
+        # the CLs of the new groups: applied ones inside, and every one leaving K
+        s_ids, s_i, s_j, s_same = sub._applied_arrays()
+        cl_ids = np.concatenate([s_ids[~s_same], ids[~inside]])
+        ra = self._roots_of(np.concatenate([k_items[s_i[~s_same]], i[~inside]]))
+        rb = self._roots_of(np.concatenate([k_items[s_j[~s_same]], j[~inside]]))
+        for a, b, k in zip(ra.tolist(), rb.tolist(), cl_ids.tolist(), strict=True):
+            adj.setdefault(a, {}).setdefault(b, k)
+            adj.setdefault(b, {}).setdefault(a, k)
+        dropped = np.fromiter(self._dropped, dtype=np.int64, count=len(self._dropped))
+        stale = set(dropped[np.isin(dropped, ids[inside])].tolist())
+        self._dropped = (self._dropped - stale) | sub._dropped
+        self.contradictions = sorted(
+            [c for c in self.contradictions if c.dropped_answer_id not in stale]
+            + sub.contradictions, key=lambda c: -c.dropped_answer_id)
+        self._cache.clear()
+        self.local_rebuilds += 1
+
+    def _ml_component(self, seeds: np.ndarray) -> np.ndarray:
+        """Sorted items of the components of the present ML answers that hold ``seeds``
+        (breadth first, one vectorised step per level)."""
+        seen = frontier = seeds[seeds < self.n_items]
+        while len(frontier):
+            _, i, j, same = self._table.at(self._table.touching(frontier))
+            ends = np.unique(np.concatenate([i[same], j[same]]))
+            frontier = ends[~np.isin(ends, seen)]
+            seen = np.union1d(seen, frontier)
+        return seen
+
+    def _roots_of(self, items: np.ndarray) -> np.ndarray:
+        """Union-find root of each of ``items`` (vectorised pointer jumping, no writes)."""
+        parent = self._uf.parent
+        r = parent[items]
+        while True:
+            up = parent[r]
+            if np.array_equal(up, r):
+                return r
+            r = up
 
     def _cl_adjacency(self, ci: np.ndarray, cj: np.ndarray, cids: np.ndarray) -> _CLAdjacency:
         """root -> {other root: a CL id (the newest)} for the CLs (ci, cj) under the current
@@ -412,8 +536,9 @@ class ConstraintSet:
     def add(self, answer: Answer) -> Contradiction | None:
         """Add one answer; return the contradiction it causes, if any.
 
-        An answer newer than all before that contradicts nothing applied is applied
-        incrementally; any other answer makes the set rebuild. If the rebuild drops
+        An answer newer than all before that contradicts nothing applied, and touches no
+        group holding an end of a dropped answer, is applied incrementally; any other
+        answer makes its part of the set rebuild (:meth:`_rebuild_around`). If the rebuild drops
         several older answers, the first one found is returned; all of them are in
         :attr:`contradictions`.
         """
@@ -424,33 +549,46 @@ class ConstraintSet:
         self._table.append(answer)
         if newest:
             self._max_id = answer.answer_id
-            if self._apply(answer, probe=True) is None:
+            clean = not self._dirty_roots.intersection(
+                (self._uf.find(answer.i), self._uf.find(answer.j)))
+            if clean and self._apply(answer, probe=True) is None:
                 return None
         # The answer overrules older applied ones, or is itself older than the newest:
-        # recompute the whole set under the newest-first rule.
+        # recompute its part of the set under the newest-first rule.
+        return self._settle((answer.i, answer.j), answer.answer_id)
+
+    def _settle(self, items: Iterable[int], answer_id: int) -> Contradiction | None:
+        """Rebuild around ``items`` after answer ``answer_id`` came in; the contradiction
+        it takes part in that the rebuild found new (its own first), if any."""
         before = {c.dropped_answer_id for c in self.contradictions}
-        self._build()
+        self._rebuild_around(items)
         new = [c for c in self.contradictions if c.dropped_answer_id not in before]
-        own = [c for c in new if c.dropped_answer_id == answer.answer_id]
+        own = [c for c in new if c.dropped_answer_id == answer_id]
         return (own or new or [None])[0]
 
     def remove(self, answer_id: int) -> None:
         """Take an answer out (it was superseded or deleted). Removing an answer that is
-        not applied changes nothing else; removing an applied one rebuilds the set."""
-        answer_id = int(answer_id)
+        not applied changes nothing else; removing an applied one rebuilds its part of
+        the set (:meth:`_rebuild_around`)."""
+        gone = self._take_out(int(answer_id))
+        if gone is not None:
+            self._rebuild_around((gone.i, gone.j))
+
+    def _take_out(self, answer_id: int) -> Answer | None:
+        """Remove an answer from the table; returns it when it was applied (the groups
+        around it must be computed again), None when it was not (nothing else changes:
+        a dropped answer is named only by its own contradiction)."""
         if answer_id not in self._table:
             raise KeyError(f"no answer with id {answer_id}")
-        self._table.remove(answer_id)
-        if answer_id in self._dropped:
-            self._dropped.discard(answer_id)
-            self.contradictions = [c for c in self.contradictions
-                                   if c.dropped_answer_id != answer_id]
-            self._cache.clear()
-            if answer_id == self._max_id:
-                ids = self._table.live()[0]
-                self._max_id = int(ids[-1]) if len(ids) else None
-        else:
-            self._build()
+        gone = self._table.remove(answer_id)
+        self._cache.clear()
+        if answer_id == self._max_id:
+            self._max_id = self._table.max_id()
+        if answer_id not in self._dropped:
+            return gone
+        self._dropped.discard(answer_id)
+        self.contradictions = [c for c in self.contradictions if c.dropped_answer_id != answer_id]
+        return None
 
     def __contains__(self, answer_id: object) -> bool:
         """Whether an answer with this id is in the set (applied or not)."""
@@ -463,9 +601,12 @@ class ConstraintSet:
     def replace(self, old_id: int, answer: Answer) -> Contradiction | None:
         """Supersede answer ``old_id`` by ``answer`` (a newer answer on the same pair).
 
-        When both say the same of the same pair, the old one is applied and no
-        contradiction names it, the groups do not change: the new answer takes its place
-        without a rebuild. Anything else is :meth:`remove` then :meth:`add`.
+        When both say the same of the same pair, the old one is applied and its group
+        holds no end of a dropped answer (so no contradiction names an answer of that
+        group, and none would after a rebuild, which would apply the new answer first),
+        the groups do not change: the new answer takes its place without a rebuild.
+        Anything else (a relabel) rebuilds the part of the set around the pair
+        (:meth:`_rebuild_around`).
         """
         answer = _as_answer(answer, self.n_items)
         old_id = int(old_id)
@@ -473,14 +614,19 @@ class ConstraintSet:
         if ({old.i, old.j} == {answer.i, answer.j} and old.same == answer.same
                 and self._max_id is not None and answer.answer_id > self._max_id
                 and old_id not in self._dropped
-                and not any(old_id in c.answer_ids for c in self.contradictions)):
+                and not self._dirty_roots.intersection((self._uf.find(old.i),
+                                                        self._uf.find(old.j)))):
             self._table.remove(old_id)
             self._table.append(answer)
             self._max_id = answer.answer_id
             self._cache.clear()
             return None
-        self.remove(old_id)
-        return self.add(answer)
+        if answer.answer_id in self._table:
+            raise ValueError(f"duplicate answer_id {answer.answer_id}")
+        self._take_out(old_id)
+        self._table.append(answer)
+        self._max_id = max(answer.answer_id, self._max_id if self._max_id is not None else -1)
+        return self._settle((old.i, old.j, answer.i, answer.j), answer.answer_id)
 
     def warm(self) -> None:
         """Build now what the first incremental :meth:`add` would build (the CL adjacency
@@ -522,7 +668,8 @@ class ConstraintSet:
                            *self._forest_path(a.j, d))
                     return Contradiction(tuple(sorted(ids)), a.answer_id)
                 self._union(ri, rj)
-                self._link(a.i, a.j, a.answer_id, small_side_i=self._uf.find(a.i) != ri)
+                if not probe:  # only the rebuild that builds it reads the forest
+                    self._link(a.i, a.j, a.answer_id, small_side_i=self._uf.find(a.i) != ri)
         else:
             if ri == rj:
                 if probe:
@@ -537,6 +684,9 @@ class ConstraintSet:
 
     def _union(self, ri: int, rj: int) -> None:
         root, gone = self._uf.union_roots(ri, rj)
+        if gone in self._dirty_roots:
+            self._dirty_roots.discard(gone)
+            self._dirty_roots.add(root)
         moved = self._cl_adj.pop(gone, None)
         if not moved:
             return
