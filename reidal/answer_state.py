@@ -13,9 +13,10 @@ applied one rebuilds only the ML components around its images
 
 The store stays the source of truth. Inside each write transaction the state is checked
 against :meth:`~reidal.store.Store.answer_log_version`: answers another process (a
-replica) wrote since are applied from the rows newer than the state's last seq; a
-deletion, exclusion or restore anywhere (the store's answers epoch moved) or a
-re-created collection makes it reload. If the transaction fails after the state moved,
+replica) wrote since are applied from the rows newer than the state's last seq, and
+answers deleted since (DeleteConstraint, a deleted image) from the store's deletion log
+(:meth:`~reidal.store.Store.answer_deletions`); an exclusion, a restore or new vectors
+(an epoch step that logged no deletion) or a re-created collection makes it reload. If the transaction fails after the state moved,
 the state is dropped before this process's next writer of the collection reads it (the
 next call reloads), so it never holds an answer that was not committed.
 
@@ -38,7 +39,7 @@ import numpy as np
 
 from reidal.core.constraints import Answer, ConstraintSet, Contradiction
 from reidal.errors import NotFound
-from reidal.store import AnswerLogVersion, AnswerRow, Store
+from reidal.store import AnswerDeletion, AnswerLogVersion, AnswerRow, Store
 
 
 @dataclass
@@ -83,18 +84,26 @@ class AnswerState:
                 self.constraints.grow(max(64, 2 * self.constraints.n_items))
         return k
 
+    def _constraint(self, r: AnswerRow) -> bool:
+        return not (r.label == "UNSURE" or r.image_a in self.excluded
+                    or r.image_b in self.excluded)
+
     def catch_up(self, rows: Sequence[AnswerRow], supersessions: Iterable[tuple[int, int]],
-                 version: AnswerLogVersion) -> None:
-        """Apply answers newer than the state (in seq order) and the supersessions they
-        made. The constraint set keeps its contradictions those of a full rebuild."""
+                 version: AnswerLogVersion, deleted: Iterable[int] = (),
+                 restored: Sequence[AnswerRow] = ()) -> None:
+        """Move the state to ``version``: apply the answers newer than the state (``rows``,
+        in seq order) and the supersessions they made, take out the answers ``deleted``
+        since (the store's :meth:`~reidal.store.Store.answer_deletions`), and put back the
+        answers those deletions made current again that still are (``restored``). The
+        constraint set keeps its contradictions those of a full rebuild."""
         cs = self.constraints
         superseded: dict[int, list[int]] = {}
         for old, new in supersessions:
             superseded.setdefault(new, []).append(old)
+        gone = set(deleted)
         for r in rows:  # one step per new answer
             olds = [old for old in superseded.get(r.seq, ()) if old in cs]
-            constraint = not (r.label == "UNSURE" or r.image_a in self.excluded
-                              or r.image_b in self.excluded)
+            constraint = r.seq not in gone and self._constraint(r)
             if constraint:
                 i, j = self._item(r.image_a), self._item(r.image_b)
                 answer = Answer(i, j, r.label == "SAME", r.seq)
@@ -107,6 +116,13 @@ class AnswerState:
             else:
                 for old in olds:
                     cs.remove(old)
+        for seq in sorted(gone):  # one step per deleted answer
+            if seq in cs:
+                cs.remove(seq)
+        for r in restored:
+            if r.seq not in cs and self._constraint(r):
+                cs.add(Answer(self._item(r.image_a), self._item(r.image_b), r.label == "SAME",
+                              r.seq))
         self.version = version
 
     def contradictions_with(self, seqs: Iterable[int]) -> list[Contradiction]:
@@ -146,13 +162,12 @@ class AnswerStates:
         docs/benchmarks.md), and inside the transaction it held the collection's writers
         everywhere and, on SQLite, every store call of the process. Only answers up to
         the log version read first are loaded; what is committed after it (new answers,
-        supersessions by them) is caught up by :meth:`sync` inside the transaction, and
-        a deletion or exclusion since (the epoch moved) makes :meth:`sync` load again."""
+        supersessions by them, deletions) is caught up by :meth:`sync` inside the
+        transaction, and an exclusion since makes :meth:`sync` load again."""
         version = store.answer_log_version(collection_id)
         with self._guard:
             state = self._states.get(collection_id)
-        if state is not None and (state.version.created_at, state.version.epoch) == (
-                version.created_at, version.epoch) and state.max_seq <= version.max_seq:
+        if _deletions_since(store, collection_id, state, version) is not None:
             return None
         state = AnswerState.load(store, collection_id, version)
         with self._guard:
@@ -170,12 +185,17 @@ class AnswerStates:
             raise
         with self._guard:
             state = self._states.get(collection_id)
-        if (state is None or (state.version.created_at, state.version.epoch)
-                != (version.created_at, version.epoch) or state.max_seq > version.max_seq):
+        deletions = _deletions_since(store, collection_id, state, version)
+        if state is None or deletions is None:
             state = AnswerState.load(store, collection_id, version)
-        elif state.max_seq < version.max_seq:
+        elif state.max_seq < version.max_seq or deletions:
+            back = [d.restored for d in deletions if d.restored is not None]
             state.catch_up(store.answer_rows(collection_id, after_seq=state.max_seq),
-                           store.supersessions_after(collection_id, state.max_seq), version)
+                           store.supersessions_after(collection_id, state.max_seq), version,
+                           deleted=[d.seq for d in deletions],
+                           restored=[AnswerRow(a.seq, a.image_a, a.image_b, a.label)
+                                     for a in store.answers_by_seq(collection_id, back).values()
+                                     if a.superseded_by is None and not a.deleted])
         with self._guard:
             self._states[collection_id] = state
         return state
@@ -183,6 +203,23 @@ class AnswerStates:
     def forget(self, collection_id: str) -> None:
         with self._guard:
             self._states.pop(collection_id, None)
+
+
+def _deletions_since(store: Store, collection_id: str, state: AnswerState | None,
+                     version: AnswerLogVersion) -> list[AnswerDeletion] | None:
+    """What moves ``state`` to ``version`` besides new answers: the deletions logged since
+    its epoch ([] when the epoch is the same), or None when it must be loaded again (no
+    state, a re-created collection, a newer state than the store (a rolled-back write),
+    or an epoch step that logged no deletion: an exclusion, a restore, new vectors)."""
+    if (state is None or state.version.created_at != version.created_at
+            or state.max_seq > version.max_seq):
+        return None
+    if state.version.epoch == version.epoch:
+        return []
+    log = [d for d in store.answer_deletions(collection_id, state.version.epoch)
+           if d.epoch <= version.epoch]
+    steps = set(range(state.version.epoch + 1, version.epoch + 1))
+    return log if {d.epoch for d in log} == steps else None
 
 
 _STATES: weakref.WeakKeyDictionary[Store, AnswerStates] = weakref.WeakKeyDictionary()

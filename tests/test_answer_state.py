@@ -7,6 +7,7 @@ involve its answers.
 """
 
 import itertools
+import random
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -178,3 +179,66 @@ def test_a_state_built_before_the_transaction_catches_up_with_what_came_after(
     mine = submit(store, cid, as_submissions([(0, 2, "SAME"), (3, 1, "SAME")]))
     assert reported(mine) == reference(store, cid, mine.seqs)
     assert states.sync(store, cid) is built  # caught up, never reloaded
+
+
+def state_of(store: Store, cid: str) -> list[tuple[tuple[int, ...], int]]:
+    cs = answer_states(store).sync(store, cid).constraints
+    return [(c.answer_ids, c.dropped_answer_id) for c in cs.contradictions]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_relabels_and_deletes_move_the_state_without_reloading_it(store, store_target, seed):
+    """Seeded random submits (some on pairs already answered, with the other label),
+    DeleteConstraint-style deletions and deleted images, some through another store handle
+    (another process): after every step the kept state equals a rebuild from the store,
+    every reply reports what the rebuild reports, and the state was never loaded again
+    nor rebuilt as a whole (relabels and deletions rebuild only their part)."""
+    rng = random.Random(seed)
+    cid = f"r{seed}-{next(_names)}"
+    images = [f"x{k}" for k in range(24)]
+    store.create_collection(cid)
+    store.add_images(cid, [ImageRecord(i) for i in images])
+    other = Store.open(store_target)
+    try:
+        first = submit(store, cid, [AnswerSubmission("SAME", image_a="x0", image_b="x1")])
+        state = answer_states(store).sync(store, cid)
+        full_builds = state.constraints.rebuilds
+        answered: list[tuple[str, str]] = [("x0", "x1")]
+        seqs = list(first.seqs)
+        alive = list(images)
+        contradicted = 0  # steps after which the collection held a contradiction
+        for _ in range(50):
+            handle = other if rng.random() < 0.25 else store
+            roll = rng.random()
+            if roll < 0.15 and seqs:
+                seq = rng.choice(seqs)
+                if not store.answer(cid, seq).deleted:
+                    handle.delete_answer(cid, seq)
+            elif roll < 0.2 and len(alive) > 12:
+                gone = alive.pop(rng.randrange(len(alive)))
+                handle.delete_image(cid, gone)
+                answered = [p for p in answered if gone not in p]
+            else:
+                calls = []
+                for _ in range(rng.randint(1, 3)):
+                    if answered and rng.random() < 0.4:
+                        a, b = rng.choice(answered)  # a revision, mostly a relabel
+                    else:  # mostly inside groups of 6, so contradictions form
+                        g = rng.randrange(len(alive) // 6) * 6
+                        a, b = rng.sample(alive[g:g + 6], 2)
+                        answered.append((a, b))
+                    label = rng.choice(["SAME", "SAME", "DIFFERENT", "UNSURE"])
+                    calls.append(AnswerSubmission(label, image_a=a, image_b=b))
+                out = submit(handle, cid, calls)
+                seqs += out.seqs
+                if handle is store:
+                    assert reported(out) == reference(store, cid, out.seqs)
+            rebuilt = [(c.answer_ids, c.dropped_answer_id)
+                       for c in current_contradictions(store, cid)]
+            assert state_of(store, cid) == rebuilt
+            contradicted += bool(rebuilt)
+        kept = answer_states(store).sync(store, cid)
+        assert kept is state and kept.constraints.rebuilds == full_builds
+        assert kept.constraints.local_rebuilds > 0 and contradicted > 5
+    finally:
+        other.close()

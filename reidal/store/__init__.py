@@ -44,6 +44,7 @@ from reidal.store.records import (
     JOB_SUCCEEDED,
     LABELS,
     OPERATION_STATES,
+    AnswerDeletion,
     AnswerIn,
     AnswerLogVersion,
     AnswerRow,
@@ -69,7 +70,7 @@ class Store(AnswersStore, BatchesStore, OperationsStore, JobsStore):
 __all__ = [
     "ANSWERS_EPOCH", "JOB_CANCELLED", "JOB_FAILED", "JOB_FINAL_STATES", "JOB_QUEUED",
     "JOB_RUNNING", "JOB_SUCCEEDED", "LABELS", "OPERATION_STATES", "SCHEMA_VERSION",
-    "AnswerIn", "AnswerLogVersion", "AnswerRow", "BatchDraft", "BatchRecord", "Collection",
+    "AnswerDeletion", "AnswerIn", "AnswerLogVersion", "AnswerRow", "BatchDraft", "BatchRecord", "Collection",
     "ImageRecord", "ImageRow", "ImageSource", "OperationRecord", "PairRecord", "Store",
     "StoredAnswer", "TrainingJobRecord", "is_database_url", "redact_url",
 ]

@@ -20,6 +20,7 @@ from reidal.store.images import ImagesStore
 from reidal.store.records import (
     ANSWERS_EPOCH,
     LABELS,
+    AnswerDeletion,
     AnswerIn,
     AnswerLogVersion,
     AnswerRow,
@@ -214,7 +215,8 @@ class AnswersStore(ImagesStore):
                 cur = db.execute("UPDATE answers SET superseded_by = NULL WHERE seq = ?"
                                  " AND superseded_by IS NOT NULL", (prev,))
                 restored = int(prev) if cur.rowcount else None
-            self._bump_answers_epoch(db, collection_id)
+            epoch = self._bump_answers_epoch(db, collection_id)
+            self._log_deletions(db, collection_id, epoch, "seq = ?", (seq,), restored)
             self._audit(db, collection_id, "delete_answer", actor, {"seq": seq, "reason": reason})
         return restored
 
@@ -250,6 +252,15 @@ class AnswersStore(ImagesStore):
         rows = self._query("SELECT seq, image_a, image_b, label FROM answers"
                            f" WHERE collection_id = ?{sql} ORDER BY seq", (collection_id, *args))
         return [AnswerRow._make(r) for r in rows]
+
+    def answer_deletions(self, collection_id: str, after_epoch: int) -> list[AnswerDeletion]:
+        """The answers retired at the epochs after ``after_epoch``, by epoch (an epoch
+        step that retired none, e.g. an exclusion, has no row: a cached state reloads)."""
+        rows = self._query("SELECT epoch, seq, restored FROM answer_deletions"
+                           " WHERE collection_id = ? AND epoch > ? ORDER BY epoch, seq",
+                           (collection_id, int(after_epoch)))
+        return [AnswerDeletion(int(r[0]), int(r[1]), None if r[2] is None else int(r[2]))
+                for r in rows]
 
     def supersessions_after(self, collection_id: str, after_seq: int) -> list[tuple[int, int]]:
         """(superseded seq, superseding seq) for the answers newer than ``after_seq`` that

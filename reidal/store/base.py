@@ -103,10 +103,25 @@ class StoreBase:
             (collection_id, action, actor, json.dumps(detail, sort_keys=True), timestamp()),
         )
 
-    def _bump_answers_epoch(self, db: Tx, collection_id: str) -> None:
-        db.execute("INSERT INTO counters (collection_id, name, value) VALUES (?, ?, 1)"
-                   " ON CONFLICT (collection_id, name) DO UPDATE SET value = counters.value + 1",
-                   (collection_id, ANSWERS_EPOCH))
+    def _bump_answers_epoch(self, db: Tx, collection_id: str) -> int:
+        """Move the collection's answers epoch on (cached answer states reload, or apply
+        what :meth:`_log_deletions` logged for it); returns the new epoch."""
+        return int(db.execute(
+            "INSERT INTO counters (collection_id, name, value) VALUES (?, ?, 1)"
+            " ON CONFLICT (collection_id, name) DO UPDATE SET value = counters.value + 1"
+            " RETURNING value", (collection_id, ANSWERS_EPOCH)).fetchall()[0][0])
+
+    @staticmethod
+    def _log_deletions(db: Tx, collection_id: str, epoch: int, where: str,
+                       args: Sequence[Any], restored: int | None = None) -> None:
+        """Log the answers ``where`` selects as retired at ``epoch``, or seq -1 when it
+        selects none (see :class:`~reidal.store.records.AnswerDeletion`)."""
+        cur = db.execute("INSERT INTO answer_deletions (collection_id, epoch, seq, restored)"
+                         " SELECT collection_id, ?, seq, ? FROM answers WHERE collection_id = ?"
+                         f" AND ({where})", (epoch, restored, collection_id, *args))
+        if cur.rowcount == 0:
+            db.execute("INSERT INTO answer_deletions (collection_id, epoch, seq) VALUES (?, ?, -1)",
+                       (collection_id, epoch))
 
     @staticmethod
     def _id_chunks(ids: Iterable[Any], size: int = 500) -> list[tuple[str, list[Any]]]:

@@ -206,11 +206,14 @@ class ImagesStore(CollectionsStore):
             for table in ("image_sources", "vectors", "identities"):
                 db.execute(f"DELETE FROM {table} WHERE collection_id = ? AND image_id = ?",
                            (collection_id, image_id))
+            epoch = self._bump_answers_epoch(db, collection_id)
+            self._log_deletions(db, collection_id, epoch,
+                                "(image_a = ? OR image_b = ?) AND deleted_at IS NULL",
+                                (image_id, image_id))
             retired = db.execute(
                 "UPDATE answers SET deleted_at = ?, deleted_by = ? WHERE collection_id = ?"
                 " AND (image_a = ? OR image_b = ?) AND deleted_at IS NULL",
                 (timestamp(), actor, collection_id, image_id, image_id)).rowcount
-            self._bump_answers_epoch(db, collection_id)
             self._audit(db, collection_id, "delete_image", actor,
                         {"image_id": image_id, "answers_retired": retired})
         return int(retired)

@@ -115,6 +115,16 @@ class AnswerLogVersion:
     max_seq: int
 
 
+class AnswerDeletion(NamedTuple):
+    """One answer retired at one step of :data:`ANSWERS_EPOCH` (DeleteConstraint, or a
+    deleted image's answers; seq -1: that step retired none), and the answer of its pair
+    that the deletion made current again (None: none)."""
+
+    epoch: int
+    seq: int
+    restored: int | None
+
+
 class AnswerRow(NamedTuple):
     """The part of an answer the constraint state needs (a tuple: a million load fast)."""
 

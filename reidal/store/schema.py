@@ -6,7 +6,7 @@ from __future__ import annotations
 from reidal.store.backend import Tx
 
 #: Version of the schema below, recorded in ``meta``; a newer store opens an older file.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -153,6 +153,16 @@ CREATE TABLE IF NOT EXISTS batch_requests (
     PRIMARY KEY (collection_id, request_id),
     FOREIGN KEY (collection_id, batch_id) REFERENCES batches (collection_id, batch_id)
         ON DELETE CASCADE
+);
+-- Schema 7: the answers each step of the answers epoch retired (a deleted answer, a deleted
+-- image's answers) and the answer a deletion made current again, so a process's answer
+-- state (reidal.answer_state) applies a deletion instead of loading every answer again.
+CREATE TABLE IF NOT EXISTS answer_deletions (
+    collection_id TEXT NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    restored INTEGER,
+    PRIMARY KEY (collection_id, epoch, seq)
 );
 CREATE INDEX IF NOT EXISTS images_by_seq ON images (collection_id, seq);
 CREATE INDEX IF NOT EXISTS batch_pairs_by_batch ON batch_pairs (collection_id, batch_id, position);
