@@ -1,11 +1,13 @@
-"""Calibrated clustering and AAS continued in the server's cycle, over real gRPC.
+"""Calibrated clustering, AAS continued and AAS's U_os similarity in the server's cycle,
+over real gRPC.
 
 A real server (collections, sampling, constraints; real SQLite) on loopback, driven by the
 Python client. The vectors are the caller's own (PutVectors), so no Triton is needed: a
 dozen tight, noisy clusters. Checked: a calibrated collection's batches report the values
 chosen from the data (not the fixed defaults) and re-chosen once answers arrive; values the
-user set are kept; ``aas-continued`` asks exactly AAS's pairs, then fills the budget; bad
-values are INVALID_ARGUMENT naming them.
+user set are kept; ``aas-continued`` asks exactly AAS's pairs, then fills the budget;
+``os_similarity`` is stored (default the paper's "jaccard") and changes the server's U_os
+pool; bad values are INVALID_ARGUMENT naming them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pytest
 from _services_support import pictures
 
 from reidal.serve import serve
+from reidal.simulation.synthetic import make_reid_embeddings
 from reidal_client import ClusteringParams, InvalidArgument, ReidalClient, SamplingParams
 
 MODEL = "caller-vectors"
@@ -140,11 +143,42 @@ def test_aas_continued_asks_aas_pairs_then_fills_the_allowance(client):
     assert len(asked) == budget  # no pair twice
 
 
+def test_os_similarity_is_stored_and_used_by_the_server_sampler(client):
+    """The same caller vectors in two collections, one at the default similarity (the
+    paper's Jaccard, under which these vectors' region medoids share no k-reciprocal
+    neighbours: U_os is empty) and one at "cosine" (U_os pairs medoids by embedding cosine,
+    each at least s_min apart). GetCollection echoes what is stored."""
+    pics = pictures(16, 5)
+    ids = [p.image_id for p in pics]
+    X = make_reid_embeddings(16, images_per_identity=5, dim=32, seed=1).X
+    batches = {}
+    for cid, sampling in (("os-paper", None),
+                          ("os-cosine", SamplingParams(os_similarity="cosine"))):
+        client.create_collection(cid, model=MODEL, sampling=sampling,
+                                 clustering=ClusteringParams(k1=6, k2=2, min_samples=2))
+        client.add_images(cid, [(p.image_id, p.png) for p in pics], defer_embedding=True)
+        client.put_vectors(cid, ids, X, model=MODEL)
+        batches[cid] = client.get_query_pairs(cid, budget=500)
+    assert client.get_collection("os-paper").sampling.os_similarity == "jaccard"
+    assert client.get_collection("os-cosine").sampling.os_similarity == "cosine"
+    paper, cosine = batches["os-paper"], batches["os-cosine"]
+    assert {p.pool for p in paper.pairs} == {"U_us"}
+    os_pairs = [(p.image_a, p.image_b) for p in cosine.pairs if p.pool == "U_os"]
+    assert os_pairs, "cosine must find the U_os pairs Jaccard cannot"
+    unit = X / np.linalg.norm(X, axis=1, keepdims=True)
+    row = {i: k for k, i in enumerate(ids)}
+    assert all(unit[row[a]] @ unit[row[b]] >= 0.3 - 1e-5 for a, b in os_pairs)  # s_min
+    assert sorted((p.image_a, p.image_b) for p in cosine.pairs if p.pool == "U_us") == \
+        sorted((p.image_a, p.image_b) for p in paper.pairs)  # U_us does not depend on it
+
+
 @pytest.mark.parametrize(("clustering", "sampling", "message"), [
     (ClusteringParams(mode="adaptive"), None, "mode must be one of .*got 'adaptive'"),
     (ClusteringParams(mode="calibrated", dbscan_eps=1.5), None, "eps"),
     (ClusteringParams(finch_level=9), None, "finch_level"),
     (None, SamplingParams(sampler="nis"), "sampler must be one of .*got 'nis'"),
+    (None, SamplingParams(os_similarity="dot"),
+     "os_similarity must be one of 'jaccard', 'cosine', got 'dot'"),
 ])
 def test_bad_modes_and_samplers_are_invalid_argument(client, clustering, sampling, message):
     with pytest.raises(InvalidArgument, match=message):
@@ -173,9 +207,12 @@ def test_cli_creates_a_calibrated_collection_and_prints_the_chosen_values(client
 
 def test_cli_choices_match_the_server():
     from reidal import cli, collection_state
+    from reidal.cli import common
+    from reidal.core import params
 
     assert cli.CLUSTERING_MODES == collection_state.CLUSTERING_MODES
     assert cli.SAMPLERS == collection_state.SAMPLERS
+    assert common.OS_SIMILARITIES == params.OS_SIMILARITIES
 
 
 def test_the_choice_is_stored_with_the_batch_in_postgresql(postgres_url, tmp_path):

@@ -8,7 +8,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from reidal.cli.common import CLUSTERING_MODES, SAMPLERS, CliError, connect, out, table
+from reidal.cli.common import (
+    CLUSTERING_MODES,
+    OS_SIMILARITIES,
+    SAMPLERS,
+    CliError,
+    connect,
+    out,
+    table,
+)
 
 #: Files `reidal ingest FOLDER` picks up (what the embedding service decodes).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
@@ -33,7 +41,8 @@ def _show_collection(c: Any) -> None:
                 ("k2", cl.k2), ("finch_level", cl.finch_level)) if v is not None)
             + (" (the rest chosen every cycle)" if cl.mode == "calibrated" else "")),
         ("sampling", f"{s.sampler or 'aas'}: mixture_eps={s.mixture_eps:g} k_max={s.k_max} "
-                     f"s_min={s.s_min:g} seed={s.seed} default_budget={budget}"),
+                     f"s_min={s.s_min:g} os_similarity={s.os_similarity or 'jaccard'} "
+                     f"seed={s.seed} default_budget={budget}"),
         ("created", c.created_at.isoformat(timespec="seconds") if c.created_at else "-"),
     ]
     for key, value in rows:
@@ -47,7 +56,8 @@ def _collection_create(args: argparse.Namespace) -> int:
                                   k1=args.k1, k2=args.k2, finch_level=args.finch_level,
                                   mode=args.clustering)
     sampling = SamplingParams(seed=args.seed, default_budget=parse_budget(args.default_budget)
-                              if args.default_budget else None, sampler=args.sampler)
+                              if args.default_budget else None, sampler=args.sampler,
+                              os_similarity=args.os_similarity)
     with connect(args) as client:
         col = client.create_collection(args.collection, species=args.species,
                                        model=args.model, clustering=clustering,
@@ -190,6 +200,9 @@ def add_commands(sub: Any, client: argparse.ArgumentParser) -> None:
     create.add_argument("--sampler", default="", choices=SAMPLERS,
                         help="'aas' (default, the paper's) or 'aas-continued' (AAS, then "
                              "the pairs nearest DBSCAN's eps fill the budget)")
+    create.add_argument("--os-similarity", default="", choices=OS_SIMILARITIES,
+                        help="what AAS's over-segmentation pool ranks region medoids by: "
+                             "'jaccard' (default, the paper's) or 'cosine'")
     create.add_argument("--seed", type=int, default=None, help="sampling seed (default 0)")
     create.add_argument("--default-budget", default=None, metavar="N|FRACTION",
                         help="budget of `reidal pairs` without --budget (default 0.0002)")

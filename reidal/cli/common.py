@@ -27,10 +27,12 @@ SERVER_ENV = "REIDAL_SERVER"
 #: Environment variable holding the access token of the client commands.
 TOKEN_ENV = "REIDAL_TOKEN"
 DEFAULT_SERVER = "127.0.0.1:50051"
-#: ClusteringParams.mode and SamplingParams.sampler values (reidal.collection_state's, kept
-#: here so building the parser imports no algorithm; test_cli_choices_match_the_server's).
+#: ClusteringParams.mode, SamplingParams.sampler and SamplingParams.os_similarity values
+#: (reidal.core.params' and reidal.collection_state's, kept here so building the parser
+#: imports no algorithm; test_cli_choices_match_the_server's).
 CLUSTERING_MODES = ("fixed", "calibrated")
 SAMPLERS = ("aas", "aas-continued")
+OS_SIMILARITIES = ("jaccard", "cosine")
 
 
 class CliError(Exception):

@@ -22,7 +22,10 @@ from reidal.core.aas_regions import (
     region_pairs,
 )
 from reidal.core.neighbors import knn
-from reidal.core.params import SAMPLING
+from reidal.core.params import (  # noqa: F401 - OS_SIMILARITIES: re-exported
+    OS_SIMILARITIES,
+    SAMPLING,
+)
 from reidal.core.validation import check_labels
 
 TypeWeights = str | Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -52,11 +55,6 @@ class PairPool(NamedTuple):
 
 
 # --------------------------------------------------------------------------- pools
-
-
-#: What U_os ranks medoid pairs by (AAS ``os_similarity``): the paper's "jaccard" (SpCL's
-#: 1 - k-reciprocal Jaccard distance) or "cosine" of the embeddings (OURS option).
-OS_SIMILARITIES = ("jaccard", "cosine")
 
 
 def _medoid_cosine_block(medoids: np.ndarray, X: np.ndarray, k_max: int

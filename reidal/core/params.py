@@ -30,6 +30,9 @@ from reidal.core.validation import Constraint, Interval, OneOf, check_params
 CLUSTERING_MODES = ("fixed", "calibrated")
 #: The deepest FINCH level a collection may fix, and the deepest the calibration tries.
 MAX_FINCH_LEVEL = 4
+#: What AAS's U_os ranks region medoid pairs by (SamplingParams.os_similarity): "jaccard"
+#: (the paper's) or (OURS) "cosine".
+OS_SIMILARITIES = ("jaccard", "cosine")
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,8 @@ class SamplingParams:
     names no budget, ``{"count": k}`` or ``{"fraction": f}`` (the paper: 0.02 % a cycle).
     """
 
-    _constraints: ClassVar[dict[str, Any]] = {"seed": Interval(0, None, integer=True)}
+    _constraints: ClassVar[dict[str, Any]] = {"seed": Interval(0, None, integer=True),
+                                              "os_similarity": OneOf(OS_SIMILARITIES)}
 
     sampler: str = "aas"
     mixture_eps: float = 0.6

@@ -24,9 +24,14 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from reidal.core.aas_pools import OS_SIMILARITIES
 from reidal.core.clustering import DBSCANJaccard
-from reidal.core.params import CHOICE_NAMES, CLUSTERING, CLUSTERING_MODES, SAMPLING
+from reidal.core.params import (
+    CHOICE_NAMES,
+    CLUSTERING,
+    CLUSTERING_MODES,
+    OS_SIMILARITIES,
+    SAMPLING,
+)
 from reidal.core.samplers import SAMPLERS as REGISTERED_SAMPLERS
 from reidal.core.validation import Constraint, InstanceOf, Interval, OneOf, SubsetOf, check_params
 from reidal.training.pseudo_labels import SpCLPseudoLabeler

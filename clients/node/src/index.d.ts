@@ -44,6 +44,7 @@ export interface ClusteringParams { dbscanEps?: number; minSamples?: number; k1?
 export interface SamplingParams {
   mixtureEps?: number; kMax?: number; sMin?: number; typeWeights?: string;
   regionWeights?: string; pairWeights?: string; seed?: number; defaultBudget?: Budget;
+  sampler?: string; osSimilarity?: string;
 }
 export interface ImageFilter {
   metadata?: Record<string, string>; dateKey?: string; dateFrom?: string; dateTo?: string;

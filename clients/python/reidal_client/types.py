@@ -183,13 +183,16 @@ class SamplingParams:
     default_budget: int | float | None = None
     #: "aas" (the paper's) or "aas-continued" (AAS, then the continuation fills the budget)
     sampler: str = ""
+    #: what U_os ranks medoid pairs by: "jaccard" (the paper's) or "cosine"
+    os_similarity: str = ""
 
     def to_pb(self) -> collections_pb2.SamplingParams:
         scalars = {k: getattr(self, k) for k in ("mixture_eps", "k_max", "s_min", "seed")
                    if getattr(self, k) is not None}
         msg = collections_pb2.SamplingParams(
             type_weights=self.type_weights, region_weights=self.region_weights,
-            pair_weights=self.pair_weights, sampler=self.sampler, **scalars)
+            pair_weights=self.pair_weights, sampler=self.sampler,
+            os_similarity=self.os_similarity, **scalars)
         budget = budget_pb(self.default_budget)
         if budget is not None:
             msg.default_budget.CopyFrom(budget)
@@ -203,7 +206,8 @@ class SamplingParams:
             type_weights=msg.type_weights, region_weights=msg.region_weights,
             pair_weights=msg.pair_weights,
             default_budget=budget_of(msg.default_budget)
-            if msg.HasField("default_budget") else None, sampler=msg.sampler)
+            if msg.HasField("default_budget") else None, sampler=msg.sampler,
+            os_similarity=msg.os_similarity)
 
 
 # ---------------------------------------------------------------------- collections
