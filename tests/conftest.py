@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
+from _image_build import BUILD_KEY, IMAGE, ImageBuild, image_tests_last, wanted
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -21,6 +22,30 @@ if TYPE_CHECKING:
     from reidal.embedding.model import EmbeddingNet
     from reidal.embedding.spec import ModelSpec
     from reidal.embedding.triton_server import TritonServer
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    image_tests_last(items)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start `make image` now when `make test` asked for it (REIDAL_IMAGE_BUILD=1), so it
+    runs beside the suite; test_image.py, run last, waits for it."""
+    config = session.config
+    if config.option.collectonly or not wanted(session.items):
+        return
+    build = ImageBuild.start(IMAGE)
+    config.stash[BUILD_KEY] = build
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"building {IMAGE} in the background for test_image.py "
+                            f"(make image, log: {build.log})")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    build = session.config.stash.get(BUILD_KEY, None)
+    if build is not None:
+        build.stop()
+
 
 #: max_batch_size of the test model: small, so tests of batch splitting stay cheap.
 TEST_MAX_BATCH_SIZE = 8

@@ -10,10 +10,12 @@ the image as its user, so the image's Python, packages and Triton are what serve
 `podman run` is not used: its OCI runtime cannot start containers on this project's CI
 machines (setrlimit is refused), while mount + chroot needs only root.
 
-Skipped, with the reason, when not root, without podman / unshare / chroot, or when the
-image ($REIDAL_IMAGE, default reidal:dev) has not been built: `make image` builds it
-(docs/deployment.md, "Building the image"); `make test` runs `make image` first where
-podman can be installed.
+The image is $REIDAL_IMAGE (default reidal:dev). `make test` builds it: conftest.py starts
+`make image` in the background when collection ends and runs these tests last, after
+waiting for it (tests/_image_build.py; docs/deployment.md, "Building the image"). A failed
+build fails the test. Skipped, with the reason, when not root, when podman / debootstrap
+cannot be installed for the build, without unshare / chroot, or (outside `make test`,
+which builds it) when the image does not exist.
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from _image_build import BUILD_KEY, IMAGE
 from _services_support import SMALL_CLUSTERING, pictures
 
 from reidal.embedding.triton_server import free_ports
 
-IMAGE = os.environ.get("REIDAL_IMAGE", "reidal:dev")
+#: How long the image test waits for the session's `make image` (from its start): a cold
+#: build took 6 to 10 minutes here beside the suite.
+BUILD_TIMEOUT_S = 1800
 #: A training job small enough for a test (TrainingConfig fields).
 TINY_TRAINING = dict(epochs=1, iters_per_epoch=2, num_identities=4, num_instances=2,
                      min_samples=2, k1=6, k2=2)
@@ -61,9 +66,12 @@ class RunningImage:
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory) -> Iterator[RunningImage]:
+def image(request, tmp_path_factory) -> Iterator[RunningImage]:
     if os.geteuid() != 0:
         pytest.skip("running an image's root file system under chroot needs root")
+    build = request.config.stash.get(BUILD_KEY, None)
+    if build is not None:
+        build.wait(BUILD_TIMEOUT_S)  # fails when the build failed
     missing = [t for t in ("podman", "unshare", "chroot", "mount") if not shutil.which(t)]
     if missing:
         pytest.skip(f"{', '.join(missing)} not found (make image installs podman as root)")
@@ -129,6 +137,8 @@ def image(tmp_path_factory) -> Iterator[RunningImage]:
         _podman("image", "unmount", IMAGE)
 
 
+# The first test waits for the session's image build (BUILD_TIMEOUT_S) in its setup.
+@pytest.mark.timeout(BUILD_TIMEOUT_S + 600)
 def test_the_image_serves_the_whole_loop(image):
     import psutil
 
