@@ -129,9 +129,9 @@ class Server:
 
 def answer_collection(store: Store, cid: str, stored: int, rng: np.random.Generator) -> None:
     """A collection of ANSWER_IMAGES images holding ``stored`` answers (direct INSERT)."""
-    store.create_collection(cid)
+    store.collections.create(cid)
     ids = [f"{cid}-{k:06d}" for k in range(ANSWER_IMAGES)]
-    store.add_images(cid, [ImageRecord(i) for i in ids])
+    store.images.add(cid, [ImageRecord(i) for i in ids])
     if not stored:
         return
     identity = np.arange(ANSWER_IMAGES) // PER_IDENTITY
@@ -143,7 +143,7 @@ def answer_collection(store: Store, cid: str, stored: int, rng: np.random.Genera
     now = time.time()
     rows = [(cid, ids[a], ids[b], "SAME" if s else "DIFFERENT", "prefill", now)
             for (a, b), s in zip(pairs.tolist(), same.tolist(), strict=True)]
-    with store._tx(cid) as db:  # noqa: SLF001 - the documented direct pre-fill
+    with store.db.tx(cid) as db:  # the documented direct pre-fill
         db.executemany("INSERT INTO answers (collection_id, image_a, image_b, label,"
                        " annotator, received_at) VALUES (?, ?, ?, ?, ?, ?)", rows)
 
@@ -152,10 +152,10 @@ def reads_collection(store: Store, n: int) -> list[str]:
     data = make_reid_embeddings(n_identities=max(2, n // 10), dim=64, seed=0)
     X = data.X[:n].astype(np.float32)
     ids = [f"r{k:06d}" for k in range(len(X))]
-    store.create_collection(READS_COLLECTION, model_name="bench", model_version="1",
-                            params=effective_params(None, None))
-    store.add_images(READS_COLLECTION, [ImageRecord(i) for i in ids])
-    store.put_vectors(READS_COLLECTION, "bench", "1", ids, X)
+    store.collections.create(READS_COLLECTION, model_name="bench", model_version="1",
+                             params=effective_params(None, None))
+    store.images.add(READS_COLLECTION, [ImageRecord(i) for i in ids])
+    store.images.put_vectors(READS_COLLECTION, "bench", "1", ids, X)
     return ids
 
 

@@ -51,17 +51,17 @@ def main(argv: list[str] | None = None) -> int:
         store = Store(Path(tmp) / "data")  # what a restarted process opens
         parts: dict[str, float] = {}
         t = time.perf_counter()
-        version = store.answer_log_version("a")
-        excluded = frozenset(store.excluded_images("a"))
+        version = store.answers.log_version("a")
+        excluded = frozenset(store.images.excluded("a"))
         parts["version + excluded images"] = time.perf_counter() - t
         t = time.perf_counter()
-        store._query(  # noqa: SLF001 - the bare SQL of answer_rows, to split its cost
+        store.db.query(  # the bare SQL of answers.rows, to split its cost
             "SELECT seq, image_a, image_b, label FROM answers WHERE collection_id = ?"
             " AND superseded_by IS NULL AND deleted_at IS NULL ORDER BY seq", ("a",))
         parts["SQL fetch of the current answers"] = time.perf_counter() - t
         t = time.perf_counter()
-        rows = store.answer_rows("a")
-        parts["answer_rows (SQL + one AnswerRow each)"] = time.perf_counter() - t
+        rows = store.answers.rows("a")
+        parts["answers.rows (SQL + one AnswerRow each)"] = time.perf_counter() - t
         t = time.perf_counter()
         kept = [r for r in rows if r.label != "UNSURE"
                 and r.image_a not in excluded and r.image_b not in excluded]

@@ -12,10 +12,10 @@ applied one rebuilds only the ML components around its images
 (:meth:`~reidal.core.constraints.ConstraintSet._rebuild_around`).
 
 The store stays the source of truth. Inside each write transaction the state is checked
-against :meth:`~reidal.store.Store.answer_log_version`: answers another process (a
+against :meth:`~reidal.store.answers.Answers.log_version`: answers another process (a
 replica) wrote since are applied from the rows newer than the state's last seq, and
 answers deleted since (DeleteConstraint, a deleted image) from the store's deletion log
-(:meth:`~reidal.store.Store.answer_deletions`); an exclusion, a restore or new vectors
+(:meth:`~reidal.store.answers.Answers.deletions`); an exclusion, a restore or new vectors
 (an epoch step that logged no deletion) or a re-created collection makes it reload. If the transaction fails after the state moved,
 the state is dropped before this process's next writer of the collection reads it (the
 next call reloads), so it never holds an answer that was not committed.
@@ -58,10 +58,10 @@ class AnswerState:
     @classmethod
     def load(cls, store: Store, collection_id: str, version: AnswerLogVersion) -> AnswerState:
         """Build from the store's current answers (once per process, or after a reload)."""
-        excluded = frozenset(store.excluded_images(collection_id))
+        excluded = frozenset(store.images.excluded(collection_id))
         # answers newer than ``version`` (committed since it was read, when this runs
         # outside a transaction: :meth:`AnswerStates.prepare`) are left to catch_up
-        rows = [r for r in store.answer_rows(collection_id) if r.seq <= version.max_seq
+        rows = [r for r in store.answers.rows(collection_id) if r.seq <= version.max_seq
                 and r.label != "UNSURE" and r.image_a not in excluded
                 and r.image_b not in excluded]
         seq, a_ids, b_ids, labels = (list(col) for col in zip(*rows, strict=True)) \
@@ -93,7 +93,7 @@ class AnswerState:
                  restored: Sequence[AnswerRow] = ()) -> None:
         """Move the state to ``version``: apply the answers newer than the state (``rows``,
         in seq order) and the supersessions they made, take out the answers ``deleted``
-        since (the store's :meth:`~reidal.store.Store.answer_deletions`), and put back the
+        since (the store's :meth:`~reidal.store.answers.Answers.deletions`), and put back the
         answers those deletions made current again that still are (``restored``). The
         constraint set keeps its contradictions those of a full rebuild."""
         cs = self.constraints
@@ -164,7 +164,7 @@ class AnswerStates:
         the log version read first are loaded; what is committed after it (new answers,
         supersessions by them, deletions) is caught up by :meth:`sync` inside the
         transaction, and an exclusion since makes :meth:`sync` load again."""
-        version = store.answer_log_version(collection_id)
+        version = store.answers.log_version(collection_id)
         with self._guard:
             state = self._states.get(collection_id)
         if _deletions_since(store, collection_id, state, version) is not None:
@@ -179,7 +179,7 @@ class AnswerStates:
         collection's write transaction (which serialises every writer of the collection,
         in every process), itself inside :meth:`writing`."""
         try:
-            version = store.answer_log_version(collection_id)
+            version = store.answers.log_version(collection_id)
         except NotFound:
             self.forget(collection_id)  # a deleted collection's state is not kept
             raise
@@ -190,11 +190,11 @@ class AnswerStates:
             state = AnswerState.load(store, collection_id, version)
         elif state.max_seq < version.max_seq or deletions:
             back = [d.restored for d in deletions if d.restored is not None]
-            state.catch_up(store.answer_rows(collection_id, after_seq=state.max_seq),
-                           store.supersessions_after(collection_id, state.max_seq), version,
+            state.catch_up(store.answers.rows(collection_id, after_seq=state.max_seq),
+                           store.answers.supersessions_after(collection_id, state.max_seq), version,
                            deleted=[d.seq for d in deletions],
                            restored=[AnswerRow(a.seq, a.image_a, a.image_b, a.label)
-                                     for a in store.answers_by_seq(collection_id, back).values()
+                                     for a in store.answers.by_seq(collection_id, back).values()
                                      if a.superseded_by is None and not a.deleted])
         with self._guard:
             self._states[collection_id] = state
@@ -216,7 +216,7 @@ def _deletions_since(store: Store, collection_id: str, state: AnswerState | None
         return None
     if state.version.epoch == version.epoch:
         return []
-    log = [d for d in store.answer_deletions(collection_id, state.version.epoch)
+    log = [d for d in store.answers.deletions(collection_id, state.version.epoch)
            if d.epoch <= version.epoch]
     steps = set(range(state.version.epoch + 1, version.epoch + 1))
     return log if {d.epoch for d in log} == steps else None

@@ -9,7 +9,7 @@ The rules (constraints.proto has the contract):
   transaction as the answers and returned again; the same request id with other answers is
   refused (AlreadyExists) instead of silently answering with the first call's result.
 - This workflow opens the collection's write transaction itself (the unit of work,
-  :meth:`~reidal.store.Store.answer_transaction`): replay check, inserts, contradictions and
+  :meth:`~reidal.store.answers.Answers.transaction`): replay check, inserts, contradictions and
   the recorded response, committed durably before :func:`submit` returns.
 - Contradictions are found among the current answers right after the insert (inside the same
   transaction, so concurrent submitters each see exactly the answers committed before them)
@@ -124,9 +124,9 @@ def _check(submissions: Sequence[AnswerSubmission]) -> None:
 def _resolve(store: Store, collection_id: str, submissions: Sequence[AnswerSubmission],
              batch_id: str) -> list[AnswerIn]:
     if batch_id:
-        store.batch(collection_id, batch_id)  # NotFound names it
+        store.batches.get(collection_id, batch_id)  # NotFound names it
     pair_ids = [s.pair_id for s in submissions if s.pair_id]
-    pairs = store.pairs_by_id(collection_id, pair_ids) if pair_ids else {}
+    pairs = store.batches.pairs_by_id(collection_id, pair_ids) if pair_ids else {}
     missing = sorted({p for p in pair_ids if p not in pairs})
     if missing:
         raise NotFound(f"{len(missing)} pair id(s) are not in collection {collection_id!r}: "
@@ -156,8 +156,8 @@ def current_contradictions(store: Store, collection_id: str) -> list[Contradicti
     """Every contradiction among the current answers between images not excluded, computed
     from the whole history (what the incremental state of :mod:`reidal.answer_state` must
     agree with)."""
-    rows = [img.image_id for img in store.images(collection_id, include_excluded=False)]
-    return constraints_from_answers(rows, store.answers(collection_id)).contradictions()
+    rows = [img.image_id for img in store.images.all(collection_id, include_excluded=False)]
+    return constraints_from_answers(rows, store.answers.all(collection_id)).contradictions()
 
 
 def submit(store: Store, collection_id: str, submissions: Sequence[AnswerSubmission], *,
@@ -165,22 +165,22 @@ def submit(store: Store, collection_id: str, submissions: Sequence[AnswerSubmiss
     """Check, resolve and store ``submissions`` (see the module docstring). The answers
     are committed (durably) before this returns."""
     _check(submissions)
-    store.get_collection(collection_id)
+    store.collections.get(collection_id)
     answers = _resolve(store, collection_id, submissions, batch_id)
     print_ = fingerprint(batch_id, submissions)
-    store.check_answers(collection_id, answers)
+    store.answers.check(collection_id, answers)
     states = answer_states(store)
     # a failed transaction's state is dropped (writing); the state reads see the inserts;
     # a state this process lacks is built before the transaction (prepare), not in it
     with states.writing(collection_id):
         states.prepare(store, collection_id)
-        with store.answer_transaction(collection_id) as tx:
+        with store.answers.transaction(collection_id) as tx:
             record = tx.response_of(request_id)
             if record is None:
                 seqs = tx.insert(answers, request_id)
                 outcome = SubmitOutcome(
                     seqs, stored=len(answers), replayed=0,
-                    superseded=store.count_superseded_by(collection_id, seqs),
+                    superseded=store.answers.count_superseded_by(collection_id, seqs),
                     contradictions=states.sync(store, collection_id).contradictions_with(seqs))
                 tx.record_response(request_id, _record(print_, outcome))
     if record is not None:

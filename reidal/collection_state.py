@@ -323,7 +323,7 @@ def rows_of(row_ids: Sequence[str], ids: Sequence[str]) -> np.ndarray:
 def constraints_from_answers(row_ids: Sequence[str],
                              answers: Iterable[StoredAnswer]) -> AnswerConstraints:
     """SAME / DIFFERENT answers between rows as a ConstraintSet (answer id = seq); UNSURE
-    pairs as exclude pairs. ``answers`` must be current ones (``Store.answers()``)."""
+    pairs as exclude pairs. ``answers`` must be current ones (``store.answers.all()``)."""
     current = [a for a in answers if a.superseded_by is None and not a.deleted]
     a_rows = rows_of(row_ids, [a.image_a for a in current])
     b_rows = rows_of(row_ids, [a.image_b for a in current])
@@ -359,10 +359,10 @@ def keyed_collection(store: Store, collection_id: str,
     """(:func:`state_key`, the collection record it read): for a caller that also reports
     something the key leaves out on purpose (the cycle number, which every cycle moves
     without changing what a computation reads), without a second lookup."""
-    col = store.get_collection(collection_id)
-    version = store.answer_log_version(collection_id)
+    col = store.collections.get(collection_id)
+    version = store.answers.log_version(collection_id)
     payload = [col.created_at, col.model_name, col.model_version, col.params,
-               store.image_count(collection_id), version.epoch, version.max_seq, request]
+               store.images.count(collection_id), version.epoch, version.max_seq, request]
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32], col
 
@@ -396,8 +396,8 @@ def load_view(store: Store, collection_id: str,
     of two versions are never mixed, and sampling part of the images silently would hide
     the rest from the annotator.
     """
-    col = store.get_collection(collection_id)
-    images = store.images(collection_id, include_excluded=False)
+    col = store.collections.get(collection_id)
+    images = store.images.all(collection_id, include_excluded=False)
     if image_filter is not None and not image_filter.empty:
         keep = image_filter.mask(images)
         images = [img for img, k in zip(images, keep.tolist(), strict=True) if k]
@@ -409,7 +409,7 @@ def load_view(store: Store, collection_id: str,
                 "embedding, or run EmbedCollection")
         X = np.empty((0, 0), dtype=np.float32)
     else:
-        vec_ids, mat = store.get_vectors(collection_id, col.model_name, col.model_version)
+        vec_ids, mat = store.images.vectors(collection_id, col.model_name, col.model_version)
         rows = rows_of(vec_ids, ids)
         missing = [ids[k] for k in np.flatnonzero(rows < 0).tolist()]
         if missing:
@@ -418,7 +418,7 @@ def load_view(store: Store, collection_id: str,
                 f"vector of model {col.model_name} version {col.model_version} yet (e.g. "
                 f"{missing[:5]}): run EmbedCollection, or wait for the one running")
         X = mat[rows] if len(ids) else np.empty((0, mat.shape[1] if mat.size else 0), np.float32)
-    answers = constraints_from_answers(ids, store.answers(collection_id))
+    answers = constraints_from_answers(ids, store.answers.all(collection_id))
     return CollectionView(col, images, X, answers)
 
 

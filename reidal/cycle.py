@@ -8,7 +8,7 @@ The rows are the images not excluded (and kept by the filter), the vectors those
 collection's model version, the constraints its current answers (collection_state).
 UNSURE pairs are never asked again; with ``skip_pending`` neither are pairs of earlier
 batches still waiting for an answer. The batch and its pairs are stored in one transaction
-that this workflow opens (:meth:`~reidal.store.Store.batch_transaction`: the request id's
+that this workflow opens (:meth:`~reidal.store.batches.Batches.transaction`: the request id's
 batch if it has one, else the next cycle number, the batch and its pairs), which also moves
 the collection's cycle counter, so a batch id is resolvable as soon as a client sees it. Cycle c draws with seed ``sampling.seed + c``: a cycle is reproducible.
 """
@@ -99,7 +99,7 @@ def _answer_with(store: Store, collection_id: str, request: CycleRequest,
                  batch: BatchRecord) -> BatchRecord:
     """``batch`` as the answer to ``request``, recorded for its request id (a retry gets it)."""
     if request.request_id:
-        return store.record_batch_request(collection_id, request.request_id, batch.batch_id)
+        return store.batches.record_request(collection_id, request.request_id, batch.batch_id)
     return batch
 
 
@@ -113,12 +113,12 @@ def open_batch(store: Store, collection_id: str, request: CycleRequest) -> Batch
     budget and filter). That batch is recorded for the request id, so a retry gets it too.
     """
     if request.request_id:
-        earlier = store.batch_by_request(collection_id, request.request_id)
+        earlier = store.batches.by_request(collection_id, request.request_id)
         if earlier is not None:
             return earlier
     if request.skip_pending:
         return None
-    newest = store.newest_batch(collection_id)
+    newest = store.batches.newest(collection_id)
     if newest is None or newest.stats.get("state_key") != pairs_state_key(
             store, collection_id, request):
         return None
@@ -130,7 +130,7 @@ def latest_batch(store: Store, collection_id: str, request: CycleRequest) -> Bat
     (whatever the state since; not for ``skip_pending``), recorded for the request id."""
     if request.skip_pending:
         return None
-    newest = store.newest_batch(collection_id)
+    newest = store.batches.newest(collection_id)
     if newest is None or newest.stats.get("request_key") != request_key(request):
         return None
     return _answer_with(store, collection_id, request, newest)
@@ -205,7 +205,7 @@ def run_cycle(store: Store, collection_id: str, request: CycleRequest,
     exclude = view.answers.unsure_pairs
     pending = 0
     if request.skip_pending:
-        pend = pair_rows_of(view.image_ids, store.pending_pairs(collection_id))
+        pend = pair_rows_of(view.image_ids, store.batches.pending_pairs(collection_id))
         pending = len(pend)
         exclude = np.concatenate([exclude, pend]) if pending else exclude
     cycle = view.collection.cycle + 1
@@ -248,7 +248,7 @@ def run_cycle(store: Store, collection_id: str, request: CycleRequest,
         model_name=view.collection.model_name, model_version=view.collection.model_version,
         filter=request.image_filter.to_dict() if request.image_filter else {},
         n_items=view.n, stats=stats, request_id=request.request_id)
-    with store.batch_transaction(collection_id) as tx:  # one unit of work: replay or store
+    with store.batches.transaction(collection_id) as tx:  # one unit of work: replay or store
         earlier = tx.batch_of_request(request.request_id)
         created = earlier is None
         if earlier is None:

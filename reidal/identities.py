@@ -187,18 +187,18 @@ def compute_identities(store: Store, collection_id: str) -> IdentitiesResult:
     """
     view = load_view(store, collection_id)
     labels = refined_labels(view)
-    previous = store.identity_assignment(collection_id)
-    start = store.counter(collection_id, COUNTER_NAME, default=1)
+    previous = store.collections.identities(collection_id)
+    start = store.collections.counter(collection_id, COUNTER_NAME, default=1)
     ids = view.image_ids
     identity_of, next_number = stable_identity_ids(ids, labels, previous, start)
     assignment = dict(zip(ids, identity_of, strict=True))
     if assignment != previous or next_number != start:  # else the saved rows are these
-        store.save_identities(collection_id, assignment,
-                              counter_name=COUNTER_NAME, counter_value=next_number)
+        store.collections.save_identities(collection_id, assignment,
+                                          counter_name=COUNTER_NAME, counter_value=next_number)
     cs = view.answers.constraints
     summaries = summarize(ids, identity_of, [img.name for img in view.images],
                           cs.ml_pairs(), cs.cl_pairs())
-    excluded = sorted(store.excluded_images(collection_id))
+    excluded = sorted(store.images.excluded(collection_id))
     return IdentitiesResult(
         summaries, excluded, view.collection.model_name, view.collection.model_version,
         view.collection.cycle, len(cs),

@@ -149,16 +149,16 @@ class _Planned:
 def _plan(runtime: Runtime, collection_id: str, items: Sequence[IngestItem],
           defer_embedding: bool) -> _Planned:
     store = runtime.store
-    col = store.get_collection(collection_id)
+    col = store.collections.get(collection_id)
     check_items(items, runtime.image_limits)
     ids = [it.image_id for it in items]
-    present = store.present_image_ids(collection_id, ids)
-    known = store.image_sources(collection_id, present)
+    present = store.images.present(collection_id, ids)
+    known = store.images.sources(collection_id, present)
     sources = {it.image_id: it.source() for it in items}
     changed = [i for i in ids if i in known and known[i].sha256 != sources[i].sha256]
     to_embed: list[IngestItem] = []
     if not defer_embedding:
-        have = (store.vector_ids(collection_id, col.model_name, col.model_version, ids)
+        have = (store.images.vector_ids(collection_id, col.model_name, col.model_version, ids)
                 if col.model_version else set())
         to_embed = [it for it in items if it.image_id not in have
                     and (it.image_id not in present or it.image_id not in changed)]
@@ -186,7 +186,7 @@ def _store(runtime: Runtime, planned: _Planned, embedded: Embedded | None) -> In
     with runtime.blob_lock:  # no blob GC between writing a blob and referencing it
         runtime.blobs.put_many([it.data for it in items
                                 if it.data is not None and it.image_id not in planned.present])
-        added, _ = runtime.store.ingest(
+        added, _ = runtime.store.images.ingest(
             planned.collection_id, records, planned.sources,
             model_name=embedded.model_name if embedded else "",
             model_version=embedded.model_version if embedded else "",
@@ -353,11 +353,11 @@ def embed_missing(runtime: Runtime, collection_id: str, model_name: str, version
     what still lacks a vector."""
     store = runtime.store
     embedder = runtime.require_embedder()
-    images = store.images(collection_id)
-    excluded = store.excluded_images(collection_id)
-    have = store.vector_ids(collection_id, model_name, version)
+    images = store.images.all(collection_id)
+    excluded = store.images.excluded(collection_id)
+    have = store.images.vector_ids(collection_id, model_name, version)
     todo = [img for img in images if img.image_id not in have]
-    sources = store.image_sources(collection_id)
+    sources = store.images.sources(collection_id)
     if progress is not None:
         progress.update(total=len(todo), done=0, stage="embedding")
     bad: list[tuple[str, str]] = []
@@ -376,7 +376,7 @@ def embed_missing(runtime: Runtime, collection_id: str, model_name: str, version
                 raise FailedPrecondition(
                     f"Triton answered with model {model_name} version {result.model_version} "
                     f"instead of {version}")
-            store.put_vectors(collection_id, model_name, version, result.ids, result.vectors)
+            store.images.put_vectors(collection_id, model_name, version, result.ids, result.vectors)
         if progress is not None:
             progress.update(done=min(start + runtime.embed_chunk, len(todo)))
     blocking = [(i, why) for i, why in bad if i not in excluded]
@@ -387,7 +387,7 @@ def embed_missing(runtime: Runtime, collection_id: str, model_name: str, version
             f"{len(blocking)} image(s) cannot be embedded ({listed}{more}); the other "
             f"{len(todo) - len(bad)} vector(s) are stored. Exclude (ExcludeImage) or delete "
             "(DeleteImage) these images and run EmbedCollection again")
-    store.set_model(collection_id, model_name, version, actor="EmbedCollection")
+    store.collections.set_model(collection_id, model_name, version, actor="EmbedCollection")
     if progress is not None:
         progress.update(stage="done")
     return {"model_name": model_name, "model_version": version,

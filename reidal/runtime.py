@@ -153,7 +153,7 @@ class Progress:
                stage: str | None = None) -> None:
         if self._stopping.is_set():
             raise OperationAborted("the server stopped during the operation; start it again")
-        self._store.update_operation(self.operation_id, done=done, total=total, stage=stage)
+        self._store.operations.update(self.operation_id, done=done, total=total, stage=stage)
         self._notifier.bump(operation_key(self.operation_id))
 
 
@@ -189,7 +189,7 @@ class OperationRunner:
                 raise FailedPrecondition(
                     f"operation {self._running[key]} ({kind}) is still running on collection "
                     f"{collection_id!r}; watch it or wait for it to finish")
-            record = self.store.create_operation(op_id, collection_id, kind, total=total)
+            record = self.store.operations.create(op_id, collection_id, kind, total=total)
             if exclusive:
                 self._running[key] = op_id
         self._pool.submit(self._run, op_id, key if exclusive else None, work)
@@ -199,7 +199,7 @@ class OperationRunner:
              work: Callable[[Progress], dict[str, Any]]) -> None:
         progress = Progress(self.store, self.notifier, op_id, self._stopping)
         try:
-            self.store.update_operation(op_id, state="RUNNING")
+            self.store.operations.update(op_id, state="RUNNING")
             self.notifier.bump(operation_key(op_id))
             result = work(progress)
             self._finish(op_id, key, state="SUCCEEDED", result=result or {})
@@ -229,7 +229,7 @@ class OperationRunner:
         one at once: :meth:`start` takes the same lock."""
         with self._lock:
             try:
-                self.store.update_operation(op_id, **fields)
+                self.store.operations.update(op_id, **fields)
             finally:
                 if key is not None and self._running.get(key) == op_id:
                     del self._running[key]
@@ -242,7 +242,7 @@ class OperationRunner:
         last: OperationRecord | None = None
         while True:
             seen = self.notifier.version(key)
-            record = self.store.operation(operation_id)
+            record = self.store.operations.get(operation_id)
             if last is None or record != last:
                 yield record
                 last = record
@@ -327,7 +327,7 @@ class Runtime:
     def gc_blobs(self) -> int:
         """Remove the blobs no image references any more (after a collection is deleted)."""
         with self.blob_lock:
-            return self.blobs.remove_except(self.store.referenced_blobs())
+            return self.blobs.remove_except(self.store.images.referenced_blobs())
 
     def close(self) -> None:
         self.notifier.close()

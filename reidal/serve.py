@@ -382,7 +382,7 @@ def _start_runtime(c: ServeConfig, root: Path, limits: ImageLimits, embedder: An
     """The store (operations a previous process left running are failed), blobs, notifier
     and operation runner the stateful services share."""
     store = Store(root) if c.database_url is None else Store(database_url=c.database_url)
-    aborted = store.fail_unfinished_operations(
+    aborted = store.operations.fail_unfinished(
         "the server stopped while the operation ran; start it again")
     if aborted:
         log_kv(log, logging.WARNING, "operations_aborted", count=aborted)
@@ -434,8 +434,8 @@ def _owners(runtime: Runtime | None) -> dict[str, Callable[[str], str]]:
     if runtime is None:
         return {}
     store = runtime.store
-    return {"operation_id": lambda i: store.operation(i).collection_id,
-            "job_id": lambda i: store.get_training_job(i).collection_id}
+    return {"operation_id": lambda i: store.operations.get(i).collection_id,
+            "job_id": lambda i: store.jobs.get(i).collection_id}
 
 
 def _pinned_annotator(tokens: TokenFile) -> Callable[[str], str]:

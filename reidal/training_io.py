@@ -33,7 +33,7 @@ def collection_constraints(store: Store, collection_id: str, image_ids: list[str
                            ) -> ConstraintSet:
     """The current answers between the training rows (``image_ids``) as a ConstraintSet,
     built as the sampling service builds it."""
-    return constraints_from_answers(image_ids, store.answers(collection_id)).constraints
+    return constraints_from_answers(image_ids, store.answers.all(collection_id)).constraints
 
 
 def collection_images(store: Store, blobs: Any, collection_id: str,
@@ -49,9 +49,9 @@ def collection_images(store: Store, blobs: Any, collection_id: str,
     ``cancel``: checked before each image, so a job on a large collection of big photos
     stops within one decode of a request (None when cancelled)."""
     limits = DEFAULT_LIMITS if limits is None else limits
-    sources = store.image_sources(collection_id)
+    sources = store.images.sources(collection_id)
     ids, out = [], []
-    for img in store.images(collection_id, include_excluded=False):
+    for img in store.images.all(collection_id, include_excluded=False):
         if cancel is not None and cancel.is_set():
             return None
         src = sources.get(img.image_id)

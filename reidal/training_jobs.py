@@ -22,7 +22,7 @@ request that needs it (:class:`reidal.embedding.triton_client.TritonEmbedder`).
 
 Jobs are rows of the store's ``training_jobs`` table. A job survives its client; a server
 start marks jobs left QUEUED or RUNNING as FAILED
-(:meth:`reidal.store.Store.fail_interrupted_training_jobs`), so none is ever shown running
+(:meth:`reidal.store.jobs.Jobs.fail_interrupted`), so none is ever shown running
 after a restart.
 
 A job runs in the process that started it, but CancelJob may reach any replica on the
@@ -231,7 +231,7 @@ class CancelSignal(threading.Event):
         self._seen = self._notifier.version(job_key(self._job_id))
         self._due = time.monotonic() + self._check_s
         try:
-            if self._store.get_training_job(self._job_id).cancel_requested:
+            if self._store.jobs.get(self._job_id).cancel_requested:
                 self.set()
         except NotFound:
             pass  # the collection was deleted under the job: nothing asked it to stop
@@ -264,14 +264,14 @@ class TrainingJobs:
         self._guard = threading.Lock()
         self._closing = False
         self._export_lock = threading.Lock()  # version numbers are picked one at a time
-        aborted = self.store.fail_interrupted_training_jobs(INTERRUPTED)
+        aborted = self.store.jobs.fail_interrupted(INTERRUPTED)
         if aborted:
             log_kv(log, logging.WARNING, "training_jobs_interrupted", count=aborted)
 
     # -- API --------------------------------------------------------------------------
     def start(self, collection_id: str, overrides: Mapping[str, Any]) -> JobRecord:
-        col = self.store.get_collection(collection_id)  # NotFound first
-        n_images = len(self.store.images(collection_id, include_excluded=False))
+        col = self.store.collections.get(collection_id)  # NotFound first
+        n_images = len(self.store.images.all(collection_id, include_excluded=False))
         config = build_config(overrides, n_images, col.params.get("clustering"))
         if self.repository is None or self.load_model is None:
             raise FailedPrecondition("training needs the model repository: start the server "
@@ -282,14 +282,14 @@ class TrainingJobs:
         # race to export. The check and the insert happen under the store's cross-process
         # lock (replicas sharing a database included) and this process's guard.
         with self.store.exclusive(f"training-start:{collection_id}"), self._guard:
-            running = [j.job_id for j in self.store.list_training_jobs(collection_id)
+            running = [j.job_id for j in self.store.jobs.all(collection_id)
                        if not j.final]
             if running:
                 raise FailedPrecondition(
                     f"collection {collection_id!r} already has training job {running[0]} "
                     "queued or running: wait for it or cancel it first")
-            job = self.store.create_training_job(collection_id, config.to_dict(),
-                                                 base_model_name=name, base_model_version=version)
+            job = self.store.jobs.create(collection_id, config.to_dict(),
+                                         base_model_name=name, base_model_version=version)
             cancel = CancelSignal(self.store, job.job_id, self.runtime.notifier,
                                   self.cancel_check_s)
             thread = threading.Thread(target=self._run, args=(job, config, cancel),
@@ -300,12 +300,12 @@ class TrainingJobs:
         return job
 
     def get(self, job_id: str) -> JobRecord:
-        return self.store.get_training_job(job_id)
+        return self.store.jobs.get(job_id)
 
     def list(self, collection_id: str = "") -> list[JobRecord]:
         if collection_id:
-            self.store.get_collection(collection_id)
-        return self.store.list_training_jobs(collection_id)
+            self.store.collections.get(collection_id)
+        return self.store.jobs.all(collection_id)
 
     def cancel(self, job_id: str, *, wait_s: float = 30.0) -> JobRecord:
         """Ask the job to stop, whichever replica runs it: the request is recorded in the
@@ -313,7 +313,7 @@ class TrainingJobs:
         now and waited for (up to ``wait_s``). The job as stored afterwards: a job another
         replica runs is still RUNNING, with ``cancel_requested``, until that replica's next
         check stops it. A final job is returned unchanged."""
-        job = self.store.request_training_job_cancel(job_id)
+        job = self.store.jobs.request_cancel(job_id)
         if job.final and not job.cancel_requested:
             return job  # it had finished: nothing was recorded
         self.runtime.notifier.bump(job_key(job_id))  # watchers, and a runner elsewhere
@@ -324,7 +324,7 @@ class TrainingJobs:
             event.set()
         if thread is not None:
             thread.join(timeout=wait_s)
-        return self.store.get_training_job(job_id)
+        return self.store.jobs.get(job_id)
 
     def watch(self, job_id: str, is_active: Callable[[], bool], *,
               poll_s: float = 2.0) -> Iterator[JobRecord]:
@@ -335,7 +335,7 @@ class TrainingJobs:
         last: JobRecord | None = None
         while True:
             seen = notifier.version(key)
-            record = self.store.get_training_job(job_id)
+            record = self.store.jobs.get(job_id)
             if record != last:
                 yield record
                 last = record
@@ -382,10 +382,10 @@ class TrainingJobs:
         and ``new``. The others are unloaded (each loaded version costs memory: about
         280 MB RSS for the CPU python backend)."""
         keep = {new, self._default_version(name)}
-        for col in self.store.list_collections():
+        for col in self.store.collections.all():
             if col.model_name == name and col.model_version:
                 keep.add(col.model_version)
-            for op in self.store.operations(col.id, unfinished_only=True):
+            for op in self.store.operations.all(col.id, unfinished_only=True):
                 if op.result.get("model_name") == name and op.result.get("model_version"):
                     keep.add(str(op.result["model_version"]))
         return keep
@@ -398,7 +398,7 @@ class TrainingJobs:
                versions=",".join(sorted(keep)))
 
     def _update(self, job_id: str, **changes: Any) -> bool:
-        changed = self.store.update_training_job(job_id, **changes)
+        changed = self.store.jobs.update(job_id, **changes)
         self.runtime.notifier.bump(job_key(job_id))
         return changed
 
@@ -410,7 +410,7 @@ class TrainingJobs:
             if produced is None:
                 # stopped: by a stop of this server, unless someone (anywhere) asked first
                 stopped = ((self._closing or self.runtime.notifier.closed)
-                           and not self.store.get_training_job(job.job_id).cancel_requested)
+                           and not self.store.jobs.get(job.job_id).cancel_requested)
                 if stopped:
                     self._update(job.job_id, state=FAILED, error_code="ABORTED",
                                  error_message="interrupted by a server stop")
@@ -420,7 +420,7 @@ class TrainingJobs:
                 self._update(job.job_id, state=SUCCEEDED, model_name=job.base_model_name,
                              model_version=produced)
             log_kv(log, logging.INFO, "training_job_done", job=job.job_id,
-                   state=self.store.get_training_job(job.job_id).state, version=produced or "")
+                   state=self.store.jobs.get(job.job_id).state, version=produced or "")
         except BaseException as exc:  # a job's failure is recorded, never raised into nothing
             code = status_code(exc) or "INTERNAL"
             log.exception("training job %s failed", job.job_id)
@@ -485,7 +485,7 @@ def promote(runtime: Runtime, collection_id: str, model_name: str, version: str)
     version only once all are stored (:func:`reidal.ingest.embed_missing`)."""
     if not version:
         raise InvalidArgument("model.version is required: the version to promote")
-    col = runtime.store.get_collection(collection_id)
+    col = runtime.store.collections.get(collection_id)
     name = model_name or col.model_name
     if not name:
         raise InvalidArgument("model.name is required: the collection has no model yet")
@@ -495,9 +495,9 @@ def promote(runtime: Runtime, collection_id: str, model_name: str, version: str)
     op = ops.start(collection_id, "embed_collection",
                    lambda progress: embed_missing(runtime, collection_id, name, version,
                                                   progress))
-    runtime.store.update_operation(op.operation_id,
-                                   result={"model_name": name, "model_version": version})
-    return runtime.store.operation(op.operation_id)
+    runtime.store.operations.update(op.operation_id,
+                                    result={"model_name": name, "model_version": version})
+    return runtime.store.operations.get(op.operation_id)
 
 
 __all__ = [

@@ -4,7 +4,7 @@ Why: a client that already holds the images' vectors (the demo after AddImages, 
 with MiewID or MegaDescriptor embeddings) should never have them embedded again. Read-back
 returns what sampling reads; external vectors are checked (one length, finite, non-zero),
 L2-normalised as Triton's are, and stored under the model that made them, so the one-model
-rule of a collection (:meth:`reidal.store.Store.add_vectors`) holds for them too.
+rule of a collection (:meth:`reidal.store.images.Images.add_vectors`) holds for them too.
 """
 
 from __future__ import annotations
@@ -38,17 +38,17 @@ def read_vectors(store: Store, collection_id: str, image_ids: Sequence[str] = ()
                  model_name: str = "", model_version: str = "") -> StoredVectors:
     """The stored vectors of a collection (of ``image_ids`` only when given; an image with
     no vector of the version is left out). Empty name/version: the collection's own."""
-    col = store.get_collection(collection_id)
+    col = store.collections.get(collection_id)
     name = model_name or col.model_name
     version = model_version or (col.model_version if name == col.model_name else "")
     if len(image_ids) > MAX_VECTORS_PER_CALL:
         raise InvalidArgument(f"image_ids names {len(image_ids)} images, at most "
                               f"{MAX_VECTORS_PER_CALL} are allowed")
     if image_ids:
-        missing = sorted(set(image_ids) - store.present_image_ids(collection_id, image_ids))
+        missing = sorted(set(image_ids) - store.images.present(collection_id, image_ids))
         if missing:
             raise NotFound(f"image(s) not in collection {collection_id!r}: {missing[:20]}")
-    ids, mat = store.get_vectors(collection_id, name, version) if version else ([], None)
+    ids, mat = store.images.vectors(collection_id, name, version) if version else ([], None)
     if mat is None or not ids:
         return StoredVectors(name, version, [], np.empty((0, 0), dtype=np.float32))
     if image_ids:
@@ -109,9 +109,9 @@ def add_vectors(store: Store, collection_id: str, model_name: str, image_ids: Se
         raise InvalidArgument("model.name must name the model that computed the vectors")
     mat = check_vectors(image_ids, vectors)
     if not model_version:
-        col = store.get_collection(collection_id)
+        col = store.collections.get(collection_id)
         model_version = (col.model_version if col.model_name == model_name and col.model_version
                          else EXTERNAL_DEFAULT_VERSION)
-    store.add_vectors(collection_id, model_name, model_version, list(image_ids), mat,
-                      actor=actor)
+    store.images.add_vectors(collection_id, model_name, model_version, list(image_ids), mat,
+                             actor=actor)
     return model_name, model_version

@@ -87,7 +87,7 @@ def params_from_request(request: collections_pb2.CreateCollectionRequest) -> dic
 
 
 def collection_pb(runtime: Runtime, col: Collection) -> collections_pb2.Collection:
-    counts = runtime.store.counts(col.id)
+    counts = runtime.store.collections.counts(col.id)
     params = effective_params(col.params.get("clustering"), col.params.get("sampling"))
     c, s = params["clustering"], params["sampling"]
     n = counts["images"] - counts["excluded"]
@@ -135,7 +135,7 @@ class _StreamHead:
             if not self.collection_id:
                 if not msg.collection_id:
                     raise errors.InvalidArgument("the first message must name the collection")
-                store.get_collection(msg.collection_id)
+                store.collections.get(msg.collection_id)
                 self.collection_id = msg.collection_id
             elif msg.collection_id and msg.collection_id != self.collection_id:
                 raise errors.InvalidArgument(
@@ -171,19 +171,19 @@ class CollectionsServicer(collections_pb2_grpc.CollectionServiceServicer):
         if not model_name:
             embedder = self.runtime.embedder
             model_name = embedder.default_model if embedder is not None else ""
-        col = self.store.create_collection(cid, species=request.species, model_name=model_name,
-                                           model_version=request.model.version, params=params)
+        col = self.store.collections.create(cid, species=request.species, model_name=model_name,
+                                            model_version=request.model.version, params=params)
         return collection_pb(self.runtime, col)
 
     def GetCollection(self, request, context):  # noqa: N802
-        return collection_pb(self.runtime, self.store.get_collection(request.collection_id))
+        return collection_pb(self.runtime, self.store.collections.get(request.collection_id))
 
     def ListCollections(self, request, context):  # noqa: N802
         return collections_pb2.ListCollectionsResponse(
-            collections=[collection_pb(self.runtime, c) for c in self.store.list_collections()])
+            collections=[collection_pb(self.runtime, c) for c in self.store.collections.all()])
 
     def DeleteCollection(self, request, context):  # noqa: N802
-        self.store.delete_collection(request.collection_id, actor=request.actor)
+        self.store.collections.delete(request.collection_id, actor=request.actor)
         self.runtime.notifier.bump(queue_key(request.collection_id))
         self.runtime.gc_blobs()
         return collections_pb2.DeleteCollectionResponse(collection_id=request.collection_id)
@@ -204,21 +204,21 @@ class CollectionsServicer(collections_pb2_grpc.CollectionServiceServicer):
             model=common_pb2.ModelRef(name=total.model_name, version=total.model_version))
 
     def ListImages(self, request, context):  # noqa: N802
-        col = self.store.get_collection(request.collection_id)
+        col = self.store.collections.get(request.collection_id)
         size = page_size(request.page_size)
         after = parse_page_token(request.page_token)
         after = -1 if after is None else after
         image_filter = filter_from_pb(request.filter)
         missing = sorted(set(image_filter.image_ids)
-                         - self.store.present_image_ids(col.id, image_filter.image_ids))
+                         - self.store.images.present(col.id, image_filter.image_ids))
         if missing:
             raise errors.NotFound(f"filter names image(s) not in collection {col.id!r}: "
                                   f"{missing[:20]}")
-        embedded = self.store.vector_ids(col.id, col.model_name, col.model_version)
+        embedded = self.store.images.vector_ids(col.id, col.model_name, col.model_version)
         out: list[collections_pb2.ImageInfo] = []
         next_token = ""
         while len(out) < size:
-            rows = self.store.list_images(col.id, after_seq=after, limit=1000)
+            rows = self.store.images.page(col.id, after_seq=after, limit=1000)
             if not rows:
                 break
             keep = image_filter.mask(_records(rows), all_images=False)
@@ -228,12 +228,12 @@ class CollectionsServicer(collections_pb2_grpc.CollectionServiceServicer):
                     out.append(_image_pb(row, row.image_id in embedded))
                     if len(out) == size:
                         break
-        if len(out) == size and self.store.list_images(col.id, after_seq=after, limit=1):
+        if len(out) == size and self.store.images.page(col.id, after_seq=after, limit=1):
             next_token = str(after)
         return collections_pb2.ListImagesResponse(images=out, next_page_token=next_token)
 
     def EmbedCollection(self, request, context):  # noqa: N802
-        col = self.store.get_collection(request.collection_id)
+        col = self.store.collections.get(request.collection_id)
         name = request.model.name or col.model_name
         # empty version: the collection's own (a pin is never moved by an empty request)
         pinned = col.model_version if name == col.model_name else ""
@@ -243,12 +243,12 @@ class CollectionsServicer(collections_pb2_grpc.CollectionServiceServicer):
         assert ops is not None
         op = ops.start(col.id, "embed_collection",
                        lambda progress: embed_missing(runtime, col.id, name, version, progress))
-        runtime.store.update_operation(op.operation_id, result={"model_name": name,
+        runtime.store.operations.update(op.operation_id, result={"model_name": name,
                                                                "model_version": version})
-        return operation_pb(runtime.store.operation(op.operation_id))
+        return operation_pb(runtime.store.operations.get(op.operation_id))
 
     def GetOperation(self, request, context):  # noqa: N802
-        return operation_pb(self.store.operation(request.operation_id))
+        return operation_pb(self.store.operations.get(request.operation_id))
 
     def WatchOperation(self, request, context):  # noqa: N802
         ops = self.runtime.operations
@@ -264,7 +264,7 @@ class CollectionsServicer(collections_pb2_grpc.CollectionServiceServicer):
 
     def GetImage(self, request, context):  # noqa: N802
         cid, iid = request.collection_id, request.image_id
-        self.store.get_collection(cid)
+        self.store.collections.get(cid)
         data, sha = self._image_bytes(cid, iid, context, request.if_none_match)
         if data is None or sha == request.if_none_match:
             return collections_pb2.ImageContent(image_id=iid, sha256=sha, not_modified=True)
@@ -272,8 +272,8 @@ class CollectionsServicer(collections_pb2_grpc.CollectionServiceServicer):
                                             sha256=sha)
 
     def DeleteImage(self, request, context):  # noqa: N802
-        retired = self.store.delete_image(request.collection_id, request.image_id,
-                                          actor=request.actor)
+        retired = self.store.images.delete(request.collection_id, request.image_id,
+                                           actor=request.actor)
         self.runtime.notifier.bump(queue_key(request.collection_id))  # its pairs left
         self.runtime.gc_blobs()
         return collections_pb2.DeleteImageResponse(image_id=request.image_id,
@@ -311,8 +311,8 @@ class CollectionsServicer(collections_pb2_grpc.CollectionServiceServicer):
         read: (None, digest)."""
         if not iid:
             raise errors.NotFound(f"image {iid!r} is not in collection {cid!r}")
-        record = self.store.image_record(cid, iid)  # NotFound when it is not one
-        source = self.store.image_sources(cid, [iid]).get(iid)
+        record = self.store.images.get(cid, iid)  # NotFound when it is not one
+        source = self.store.images.sources(cid, [iid]).get(iid)
         if source is not None and source.kind == "data":
             if if_none_match and if_none_match == source.sha256:
                 return None, source.sha256

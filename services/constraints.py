@@ -115,7 +115,7 @@ class ConstraintsServicer(constraints_pb2_grpc.ConstraintServiceServicer):
     def _contradictions(self, collection_id: str,
                         found: list[Contradiction]) -> list[constraints_pb2.Contradiction]:
         seqs = {s for c in found for s in c.answer_ids}
-        answers = self.runtime.store.answers_by_seq(collection_id, seqs)
+        answers = self.runtime.store.answers.by_seq(collection_id, seqs)
         return [constraints_pb2.Contradiction(
             answers=[constraint_pb(answers[s]) for s in c.answer_ids if s in answers],
             dropped_answer_id=answer_id(c.dropped_answer_id), explanation=explain(c, answers))
@@ -133,11 +133,11 @@ class ConstraintsServicer(constraints_pb2_grpc.ConstraintServiceServicer):
 
     def ListConstraints(self, request, context):  # noqa: N802
         store = self.runtime.store
-        store.get_collection(request.collection_id)
+        store.collections.get(request.collection_id)
         size = page_size(request.page_size)
         before = parse_page_token(request.page_token)
         label = _label(request.label, "filter") if request.label else ""
-        rows = store.list_answers(
+        rows = store.answers.page(
             request.collection_id, image_id=request.image_id, annotator=request.annotator_id,
             label=label, batch_id=request.batch_id, include_history=request.include_history,
             before_seq=before, limit=size + 1)
@@ -150,30 +150,31 @@ class ConstraintsServicer(constraints_pb2_grpc.ConstraintServiceServicer):
     def DeleteConstraint(self, request, context):  # noqa: N802
         store = self.runtime.store
         cid = request.collection_id
-        store.get_collection(cid)
+        store.collections.get(cid)
         seq = parse_answer_id(request.answer_id, cid)
         try:
-            restored = store.delete_answer(cid, seq, actor=request.actor, reason=request.reason)
+            restored = store.answers.delete(cid, seq, actor=request.actor, reason=request.reason)
         except errors.NotFound:
             raise errors.NotFound(f"answer {request.answer_id!r} does not exist in collection "
                                   f"{cid!r} (or is already deleted)") from None
-        out = constraints_pb2.DeleteConstraintResponse(deleted=constraint_pb(store.answer(cid, seq)))
+        deleted = constraint_pb(store.answers.get(cid, seq))
+        out = constraints_pb2.DeleteConstraintResponse(deleted=deleted)
         if restored is not None:
-            out.restored.CopyFrom(constraint_pb(store.answer(cid, restored)))
+            out.restored.CopyFrom(constraint_pb(store.answers.get(cid, restored)))
         return out
 
     def ExcludeImage(self, request, context):  # noqa: N802
         store = self.runtime.store
-        store.get_collection(request.collection_id)
+        store.collections.get(request.collection_id)
         reason = request.reason or "excluded"
-        store.exclude_image(request.collection_id, request.image_id, reason, actor=request.actor)
+        store.images.exclude(request.collection_id, request.image_id, reason, actor=request.actor)
         return constraints_pb2.ExcludeImageResponse(image_id=request.image_id, excluded=True,
                                                     reason=reason)
 
     def RestoreImage(self, request, context):  # noqa: N802
         store = self.runtime.store
-        store.get_collection(request.collection_id)
-        store.restore_image(request.collection_id, request.image_id, actor=request.actor)
+        store.collections.get(request.collection_id)
+        store.images.restore(request.collection_id, request.image_id, actor=request.actor)
         return constraints_pb2.ExcludeImageResponse(image_id=request.image_id, excluded=False)
 
     def GetIdentities(self, request, context):  # noqa: N802

@@ -52,7 +52,7 @@ def batch_stats_pb(stats: dict) -> sampling_pb2.BatchStats:
 
 
 def batch_pb(runtime: Runtime, collection_id: str, batch: BatchRecord) -> sampling_pb2.QueryBatch:
-    pairs = runtime.store.batch_pairs(collection_id, batch.batch_id)
+    pairs = runtime.store.batches.pairs(collection_id, batch.batch_id)
     model = common_pb2.ModelRef(name=batch.model_name, version=batch.model_version)
     code = REASON_CODES.get(batch.reason)
     out = sampling_pb2.QueryBatch(
@@ -112,7 +112,7 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
 
     def StartQueryPairs(self, request, context):  # noqa: N802
         cid = request.collection_id
-        self.runtime.store.get_collection(cid)  # NotFound now, not in the operation
+        self.runtime.store.collections.get(cid)  # NotFound now, not in the operation
         cycle = cycle_request(request)  # a malformed filter fails now too
         ops = self.runtime.operations
         assert ops is not None
@@ -124,24 +124,24 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
         return operation_pb(op)
 
     def GetQueryBatch(self, request, context):  # noqa: N802
-        batch = self.runtime.store.batch(request.collection_id, request.batch_id)
+        batch = self.runtime.store.batches.get(request.collection_id, request.batch_id)
         return batch_pb(self.runtime, request.collection_id, batch)
 
     def WatchQueue(self, request, context):  # noqa: N802
         store, notifier = self.runtime.store, self.runtime.notifier
         cid = request.collection_id
-        col = store.get_collection(cid)
+        col = store.collections.get(cid)
         after = request.after_cycle if request.HasField("after_cycle") else col.cycle
         key = queue_key(cid)
         while context.is_active():
             seen = notifier.version(key)
             try:
-                store.get_collection(cid)
+                store.collections.get(cid)
             except LookupError:
                 yield sampling_pb2.QueueEvent(
                     kind=sampling_pb2.QUEUE_EVENT_KIND_COLLECTION_DELETED, collection_id=cid)
                 return
-            for batch in store.batches(cid, after_cycle=after):
+            for batch in store.batches.all(cid, after_cycle=after):
                 yield sampling_pb2.QueueEvent(
                     kind=sampling_pb2.QUEUE_EVENT_KIND_BATCH_READY, collection_id=cid,
                     batch=batch_pb(self.runtime, cid, batch))

@@ -30,8 +30,8 @@ def store(store_target):
 
 def new_collection(store: Store) -> str:
     cid = f"c{next(_names)}"
-    store.create_collection(cid)
-    store.add_images(cid, [ImageRecord(i) for i in IMAGES])
+    store.collections.create(cid)
+    store.images.add(cid, [ImageRecord(i) for i in IMAGES])
     return cid
 
 
@@ -66,16 +66,16 @@ def test_submits_in_several_calls_report_what_a_full_rebuild_reports(store, even
     for event in events:
         if event[0] == "exclude":
             image = IMAGES[event[1]]
-            if image in store.excluded_images(cid):
-                store.restore_image(cid, image)
+            if image in store.images.excluded(cid):
+                store.images.restore(cid, image)
             else:
-                store.exclude_image(cid, image, "test")
+                store.images.exclude(cid, image, "test")
             continue
         if event[0] == "delete":
             if given_seqs:
                 seq = given_seqs[event[1] % len(given_seqs)]
-                if not store.answer(cid, seq).deleted:
-                    store.delete_answer(cid, seq)
+                if not store.answers.get(cid, seq).deleted:
+                    store.answers.delete(cid, seq)
             continue
         out = submit(store, cid, as_submissions(event))
         given_seqs += out.seqs
@@ -104,9 +104,9 @@ def test_answers_written_through_another_store_handle_are_picked_up(store, store
     other = Store.open(store_target)  # a second process / replica on the same database
     try:
         theirs = submit(other, cid, as_submissions([(1, 1, "SAME")]))
-        other.exclude_image(cid, "i6", "blurred")
+        other.images.exclude(cid, "i6", "blurred")
         submit(other, cid, as_submissions([(3, 1, "SAME"), (3, 2, "DIFFERENT")]))
-        other.delete_image(cid, "i4")  # retires the answers about it
+        other.images.delete(cid, "i4")  # retires the answers about it
     finally:
         other.close()
     mine = submit(store, cid, as_submissions([(0, 2, "DIFFERENT"), (5, 1, "SAME")]))
@@ -119,9 +119,9 @@ def test_answers_written_through_another_store_handle_are_picked_up(store, store
 def test_a_recreated_collection_starts_from_nothing(store):
     cid = new_collection(store)
     submit(store, cid, as_submissions([(0, 1, "SAME"), (1, 1, "SAME")]))
-    store.delete_collection(cid)
-    store.create_collection(cid)
-    store.add_images(cid, [ImageRecord(i) for i in IMAGES])
+    store.collections.delete(cid)
+    store.collections.create(cid)
+    store.images.add(cid, [ImageRecord(i) for i in IMAGES])
     out = submit(store, cid, as_submissions([(0, 2, "DIFFERENT")]))
     assert not out.contradictions
 
@@ -140,7 +140,7 @@ def test_consistent_answers_are_applied_without_rebuilding(store):
 def test_a_deleted_image_takes_its_answers_out_of_the_state(store):
     cid = new_collection(store)
     submit(store, cid, as_submissions([(0, 1, "SAME"), (1, 3, "SAME"), (4, 5, "SAME")]))
-    store.delete_image(cid, "i4")  # the chain i0 - i1 - i4 - i2 loses its middle
+    store.images.delete(cid, "i4")  # the chain i0 - i1 - i4 - i2 loses its middle
     out = submit(store, cid, as_submissions([(0, 2, "DIFFERENT")]))
     assert not out.contradictions and reference(store, cid, out.seqs) == []
 
@@ -150,7 +150,7 @@ def test_a_failed_transaction_leaves_no_answer_in_the_state(store):
     submit(store, cid, as_submissions([(0, 1, "SAME"), (1, 1, "SAME")]))
     states = answer_states(store)
 
-    with pytest.raises(RuntimeError), states.writing(cid), store.answer_transaction(cid) as tx:
+    with pytest.raises(RuntimeError), states.writing(cid), store.answers.transaction(cid) as tx:
         tx.insert([AnswerIn("i0", "i2", "DIFFERENT")])
         states.sync(store, cid)  # holds the inserted answer now
         raise RuntimeError("failed before the commit")
@@ -196,8 +196,8 @@ def test_relabels_and_deletes_move_the_state_without_reloading_it(store, store_t
     rng = random.Random(seed)
     cid = f"r{seed}-{next(_names)}"
     images = [f"x{k}" for k in range(24)]
-    store.create_collection(cid)
-    store.add_images(cid, [ImageRecord(i) for i in images])
+    store.collections.create(cid)
+    store.images.add(cid, [ImageRecord(i) for i in images])
     other = Store.open(store_target)
     try:
         first = submit(store, cid, [AnswerSubmission("SAME", image_a="x0", image_b="x1")])
@@ -212,11 +212,11 @@ def test_relabels_and_deletes_move_the_state_without_reloading_it(store, store_t
             roll = rng.random()
             if roll < 0.15 and seqs:
                 seq = rng.choice(seqs)
-                if not store.answer(cid, seq).deleted:
-                    handle.delete_answer(cid, seq)
+                if not store.answers.get(cid, seq).deleted:
+                    handle.answers.delete(cid, seq)
             elif roll < 0.2 and len(alive) > 12:
                 gone = alive.pop(rng.randrange(len(alive)))
-                handle.delete_image(cid, gone)
+                handle.images.delete(cid, gone)
                 answered = [p for p in answered if gone not in p]
             else:
                 calls = []

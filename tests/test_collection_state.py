@@ -136,19 +136,19 @@ def test_constraints_from_answers_against_a_reference():
 def test_load_view_picks_rows_vectors_and_refuses_missing_vectors(tmp_path):
     store = Store(tmp_path)
     try:
-        store.create_collection("c", model_name="m")
-        store.add_images("c", [ImageRecord(i, metadata={"site": s})
+        store.collections.create("c", model_name="m")
+        store.images.add("c", [ImageRecord(i, metadata={"site": s})
                                for i, s in zip("abcd", "nnsn", strict=True)])
         with pytest.raises(FailedPrecondition, match="no embedded image"):
             load_view(store, "c")
         rng = np.random.default_rng(0)
         X = rng.normal(size=(4, 3)).astype(np.float32)
-        store.put_vectors("c", "m", "2", list("abc"), X[:3])
-        store.set_model("c", "m", "2")
+        store.images.put_vectors("c", "m", "2", list("abc"), X[:3])
+        store.collections.set_model("c", "m", "2")
         with pytest.raises(FailedPrecondition, match="1 of 4 image.*'d'"):
             load_view(store, "c")
-        store.exclude_image("c", "d", "blurred")
-        store.submit_answers("c", [AnswerIn("a", "c", "SAME"), AnswerIn("a", "d", "SAME")])
+        store.images.exclude("c", "d", "blurred")
+        store.answers.submit("c", [AnswerIn("a", "c", "SAME"), AnswerIn("a", "d", "SAME")])
         view = load_view(store, "c")
         assert view.image_ids == ["a", "b", "c"]
         np.testing.assert_array_equal(view.X, X[:3])

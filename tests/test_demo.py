@@ -58,13 +58,13 @@ def test_demo_runs_the_whole_loop(tmp_path, capsys):
     truth = {r.image_id: r.identity for r in dataset}
     store = Store(out / "server")
     try:
-        assert store.counts("demo")["images"] == len(truth)
-        ids, X = store.get_vectors("demo", "reidal_embedder", "1")
-        assert store.get_collection("demo").model_version == new_version
-        trained_ids, X_new = store.get_vectors("demo", "reidal_embedder", new_version)
+        assert store.collections.counts("demo")["images"] == len(truth)
+        ids, X = store.images.vectors("demo", "reidal_embedder", "1")
+        assert store.collections.get("demo").model_version == new_version
+        trained_ids, X_new = store.images.vectors("demo", "reidal_embedder", new_version)
         assert trained_ids == ids and X_new.shape == X.shape
         assert not np.allclose(X_new, X, atol=1e-4)
-        answers = store.answers("demo")
+        answers = store.answers.all("demo")
         assert len(answers) == sum(asked)
         assert len({(a.image_a, a.image_b) for a in answers}) == len(answers)
         for a in answers:

@@ -178,7 +178,7 @@ def test_the_loop_through_the_services_ports_survives_pod_restarts(cluster, post
     # Nothing lost: every answer is in PostgreSQL, whatever process stored it.
     store = Store.open(cluster["reidal-constraints"].env["REIDAL_DATABASE_URL"])
     try:
-        stored = store.answers(cid, current_only=False)
+        stored = store.answers.all(cid, current_only=False)
         assert sorted((a.image_a, a.image_b, a.label, a.annotator) for a in stored) == \
             sorted(submitted)
     finally:

@@ -78,9 +78,9 @@ def server(tmp_path_factory) -> Iterator:
         pics = pictures()[:4]
         col.AddImages(iter([ingest_message("c", pics, defer=True)]), timeout=30)
         ids = [p.image_id for p in pics]
-        srv.runtime.store.set_model("c", "m", "1")
+        srv.runtime.store.collections.set_model("c", "m", "1")
         vectors = np.random.default_rng(0).normal(size=(len(ids), 8))
-        srv.runtime.store.put_vectors("c", "m", "1", ids, vectors / np.linalg.norm(
+        srv.runtime.store.images.put_vectors("c", "m", "1", ids, vectors / np.linalg.norm(
             vectors, axis=1, keepdims=True))
     try:
         yield srv
@@ -130,7 +130,7 @@ def test_bad_model_versions_are_invalid_argument_everywhere(server, channel, ver
     assert_invalid(col.CreateCollection, C.CreateCollectionRequest(
         collection_id="v-bad", model=ref), "model.version")
     with pytest.raises(LookupError):  # refused, not stored
-        server.runtime.store.get_collection("v-bad")
+        server.runtime.store.collections.get("v-bad")
 
 
 def test_page_tokens_beyond_int64_are_invalid_argument(channel):
@@ -160,7 +160,7 @@ def test_out_of_range_timestamps_are_invalid_argument(server, channel):
                    "answers[0].ended_at")
     assert_invalid(cons.SubmitConstraints, answer(ended_at=Timestamp(seconds=-2**40)),
                    "ended_at")
-    assert server.runtime.store.counts("c")["answers"] == 0  # nothing stored
+    assert server.runtime.store.collections.counts("c")["answers"] == 0  # nothing stored
     ok = cons.SubmitConstraints(answer(started_at=Timestamp(seconds=1_700_000_000),
                                        ended_at=Timestamp(seconds=1_700_000_001, nanos=5)),
                                 timeout=10)
@@ -252,7 +252,7 @@ def test_huge_answer_fields_are_refused_and_never_stored_or_logged(server, chann
     cons = constraints_pb2_grpc.ConstraintServiceStub(channel)
     a, b = (p.image_id for p in pictures()[2:4])
     good = K.AnswerInput(images=K.ImagePair(image_a=a, image_b=b), label=K.ANSWER_LABEL_DIFFERENT)
-    before = server.runtime.store.counts("c")["answers"]
+    before = server.runtime.store.collections.counts("c")["answers"]
     with Logs() as logs:
         for field, value in (("annotator_id", MEGABYTE), ("note", "n" * 5000)):
             bad = K.AnswerInput()
@@ -264,7 +264,7 @@ def test_huge_answer_fields_are_refused_and_never_stored_or_logged(server, chann
             collection_id="c", answers=[good], request_id=MEGABYTE), "request_id")
         assert_invalid(cons.DeleteConstraint, K.DeleteConstraintRequest(
             collection_id="c", answer_id="1", actor=MEGABYTE), "actor")
-    assert server.runtime.store.counts("c")["answers"] == before
+    assert server.runtime.store.collections.counts("c")["answers"] == before
     assert "x" * 2000 not in logs.text and "n" * 2000 not in logs.text
     assert max(len(line) for line in logs.text.splitlines()) < 5000
 

@@ -27,10 +27,10 @@ def served(tmp_path):
     data = make_reid_embeddings(n_identities=8, dim=16, seed=0)
     ids = [f"img{k:03d}" for k in range(data.X.shape[0])]
     store = Store(tmp_path)
-    store.create_collection(CID, model_name="m", model_version="1",
-                            params=effective_params({"k1": 6, "k2": 2, "min_samples": 2}, None))
-    store.add_images(CID, [ImageRecord(i) for i in ids])
-    store.put_vectors(CID, "m", "1", ids, data.X.astype(np.float32))
+    store.collections.create(CID, model_name="m", model_version="1",
+                             params=effective_params({"k1": 6, "k2": 2, "min_samples": 2}, None))
+    store.images.add(CID, [ImageRecord(i) for i in ids])
+    store.images.put_vectors(CID, "m", "1", ids, data.X.astype(np.float32))
     store.close()
     srv = serve(["sampling", "constraints"], data_dir=tmp_path, health_interval_s=60)
     stubs = Stubs.connect(srv.address)

@@ -160,7 +160,7 @@ def test_an_undecodable_deferred_image_no_longer_blocks_its_collection(triton, t
             assert done.state == C.OPERATION_STATE_FAILED
             assert done.error_code == "INVALID_ARGUMENT" and "'bad'" in done.error_message
             assert "DeleteImage" in done.error_message
-            assert len(srv.runtime.store.vector_ids("c", triton.model_name, "1")) == 12
+            assert len(srv.runtime.store.images.vector_ids("c", triton.model_name, "1")) == 12
             assert rpc_error(sample).code() == grpc.StatusCode.FAILED_PRECONDITION
 
             # excluded: EmbedCollection succeeds, listing it as skipped; sampling works

@@ -191,13 +191,13 @@ def test_closing_stops_the_listener_and_its_connections(postgres_url):
 def test_watch_queue_on_one_server_sees_a_batch_stored_by_another(postgres_url, tmp_path):
     store = Store.open(postgres_url)
     try:
-        store.create_collection("c", model_name="m", model_version="1")
+        store.collections.create("c", model_name="m", model_version="1")
         ids = [f"i{k:02d}" for k in range(12)]
-        store.add_images("c", [ImageRecord(i) for i in ids])
+        store.images.add("c", [ImageRecord(i) for i in ids])
         rng = np.random.default_rng(0)
         centres = rng.normal(size=(3, 8))
         x = centres[np.arange(12) % 3] + 0.2 * rng.normal(size=(12, 8))
-        store.put_vectors("c", "m", "1", ids, x / np.linalg.norm(x, axis=1, keepdims=True))
+        store.images.put_vectors("c", "m", "1", ids, x / np.linalg.norm(x, axis=1, keepdims=True))
     finally:
         store.close()
     kwargs = dict(data_dir=tmp_path / "data", database_url=postgres_url, start_triton=False,

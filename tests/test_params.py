@@ -168,12 +168,12 @@ def test_a_collection_stored_in_the_old_form_samples_what_the_new_form_samples(t
     try:
         batches = []
         for cid, params in (("old", old), ("new", new)):
-            store.create_collection(cid, params=params)
-            store.add_images(cid, [ImageRecord(i) for i in ids])
-            store.add_vectors(cid, "m", "1", ids, data.X.astype(np.float32))
+            store.collections.create(cid, params=params)
+            store.images.add(cid, [ImageRecord(i) for i in ids])
+            store.images.add_vectors(cid, "m", "1", ids, data.X.astype(np.float32))
             batch, _ = run_cycle(store, cid, CycleRequest())
             batches.append((batch.budget, [(p.image_a, p.image_b, p.pool)
-                                           for p, _ in store.batch_pairs(cid, batch.batch_id)]))
+                                           for p, _ in store.batches.pairs(cid, batch.batch_id)]))
         assert batches[0][0] == 7 and batches[0][1]
         assert batches[0] == batches[1]
     finally:

@@ -23,16 +23,16 @@ def store(store_target):
     s = Store.open(store_target)
     data = make_reid_embeddings(n_identities=8, dim=16, seed=0)
     ids = [f"img{k:03d}" for k in range(data.X.shape[0])]
-    s.create_collection("c", model_name="m", model_version="1",
-                        params=effective_params({"k1": 6, "k2": 2, "min_samples": 2}, None))
-    s.add_images("c", [ImageRecord(i) for i in ids])
-    s.put_vectors("c", "m", "1", ids, data.X.astype(np.float32))
+    s.collections.create("c", model_name="m", model_version="1",
+                         params=effective_params({"k1": 6, "k2": 2, "min_samples": 2}, None))
+    s.images.add("c", [ImageRecord(i) for i in ids])
+    s.images.put_vectors("c", "m", "1", ids, data.X.astype(np.float32))
     yield s
     s.close()
 
 
 def ids_of(store):
-    return [img.image_id for img in store.images("c")]
+    return [img.image_id for img in store.images.all("c")]
 
 
 def test_an_unchanged_state_shares_its_open_batch(store):
@@ -69,7 +69,7 @@ def test_concurrent_requests_on_one_state_start_one_cycle(store):
         t.start()
     for t in threads:
         t.join()
-    assert len(set(got)) == 1 and store.get_collection("c").cycle == 1
+    assert len(set(got)) == 1 and store.collections.get("c").cycle == 1
 
 
 def test_identities_are_served_from_the_last_result_while_a_newer_one_is_computed(store):
@@ -143,4 +143,4 @@ def test_pairs_are_served_from_the_last_batch_while_a_newer_cycle_is_computed(st
     worker.join(30)
     batch, created = newer[0]
     assert created and batch.cycle == other.cycle + 1
-    assert store.batch_by_request("c", "s").batch_id == first.batch_id
+    assert store.batches.by_request("c", "s").batch_id == first.batch_id

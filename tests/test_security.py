@@ -210,13 +210,13 @@ def world(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]
                 collection_id=cid, clustering=SMALL_CLUSTERING), metadata=ops, timeout=10)
             col.AddImages(iter([ingest_message(cid, pics, defer=True)]), metadata=ops, timeout=30)
             ids = list(truth)
-            server.runtime.store.set_model(cid, "m", "1")
-            server.runtime.store.put_vectors(cid, "m", "1", ids, _vectors(ids, truth, 0))
+            server.runtime.store.collections.set_model(cid, "m", "1")
+            server.runtime.store.images.put_vectors(cid, "m", "1", ids, _vectors(ids, truth, 0))
         store = server.runtime.store
-        job_a = store.create_training_job("A", {}, base_model_name="m",
-                                          base_model_version="1").job_id
-        job_b = store.create_training_job("B", {}, base_model_name="m",
-                                          base_model_version="1").job_id
+        job_a = store.jobs.create("A", {}, base_model_name="m",
+                                  base_model_version="1").job_id
+        job_b = store.jobs.create("B", {}, base_model_name="m",
+                                  base_model_version="1").job_id
         yield World(server, tokens, tokens_path, channel, logs, pki, truth, job_a, job_b)
     finally:
         channel.close()
@@ -472,16 +472,16 @@ def _calls_on(cid: str, w: World) -> dict[str, tuple]:
 
 def test_a_token_for_A_can_neither_read_nor_write_B(world: World, stubs: Stubs):
     store = world.store
-    before = (store.counts("B"), store.excluded_images("B"), len(store.images("B")),
-              len(store.batches("B")), len(store.operations("B")),
-              len(store.list_training_jobs("B")))
+    before = (store.collections.counts("B"), store.images.excluded("B"), len(store.images.all("B")),
+              len(store.batches.all("B")), len(store.operations.all("B")),
+              len(store.jobs.all("B")))
     # a-admin may call every method, but only on A and C.
     got = {name: code_of(getattr(getattr(stubs, svc), name), req, world.tokens["a-admin"])
            for name, (svc, req) in _calls_on("B", world).items()}
     assert got == dict.fromkeys(got, DENIED)
-    after = (store.counts("B"), store.excluded_images("B"), len(store.images("B")),
-             len(store.batches("B")), len(store.operations("B")),
-             len(store.list_training_jobs("B")))
+    after = (store.collections.counts("B"), store.images.excluded("B"), len(store.images.all("B")),
+             len(store.batches.all("B")), len(store.operations.all("B")),
+             len(store.jobs.all("B")))
     assert after == before  # nothing about B changed
     # The same token works on A (reads and the annotation loop; writes are checked below).
     ok = {"GetCollection", "ListImages", "GetQueryPairs", "SubmitConstraints",
@@ -495,12 +495,12 @@ def test_a_token_for_A_can_neither_read_nor_write_B(world: World, stubs: Stubs):
     msgs = [C.AddImagesRequest(collection_id="A"),
             ingest_message("B", pictures()[18:19], defer=True)]
     assert code_of(stubs.col.AddImages, iter(msgs), world.tokens["a-admin"]) == DENIED
-    assert len(store.images("B")) == before[2]
+    assert len(store.images.all("B")) == before[2]
 
 
 def test_operations_and_jobs_of_B_are_out_of_reach(world: World, stubs: Stubs):
     ops, team = world.tokens["ops"], world.tokens["team-a"]
-    op = world.store.create_operation("op-of-b", "B", "embed_collection")
+    op = world.store.operations.create("op-of-b", "B", "embed_collection")
     get_op = C.GetOperationRequest(operation_id=op.operation_id)
     assert code_of(stubs.col.GetOperation, get_op, ops) == OK
     assert code_of(stubs.col.GetOperation, get_op, team) == DENIED
@@ -516,7 +516,7 @@ def test_operations_and_jobs_of_B_are_out_of_reach(world: World, stubs: Stubs):
     assert denied.value.code() == DENIED
     assert denied.value.details() == (f"token 'a-admin' may not use collection 'B' "
                                       f"(it owns job_id {world.job_b!r})")
-    assert world.store.get_training_job(world.job_b).state.upper() == "QUEUED"
+    assert world.store.jobs.get(world.job_b).state.upper() == "QUEUED"
     # Lists hold only the token's collections.
     listed = stubs.train.ListTrainingJobs(T.ListTrainingJobsRequest(), metadata=_md(team),
                                           timeout=10)
@@ -544,7 +544,7 @@ def test_roles(world: World, stubs: Stubs):
                  "StartTraining"):
         svc, req = _calls_on("A", world)[name]
         assert code_of(getattr(getattr(stubs, svc), name), req, t["team-a"]) == DENIED, name
-    assert world.store.get_collection("A").id == "A"
+    assert world.store.collections.get("A").id == "A"
     # An admin of A and C creates and deletes C, but not D.
     new = lambda cid: C.CreateCollectionRequest(collection_id=cid)  # noqa: E731
     assert code_of(stubs.col.CreateCollection, new("C"), t["a-admin"]) == OK
@@ -566,7 +566,7 @@ def test_annotator_recorded_with_every_answer(world: World, stubs: Stubs):
     assert submit(t["alice"], 5, 8, "bob") == DENIED  # may not answer as someone else
     assert submit(t["team-a"], 6, 7) == OK  # unpinned: the token's name
     assert submit(t["team-a"], 6, 8, "carol") == OK  # unpinned: the given name stands
-    stored = {(a.image_a, a.image_b): a.annotator for a in world.store.answers("A")}
+    stored = {(a.image_a, a.image_b): a.annotator for a in world.store.answers.all("A")}
 
     def who(a: int, b: int) -> str | None:
         return stored.get(tuple(sorted((img[a], img[b]))))
@@ -578,7 +578,7 @@ def test_annotator_recorded_with_every_answer(world: World, stubs: Stubs):
         collection_id="A", image_id=img[9]), t["alice"]) == OK
     assert code_of(stubs.cons.RestoreImage, K.RestoreImageRequest(
         collection_id="A", image_id=img[9], actor="mallory"), t["alice"]) == DENIED
-    audit = json.dumps(world.store.audit_log("A"), default=str)
+    audit = json.dumps(world.store.collections.audit_log("A"), default=str)
     assert "alice" in audit and "mallory" not in audit
 
 

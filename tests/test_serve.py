@@ -157,7 +157,7 @@ def test_each_service_alone_on_one_data_directory(triton, tmp_path):
         assert (got.image_count, got.cycle, got.answer_count) == (16, 1, len(batch.pairs))
         assert (got.model.name, got.model.version) == (triton.model_name, "1")
         # Vectors through the remote embedding service are the served model's.
-        ids, X = servers[1].runtime.store.get_vectors("shared", triton.model_name, "1")
+        ids, X = servers[1].runtime.store.images.vectors("shared", triton.model_name, "1")
         ref = triton.reference(preprocess([Image.open(io.BytesIO(p.png)).convert("RGB")
                                            for p in pics[:4]], triton.spec))
         assert ids == [p.image_id for p in pics]
@@ -177,9 +177,9 @@ def test_each_service_alone_on_one_data_directory(triton, tmp_path):
 
 def test_metrics_endpoint_and_graceful_stop_with_open_watchers(tmp_path):
     store = Store(tmp_path)  # a collection made by an earlier process
-    store.create_collection("w")
-    store.add_images("w", [ImageRecord(f"i{k}") for k in range(3)])
-    store.create_operation("op-interrupted", "w", "sample")
+    store.collections.create("w")
+    store.images.add("w", [ImageRecord(f"i{k}") for k in range(3)])
+    store.operations.create("op-interrupted", "w", "sample")
     store.close()
     srv = serve(["sampling", "constraints"], data_dir=tmp_path, metrics_port=0,
                 metrics_addr="127.0.0.1", health_interval_s=60)
@@ -194,7 +194,7 @@ def test_metrics_endpoint_and_graceful_stop_with_open_watchers(tmp_path):
                      "reidal_cycle_seconds"):
             assert name in text, name
         # The operation that was running when the earlier process died is failed, not lost.
-        record = srv.runtime.store.operation("op-interrupted")
+        record = srv.runtime.store.operations.get("op-interrupted")
         assert (record.state, record.error_code) == ("FAILED", "ABORTED")
 
         errors: list[grpc.RpcError] = []

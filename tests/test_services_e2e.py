@@ -130,7 +130,7 @@ def test_create_ingest_sample_answer_identities(server, stubs, triton):
     assert list(again.changed_ids) == [pics[3].image_id]
 
     # Stored vectors are the served model's (independent reference: torch on Pillow decoding).
-    ids, X = server.runtime.store.get_vectors("zebras", triton.model_name, "1")
+    ids, X = server.runtime.store.images.vectors("zebras", triton.model_name, "1")
     assert ids == [p.image_id for p in pics]
     ref = triton.reference(preprocess([Image.open(io.BytesIO(p.png)).convert("RGB")
                                        for p in pics[:6]], triton.spec))
@@ -316,11 +316,11 @@ def test_deferred_ingest_then_embed_collection_with_progress(server, stubs, trit
     assert polled.state == C.OPERATION_STATE_SUCCEEDED
     col = stubs.collections.GetCollection(C.GetCollectionRequest(collection_id="later"))
     assert (col.embedded_image_count, col.model.version) == (12, "1")
-    ids, X = server.runtime.store.get_vectors("later", triton.model_name, "1")
+    ids, X = server.runtime.store.images.vectors("later", triton.model_name, "1")
     # Kept bytes (and the file read by path) embed like the same images embedded at ingest
     # (a collection of this test's own: it must pass run alone).
     create_and_fill(stubs, "at-ingest", pics)
-    ids0, X0 = server.runtime.store.get_vectors("at-ingest", triton.model_name, "1")
+    ids0, X0 = server.runtime.store.images.vectors("at-ingest", triton.model_name, "1")
     assert ids0 == ids
     np.testing.assert_allclose(X, X0, atol=1e-5)
     batch = stubs.sampling.GetQueryPairs(S.GetQueryPairsRequest(collection_id="later"))
@@ -401,7 +401,7 @@ def test_contradictions_are_reported_and_every_answer_stored(server, stubs):
         collection_id="contra", answer_id=revised.answer_ids[0], actor="ann", reason="typo"))
     assert deleted.deleted.status == K.CONSTRAINT_STATUS_DELETED
     assert deleted.restored.answer_id == first.answer_ids[0]
-    assert server.runtime.store.audit_log("contra")[-1]["action"] == "delete_answer"
+    assert server.runtime.store.collections.audit_log("contra")[-1]["action"] == "delete_answer"
     # UNSURE is stored, never a constraint, and that pair is not asked again.
     unsure = sub(K.SubmitConstraintsRequest(collection_id="contra",
                                             answers=[by_images(c, d, None)]))
@@ -507,7 +507,7 @@ def test_restart_on_the_same_data_directory_finds_everything(triton, tmp_path):
             }
 
         before = snapshot(s)
-        vectors_before = first.runtime.store.get_vectors("kept", triton.model_name, "1")
+        vectors_before = first.runtime.store.images.vectors("kept", triton.model_name, "1")
         s.close()
     finally:
         first.stop(grace=1)
@@ -518,7 +518,7 @@ def test_restart_on_the_same_data_directory_finds_everything(triton, tmp_path):
         after = snapshot(s)
         assert after == before
         assert before["collection"].cycle == 3 and before["collection"].excluded_image_count == 1
-        vectors_after = second.runtime.store.get_vectors("kept", triton.model_name, "1")
+        vectors_after = second.runtime.store.images.vectors("kept", triton.model_name, "1")
         assert vectors_after[0] == vectors_before[0]
         np.testing.assert_array_equal(vectors_after[1], vectors_before[1])
         # Pair ids issued before the restart still resolve; a retried request id replays.

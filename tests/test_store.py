@@ -15,80 +15,80 @@ from reidal.store import AnswerIn, ImageRecord, Store
 @pytest.fixture()
 def store(store_target):
     s = Store.open(store_target)
-    s.create_collection("zebras", species="plains zebra", model_name="m", model_version="1")
-    s.add_images("zebras", [ImageRecord(f"img{i}", metadata={"site": "a" if i % 2 else "b"})
+    s.collections.create("zebras", species="plains zebra", model_name="m", model_version="1")
+    s.images.add("zebras", [ImageRecord(f"img{i}", metadata={"site": "a" if i % 2 else "b"})
                             for i in range(6)])
     yield s
     s.close()
 
 
 def test_collections_crud(store):
-    assert [c.id for c in store.list_collections()] == ["zebras"]
+    assert [c.id for c in store.collections.all()] == ["zebras"]
     with pytest.raises(AlreadyExists):
-        store.create_collection("zebras")
+        store.collections.create("zebras")
     with pytest.raises(NotFound, match="nope"):
-        store.get_collection("nope")
+        store.collections.get("nope")
     with pytest.raises(InvalidArgument):
-        store.create_collection("")
-    store.delete_collection("zebras")
-    assert store.list_collections() == []
+        store.collections.create("")
+    store.collections.delete("zebras")
+    assert store.collections.all() == []
     with pytest.raises(NotFound):
-        store.delete_collection("zebras")
+        store.collections.delete("zebras")
 
 
 def test_add_images_is_idempotent_and_ordered(store):
-    added, present = store.add_images("zebras", [ImageRecord("img5"), ImageRecord("img6")])
+    added, present = store.images.add("zebras", [ImageRecord("img5"), ImageRecord("img6")])
     assert (added, present) == (1, 1)
-    assert [r.image_id for r in store.images("zebras")] == [f"img{i}" for i in range(7)]
-    assert store.images("zebras")[1].metadata == {"site": "a"}
+    assert [r.image_id for r in store.images.all("zebras")] == [f"img{i}" for i in range(7)]
+    assert store.images.all("zebras")[1].metadata == {"site": "a"}
 
 
 def test_vectors_round_trip_in_ingest_order(store):
     ids = [f"img{i}" for i in range(6)]
     vecs = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
-    store.put_vectors("zebras", "m", "1", ids[::-1], vecs[::-1])
-    got_ids, got = store.get_vectors("zebras", "m", "1")
+    store.images.put_vectors("zebras", "m", "1", ids[::-1], vecs[::-1])
+    got_ids, got = store.images.vectors("zebras", "m", "1")
     assert got_ids == ids
     np.testing.assert_array_equal(got, vecs)
-    assert store.get_vectors("zebras", "m", "2")[0] == []
+    assert store.images.vectors("zebras", "m", "2")[0] == []
 
 
 def test_answers_supersede_and_keep_history(store):
-    store.submit_answers("zebras", [AnswerIn("img1", "img0", "SAME", annotator="ann")])
-    store.submit_answers("zebras", [AnswerIn("img0", "img1", "DIFFERENT", annotator="bob")])
-    current = store.answers("zebras")
+    store.answers.submit("zebras", [AnswerIn("img1", "img0", "SAME", annotator="ann")])
+    store.answers.submit("zebras", [AnswerIn("img0", "img1", "DIFFERENT", annotator="bob")])
+    current = store.answers.all("zebras")
     assert [(a.image_a, a.image_b, a.label) for a in current] == [("img0", "img1", "DIFFERENT")]
-    history = store.answers("zebras", current_only=False)
+    history = store.answers.all("zebras", current_only=False)
     assert [a.label for a in history] == ["SAME", "DIFFERENT"]
     assert history[0].superseded_by == history[1].seq
     # deleting the newer answer makes the older one current again, and is audited
-    store.delete_answer("zebras", history[1].seq, actor="bob", reason="mistake")
-    assert [a.label for a in store.answers("zebras")] == ["SAME"]
-    assert store.audit_log("zebras")[-1]["action"] == "delete_answer"
+    store.answers.delete("zebras", history[1].seq, actor="bob", reason="mistake")
+    assert [a.label for a in store.answers.all("zebras")] == ["SAME"]
+    assert store.collections.audit_log("zebras")[-1]["action"] == "delete_answer"
 
 
 def test_bad_answers_store_nothing(store):
     with pytest.raises(NotFound, match="img99"):
-        store.submit_answers("zebras", [AnswerIn("img0", "img1", "SAME"),
+        store.answers.submit("zebras", [AnswerIn("img0", "img1", "SAME"),
                                         AnswerIn("img0", "img99", "SAME")])
     with pytest.raises(InvalidArgument, match="label"):
-        store.submit_answers("zebras", [AnswerIn("img0", "img1", "MAYBE")])
+        store.answers.submit("zebras", [AnswerIn("img0", "img1", "MAYBE")])
     with pytest.raises(InvalidArgument, match="itself"):
-        store.submit_answers("zebras", [AnswerIn("img0", "img0", "SAME")])
-    assert store.answers("zebras", current_only=False) == []
+        store.answers.submit("zebras", [AnswerIn("img0", "img0", "SAME")])
+    assert store.answers.all("zebras", current_only=False) == []
 
 
 def test_request_id_replay(store):
-    store.submit_answers("zebras", [AnswerIn("img0", "img1", "SAME")], request_id="r1",
+    store.answers.submit("zebras", [AnswerIn("img0", "img1", "SAME")], request_id="r1",
                          response={"stored": 1})
-    assert store.replayed_response("zebras", "r1") == {"stored": 1}
-    assert store.replayed_response("zebras", "r2") is None
+    assert store.answers.replayed("zebras", "r1") == {"stored": 1}
+    assert store.answers.replayed("zebras", "r2") is None
 
 
 def test_concurrent_writers_lose_nothing(store):
     def worker(k):
         for t in range(20):
-            store.submit_answers("zebras", [AnswerIn(f"img{k}", f"img{(k + 1) % 6}", "UNSURE",
+            store.answers.submit("zebras", [AnswerIn(f"img{k}", f"img{(k + 1) % 6}", "UNSURE",
                                                      annotator=f"w{k}-{t}")])
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
@@ -96,25 +96,25 @@ def test_concurrent_writers_lose_nothing(store):
         t.start()
     for t in threads:
         t.join()
-    assert len(store.answers("zebras", current_only=False)) == 120
+    assert len(store.answers.all("zebras", current_only=False)) == 120
 
 
 def test_answers_survive_a_killed_process(store_target):
-    """An answer is durable once submit_answers returns: kill -9 the writer, reopen, find it."""
+    """An answer is durable once answers.submit returns: kill -9 the writer, reopen, find it."""
     code = f"""
 import os, signal
 from reidal.store import Store, ImageRecord, AnswerIn
 s = Store.open({store_target!r})
-s.create_collection("c")
-s.add_images("c", [ImageRecord("a"), ImageRecord("b")])
-s.submit_answers("c", [AnswerIn("a", "b", "SAME", annotator="field")])
+s.collections.create("c")
+s.images.add("c", [ImageRecord("a"), ImageRecord("b")])
+s.answers.submit("c", [AnswerIn("a", "b", "SAME", annotator="field")])
 os.kill(os.getpid(), signal.SIGKILL)
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True)
     assert proc.returncode == -9
     reopened = Store.open(store_target)
     try:
-        [ans] = reopened.answers("c")
+        [ans] = reopened.answers.all("c")
         assert (ans.image_a, ans.image_b, ans.label, ans.annotator) == ("a", "b", "SAME", "field")
     finally:
         reopened.close()
@@ -123,17 +123,17 @@ os.kill(os.getpid(), signal.SIGKILL)
 def test_image_record_and_sources_of_some_images(store):
     from reidal.store import ImageSource
 
-    store.create_collection("c")
+    store.collections.create("c")
     images = [ImageRecord(f"i{k:04d}", uri=f"/p/{k}.png" if k % 2 else "", name=f"n{k}")
               for k in range(1200)]  # more than one 500-id chunk
     sources = {img.image_id: (ImageSource("uri", f"{k:064x}") if k % 2 else
                               ImageSource("data", f"{k + 1:064x}", size=k))
                for k, img in enumerate(images)}
-    store.ingest("c", images, sources)
-    assert store.image_record("c", "i0007") == images[7]
+    store.images.ingest("c", images, sources)
+    assert store.images.get("c", "i0007") == images[7]
     with pytest.raises(NotFound, match="i9999"):
-        store.image_record("c", "i9999")
+        store.images.get("c", "i9999")
     wanted = [f"i{k:04d}" for k in range(0, 1200, 7)] + ["i0007", "nope"]
-    got = store.image_sources("c", wanted)
+    got = store.images.sources("c", wanted)
     assert got == {i: sources[i] for i in wanted if i in sources}
-    assert store.image_sources("c") == sources
+    assert store.images.sources("c") == sources

@@ -32,8 +32,8 @@ C, K = collections_pb2, constraints_pb2
 def two(store_target):
     """Two stores on one database (a collection ``c`` of six images)."""
     a, b = Store.open(store_target), Store.open(store_target)
-    a.create_collection("c")
-    a.add_images("c", [ImageRecord(f"i{k}") for k in range(6)])
+    a.collections.create("c")
+    a.images.add("c", [ImageRecord(f"i{k}") for k in range(6)])
     yield a, b
     a.close()
     b.close()
@@ -72,25 +72,25 @@ def test_writes_of_one_collection_from_two_stores_stay_serial(two):
 
     def create(k: int) -> bool:
         try:
-            stores[k].create_collection("new")
+            stores[k].collections.create("new")
         except AlreadyExists:
             return False
         return True
 
     assert sorted(_race(8, create)) == [False] * 7 + [True]
     # One request id, eight concurrent retries: stored once, replayed seven times.
-    replayed = _race(8, lambda k: stores[k].submit_answers_once(
+    replayed = _race(8, lambda k: stores[k].answers.submit_once(
         "c", [AnswerIn("i0", "i1", "SAME")], request_id="r")[1])
     assert sorted(replayed) == [False] + [True] * 7
-    assert len(a.answers("c", current_only=False)) == 1
+    assert len(a.answers.all("c", current_only=False)) == 1
     # Eight answers on one pair: each supersedes the one before, the newest is current.
-    _race(8, lambda k: stores[k].submit_answers("c", [AnswerIn("i3", "i2", "UNSURE")]))
-    history = [x for x in b.answers("c", current_only=False) if x.image_a == "i2"]
+    _race(8, lambda k: stores[k].answers.submit("c", [AnswerIn("i3", "i2", "UNSURE")]))
+    history = [x for x in b.answers.all("c", current_only=False) if x.image_a == "i2"]
     seqs = sorted(x.seq for x in history)
     assert {x.seq: x.superseded_by for x in history} == dict(zip(seqs, [*seqs[1:], None],
                                                                  strict=True))
     # Batches: consecutive cycles, one batch per request id.
-    made = _race(8, lambda k: stores[k].create_batch(
+    made = _race(8, lambda k: stores[k].batches.create(
         "c", lambda cycle: f"b{cycle}", _pairs(("i4", "i5")), budget=1, reason="",
         finished=False, model_name="m", model_version="1", request_id=f"q{k % 4}"))
     assert sorted(batch.cycle for batch, created in made if created) == [1, 2, 3, 4]
@@ -98,15 +98,15 @@ def test_writes_of_one_collection_from_two_stores_stay_serial(two):
     for batch, _ in made:
         by_request.setdefault(batch.request_id, set()).add(batch.batch_id)
     assert sorted(len(v) for v in by_request.values()) == [1, 1, 1, 1]
-    assert a.get_collection("c").cycle == 4 and len(b.batches("c")) == 4
+    assert a.collections.get("c").cycle == 4 and len(b.batches.all("c")) == 4
     # Image positions stay unique and dense; saved identities are one whole assignment.
-    _race(8, lambda k: stores[k].add_images("c", [ImageRecord(f"t{k}-{j}") for j in range(5)]))
-    assert sorted(r.seq for r in a.list_images("c")) == list(range(6 + 40))
+    _race(8, lambda k: stores[k].images.add("c", [ImageRecord(f"t{k}-{j}") for j in range(5)]))
+    assert sorted(r.seq for r in a.images.page("c")) == list(range(6 + 40))
     assignments = [{f"i{j}": f"id-{k}" for j in range(6)} for k in range(8)]
-    _race(8, lambda k: stores[k].save_identities("c", assignments[k], counter_name="identity",
-                                                 counter_value=k))
-    k = a.counter("c", "identity")
-    assert b.identity_assignment("c") == assignments[k]
+    _race(8, lambda k: stores[k].collections.save_identities(
+        "c", assignments[k], counter_name="identity", counter_value=k))
+    k = a.collections.counter("c", "identity")
+    assert b.collections.identities("c") == assignments[k]
 
 
 def test_runtime_locks_hold_across_stores(two, tmp_path):
@@ -157,32 +157,33 @@ def test_runtime_locks_hold_across_stores(two, tmp_path):
 
 def test_work_of_a_live_store_is_not_taken_for_abandoned(two, store_target):
     a, b = two
-    a.create_operation("op-a", "c", "embed")
-    a.update_operation("op-a", state="RUNNING")
-    job = a.create_training_job("c", {"epochs": 1}, base_model_name="m", base_model_version="1")
+    a.operations.create("op-a", "c", "embed")
+    a.operations.update("op-a", state="RUNNING")
+    job = a.jobs.create("c", {"epochs": 1}, base_model_name="m", base_model_version="1")
     crash = f"""
 import os, signal
 from reidal.store import Store
 s = Store.open({store_target!r})
-s.create_operation("op-killed", "c", "embed")
+s.operations.create("op-killed", "c", "embed")
 os.kill(os.getpid(), signal.SIGKILL)
 """
     assert subprocess.run([sys.executable, "-c", crash], capture_output=True).returncode == -9
     # a's work goes on (a is open); the killed process's operation is nobody's any more
     # (once the server has seen its connection close: a moment on PostgreSQL).
     deadline = time.monotonic() + 10
-    while (aborted := b.fail_unfinished_operations("restarted")) == 0:
+    while (aborted := b.operations.fail_unfinished("restarted")) == 0:
         if time.monotonic() > deadline:
             break
         time.sleep(0.05)
     assert aborted == 1
-    assert b.fail_interrupted_training_jobs("restarted") == 0
-    assert [a.operation(o).state for o in ("op-a", "op-killed")] == ["RUNNING", "FAILED"]
+    assert b.jobs.fail_interrupted("restarted") == 0
+    assert [a.operations.get(o).state for o in ("op-a", "op-killed")] == ["RUNNING", "FAILED"]
     a.close()  # a stopped: now its work is abandoned too
-    assert b.fail_unfinished_operations("restarted") == 1
-    assert b.fail_interrupted_training_jobs("restarted") == 1
-    assert (b.operation("op-a").state, b.operation("op-a").error_code) == ("FAILED", "ABORTED")
-    assert b.get_training_job(job.job_id).state == "FAILED"
+    assert b.operations.fail_unfinished("restarted") == 1
+    assert b.jobs.fail_interrupted("restarted") == 1
+    op_a = b.operations.get("op-a")
+    assert (op_a.state, op_a.error_code) == ("FAILED", "ABORTED")
+    assert b.jobs.get(job.job_id).state == "FAILED"
     if "://" not in store_target:  # SQLite: only the open store's owner file is left
         assert [p.name for p in Path(store_target, "locks").glob("owner-*")] == [
             f"owner-{b.owner}.lock"]
@@ -195,50 +196,50 @@ def test_a_cancel_request_recorded_by_one_store_reaches_the_runner_in_another(tw
     from reidal.training_jobs import CancelSignal, job_key
 
     a, b = two
-    running = a.create_training_job("c", {"epochs": 9}, base_model_name="m",
-                                    base_model_version="1")
-    assert a.update_training_job(running.job_id, state="RUNNING")
+    running = a.jobs.create("c", {"epochs": 9}, base_model_name="m",
+                            base_model_version="1")
+    assert a.jobs.update(running.job_id, state="RUNNING")
     notifier = Notifier()
     signal = CancelSignal(a, running.job_id, notifier, check_s=3600.0)
     assert not signal.is_set()  # the first check reads the store: nothing asked
-    asked = b.request_training_job_cancel(running.job_id)
+    asked = b.jobs.request_cancel(running.job_id)
     # a's store is open, so a runs it: still RUNNING, flagged, until a's runner stops it
     assert (asked.state, asked.cancel_requested) == ("RUNNING", True)
-    assert a.get_training_job(running.job_id).cancel_requested
+    assert a.jobs.get(running.job_id).cancel_requested
     assert not signal.is_set()  # no store read before check_s...
     notifier.bump(job_key(running.job_id))  # ...unless the job's key moved (NOTIFY from b)
     assert signal.is_set()
     assert CancelSignal(a, running.job_id, Notifier()).is_set()  # a fresh one reads at once
     # the runner's own final update still lands, as a local cancel's does
-    assert a.update_training_job(running.job_id, state="CANCELLED")
-    done = b.get_training_job(running.job_id)
+    assert a.jobs.update(running.job_id, state="CANCELLED")
+    done = b.jobs.get(running.job_id)
     assert (done.state, done.cancel_requested) == ("CANCELLED", True)
     # a final job is left as it was
-    assert b.request_training_job_cancel(running.job_id) == done
-    assert not a.update_training_job(running.job_id, state="RUNNING")
+    assert b.jobs.request_cancel(running.job_id) == done
+    assert not a.jobs.update(running.job_id, state="RUNNING")
 
     # a queued job is cancelled at once, wherever the request lands
-    queued = a.create_training_job("c", {"epochs": 1}, base_model_name="m",
-                                   base_model_version="1")
-    now = b.request_training_job_cancel(queued.job_id)
+    queued = a.jobs.create("c", {"epochs": 1}, base_model_name="m",
+                           base_model_version="1")
+    now = b.jobs.request_cancel(queued.job_id)
     assert (now.state, now.cancel_requested) == ("CANCELLED", True)
-    assert not a.update_training_job(queued.job_id, state="RUNNING")  # its runner never starts
-    untouched = a.create_training_job("c", {"epochs": 1}, base_model_name="m",
-                                      base_model_version="1")
-    assert not b.get_training_job(untouched.job_id).cancel_requested
+    assert not a.jobs.update(queued.job_id, state="RUNNING")  # its runner never starts
+    untouched = a.jobs.create("c", {"epochs": 1}, base_model_name="m",
+                              base_model_version="1")
+    assert not b.jobs.get(untouched.job_id).cancel_requested
 
     # a running job whose owner is gone is nobody's: cancelled at once too
-    orphan = a.create_training_job("c", {"epochs": 9}, base_model_name="m",
-                                   base_model_version="1")
-    a.update_training_job(orphan.job_id, state="RUNNING")
+    orphan = a.jobs.create("c", {"epochs": 9}, base_model_name="m",
+                           base_model_version="1")
+    a.jobs.update(orphan.job_id, state="RUNNING")
     a.close()
     deadline = time.monotonic() + 10  # PostgreSQL drops the owner mark a moment later
-    while (got := b.request_training_job_cancel(orphan.job_id)).state == "RUNNING":
+    while (got := b.jobs.request_cancel(orphan.job_id)).state == "RUNNING":
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert got.state == "CANCELLED"
     with pytest.raises(NotFound):
-        b.request_training_job_cancel("nope")
+        b.jobs.request_cancel("nope")
 
 
 def test_text_compares_bytewise_whatever_the_database_locale(store_target):
@@ -247,17 +248,17 @@ def test_text_compares_bytewise_whatever_the_database_locale(store_target):
     s = Store.open(store_target)
     try:
         assert s.backend == ("postgresql" if "://" in store_target else "sqlite")
-        s.create_collection("t")
-        s.add_images("t", [ImageRecord(i) for i in ("a", "B", "ä", "Z10", "z9")])
-        s.submit_answers("t", [AnswerIn("a", "B", "SAME"), AnswerIn("ä", "a", "DIFFERENT"),
+        s.collections.create("t")
+        s.images.add("t", [ImageRecord(i) for i in ("a", "B", "ä", "Z10", "z9")])
+        s.answers.submit("t", [AnswerIn("a", "B", "SAME"), AnswerIn("ä", "a", "DIFFERENT"),
                                AnswerIn("z9", "Z10", "UNSURE")])
-        assert [(x.image_a, x.image_b) for x in s.answers("t")] == [
+        assert [(x.image_a, x.image_b) for x in s.answers.all("t")] == [
             ("B", "a"), ("a", "ä"), ("Z10", "z9")]
-        s.create_batch("t", lambda cycle: f"b{cycle}", _pairs(("B", "z9")), budget=1,
-                       reason="", finished=False, model_name="m", model_version="1")
-        assert s.pending_pairs("t") == [("B", "z9")]
-        s.create_collection("T")
-        assert [c.id for c in s.list_collections()] == ["t", "T"]  # by creation time
+        s.batches.create("t", lambda cycle: f"b{cycle}", _pairs(("B", "z9")), budget=1,
+                         reason="", finished=False, model_name="m", model_version="1")
+        assert s.batches.pending_pairs("t") == [("B", "z9")]
+        s.collections.create("T")
+        assert [c.id for c in s.collections.all()] == ["t", "T"]  # by creation time
     finally:
         s.close()
 
@@ -339,15 +340,15 @@ def test_cli_serve_takes_the_database_url_from_the_environment(monkeypatch):
 def test_a_store_outlives_a_database_restart(postgres, postgres_url):
     a, b = Store.open(postgres_url), Store.open(postgres_url)
     try:
-        a.create_collection("c")
-        a.add_images("c", [ImageRecord("x"), ImageRecord("y")])
-        a.create_operation("op-a", "c", "embed")
+        a.collections.create("c")
+        a.images.add("c", [ImageRecord("x"), ImageRecord("y")])
+        a.operations.create("op-a", "c", "embed")
         postgres.restart()  # every session ends, the owner marks with them
-        assert a.counts("c")["images"] == 2  # pooled connections that died are replaced
-        assert a.submit_answers("c", [AnswerIn("x", "y", "SAME")]) == [1]
+        assert a.collections.counts("c")["images"] == 2  # pooled connections that died are replaced
+        assert a.answers.submit("c", [AnswerIn("x", "y", "SAME")]) == [1]
         assert a.ping()  # the readiness probe takes the owner mark again
-        assert b.fail_unfinished_operations("restarted") == 0
-        assert a.operation("op-a").state == "PENDING"
+        assert b.operations.fail_unfinished("restarted") == 0
+        assert a.operations.get("op-a").state == "PENDING"
     finally:
         a.close()
         b.close()
@@ -358,13 +359,13 @@ def test_restart_with_many_pooled_connections_and_locks(postgres, postgres_url):
     cross-process lock work at once (they used to fail INTERNAL after the first retry)."""
     a = Store.open(postgres_url)
     try:
-        a.create_collection("c")
-        a.add_images("c", [ImageRecord("x"), ImageRecord("y")])
-        conns = [a._db._pool.get()[0] for _ in range(4)]  # four idle connections
+        a.collections.create("c")
+        a.images.add("c", [ImageRecord("x"), ImageRecord("y")])
+        conns = [a.db.engine._pool.get()[0] for _ in range(4)]  # four idle connections
         for c in conns:
-            a._db._pool.put(c)
+            a.db.engine._pool.put(c)
         postgres.restart()
-        assert [a.counts("c")["images"] for _ in range(3)] == [2, 2, 2]
+        assert [a.collections.counts("c")["images"] for _ in range(3)] == [2, 2, 2]
         with a.exclusive("z"):
             pass
     finally:
@@ -376,15 +377,15 @@ def test_a_failed_statement_inside_a_transaction_is_not_reported_committed(postg
     must raise instead of returning as if the writes were saved."""
     a = Store.open(postgres_url)
     try:
-        a.create_collection("c")
+        a.collections.create("c")
         with pytest.raises(Exception):  # noqa: B017 - the backend's own error type
-            with a._tx("c") as db:
+            with a.db.tx("c") as db:
                 db.execute("INSERT INTO meta (key, value) VALUES ('k', 'v')")
                 try:
                     db.execute("SELECT * FROM no_such_table")
                 except Exception:  # a caller that swallows the error
                     pass
-        assert a._query("SELECT value FROM meta WHERE key = 'k'") == []
+        assert a.db.query("SELECT value FROM meta WHERE key = 'k'") == []
     finally:
         a.close()
 
@@ -395,9 +396,9 @@ def test_bad_text_is_invalid_argument_not_internal(postgres_url):
     a = Store.open(postgres_url)
     try:
         with pytest.raises(InvalidArgument):
-            a.create_collection("a\x00b")  # valid protobuf, refused by PostgreSQL's text
+            a.collections.create("a\x00b")  # valid protobuf, refused by PostgreSQL's text
         with pytest.raises((InvalidArgument, NotFound)):
-            a.get_collection("a\x00b")
-        assert a.list_collections() == []
+            a.collections.get("a\x00b")
+        assert a.collections.all() == []
     finally:
         a.close()

@@ -122,17 +122,17 @@ def test_collection_run_trains_on_stored_answers_and_records_the_version(tmp_pat
     samples = list(iter_samples(SyntheticConfig.tiny(image_size=128)))
     store = Store(data)
     try:
-        store.create_collection("z", model_name="m", model_version="1")
+        store.collections.create("z", model_name="m", model_version="1")
         records = []
         for s in samples:
             path = tmp_path / f"{s.image_id}.png"
             s.image.save(path)
             records.append(ImageRecord(s.image_id, uri=str(path)))
-        store.add_images("z", records)
+        store.images.add("z", records)
         by_id = {s.image_id: s.identity for s in samples}
         ids = sorted(by_id)
         same = [(a, b) for a in ids for b in ids if a < b and by_id[a] == by_id[b]][:6]
-        store.submit_answers("z", [AnswerIn(a, b, "SAME", annotator="p") for a, b in same])
+        store.answers.submit("z", [AnswerIn(a, b, "SAME", annotator="p") for a, b in same])
     finally:
         store.close()
     out = tmp_path / "run"
@@ -143,7 +143,7 @@ def test_collection_run_trains_on_stored_answers_and_records_the_version(tmp_pat
     assert trained.arch["input_size"] == [128, 128]
     store = Store(data)
     try:
-        jobs = store.list_training_jobs("z")
+        jobs = store.jobs.all("z")
     finally:
         store.close()
     assert len(jobs) == 1 and jobs[0].state == "SUCCEEDED"

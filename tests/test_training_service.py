@@ -90,7 +90,7 @@ def test_train_export_load_promote(server, triton):
     create_and_fill(stubs, "c", pics)
     col = stubs.collections.GetCollection(collections_pb2.GetCollectionRequest(collection_id="c"))
     old_version = col.model.version if col.HasField("model") else ""
-    old_ids, old_vectors = srv.runtime.store.get_vectors("c", triton.model_name, "1")
+    old_ids, old_vectors = srv.runtime.store.images.vectors("c", triton.model_name, "1")
 
     job = training.StartTraining(training_pb2.StartTrainingRequest(
         collection_id="c", config=training_pb2.TrainingConfig(**TINY)), timeout=30)
@@ -114,11 +114,11 @@ def test_train_export_load_promote(server, triton):
     assert ops[-1].state == collections_pb2.OPERATION_STATE_SUCCEEDED, ops[-1].error_message
     col = stubs.collections.GetCollection(collections_pb2.GetCollectionRequest(collection_id="c"))
     assert old_version == "1" and col.model.version == new_version
-    ids, vectors = srv.runtime.store.get_vectors("c", triton.model_name, new_version)
+    ids, vectors = srv.runtime.store.images.vectors("c", triton.model_name, new_version)
     assert ids == old_ids and vectors.shape == old_vectors.shape
     assert not np.allclose(vectors, old_vectors, atol=1e-4)  # the trained head embeds anew
     # the old vectors were kept
-    kept_ids, kept = srv.runtime.store.get_vectors("c", triton.model_name, "1")
+    kept_ids, kept = srv.runtime.store.images.vectors("c", triton.model_name, "1")
     assert kept_ids == old_ids and np.array_equal(kept, old_vectors)
 
 
@@ -277,9 +277,9 @@ def test_sigterm_stops_serve_with_a_job_running(triton, tmp_path, _restore_trito
     assert proc.returncode == 0
     store = Store(data)
     try:
-        rec = store.get_training_job(job.job_id)
+        rec = store.jobs.get(job.job_id)
         assert rec.state == FAILED and rec.error_message == "interrupted by a server stop"
-        assert len(store.images("c")) == 16
+        assert len(store.images.all("c")) == 16
     finally:
         store.close()
 
@@ -296,20 +296,20 @@ def test_unknown_collection_and_job(server):
 def test_restart_marks_interrupted_jobs_failed(tmp_path):
     store = Store(tmp_path)
     try:
-        store.create_collection("c", model_name="m")
-        jobs = [store.create_training_job("c", TINY, base_model_name="m", base_model_version="1")
+        store.collections.create("c", model_name="m")
+        jobs = [store.jobs.create("c", TINY, base_model_name="m", base_model_version="1")
                 for _ in range(3)]
         running, queued, done = jobs
-        store.update_training_job(running.job_id, state=RUNNING)
-        store.update_training_job(done.job_id, state="SUCCEEDED", model_version="2")
-        assert store.fail_interrupted_training_jobs(INTERRUPTED) == 2
+        store.jobs.update(running.job_id, state=RUNNING)
+        store.jobs.update(done.job_id, state="SUCCEEDED", model_version="2")
+        assert store.jobs.fail_interrupted(INTERRUPTED) == 2
         for j in (running, queued):
-            rec = store.get_training_job(j.job_id)
+            rec = store.jobs.get(j.job_id)
             assert rec.state == FAILED and rec.error_message == INTERRUPTED
-        assert store.get_training_job(done.job_id).state == "SUCCEEDED"
+        assert store.jobs.get(done.job_id).state == "SUCCEEDED"
         # a final state is never left
-        store.update_training_job(done.job_id, state=RUNNING)
-        assert store.get_training_job(done.job_id).state == "SUCCEEDED"
+        store.jobs.update(done.job_id, state=RUNNING)
+        assert store.jobs.get(done.job_id).state == "SUCCEEDED"
     finally:
         store.close()
 
@@ -501,12 +501,12 @@ def test_partial_mode_job_exports_a_model_triton_serves(server, triton):
     ops = list(stubs.collections.WatchOperation(
         collections_pb2.GetOperationRequest(operation_id=op.operation_id), timeout=120))
     assert ops[-1].state == collections_pb2.OPERATION_STATE_SUCCEEDED, ops[-1].error_message
-    ids, served = srv.runtime.store.get_vectors("c", triton.model_name, version)
+    ids, served = srv.runtime.store.images.vectors("c", triton.model_name, version)
     by_id = {p.image_id: p for p in pics}
     batch = preprocess([Image.open(io.BytesIO(by_id[i].png)) for i in ids], triton.spec)
     want = triton.reference(batch, exported)
     np.testing.assert_allclose(served, want, atol=1e-4)
-    _, before = srv.runtime.store.get_vectors("c", triton.model_name, "1")
+    _, before = srv.runtime.store.images.vectors("c", triton.model_name, "1")
     assert not np.allclose(served, before, atol=1e-3)
 
 

@@ -197,22 +197,22 @@ def test_long_vectors_stream_in_messages_a_default_client_reads(server, client):
 def test_store_add_vectors_on_both_backends(store_target):
     store = Store.open(store_target)
     try:
-        store.create_collection("c", model_name=EXTERNAL)
-        store.ingest("c", [ImageRecord(f"i{k}", "", "", {}) for k in range(3)], {})
+        store.collections.create("c", model_name=EXTERNAL)
+        store.images.ingest("c", [ImageRecord(f"i{k}", "", "", {}) for k in range(3)], {})
         X = np.eye(3, 5, dtype=np.float32)
-        store.add_vectors("c", EXTERNAL, "1", ["i0", "i1"], X[:2], actor="t")
-        col = store.get_collection("c")
+        store.images.add_vectors("c", EXTERNAL, "1", ["i0", "i1"], X[:2], actor="t")
+        col = store.collections.get("c")
         assert (col.model_name, col.model_version) == (EXTERNAL, "1")
         with pytest.raises(StoreInvalidArgument, match="have 5"):
-            store.add_vectors("c", EXTERNAL, "1", ["i2"], np.ones((1, 4), np.float32))
+            store.images.add_vectors("c", EXTERNAL, "1", ["i2"], np.ones((1, 4), np.float32))
         with pytest.raises(StoreNotFound, match="ghost"):
-            store.add_vectors("c", EXTERNAL, "1", ["ghost"], X[:1])
+            store.images.add_vectors("c", EXTERNAL, "1", ["ghost"], X[:1])
         with pytest.raises(StoreFailedPrecondition, match="uses model"):
-            store.add_vectors("c", "other", "1", ["i2"], X[2:3])
-        store.add_vectors("c", EXTERNAL, "1", ["i2"], X[2:3])
-        ids, mat = store.get_vectors("c", EXTERNAL, "1")
+            store.images.add_vectors("c", "other", "1", ["i2"], X[2:3])
+        store.images.add_vectors("c", EXTERNAL, "1", ["i2"], X[2:3])
+        ids, mat = store.images.vectors("c", EXTERNAL, "1")
         assert ids == ["i0", "i1", "i2"]
         np.testing.assert_array_equal(mat, X)
-        assert [a["action"] for a in store.audit_log("c")].count("add_vectors") == 2
+        assert [a["action"] for a in store.collections.audit_log("c")].count("add_vectors") == 2
     finally:
         store.close()

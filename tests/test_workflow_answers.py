@@ -25,8 +25,8 @@ IMAGES = [f"i{k}" for k in range(6)]
 @pytest.fixture()
 def store(tmp_path: Path):
     s = Store(tmp_path)
-    s.create_collection("c")
-    s.add_images("c", [ImageRecord(i) for i in IMAGES])
+    s.collections.create("c")
+    s.images.add("c", [ImageRecord(i) for i in IMAGES])
     yield s
     s.close()
 
@@ -37,27 +37,27 @@ def by_images(a: str, b: str, label: str, **kw) -> AnswerSubmission:
 
 def stored(store: Store) -> int:
     """Every answer row of the collection, superseded and deleted ones included."""
-    return len(store.answers("c", current_only=False))
+    return len(store.answers.all("c", current_only=False))
 
 
 def batch_of(store: Store, *pairs: tuple[str, str]) -> list[str]:
     """A stored batch of ``pairs``; its pair ids."""
     records = [PairRecord("", *sorted(p), "pool", 0, 0.5, 0.5) for p in pairs]
-    batch, _ = store.create_batch("c", lambda cycle: f"b{cycle}", records, budget=len(pairs),
-                                  reason="", finished=False, model_name="", model_version="")
-    return [p.pair_id for p, _ in store.batch_pairs("c", batch.batch_id)]
+    batch, _ = store.batches.create("c", lambda cycle: f"b{cycle}", records, budget=len(pairs),
+                                    reason="", finished=False, model_name="", model_version="")
+    return [p.pair_id for p, _ in store.batches.pairs("c", batch.batch_id)]
 
 
 def test_answers_are_durable_once_submit_returns(tmp_path: Path):
     s = Store(tmp_path)
-    s.create_collection("c")
-    s.add_images("c", [ImageRecord(i) for i in IMAGES])
+    s.collections.create("c")
+    s.images.add("c", [ImageRecord(i) for i in IMAGES])
     out = submit(s, "c", [by_images("i1", "i0", "SAME", annotator="ann", confidence=0.9)])
     assert (out.stored, out.replayed, out.superseded, out.contradictions) == (1, 0, 0, [])
     s.close()
     reopened = Store(tmp_path)
     try:
-        [a] = reopened.answers("c")
+        [a] = reopened.answers.all("c")
     finally:
         reopened.close()
     assert (a.seq, a.image_a, a.image_b, a.label, a.annotator, a.confidence) == \
@@ -67,12 +67,12 @@ def test_answers_are_durable_once_submit_returns(tmp_path: Path):
 def test_pair_ids_resolve_to_their_images_and_batch(store):
     p0, p1 = batch_of(store, ("i0", "i1"), ("i2", "i3"))
     out = submit(store, "c", [AnswerSubmission("DIFFERENT", pair_id=p1)], batch_id="b1")
-    [a] = store.answers("c")
+    [a] = store.answers.all("c")
     assert out.seqs == [a.seq] and (a.image_a, a.image_b, a.pair_id, a.batch_id) == \
         ("i2", "i3", p1, "b1")
     # without a batch id the pair's own batch is recorded
     submit(store, "c", [AnswerSubmission("SAME", pair_id=p0)])
-    assert {a.pair_id: a.batch_id for a in store.answers("c")} == {p0: "b1", p1: "b1"}
+    assert {a.pair_id: a.batch_id for a in store.answers.all("c")} == {p0: "b1", p1: "b1"}
 
 
 def test_a_pair_of_another_batch_or_an_unknown_pair_stores_nothing(store):
@@ -120,7 +120,7 @@ def test_a_contradiction_is_reported_with_the_store_seqs_and_the_oldest_answer_d
     seqs = (*first.seqs, *clash.seqs)
     assert clash.contradictions == [Contradiction(seqs, first.seqs[0])]
     assert current_contradictions(store, "c") == clash.contradictions  # the full recomputation
-    text = explain(clash.contradictions[0], store.answers_by_seq("c", seqs))
+    text = explain(clash.contradictions[0], store.answers.by_seq("c", seqs))
     assert f"answer-{first.seqs[0]} SAME (i0, i1)" in text and \
         f"answer-{first.seqs[0]} (the oldest) is not applied" in text
     # answers not involved report nothing, whatever the collection holds
@@ -134,13 +134,13 @@ def test_a_revised_answer_supersedes_the_earlier_one_and_resolves_its_contradict
     revised = submit(store, "c", [by_images("i2", "i0", "SAME", note="looked again")])
     assert revised.superseded == 1 and revised.contradictions == []
     assert current_contradictions(store, "c") == []
-    history = {a.seq: a.superseded_by for a in store.answers("c", current_only=False)}
+    history = {a.seq: a.superseded_by for a in store.answers.all("c", current_only=False)}
     assert history[first.seqs[2]] == revised.seqs[0] and history[revised.seqs[0]] is None
-    assert stored(store) == 4 and len(store.answers("c")) == 3
+    assert stored(store) == 4 and len(store.answers.all("c")) == 3
     # answering the same pair again within one request: the later answer wins
     again = submit(store, "c", [by_images("i3", "i4", "SAME"), by_images("i4", "i3", "UNSURE")])
     assert again.superseded == 1
-    assert [a.label for a in store.answers("c") if a.image_a == "i3"] == ["UNSURE"]
+    assert [a.label for a in store.answers.all("c") if a.image_a == "i3"] == ["UNSURE"]
 
 
 def test_a_retried_request_is_stored_once_and_answered_as_the_first_call(store):
@@ -158,8 +158,8 @@ def test_a_retried_request_is_stored_once_and_answered_as_the_first_call(store):
         submit(store, "c", [by_images("i3", "i4", "SAME")], request_id="r1")
     assert stored(store) == 3
     # a request id is per collection
-    store.create_collection("d")
-    store.add_images("d", [ImageRecord(i) for i in IMAGES])
+    store.collections.create("d")
+    store.images.add("d", [ImageRecord(i) for i in IMAGES])
     assert submit(store, "d", answers, request_id="r1").stored == 3
 
 
@@ -168,14 +168,14 @@ def test_a_retry_replays_the_first_outcome_even_after_later_answers(store):
     submit(store, "c", [by_images("i0", "i1", "DIFFERENT")])  # supersedes it
     retry = submit(store, "c", [by_images("i0", "i1", "SAME")], request_id="r1")
     assert retry.replayed == 1 and retry.seqs == first.seqs and stored(store) == 2
-    assert [a.label for a in store.answers("c")] == ["DIFFERENT"]
+    assert [a.label for a in store.answers.all("c")] == ["DIFFERENT"]
 
 
 def test_deleting_an_answer_brings_back_the_one_it_superseded(store):
     first = submit(store, "c", [by_images("i0", "i1", "SAME"), by_images("i1", "i2", "SAME")])
     later = submit(store, "c", [by_images("i0", "i2", "DIFFERENT")])
     assert len(later.contradictions) == 1
-    store.delete_answer("c", later.seqs[0], actor="reviewer")
+    store.answers.delete("c", later.seqs[0], actor="reviewer")
     assert current_contradictions(store, "c") == []
     # the incremental state reloads after the deletion: a new clash is reported exactly
     clash = submit(store, "c", [by_images("i2", "i0", "DIFFERENT")])
@@ -184,10 +184,10 @@ def test_deleting_an_answer_brings_back_the_one_it_superseded(store):
 
 def test_an_excluded_image_s_answers_are_no_constraints_until_it_is_restored(store):
     submit(store, "c", [by_images("i0", "i1", "SAME"), by_images("i1", "i2", "SAME")])
-    store.exclude_image("c", "i1", "blurry")
+    store.images.exclude("c", "i1", "blurry")
     out = submit(store, "c", [by_images("i0", "i2", "DIFFERENT")])
     assert out.contradictions == [] and stored(store) == 3  # the chain went through i1
-    store.restore_image("c", "i1")
+    store.images.restore("c", "i1")
     out = submit(store, "c", [by_images("i3", "i4", "SAME")])
     assert out.contradictions == [] and len(current_contradictions(store, "c")) == 1
 

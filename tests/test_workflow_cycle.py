@@ -30,9 +30,9 @@ def fill(store: Store, cid: str = "c", seed: int = 0) -> list[str]:
     """A collection of 48 images of 8 synthetic identities, embedded; its image ids."""
     data = make_reid_embeddings(n_identities=8, dim=16, seed=seed)
     ids = [f"img{k:03d}" for k in range(data.X.shape[0])]
-    store.create_collection(cid, params=PARAMS)
-    store.add_images(cid, [ImageRecord(i) for i in ids])
-    store.add_vectors(cid, "m", "1", ids, data.X.astype(np.float32))
+    store.collections.create(cid, params=PARAMS)
+    store.images.add(cid, [ImageRecord(i) for i in ids])
+    store.images.add_vectors(cid, "m", "1", ids, data.X.astype(np.float32))
     return ids
 
 
@@ -48,22 +48,22 @@ def ask(count: int = 6, **kw) -> CycleRequest:
 
 
 def asked(store: Store, batch_id: str, cid: str = "c") -> list[tuple[str, str]]:
-    return [(p.image_a, p.image_b) for p, _ in store.batch_pairs(cid, batch_id)]
+    return [(p.image_a, p.image_b) for p, _ in store.batches.pairs(cid, batch_id)]
 
 
 def test_a_cycle_stores_one_batch_whose_pairs_resolve_at_once(store):
     ids = fill(store)
     batch, created = run_cycle(store, "c", ask(6))
-    assert created and batch.cycle == 1 and store.get_collection("c").cycle == 1
+    assert created and batch.cycle == 1 and store.collections.get("c").cycle == 1
     assert (batch.budget, batch.n_items, batch.model_name, batch.model_version) == \
         (6, len(ids), "m", "1")
     assert batch.reason in REASON_CODES
-    pairs = store.batch_pairs("c", batch.batch_id)
+    pairs = store.batches.pairs("c", batch.batch_id)
     assert 0 < len(pairs) <= 6 and all(not answered for _, answered in pairs)
     assert all(p.image_a < p.image_b and {p.image_a, p.image_b} <= set(ids) for p, _ in pairs)
     assert len({(p.image_a, p.image_b) for p, _ in pairs}) == len(pairs)
     assert [p.pair_id for p, _ in pairs] == [f"{batch.batch_id}/{k}" for k in range(len(pairs))]
-    found = store.pairs_by_id("c", [pairs[0][0].pair_id])
+    found = store.batches.pairs_by_id("c", [pairs[0][0].pair_id])
     assert found == {pairs[0][0].pair_id: (batch.batch_id, pairs[0][0])}
 
 
@@ -82,12 +82,13 @@ def test_an_unchanged_state_gets_its_open_batch_and_any_change_a_new_cycle(store
     answered, created = run_cycle(store, "c", ask(5))
     assert created and answered.cycle == 3
     # so do an exclusion and a new image
-    store.exclude_image("c", ids[2], "blurry")
+    store.images.exclude("c", ids[2], "blurry")
     excluded, created = run_cycle(store, "c", ask(5))
     assert created and excluded.cycle == 4 and excluded.n_items == len(ids) - 1
     assert all(ids[2] not in pair for pair in asked(store, excluded.batch_id))
-    store.add_images("c", [ImageRecord("late")])
-    store.add_vectors("c", "m", "1", ["late"], np.full((1, 16), 0.25, np.float32))  # unit norm
+    store.images.add("c", [ImageRecord("late")])
+    late = np.full((1, 16), 0.25, np.float32)  # unit norm
+    store.images.add_vectors("c", "m", "1", ["late"], late)
     grown, created = run_cycle(store, "c", ask(5))
     assert created and grown.cycle == 5 and grown.n_items == len(ids)
 
@@ -107,7 +108,7 @@ def test_a_request_id_gets_its_first_batch_again(store):
     submit(store, "c", [AnswerSubmission("SAME", image_a=ids[1], image_b=ids[2])])
     retried, created = run_cycle(store, "c", ask(6, request_id="r3"))
     assert not created and retried.batch_id == newer.batch_id
-    assert store.get_collection("c").cycle == 2
+    assert store.collections.get("c").cycle == 2
 
 
 def test_skip_pending_asks_beyond_the_pairs_still_out(store):
@@ -144,19 +145,19 @@ def test_a_cycle_is_reproducible_from_its_seed(tmp_path: Path):
 
 
 def test_a_cycle_needs_two_embedded_images(store):
-    store.create_collection("empty", params=PARAMS)
+    store.collections.create("empty", params=PARAMS)
     with pytest.raises(InvalidArgument, match="only 0 image"):
         run_cycle(store, "empty", ask(2))
     ids = fill(store)
     for iid in ids[1:]:
-        store.exclude_image("c", iid, "")
+        store.images.exclude("c", iid, "")
     with pytest.raises(InvalidArgument, match="only 1 image"):
         run_cycle(store, "c", ask(2))
-    store.create_collection("raw")
-    store.add_images("raw", [ImageRecord("a"), ImageRecord("b")])
+    store.collections.create("raw")
+    store.images.add("raw", [ImageRecord("a"), ImageRecord("b")])
     with pytest.raises(FailedPrecondition, match="no embedded image"):
         run_cycle(store, "raw", ask(1))
-    assert store.batches("c") == [] and store.get_collection("c").cycle == 0
+    assert store.batches.all("c") == [] and store.collections.get("c").cycle == 0
 
 
 def test_concurrent_calls_on_one_state_share_one_cycle(store):
@@ -174,4 +175,4 @@ def test_concurrent_calls_on_one_state_share_one_cycle(store):
         t.start()
     for t in threads:
         t.join()
-    assert len(got) == 4 and len(set(got)) == 1 and store.get_collection("c").cycle == 1
+    assert len(got) == 4 and len(set(got)) == 1 and store.collections.get("c").cycle == 1

@@ -2,7 +2,7 @@
 
 A workflow that must decide inside the transaction that stores answers (SubmitConstraints:
 replay or store, then the contradictions of exactly what was committed) opens that
-transaction itself, :meth:`AnswersStore.answer_transaction`, and gets an
+transaction itself, :meth:`Answers.transaction`, and gets an
 :class:`AnswerTransaction`: the store never calls back into the workflow.
 """
 
@@ -15,8 +15,9 @@ from typing import Any
 
 from reidal.errors import InvalidArgument, NotFound
 from reidal.store.backend import Tx
-from reidal.store.base import timestamp
-from reidal.store.images import ImagesStore
+from reidal.store.collections import Collections
+from reidal.store.database import Database, id_chunks, timestamp
+from reidal.store.images import Images
 from reidal.store.records import (
     ANSWERS_EPOCH,
     LABELS,
@@ -35,7 +36,7 @@ class AnswerTransaction:
 
     It runs alone among the collection's write transactions in every process; reads made
     through the store by the same thread meanwhile see its writes; everything commits
-    together, durably, when the ``with`` block of :meth:`AnswersStore.answer_transaction`
+    together, durably, when the ``with`` block of :meth:`Answers.transaction`
     ends, or nothing does (an exception rolls it back)."""
 
     def __init__(self, db: Tx, collection_id: str) -> None:
@@ -50,7 +51,7 @@ class AnswerTransaction:
         return None if row is None else json.loads(row["response"])
 
     def insert(self, answers: Sequence[AnswerIn], request_id: str = "") -> list[int]:
-        """Store answers checked by :meth:`AnswersStore.check_answers`; returns their seqs.
+        """Store answers checked by :meth:`Answers.check`; returns their seqs.
         A later answer on the same pair supersedes the earlier one (``superseded_by``),
         whose row is kept for the audit history."""
         seqs: list[int] = []
@@ -84,40 +85,45 @@ class AnswerTransaction:
             )
 
 
-class AnswersStore(ImagesStore):
+class Answers:
     """Answers: durable submission, supersession, soft deletion and the reads of the answer state."""
 
+    def __init__(self, db: Database, collections: Collections, images: Images) -> None:
+        self._db = db
+        self._collections = collections
+        self._images = images
+
     @contextmanager
-    def answer_transaction(self, collection_id: str) -> Iterator[AnswerTransaction]:
+    def transaction(self, collection_id: str) -> Iterator[AnswerTransaction]:
         """Open the collection's write transaction for answers (see :class:`AnswerTransaction`)."""
-        with self._tx(collection_id) as db:
+        with self._db.tx(collection_id) as db:
             yield AnswerTransaction(db, collection_id)
 
-    def replayed_response(self, collection_id: str, request_id: str) -> dict[str, Any] | None:
+    def replayed(self, collection_id: str, request_id: str) -> dict[str, Any] | None:
         """The stored response of an earlier request with this id, for idempotent replay."""
         if not request_id:
             return None
-        rows = self._query(_RESPONSE_OF, (collection_id, request_id))
+        rows = self._db.query(_RESPONSE_OF, (collection_id, request_id))
         return json.loads(rows[0]["response"]) if rows else None
 
-    def submit_answers(self, collection_id: str, answers: Sequence[AnswerIn], *,
-                       request_id: str = "", response: dict[str, Any] | None = None) -> list[int]:
+    def submit(self, collection_id: str, answers: Sequence[AnswerIn], *,
+               request_id: str = "", response: dict[str, Any] | None = None) -> list[int]:
         """Store answers durably in one transaction; returns their sequence numbers. With a
         ``request_id`` the response (default ``{"seqs": seqs}``) is stored in the same
         transaction, so a retried request can be replayed exactly."""
-        self.check_answers(collection_id, answers)
-        with self.answer_transaction(collection_id) as tx:
+        self.check(collection_id, answers)
+        with self.transaction(collection_id) as tx:
             seqs = tx.insert(answers, request_id)
             tx.record_response(request_id, response or {"seqs": seqs})
         return seqs
 
-    def submit_answers_once(self, collection_id: str, answers: Sequence[AnswerIn], *,
-                            request_id: str = "") -> tuple[dict[str, Any], bool]:
+    def submit_once(self, collection_id: str, answers: Sequence[AnswerIn], *,
+                    request_id: str = "") -> tuple[dict[str, Any], bool]:
         """Store answers unless ``request_id`` was seen; returns ``(response, replayed)``
         (the response ``{"seqs": seqs}``). The replay check, the inserts and the recorded
         response share one transaction, so concurrent retries of one request store it once."""
-        self.check_answers(collection_id, answers)
-        with self.answer_transaction(collection_id) as tx:
+        self.check(collection_id, answers)
+        with self.transaction(collection_id) as tx:
             earlier = tx.response_of(request_id)
             if earlier is not None:
                 return earlier, True
@@ -125,13 +131,13 @@ class AnswersStore(ImagesStore):
             tx.record_response(request_id, response)
         return response, False
 
-    def check_answers(self, collection_id: str, answers: Sequence[AnswerIn]) -> None:
+    def check(self, collection_id: str, answers: Sequence[AnswerIn]) -> None:
         """NotFound for an unknown collection or image, InvalidArgument for a label that is
         not one or a pair of an image with itself: what :meth:`AnswerTransaction.insert`
         relies on."""
-        self.get_collection(collection_id)
-        known = self.present_image_ids(collection_id,  # only these: collections are large
-                                       {i for a in answers for i in (a.image_a, a.image_b)})
+        self._collections.get(collection_id)
+        known = self._images.present(collection_id,  # only these: collections are large
+                                     {i for a in answers for i in (a.image_a, a.image_b)})
         for a in answers:
             if a.label not in LABELS:
                 raise InvalidArgument(f"answer label must be one of {LABELS}, got {a.label!r}")
@@ -141,26 +147,26 @@ class AnswersStore(ImagesStore):
             if a.image_a == a.image_b:
                 raise InvalidArgument(f"an answer pairs image {a.image_a!r} with itself")
 
-    def answers(self, collection_id: str, *, current_only: bool = True) -> list[StoredAnswer]:
+    def all(self, collection_id: str, *, current_only: bool = True) -> list[StoredAnswer]:
         """Answers in the order given; ``current_only`` hides superseded and deleted ones."""
         sql = "SELECT * FROM answers WHERE collection_id = ?"
         if current_only:
             sql += " AND superseded_by IS NULL AND deleted_at IS NULL"
-        return [_answer(r) for r in self._query(sql + " ORDER BY seq", (collection_id,))]
+        return [_answer(r) for r in self._db.query(sql + " ORDER BY seq", (collection_id,))]
 
-    def answer(self, collection_id: str, seq: int) -> StoredAnswer:
-        rows = self._query("SELECT * FROM answers WHERE collection_id = ? AND seq = ?",
-                           (collection_id, int(seq)))
+    def get(self, collection_id: str, seq: int) -> StoredAnswer:
+        rows = self._db.query("SELECT * FROM answers WHERE collection_id = ? AND seq = ?",
+                              (collection_id, int(seq)))
         if not rows:
             raise NotFound(f"answer {seq} does not exist in collection {collection_id!r}")
         return _answer(rows[0])
 
-    def answers_by_seq(self, collection_id: str, seqs: Iterable[int]) -> dict[int, StoredAnswer]:
-        return {r["seq"]: _answer(r) for marks, chunk in self._id_chunks(int(s) for s in seqs)
-                for r in self._query(f"SELECT * FROM answers WHERE collection_id = ?"
-                                     f" AND seq IN ({marks})", (collection_id, *chunk))}
+    def by_seq(self, collection_id: str, seqs: Iterable[int]) -> dict[int, StoredAnswer]:
+        return {r["seq"]: _answer(r) for marks, chunk in id_chunks(int(s) for s in seqs)
+                for r in self._db.query(f"SELECT * FROM answers WHERE collection_id = ?"
+                                        f" AND seq IN ({marks})", (collection_id, *chunk))}
 
-    def list_answers(
+    def page(
         self,
         collection_id: str,
         *,
@@ -189,14 +195,14 @@ class AnswersStore(ImagesStore):
             args.append(int(before_seq))
         sql += " ORDER BY seq DESC LIMIT ?"
         args.append(int(limit))
-        return [_answer(r) for r in self._query(sql, args)]
+        return [_answer(r) for r in self._db.query(sql, args)]
 
-    def delete_answer(self, collection_id: str, seq: int, *, actor: str = "",
-                      reason: str = "") -> int | None:
+    def delete(self, collection_id: str, seq: int, *, actor: str = "",
+               reason: str = "") -> int | None:
         """Soft-delete (audited): the row stays, marked deleted; the previous answer on the pair,
         if any, becomes current again. Returns the seq of the answer made current again, if
         deleting made one current (None when the deleted answer was not the current one)."""
-        with self._tx(collection_id) as db:
+        with self._db.tx(collection_id) as db:
             row = db.execute(
                 "SELECT image_a, image_b, deleted_at FROM answers WHERE collection_id = ? AND seq = ?",
                 (collection_id, seq),
@@ -215,22 +221,24 @@ class AnswersStore(ImagesStore):
                 cur = db.execute("UPDATE answers SET superseded_by = NULL WHERE seq = ?"
                                  " AND superseded_by IS NOT NULL", (prev,))
                 restored = int(prev) if cur.rowcount else None
-            epoch = self._bump_answers_epoch(db, collection_id)
-            self._log_deletions(db, collection_id, epoch, "seq = ?", (seq,), restored)
-            self._audit(db, collection_id, "delete_answer", actor, {"seq": seq, "reason": reason})
+            epoch = self._db.bump_answers_epoch(db, collection_id)
+            self._db.log_deletions(db, collection_id, epoch, "seq = ?", (seq,), restored)
+            self._db.audit(db, collection_id, "delete_answer", actor,
+                           {"seq": seq, "reason": reason})
         return restored
 
     def count_superseded_by(self, collection_id: str, seqs: Sequence[int]) -> int:
         """How many answers the answers ``seqs`` superseded."""
-        return sum(int(self._query(f"SELECT COUNT(*) FROM answers WHERE collection_id = ?"
-                                   f" AND superseded_by IN ({marks})", (collection_id, *chunk))[0][0])
-                   for marks, chunk in self._id_chunks(int(s) for s in seqs))
+        return sum(int(self._db.query(f"SELECT COUNT(*) FROM answers WHERE collection_id = ?"
+                                      f" AND superseded_by IN ({marks})",
+                                      (collection_id, *chunk))[0][0])
+                   for marks, chunk in id_chunks(int(s) for s in seqs))
 
-    def answer_log_version(self, collection_id: str) -> AnswerLogVersion:
+    def log_version(self, collection_id: str) -> AnswerLogVersion:
         """Where the collection's answers stand (three indexed lookups; NotFound when the
         collection does not exist). Inside a write transaction it sees that transaction's
         inserts."""
-        rows = self._query(
+        rows = self._db.query(
             "SELECT c.created_at,"
             " (SELECT value FROM counters WHERE collection_id = c.id AND name = ?) AS epoch,"
             " (SELECT MAX(seq) FROM answers WHERE collection_id = c.id) AS max_seq"
@@ -241,7 +249,7 @@ class AnswersStore(ImagesStore):
         return AnswerLogVersion(float(r["created_at"]), int(r["epoch"] or 0),
                                 -1 if r["max_seq"] is None else int(r["max_seq"]))
 
-    def answer_rows(self, collection_id: str, *, after_seq: int | None = None) -> list[AnswerRow]:
+    def rows(self, collection_id: str, *, after_seq: int | None = None) -> list[AnswerRow]:
         """Answers in seq order: the current ones (``after_seq`` None), or every one newer
         than ``after_seq`` whether superseded since or not (what a cached state catches up
         with, together with :meth:`supersessions_after`)."""
@@ -249,25 +257,25 @@ class AnswersStore(ImagesStore):
             sql, args = (" AND superseded_by IS NULL AND deleted_at IS NULL", ())
         else:
             sql, args = " AND seq > ?", (int(after_seq),)
-        rows = self._query("SELECT seq, image_a, image_b, label FROM answers"
-                           f" WHERE collection_id = ?{sql} ORDER BY seq", (collection_id, *args))
+        rows = self._db.query("SELECT seq, image_a, image_b, label FROM answers"
+                              f" WHERE collection_id = ?{sql} ORDER BY seq", (collection_id, *args))
         return [AnswerRow._make(r) for r in rows]
 
-    def answer_deletions(self, collection_id: str, after_epoch: int) -> list[AnswerDeletion]:
+    def deletions(self, collection_id: str, after_epoch: int) -> list[AnswerDeletion]:
         """The answers retired at the epochs after ``after_epoch``, by epoch (an epoch
         step that retired none, e.g. an exclusion, has no row: a cached state reloads)."""
-        rows = self._query("SELECT epoch, seq, restored FROM answer_deletions"
-                           " WHERE collection_id = ? AND epoch > ? ORDER BY epoch, seq",
-                           (collection_id, int(after_epoch)))
+        rows = self._db.query("SELECT epoch, seq, restored FROM answer_deletions"
+                              " WHERE collection_id = ? AND epoch > ? ORDER BY epoch, seq",
+                              (collection_id, int(after_epoch)))
         return [AnswerDeletion(int(r[0]), int(r[1]), None if r[2] is None else int(r[2]))
                 for r in rows]
 
     def supersessions_after(self, collection_id: str, after_seq: int) -> list[tuple[int, int]]:
         """(superseded seq, superseding seq) for the answers newer than ``after_seq`` that
         superseded another, by superseding seq."""
-        rows = self._query("SELECT seq, superseded_by FROM answers WHERE collection_id = ?"
-                           " AND superseded_by > ? ORDER BY superseded_by, seq",
-                           (collection_id, int(after_seq)))
+        rows = self._db.query("SELECT seq, superseded_by FROM answers WHERE collection_id = ?"
+                              " AND superseded_by > ? ORDER BY superseded_by, seq",
+                              (collection_id, int(after_seq)))
         return [(int(r[0]), int(r[1])) for r in rows]
 
 

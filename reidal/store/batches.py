@@ -9,8 +9,8 @@ from typing import Any
 
 from reidal.errors import NotFound
 from reidal.store.backend import Tx
-from reidal.store.base import timestamp
-from reidal.store.collections import CollectionsStore
+from reidal.store.collections import Collections
+from reidal.store.database import Database, id_chunks, timestamp
 from reidal.store.records import BatchDraft, BatchRecord, PairRecord
 
 #: The batch a request id created or was answered with (batch_requests), by request id.
@@ -24,7 +24,7 @@ class BatchTransaction:
     """The batch writes of one collection inside one write transaction (a unit of work):
     it runs alone among the collection's write transactions in every process, and what it
     stores commits together, durably, when the ``with`` block of
-    :meth:`BatchesStore.batch_transaction` ends, or not at all."""
+    :meth:`Batches.transaction` ends, or not at all."""
 
     def __init__(self, db: Tx, collection_id: str) -> None:
         self._db = db
@@ -75,16 +75,20 @@ class BatchTransaction:
         return _batch(row)
 
 
-class BatchesStore(CollectionsStore):
+class Batches:
     """Query batches: one per cycle, its pairs, and the request ids it answered."""
 
+    def __init__(self, db: Database, collections: Collections) -> None:
+        self._db = db
+        self._collections = collections
+
     @contextmanager
-    def batch_transaction(self, collection_id: str) -> Iterator[BatchTransaction]:
+    def transaction(self, collection_id: str) -> Iterator[BatchTransaction]:
         """Open the collection's write transaction for a batch (see :class:`BatchTransaction`)."""
-        with self._tx(collection_id) as db:
+        with self._db.tx(collection_id) as db:
             yield BatchTransaction(db, collection_id)
 
-    def create_batch(
+    def create(
         self,
         collection_id: str,
         make_id: Callable[[int], str],
@@ -101,61 +105,61 @@ class BatchesStore(CollectionsStore):
         request_id: str = "",
     ) -> tuple[BatchRecord, bool]:
         """Store a batch named ``make_id(cycle)`` as the collection's next cycle, in one
-        :meth:`batch_transaction`; returns ``(batch, created)``. With a ``request_id``
+        :meth:`transaction`; returns ``(batch, created)``. With a ``request_id``
         already used by a batch of this collection, that batch is returned instead
         (``created`` False) and nothing changes. The ``pair_id`` of ``pairs`` is ignored."""
         draft = BatchDraft(pairs, budget, reason, finished, model_name, model_version,
                            filter or {}, n_items, stats or {}, request_id)
-        with self.batch_transaction(collection_id) as tx:
+        with self.transaction(collection_id) as tx:
             earlier = tx.batch_of_request(request_id)
             if earlier is not None:
                 return earlier, False
             cycle = tx.next_cycle()
             return tx.insert(make_id(cycle), cycle, draft), True
 
-    def batch(self, collection_id: str, batch_id: str) -> BatchRecord:
-        rows = self._query("SELECT * FROM batches WHERE collection_id = ? AND batch_id = ?",
-                           (collection_id, batch_id))
+    def get(self, collection_id: str, batch_id: str) -> BatchRecord:
+        rows = self._db.query("SELECT * FROM batches WHERE collection_id = ? AND batch_id = ?",
+                              (collection_id, batch_id))
         if not rows:
-            self.get_collection(collection_id)
+            self._collections.get(collection_id)
             raise NotFound(f"batch {batch_id!r} does not exist in collection {collection_id!r}")
         return _batch(rows[0])
 
-    def batch_by_request(self, collection_id: str, request_id: str) -> BatchRecord | None:
-        """The batch a request id created, or was answered with (:meth:`record_batch_request`)."""
+    def by_request(self, collection_id: str, request_id: str) -> BatchRecord | None:
+        """The batch a request id created, or was answered with (:meth:`record_request`)."""
         if not request_id:
             return None
-        rows = self._query(
+        rows = self._db.query(
             _BATCH_OF_REQUEST,
             (collection_id, request_id, request_id))
         return _batch(rows[0]) if rows else None
 
-    def record_batch_request(self, collection_id: str, request_id: str, batch_id: str) -> BatchRecord:
+    def record_request(self, collection_id: str, request_id: str, batch_id: str) -> BatchRecord:
         """Answer ``request_id`` with the existing batch ``batch_id`` (a retry gets it again);
         a request id already used keeps its first batch, which is returned."""
-        with self._tx(collection_id) as db:
+        with self._db.tx(collection_id) as db:
             db.execute("INSERT INTO batch_requests (collection_id, request_id, batch_id)"
                        " SELECT ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM batches WHERE"
                        " collection_id = ? AND request_id = ?) ON CONFLICT DO NOTHING",
                        (collection_id, request_id, batch_id, collection_id, request_id))
-        batch = self.batch_by_request(collection_id, request_id)
+        batch = self.by_request(collection_id, request_id)
         assert batch is not None
         return batch
 
-    def newest_batch(self, collection_id: str) -> BatchRecord | None:
-        rows = self._query("SELECT * FROM batches WHERE collection_id = ? ORDER BY cycle DESC"
-                           " LIMIT 1", (collection_id,))
+    def newest(self, collection_id: str) -> BatchRecord | None:
+        rows = self._db.query("SELECT * FROM batches WHERE collection_id = ? ORDER BY cycle DESC"
+                              " LIMIT 1", (collection_id,))
         return _batch(rows[0]) if rows else None
 
-    def batches(self, collection_id: str, *, after_cycle: int = 0) -> list[BatchRecord]:
+    def all(self, collection_id: str, *, after_cycle: int = 0) -> list[BatchRecord]:
         """Batches with a cycle above ``after_cycle``, oldest first."""
-        rows = self._query("SELECT * FROM batches WHERE collection_id = ? AND cycle > ?"
-                           " ORDER BY cycle", (collection_id, int(after_cycle)))
+        rows = self._db.query("SELECT * FROM batches WHERE collection_id = ? AND cycle > ?"
+                              " ORDER BY cycle", (collection_id, int(after_cycle)))
         return [_batch(r) for r in rows]
 
-    def batch_pairs(self, collection_id: str, batch_id: str) -> list[tuple[PairRecord, bool]]:
+    def pairs(self, collection_id: str, batch_id: str) -> list[tuple[PairRecord, bool]]:
         """The batch's pairs in draw order, each with whether it has a current answer now."""
-        rows = self._query(
+        rows = self._db.query(
             "SELECT p.*, EXISTS (SELECT 1 FROM answers a WHERE a.collection_id = p.collection_id"
             " AND a.image_a = p.image_a AND a.image_b = p.image_b AND a.superseded_by IS NULL"
             " AND a.deleted_at IS NULL) AS answered"
@@ -168,13 +172,13 @@ class BatchesStore(CollectionsStore):
                     pair_ids: Iterable[str]) -> dict[str, tuple[str, PairRecord]]:
         """pair id -> (batch id, pair) for the ids that exist."""
         return {r["pair_id"]: (r["batch_id"], _pair(r))
-                for marks, chunk in self._id_chunks(pair_ids)
-                for r in self._query(f"SELECT * FROM batch_pairs WHERE collection_id = ?"
-                                     f" AND pair_id IN ({marks})", (collection_id, *chunk))}
+                for marks, chunk in id_chunks(pair_ids)
+                for r in self._db.query(f"SELECT * FROM batch_pairs WHERE collection_id = ?"
+                                        f" AND pair_id IN ({marks})", (collection_id, *chunk))}
 
     def pending_pairs(self, collection_id: str) -> list[tuple[str, str]]:
         """Pairs asked in some batch that have no non-deleted answer yet."""
-        rows = self._query(
+        rows = self._db.query(
             "SELECT DISTINCT p.image_a, p.image_b FROM batch_pairs p WHERE p.collection_id = ?"
             " AND NOT EXISTS (SELECT 1 FROM answers a WHERE a.collection_id = p.collection_id"
             " AND a.image_a = p.image_a AND a.image_b = p.image_b AND a.deleted_at IS NULL)",

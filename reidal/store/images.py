@@ -10,15 +10,19 @@ import numpy as np
 
 from reidal.errors import FailedPrecondition, InvalidArgument, NotFound
 from reidal.store.backend import Tx
-from reidal.store.base import timestamp
-from reidal.store.collections import CollectionsStore
+from reidal.store.collections import Collections
+from reidal.store.database import Database, id_chunks, timestamp
 from reidal.store.records import ImageRecord, ImageRow, ImageSource
 
 
-class ImagesStore(CollectionsStore):
+class Images:
     """Images (ingest, exclusion, deletion, listing), their sources and vectors."""
 
-    def add_images(self, collection_id: str, images: Iterable[ImageRecord]) -> tuple[int, int]:
+    def __init__(self, db: Database, collections: Collections) -> None:
+        self._db = db
+        self._collections = collections
+
+    def add(self, collection_id: str, images: Iterable[ImageRecord]) -> tuple[int, int]:
         """Add images idempotently per image id (:meth:`ingest` without sources or
         vectors). Returns (added, already_present)."""
         return self.ingest(collection_id, list(images), {})
@@ -51,7 +55,7 @@ class ImagesStore(CollectionsStore):
             if not model_name or not model_version:
                 raise InvalidArgument("vectors need a model name and version")
         added = present = 0
-        with self._tx(collection_id) as db:
+        with self._db.tx(collection_id) as db:
             self._pin_model(db, collection_id, model_name if vecs is not None else None,
                             model_version)
             (seq,) = db.execute(
@@ -116,25 +120,25 @@ class ImagesStore(CollectionsStore):
              for iid, v in zip(image_ids, vecs, strict=True)],
         )
 
-    def images(self, collection_id: str, *, include_excluded: bool = True) -> list[ImageRecord]:
+    def all(self, collection_id: str, *, include_excluded: bool = True) -> list[ImageRecord]:
         """Images in ingest order."""
         sql = "SELECT * FROM images WHERE collection_id = ?"
         if not include_excluded:
             sql += " AND excluded_reason IS NULL"
-        rows = self._query(sql + " ORDER BY seq", (collection_id,))
+        rows = self._db.query(sql + " ORDER BY seq", (collection_id,))
         return [ImageRecord(r["image_id"], r["uri"], r["name"], json.loads(r["metadata"])) for r in rows]
 
-    def image_record(self, collection_id: str, image_id: str) -> ImageRecord:
+    def get(self, collection_id: str, image_id: str) -> ImageRecord:
         """One image of the collection (NotFound when it is not one)."""
-        rows = self._query("SELECT * FROM images WHERE collection_id = ? AND image_id = ?",
-                           (collection_id, image_id))
+        rows = self._db.query("SELECT * FROM images WHERE collection_id = ? AND image_id = ?",
+                              (collection_id, image_id))
         if not rows:
             raise NotFound(f"image {image_id!r} is not in collection {collection_id!r}")
         r = rows[0]
         return ImageRecord(r["image_id"], r["uri"], r["name"], json.loads(r["metadata"]))
 
-    def list_images(self, collection_id: str, *, after_seq: int = -1,
-                    limit: int | None = None) -> list[ImageRow]:
+    def page(self, collection_id: str, *, after_seq: int = -1,
+             limit: int | None = None) -> list[ImageRow]:
         """Images in ingest order after position ``after_seq`` (for paging)."""
         sql = "SELECT * FROM images WHERE collection_id = ? AND seq > ? ORDER BY seq"
         args: list[Any] = [collection_id, after_seq]
@@ -142,63 +146,64 @@ class ImagesStore(CollectionsStore):
             sql += " LIMIT ?"
             args.append(int(limit))
         return [ImageRow(r["seq"], r["image_id"], r["uri"], r["name"], json.loads(r["metadata"]),
-                         r["excluded_reason"], r["added_at"]) for r in self._query(sql, args)]
+                         r["excluded_reason"], r["added_at"]) for r in self._db.query(sql, args)]
 
-    def image_count(self, collection_id: str) -> tuple[int, int]:
+    def count(self, collection_id: str) -> tuple[int, int]:
         """(images, newest image position): what tells that images were added or removed."""
-        r = self._query("SELECT COUNT(*), COALESCE(MAX(seq), -1) FROM images"
-                        " WHERE collection_id = ?", (collection_id,))[0]
+        r = self._db.query("SELECT COUNT(*), COALESCE(MAX(seq), -1) FROM images"
+                           " WHERE collection_id = ?", (collection_id,))[0]
         return int(r[0]), int(r[1])
 
-    def present_image_ids(self, collection_id: str, image_ids: Iterable[str]) -> set[str]:
+    def present(self, collection_id: str, image_ids: Iterable[str]) -> set[str]:
         """The ids among ``image_ids`` that are images of the collection."""
         out: set[str] = set()
-        for marks, chunk in self._id_chunks(image_ids):
-            out.update(r[0] for r in self._query(
+        for marks, chunk in id_chunks(image_ids):
+            out.update(r[0] for r in self._db.query(
                 f"SELECT image_id FROM images WHERE collection_id = ? AND image_id IN ({marks})",
                 (collection_id, *chunk)))
         return out
 
-    def excluded_images(self, collection_id: str) -> dict[str, str]:
-        rows = self._query(
+    def excluded(self, collection_id: str) -> dict[str, str]:
+        rows = self._db.query(
             "SELECT image_id, excluded_reason FROM images"
             " WHERE collection_id = ? AND excluded_reason IS NOT NULL",
             (collection_id,),
         )
         return {r["image_id"]: r["excluded_reason"] for r in rows}
 
-    def exclude_image(self, collection_id: str, image_id: str, reason: str, *, actor: str = "") -> None:
-        with self._tx(collection_id) as db:
+    def exclude(self, collection_id: str, image_id: str, reason: str, *, actor: str = "") -> None:
+        with self._db.tx(collection_id) as db:
             cur = db.execute(
                 "UPDATE images SET excluded_reason = ? WHERE collection_id = ? AND image_id = ?",
                 (reason or "excluded", collection_id, image_id),
             )
             if cur.rowcount == 0:
                 raise NotFound(f"image {image_id!r} is not in collection {collection_id!r}")
-            self._bump_answers_epoch(db, collection_id)
-            self._audit(db, collection_id, "exclude_image", actor, {"image_id": image_id, "reason": reason})
+            self._db.bump_answers_epoch(db, collection_id)
+            self._db.audit(db, collection_id, "exclude_image", actor,
+                           {"image_id": image_id, "reason": reason})
 
-    def restore_image(self, collection_id: str, image_id: str, *, actor: str = "") -> None:
-        """Undo :meth:`exclude_image` (audited)."""
-        with self._tx(collection_id) as db:
+    def restore(self, collection_id: str, image_id: str, *, actor: str = "") -> None:
+        """Undo :meth:`exclude` (audited)."""
+        with self._db.tx(collection_id) as db:
             cur = db.execute(
                 "UPDATE images SET excluded_reason = NULL WHERE collection_id = ? AND image_id = ?",
                 (collection_id, image_id),
             )
             if cur.rowcount == 0:
                 raise NotFound(f"image {image_id!r} is not in collection {collection_id!r}")
-            self._bump_answers_epoch(db, collection_id)
-            self._audit(db, collection_id, "restore_image", actor, {"image_id": image_id})
+            self._db.bump_answers_epoch(db, collection_id)
+            self._db.audit(db, collection_id, "restore_image", actor, {"image_id": image_id})
 
-    def delete_image(self, collection_id: str, image_id: str, *, actor: str = "") -> int:
+    def delete(self, collection_id: str, image_id: str, *, actor: str = "") -> int:
         """Delete one image: its record, source, vectors of every version and saved
         identity, in one audited transaction. Answers about it stay stored but are retired
         (marked deleted by ``actor``, superseded ones too), so they never apply again, not
         even to a later image with the same id; answers about other images are untouched.
         Returns how many answers were retired. NotFound for an unknown collection or image.
         The caller collects the image's blob (Runtime.gc_blobs)."""
-        self.get_collection(collection_id)
-        with self._tx(collection_id) as db:
+        self._collections.get(collection_id)
+        with self._db.tx(collection_id) as db:
             cur = db.execute("DELETE FROM images WHERE collection_id = ? AND image_id = ?",
                              (collection_id, image_id))
             if cur.rowcount == 0:
@@ -206,20 +211,20 @@ class ImagesStore(CollectionsStore):
             for table in ("image_sources", "vectors", "identities"):
                 db.execute(f"DELETE FROM {table} WHERE collection_id = ? AND image_id = ?",
                            (collection_id, image_id))
-            epoch = self._bump_answers_epoch(db, collection_id)
-            self._log_deletions(db, collection_id, epoch,
-                                "(image_a = ? OR image_b = ?) AND deleted_at IS NULL",
-                                (image_id, image_id))
+            epoch = self._db.bump_answers_epoch(db, collection_id)
+            self._db.log_deletions(db, collection_id, epoch,
+                                   "(image_a = ? OR image_b = ?) AND deleted_at IS NULL",
+                                   (image_id, image_id))
             retired = db.execute(
                 "UPDATE answers SET deleted_at = ?, deleted_by = ? WHERE collection_id = ?"
                 " AND (image_a = ? OR image_b = ?) AND deleted_at IS NULL",
                 (timestamp(), actor, collection_id, image_id, image_id)).rowcount
-            self._audit(db, collection_id, "delete_image", actor,
-                        {"image_id": image_id, "answers_retired": retired})
+            self._db.audit(db, collection_id, "delete_image", actor,
+                           {"image_id": image_id, "answers_retired": retired})
         return int(retired)
 
-    def image_sources(self, collection_id: str,
-                      image_ids: Iterable[str] | None = None) -> dict[str, ImageSource]:
+    def sources(self, collection_id: str,
+                image_ids: Iterable[str] | None = None) -> dict[str, ImageSource]:
         """Where the pixels of (some of) a collection's images are, by image id (only the
         rows of ``image_ids`` are read when given: one image costs one indexed lookup)."""
         rows = self._rows_of_ids(
@@ -229,21 +234,21 @@ class ImagesStore(CollectionsStore):
 
     def referenced_blobs(self) -> set[str]:
         """SHA-256 of every blob some image of some collection still uses."""
-        return {r[0] for r in self._query("SELECT DISTINCT sha256 FROM image_sources"
-                                          " WHERE kind = 'data'")}
+        return {r[0] for r in self._db.query("SELECT DISTINCT sha256 FROM image_sources"
+                                             " WHERE kind = 'data'")}
 
     def put_vectors(self, collection_id: str, model_name: str, model_version: str,
                     image_ids: Sequence[str], vectors: np.ndarray) -> None:
         """Store vectors of images of the collection; those of an image deleted meanwhile
-        (:meth:`delete_image` while EmbedCollection ran) are dropped, so a later image with
+        (:meth:`delete` while EmbedCollection ran) are dropped, so a later image with
         the same id never inherits them."""
         vecs = np.ascontiguousarray(vectors, dtype=np.float32)
         if vecs.ndim != 2 or vecs.shape[0] != len(image_ids):
             raise InvalidArgument(
                 f"got {len(image_ids)} image ids but vectors of shape {vecs.shape}"
             )
-        with self._tx(collection_id) as db:
-            present = {r[0] for marks, chunk in self._id_chunks(image_ids)
+        with self._db.tx(collection_id) as db:
+            present = {r[0] for marks, chunk in id_chunks(image_ids)
                        for r in db.execute(f"SELECT image_id FROM images WHERE collection_id = ?"
                                            f" AND image_id IN ({marks})",
                                            (collection_id, *chunk)).fetchall()}
@@ -259,9 +264,9 @@ class ImagesStore(CollectionsStore):
         stored vectors of that version (checked inside the transaction, so two writers
         cannot store two lengths)."""
         vecs = np.ascontiguousarray(vectors, dtype=np.float32)
-        with self._tx(collection_id) as db:
+        with self._db.tx(collection_id) as db:
             self._pin_model(db, collection_id, model_name, model_version)
-            present = {r[0] for marks, chunk in self._id_chunks(image_ids)
+            present = {r[0] for marks, chunk in id_chunks(image_ids)
                        for r in db.execute(f"SELECT image_id FROM images WHERE collection_id = ?"
                                            f" AND image_id IN ({marks})",
                                            (collection_id, *chunk)).fetchall()}
@@ -277,15 +282,15 @@ class ImagesStore(CollectionsStore):
                     f"{model_name} version {model_version} have {len(row[0]) // 4}")
             self._insert_vectors(db, collection_id, model_name, model_version, image_ids, vecs)
             # a replaced vector changes what sampling reads: no cached state may be served
-            self._bump_answers_epoch(db, collection_id)
-            self._audit(db, collection_id, "add_vectors", actor,
-                        {"model_name": model_name, "model_version": model_version,
+            self._db.bump_answers_epoch(db, collection_id)
+            self._db.audit(db, collection_id, "add_vectors", actor,
+                           {"model_name": model_name, "model_version": model_version,
                          "count": len(image_ids)})
 
-    def get_vectors(self, collection_id: str, model_name: str,
-                    model_version: str) -> tuple[list[str], np.ndarray]:
+    def vectors(self, collection_id: str, model_name: str,
+                model_version: str) -> tuple[list[str], np.ndarray]:
         """Vectors of one model version, in ingest order of the images (excluded ones included)."""
-        rows = self._query(
+        rows = self._db.query(
             "SELECT v.image_id, v.vector FROM vectors v JOIN images i"
             " ON i.collection_id = v.collection_id AND i.image_id = v.image_id"
             " WHERE v.collection_id = ? AND v.model_name = ? AND v.model_version = ? ORDER BY i.seq",
@@ -312,6 +317,6 @@ class ImagesStore(CollectionsStore):
         """The rows of ``sql`` (a query on one collection), only those of ``image_ids``
         when given (looked up in chunks by the index, not by reading the collection)."""
         if image_ids is None:
-            return list(self._query(sql, args))
-        return [r for marks, chunk in self._id_chunks(image_ids)
-                for r in self._query(f"{sql} AND image_id IN ({marks})", (*args, *chunk))]
+            return list(self._db.query(sql, args))
+        return [r for marks, chunk in id_chunks(image_ids)
+                for r in self._db.query(f"{sql} AND image_id IN ({marks})", (*args, *chunk))]

@@ -332,7 +332,7 @@ def _open_collection(args: argparse.Namespace) -> tuple[list[Any], Any, tuple]:
 
     store = _open_store(args)
     try:
-        col = store.get_collection(args.collection)
+        col = store.collections.get(args.collection)
         base = _base_model(args, col)
         size = getattr(base[0], "arch", {}).get("input_size") or (args.image_size,)
         decoded = collection_images(store, BlobStore(Path(args.data_dir) / "blobs"),
@@ -375,10 +375,10 @@ def _record_job(args: argparse.Namespace, config: Any, base: tuple, summary: dic
     last = result.reports[-1] if result.reports else None
     store = _open_store(args)
     try:
-        job = store.create_training_job(args.collection, config.to_dict(),
-                                        base_model_name=base[1], base_model_version=base[2])
-        store.update_training_job(job.job_id, state=JOB_RUNNING)
-        store.update_training_job(
+        job = store.jobs.create(args.collection, config.to_dict(),
+                                base_model_name=base[1], base_model_version=base[2])
+        store.jobs.update(job.job_id, state=JOB_RUNNING)
+        store.jobs.update(
             job.job_id, state=JOB_SUCCEEDED, model_name=summary["model_name"],
             model_version=str(summary["repository_version"]),
             progress={"epoch": len(result.reports), "loss": float(last.loss) if last else 0.0,
