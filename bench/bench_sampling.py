@@ -194,15 +194,18 @@ def calibrated_cycle(X: np.ndarray, cs: object, seed: int) -> tuple:
     sampler, whose graph the checks below read)."""
     import time
 
-    from reidal.collection_state import clustering_choice, make_sampler
+    from reidal.collection_state import calibrator, make_aas, make_sampler
 
     params = {"clustering": {"mode": "calibrated"}}
     t = time.perf_counter()
-    _, choice = clustering_choice(params, X, cs)
+    parts: dict[str, float] = {}  # collection_state.clustering_choice, with its timings
+    choice = calibrator(params).choose(X, cs, graph=make_aas(params), timings=parts)
     calibration_s = time.perf_counter() - t
     sampler = make_sampler(params, choice)
     res = sampler.sample(X, cs, BUDGET_FRACTION, seed=seed)
-    res.stats["seconds"] = {"calibration": calibration_s, **res.stats["seconds"]}
+    res.stats["seconds"] = {"calibration": calibration_s,
+                            **{f"cal_{k}": v for k, v in parts.items()},
+                            **res.stats["seconds"]}
     return res, choice, sampler
 
 

@@ -35,6 +35,7 @@ n). The calibration reads the Jaccard matrix up to ``jaccard_cut`` (see the clas
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -151,7 +152,8 @@ class ClusteringCalibrator(ParamsMixin):
                             float(self.fixed.get("eps", 0.0))))
 
     def choose(self, X: object, constraints: Any = None,
-               graph: AmbiguityAwareSampler | None = None) -> ClusteringChoice:
+               graph: AmbiguityAwareSampler | None = None,
+               timings: dict[str, float] | None = None) -> ClusteringChoice:
         """The parameters for clustering ``X`` (rows = items) given the answers so far
         (a :class:`reidal.core.constraints.ConstraintSet` or None).
 
@@ -159,7 +161,10 @@ class ClusteringCalibrator(ParamsMixin):
         collection's AAS, whatever its clustering parameters); default the sampler's
         defaults, which every sampler a collection or the trainer builds has. The graph
         comes from the process-wide cache, where that sampler finds it again.
+        ``timings``, when given, receives the seconds of the graph's "knn" and "jaccard"
+        (0 when cached) and of the "finch_levels" the level choice computed.
         """
+        timings = timings if timings is not None else {}
         X = check_embeddings(X, min_rows=2)
         n = X.shape[0]
         k1, k2, min_samples = self.sizes(n)
@@ -171,7 +176,7 @@ class ClusteringCalibrator(ParamsMixin):
         if "eps" not in f or ("finch_level" not in f and enough):
             graph = graph if graph is not None else AmbiguityAwareSampler()
             knn_result, D, _ = graph.neighbour_graph(
-                X, k1=k1, k2=k2, max_distance=self.jaccard_cut(n, graph))
+                X, timings, k1=k1, k2=k2, max_distance=self.jaccard_cut(n, graph))
         if "eps" in f:
             eps, eps_source = float(f["eps"]), "user"
         else:
@@ -184,8 +189,10 @@ class ClusteringCalibrator(ParamsMixin):
         if "finch_level" in f:
             level, finch_source = int(f["finch_level"]), "user"
         elif enough:
+            t = time.perf_counter()
             level = best_finch_level(X, pairs, same, knn_result=knn_result)
             finch_source = "answers"
+            timings["finch_levels"] = time.perf_counter() - t
         else:
             level, finch_source = 0, "default"
         return ClusteringChoice(eps=eps, k1=k1, k2=k2, min_samples=min_samples,
