@@ -21,6 +21,7 @@ from reidal.core.calibration import (
 from reidal.core.clustering import (
     DBSCANJaccard,
     FinchFirstPartition,
+    finch_levels,
     finch_partitions,
     first_neighbours,
 )
@@ -203,3 +204,22 @@ def test_the_cache_serves_a_narrower_cut_exactly(data):
     knn_c, full, cached_c, _ = cache.get_or_build(X, max_distance=1.0, timings=timings, **opts)
     assert not cached_c and knn_c is knn_a and timings["knn"] == 0.0
     assert full.nnz > wide.nnz > narrow.nnz
+
+
+def test_finch_levels_on_the_shared_graph_are_computed_ones(data):
+    """The sampler's FINCH reads the hierarchy the level choice computed on the cycle's
+    graph: the same partitions as computing them, at any level, and callers get copies."""
+    X, _ = data
+    knn_result, _, _ = AmbiguityAwareSampler().neighbour_graph(X)
+    direct = finch_partitions(X, first_neighbours(X, knn_result=knn_result), max_level=4)
+    top = len(direct) - 1
+
+    def level(p: int) -> np.ndarray:
+        return FinchFirstPartition(partition=p)(X, knn_result=knn_result)
+
+    assert [lv.tolist() for lv in finch_levels(X, knn_result=knn_result, max_level=1)] == \
+        [lv.tolist() for lv in direct[:2]]
+    for p in (1, 0, 4, 2):  # kept, kept, deeper than kept (computed again), kept
+        assert level(p).tolist() == direct[min(p, top)].tolist()
+    level(1)[:] = -5
+    assert level(1).tolist() == direct[1].tolist()

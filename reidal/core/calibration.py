@@ -43,7 +43,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from reidal.core.aas import AmbiguityAwareSampler
-from reidal.core.clustering import finch_partitions, first_neighbours
+from reidal.core.clustering import finch_levels
 from reidal.core.neighbors import KNN_EXACT_BELOW
 from reidal.core.params import MAX_FINCH_LEVEL, ParamsMixin
 from reidal.core.sampling import sparse_lookup
@@ -249,9 +249,9 @@ def best_finch_level(X: np.ndarray, pairs: np.ndarray, same: np.ndarray,
     """The FINCH level (0..max_level) whose partition agrees best with the answers
     (balanced: the mean of the SAME pairs kept together and the DIFFERENT pairs kept
     apart); the finest among equals. ``knn_result``: the cycle's kNN graph, whose first
-    neighbours the sampler's FINCH uses too (exact search of X otherwise)."""
-    levels = finch_partitions(X, first_neighbours(X, knn_result=knn_result),
-                              max_level=max_level)
+    neighbours the sampler's FINCH uses too (exact search of X otherwise); on that shared
+    graph the sampler's FINCH then reads these levels instead of computing them again."""
+    levels = finch_levels(X, knn_result=knn_result, max_level=max_level)
     scores = []
     for labels in levels:
         together = labels[pairs[:, 0]] == labels[pairs[:, 1]]

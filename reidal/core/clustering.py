@@ -17,6 +17,8 @@ runs, and level 0 against the paper's adjacency.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Literal
 
 import faiss
@@ -39,7 +41,8 @@ from reidal.core.neighbors import (
 from reidal.core.params import CLUSTERING, ParamsMixin
 from reidal.core.validation import Interval, OneOf, check_embeddings
 
-__all__ = ["DBSCANJaccard", "FinchFirstPartition", "finch_partitions", "first_neighbours"]
+__all__ = ["DBSCANJaccard", "FinchFirstPartition", "finch_levels", "finch_partitions",
+           "first_neighbours"]
 
 
 def _first_occurrence_labels(labels: np.ndarray) -> np.ndarray:
@@ -303,9 +306,52 @@ class FinchFirstPartition(ParamsMixin):
         """Labels int64 (n,), never -1. ``knn_result`` (from :func:`knn`, k >= 2) reuses
         neighbours already computed, e.g. those of the Jaccard distance."""
         X = check_embeddings(X)
-        kappa = first_neighbours(X, knn_result=knn_result, index=self.index, use_gpu=self.use_gpu)
-        levels = finch_partitions(
-            X, kappa, distance=self.distance, ensure_early_exit=self.ensure_early_exit,
-            max_level=int(self.partition),
-        )
+        levels = finch_levels(X, knn_result=knn_result, max_level=int(self.partition),
+                              distance=self.distance, ensure_early_exit=self.ensure_early_exit,
+                              index=self.index, use_gpu=self.use_gpu)
         return levels[min(int(self.partition), len(levels) - 1)]
+
+
+#: The last FINCH hierarchy computed from a shared kNN graph (read-only arrays, as the
+#: neighbour-graph cache hands out): (weak reference to its idx, X's shape, distance,
+#: ensure_early_exit, the max_level it was computed to, the levels).
+_LAST_HIERARCHY: list[tuple] = []
+_HIERARCHY_LOCK = threading.Lock()
+
+
+def finch_levels(
+    X: np.ndarray,
+    *,
+    knn_result: tuple[np.ndarray, np.ndarray] | None = None,
+    max_level: int,
+    distance: Literal["cosine", "euclidean"] = "cosine",
+    ensure_early_exit: bool = False,
+    index: IndexKind = "flat",
+    use_gpu: GpuChoice = "auto",
+) -> list[np.ndarray]:
+    """:func:`finch_partitions` of X from its first neighbours (those of ``knn_result``
+    when given), levels 0..max_level (fewer where the hierarchy ends); copies.
+
+    On a read-only ``knn_result`` (the cycle's shared graph) the last hierarchy is kept:
+    a calibrated cycle's level choice (reidal.core.calibration) computes the levels once
+    and the sampler's FINCH at the chosen level reads them (from level 1 on they cost a
+    search among the cluster means). A graph's arrays are X's kNN result by contract,
+    and read-only ones cannot change, so the graph identifies the hierarchy.
+    """
+    idx = knn_result[1] if knn_result is not None else None
+    shared = isinstance(idx, np.ndarray) and not idx.flags.writeable
+    key = (X.shape, distance, bool(ensure_early_exit))
+    if shared:
+        with _HIERARCHY_LOCK:
+            for ref, k, depth, levels in _LAST_HIERARCHY:
+                # a hierarchy that ended before its max_level holds every level there is
+                if ref() is idx and k == key and (max_level <= depth or len(levels) <= depth):
+                    return [lv.copy() for lv in levels[: max_level + 1]]
+    kappa = first_neighbours(X, knn_result=knn_result, index=index, use_gpu=use_gpu)
+    levels = finch_partitions(X, kappa, distance=distance,
+                              ensure_early_exit=ensure_early_exit, max_level=max_level)
+    if shared:
+        with _HIERARCHY_LOCK:
+            _LAST_HIERARCHY[:] = [(weakref.ref(idx), key, max_level,
+                                   [lv.copy() for lv in levels])]
+    return levels
