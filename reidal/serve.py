@@ -45,7 +45,7 @@ from reidal.blobs import BlobStore
 from reidal.embedding.decode_budget import MIB, DecodeBudget
 from reidal.embedding.embedder import ImageEmbedder
 from reidal.embedding.images import ImageLimits
-from reidal.embedding.triton_repo import name_pretrained_default, write_model_repository
+from reidal.embedding.triton_repo import ensure_default_model
 from reidal.embedding.triton_server import TritonServer
 from reidal.embedding.triton_versions import triton_loader
 from reidal.grpc_server import RunningServer, ServiceBinding, build_server
@@ -201,11 +201,8 @@ class ReidalServer:
 def _start_triton(data_dir: Path, model_name: str, startup_timeout_s: float) -> Any:
 
     repo = data_dir / "model_repository"
-    if not (repo / model_name / "config.pbtxt").exists():
-        log_kv(log, logging.INFO, "writing_model_repository", path=str(repo), model=model_name)
-        write_model_repository(repo, model_name=model_name)
-    else:
-        name_pretrained_default(repo, model_name)
+    if ensure_default_model(repo, model_name):
+        log_kv(log, logging.INFO, "wrote_default_model", path=str(repo), model=model_name)
     server = TritonServer(repo, models=[model_name], workdir=data_dir / "triton",
                           startup_timeout_s=startup_timeout_s)
     server.start()

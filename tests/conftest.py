@@ -1,5 +1,6 @@
 """Shared fixtures. ``triton`` starts the real Triton server bundled in nvidia-pytriton once per
-test session (about 5-10 s), serving the default embedding model; no fake Triton anywhere.
+test session (about 5-10 s), serving the default embedding model at _model_support.TEST_INPUT_SIZE;
+no fake Triton anywhere.
 
 Heavy imports (torch, tritonclient) happen inside the fixtures, so test files that use none
 of them do not pay for them.
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 from _image_build import BUILD_KEY, IMAGE, ImageBuild, image_tests_last, wanted
+from _model_support import TEST_INPUT_SIZE
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -91,7 +93,7 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonFixture]:
 
     base = tmp_path_factory.mktemp("triton")
     repo = base / "model_repository"
-    spec = default_spec()
+    spec = default_spec(input_size=TEST_INPUT_SIZE)
     model = build_default_model(seed=0, input_size=spec.input_size)
     write_model_repository(
         repo, model_name=spec.name, version=1, model=model, spec=spec,

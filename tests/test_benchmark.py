@@ -252,9 +252,11 @@ def test_rerun_skips_finished_runs_and_leaves_files_alone(quick_run, capsys):
 # --------------------------------------------------------------------------- single runs
 @pytest.fixture(scope="module")
 def small_data():
+    from _model_support import TEST_INPUT_SIZE
+
     from reidal.embedding.model import build_default_model
 
-    model = build_default_model()
+    model = build_default_model(input_size=TEST_INPUT_SIZE)
     return model, load_dataset("synthetic-small", model)
 
 

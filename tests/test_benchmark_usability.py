@@ -102,9 +102,11 @@ def test_threads_are_part_of_the_run_key():
 # --------------------------------------------------------------------------- feature cache
 @pytest.fixture(scope="module")
 def model():
+    from _model_support import TEST_INPUT_SIZE
+
     from reidal.embedding.model import build_default_model
 
-    return build_default_model()
+    return build_default_model(input_size=TEST_INPUT_SIZE)
 
 
 def test_features_are_cached_on_disk_with_progress(tmp_path, model):
@@ -131,11 +133,11 @@ def test_features_are_cached_on_disk_with_progress(tmp_path, model):
 
     assert feature_cache_key("fp-b", model) != key
     assert feature_cache_key("fp-a", build_default_model(input_size=(160, 160))) != key
-    changed = build_default_model()
+    changed = build_default_model(input_size=model.arch["input_size"])
     with torch.no_grad():
         next(changed.backbone.parameters()).add_(1.0)
     assert feature_cache_key("fp-a", changed) != key
-    assert feature_cache_key("fp-a", build_default_model()) == key
+    assert feature_cache_key("fp-a", build_default_model(input_size=model.arch["input_size"])) == key
 
 
 def test_a_second_load_reads_the_cached_features(tmp_path, model):

@@ -12,6 +12,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from _model_support import default_model_vectors
 from _services_support import (
     Stubs,
     by_images,
@@ -27,12 +28,20 @@ from PIL import Image
 
 from reidal.cli import build_parser
 from reidal.embedding.preprocess import preprocess
+from reidal.embedding.spec import DEFAULT_INPUT_SIZE
 from reidal.serve import SERVICES, resolve_services, serve
 from reidal.serve_config import ServeConfig
 from reidal.store import ImageRecord, Store
-from reidal.v1 import collections_pb2, constraints_pb2, sampling_pb2
+from reidal.v1 import (
+    collections_pb2,
+    constraints_pb2,
+    embedding_pb2,
+    embedding_pb2_grpc,
+    sampling_pb2,
+)
 
 C, S, K = collections_pb2, sampling_pb2, constraints_pb2
+E, E_grpc = embedding_pb2, embedding_pb2_grpc
 
 
 def _listed_services(address: str) -> set[str]:
@@ -222,17 +231,27 @@ def test_metrics_endpoint_and_graceful_stop_with_open_watchers(tmp_path):
 
 @pytest.mark.slow
 def test_start_triton_writes_the_model_repository_and_stops_it(tmp_path):
+    """A new data directory gets the default model, 224 px, served by the real Triton; the
+    vectors are those of the torch model at that size."""
     srv = serve(["embedding", "collections"], data_dir=tmp_path, health_interval_s=60)
     triton = srv._started.triton
+    pics = pictures()[:4]
     try:
         assert (tmp_path / "model_repository" / "reidal_embedder" / "config.pbtxt").exists()
         assert triton is not None and triton.running and srv.triton_url == triton.grpc_url
         s = Stubs.connect(srv.address)
+        info = E_grpc.EmbeddingServiceStub(s.channel).GetModel(E.GetModelRequest(), timeout=120)
+        assert (info.name, info.input_height, info.input_width) == (
+            "reidal_embedder", *DEFAULT_INPUT_SIZE)
         s.collections.CreateCollection(C.CreateCollectionRequest(collection_id="t"))
-        added = s.collections.AddImages(iter([ingest_message("t", pictures()[:4])]), timeout=120)
+        added = s.collections.AddImages(iter([ingest_message("t", pics)]), timeout=120)
         assert (added.embedded, added.model.name, added.model.version) == (
             4, "reidal_embedder", "1")
+        got = [list(v.vector) for r in s.collections.GetVectors(
+            C.GetVectorsRequest(collection_id="t"), timeout=60) for v in r.vectors]
         s.close()
     finally:
         srv.stop(grace=1)
     assert not triton.running
+    np.testing.assert_allclose(np.array(got, np.float32), default_model_vectors(
+        [p.png for p in pics], DEFAULT_INPUT_SIZE), atol=1e-4, rtol=0)

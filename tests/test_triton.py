@@ -14,6 +14,7 @@ import pytest
 
 from reidal.embedding.model import build_default_model
 from reidal.embedding.preprocess import preprocess
+from reidal.embedding.spec import default_spec
 from reidal.embedding.triton_client import (
     ModelNotFound,
     TritonEmbedder,
@@ -77,12 +78,12 @@ def test_batch_larger_than_max_batch_size_is_split(triton, embedder, sample_imag
 
 
 def test_empty_batch_and_bad_input(triton, embedder, sample_images):
-    empty = np.zeros((0, 3, 128, 128), np.float32)
+    empty = np.zeros((0, *triton.spec.input_shape), np.float32)
     assert embedder.embed(empty).vectors.shape == (0, 256)
     with pytest.raises(ValueError, match="shape"):
         embedder.embed(np.zeros((2, 3, 64, 64), np.float32))
     with pytest.raises(ValueError, match="floating"):
-        embedder.embed(np.zeros((2, 3, 128, 128), np.uint8))
+        embedder.embed(np.zeros((2, *triton.spec.input_shape), np.uint8))
     bad = _batch(sample_images, triton.spec, 2)
     bad[1, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
@@ -95,7 +96,7 @@ def test_list_models_info_and_spec_discovery(triton, embedder):
     assert [m.version for m in ours] == ["1"]
     info = ours[0]
     assert info.ready and info.state == "READY"
-    assert (info.dim, info.input_size, info.max_batch_size) == (256, (128, 128), 8)
+    assert (info.dim, info.input_size, info.max_batch_size) == (256, triton.spec.input_size, 8)
     assert embedder.model_info() == info
     assert embedder.is_ready() and embedder.is_ready(triton.model_name, "1")
     assert not embedder.is_ready("no_such_model")
@@ -104,11 +105,11 @@ def test_list_models_info_and_spec_discovery(triton, embedder):
     assert embedder.spec_from_triton() == triton.spec
     # ...and a client built without a spec works from the config alone.
     with TritonEmbedder(triton.grpc_url) as bare:
-        assert bare.embed(np.zeros((1, 3, 128, 128), np.float32)).vectors.shape == (1, 256)
+        assert bare.embed(np.zeros((1, *triton.spec.input_shape), np.float32)).vectors.shape == (1, 256)
 
 
 def test_unknown_model_or_version_is_model_not_found(triton, embedder):
-    batch = np.zeros((1, 3, 128, 128), np.float32)
+    batch = np.zeros((1, *triton.spec.input_shape), np.float32)
     with pytest.raises(ModelNotFound, match="no_such_model"):
         embedder.embed(batch, model="no_such_model")
     with pytest.raises(ModelNotFound):
@@ -171,7 +172,7 @@ def test_unreachable_url_is_unavailable():
 
     with TritonEmbedder(f"127.0.0.1:{free_ports(1)[0]}", timeout_s=5) as client:
         with pytest.raises(TritonUnavailable, match="127.0.0.1"):
-            client.embed(np.zeros((1, 3, 128, 128), np.float32))
+            client.embed(np.zeros((1, *default_spec().input_shape), np.float32))
         assert not client.server_ready()
 
 

@@ -52,12 +52,11 @@ def _triton(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from reidal.embedding.triton_repo import write_model_repository
+    from reidal.embedding.triton_repo import ensure_default_model
     from reidal.embedding.triton_server import TritonServer
 
     repo = Path(args.model_repository)
-    if not (repo / args.model / "config.pbtxt").exists():
-        write_model_repository(repo, model_name=args.model)
+    ensure_default_model(repo, args.model)
     server = TritonServer(repo, models=[args.model], workdir=args.workdir, host=args.host,
                           grpc_port=args.grpc_port, http_port=args.http_port,
                           metrics_port=args.metrics_port,

@@ -219,7 +219,7 @@ class ImageEmbedder:
         """
         _check_items(items, self.max_images)
         name = model or self.default_model
-        spec = self._spec(name)
+        spec = self._spec(name, version)
         ids = [it.id for it in items]
         parts: list[np.ndarray] = []
         problems: list[ImageError] = []
@@ -307,7 +307,7 @@ class ImageEmbedder:
             del decoded
         return batch
 
-    def _spec(self, name: str) -> ModelSpec:
+    def _spec(self, name: str, version: str = "") -> ModelSpec:
         spec = self._overrides.get(name)
         if spec is not None:
             return spec
@@ -315,7 +315,7 @@ class ImageEmbedder:
             spec = self._specs.get(name)
         if spec is None:
             try:
-                spec = self._triton.spec_from_triton(name)
+                spec = self._triton.spec_from_triton(name, version)
             except (TritonUnavailable, ModelNotFound):
                 raise
             except TritonError as exc:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reidal.embedding.spec import ModelSpec, default_spec
+from reidal.embedding.spec import DEFAULT_INPUT_SIZE, ModelSpec, default_spec
 
 #: The one backbone reidal can build by name (others plug in through Triton, see spec.py).
 DEFAULT_BACKBONE = "efficientnet-lite0"
@@ -184,9 +184,11 @@ def _lite0_backbone(input_size: tuple[int, int], *, pretrained: bool) -> LiteFea
 
 
 def build_default_model(
-    dim: int = DEFAULT_DIM, seed: int = 0, *, input_size: tuple[int, int] = (128, 128)
+    dim: int = DEFAULT_DIM, seed: int = 0, *, input_size: tuple[int, int] = DEFAULT_INPUT_SIZE
 ) -> EmbeddingNet:
-    """ImageNet EfficientNet-Lite0 (bundled weights, no download) + a seeded head, in eval mode."""
+    """ImageNet EfficientNet-Lite0 (bundled weights, no download) + a seeded head, in eval
+    mode, for ``input_size`` (the default model's, :data:`reidal.embedding.spec.
+    DEFAULT_INPUT_SIZE`, unless given)."""
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dim must be a positive integer, got {dim!r}")
     size = (int(input_size[0]), int(input_size[1]))

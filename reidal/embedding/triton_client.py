@@ -16,8 +16,9 @@ Versions: a request naming no version gets the model's default version (the conf
 ``reidal_default_version`` parameter, :mod:`reidal.embedding.triton_repo`; Triton's newest
 loaded version for a model whose config names none), never simply the newest, which a
 training job for one collection may have just added. A request naming a version Triton
-has not loaded (a collection's pinned version after a restart or another job's load) loads
-it, keeping the loaded ones (:meth:`TritonEmbedder.load_version`), then is sent again.
+has not loaded (a collection's pinned version after a restart or another job's load, or of
+a model Triton has not loaded at all) loads it, keeping the loaded ones
+(:meth:`TritonEmbedder.load_version`), then is sent again.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ class TritonEmbedder:
         version Triton has not loaded is loaded first.
         """
         name = model or self.model_name
-        sig = self._signature(name)
+        sig = self._signature(name, version=version)
         version = version or sig.default_version
         arr = np.asarray(batch)
         if arr.ndim != 1 + len(sig.input_shape) or tuple(arr.shape[1:]) != sig.input_shape:
@@ -254,10 +255,11 @@ class TritonEmbedder:
         sig = self._signature(name, refresh=True)
         return _info(name, chosen, "READY" if ready else "UNAVAILABLE", ready, sig, "")
 
-    def spec_from_triton(self, name: str | None = None) -> ModelSpec:
-        """The preprocessing spec carried in the model config's parameters (see triton_repo)."""
+    def spec_from_triton(self, name: str | None = None, version: str = "") -> ModelSpec:
+        """The preprocessing spec carried in the model config's parameters (see triton_repo);
+        with ``version``, a model Triton has not loaded is loaded first."""
         name = name or self.model_name
-        cfg = self._call("get_model_config", name, "", model_name=name, as_json=True)["config"]
+        cfg = self._config(name, version)
         try:
             return spec_from_config(cfg)
         except ValueError as exc:
@@ -371,11 +373,19 @@ class TritonEmbedder:
             return ModelNotFound(f"{what} is not loaded in Triton at {self.url}: {message}")
         return TritonError(f"Triton at {self.url} failed for {what}: {message}")
 
-    def _signature(self, name: str, *, refresh: bool = False) -> _Signature:
+    def _config(self, name: str, version: str = "") -> dict[str, Any]:
+        """Triton's config of model ``name``. Triton has none for a model with no version
+        loaded; with ``version`` named, that version is loaded on demand first, as for a
+        model whose other versions are loaded: a collection pinned to a model other than
+        the server's default (the 128 px model of a repository whose server now defaults to
+        the 224 px one, docs/deployment.md) is served without loading it by hand."""
+        return self._with_version(name, version, "get_model_config", model_name=name,
+                                  as_json=True)["config"]
+
+    def _signature(self, name: str, *, refresh: bool = False, version: str = "") -> _Signature:
         sig = None if refresh else self._signatures.get(name)
         if sig is None:
-            cfg = self._call("get_model_config", name, "", model_name=name, as_json=True)["config"]
-            sig = _Signature.from_config(cfg)
+            sig = _Signature.from_config(self._config(name, version))
             spec = self.spec
             if spec is not None and spec.name == name:
                 wanted = (spec.input_name, spec.output_name, spec.input_shape)

@@ -485,6 +485,23 @@ def default_version(repo_dir: str | Path, model_name: str, writing: int | None =
     return str(writing) if writing is not None else ""
 
 
+def ensure_default_model(repo_dir: str | Path, model_name: str = DEFAULT_MODEL_NAME) -> bool:
+    """What ``reidal serve`` (bundled Triton) and ``reidal triton`` do with their repository
+    before Triton starts: write the default model (:func:`reidal.embedding.spec.
+    default_spec`, :data:`~reidal.embedding.spec.DEFAULT_INPUT_SIZE`) as version 1 of
+    ``model_name`` when the repository has no config for that name, else leave the model as
+    it is (only :func:`name_pretrained_default`). So a repository written when the default
+    was 128 px keeps serving its 128 px model and every vector stored with it stays
+    comparable; a new name (``reidal serve --model reidal_embedder_224``) gets the current
+    default beside it (docs/deployment.md, "Upgrading the default model"). True when it
+    wrote the model."""
+    if (Path(repo_dir) / model_name / CONFIG_FILE).exists():
+        name_pretrained_default(repo_dir, model_name)
+        return False
+    write_model_repository(repo_dir, model_name=model_name)
+    return True
+
+
 def name_pretrained_default(repo_dir: str | Path, model_name: str) -> None:
     """Name the lowest version the default (:data:`P_DEFAULT_VERSION`) of a model folder
     whose config names none: for the repository ``reidal serve`` writes itself, where

@@ -57,7 +57,7 @@ from reidal.core.questions import Oracle
 from reidal.data.synthetic_images import SyntheticConfig, iter_samples
 from reidal.data.wildlife import load_wildlife_csv
 from reidal.embedding.model import build_default_model, load_model, save_model
-from reidal.embedding.spec import DEFAULT_MODEL_NAME
+from reidal.embedding.spec import DEFAULT_INPUT_SIZE, DEFAULT_MODEL_NAME
 from reidal.embedding.triton_repo import model_versions
 from reidal.errors import ReidalError
 from reidal.training import EvalSet, SpCLTrainer, TrainConfig
@@ -134,7 +134,9 @@ def build_parser(prog: str = "python -m reidal.training") -> argparse.ArgumentPa
     p.add_argument("--out", required=True, help="output folder (rank 0 writes it)")
     p.add_argument("--mode", choices=MODES, default="head")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
-    p.add_argument("--image-size", type=int, default=128, help="square input size (pixels)")
+    p.add_argument("--image-size", type=int, default=DEFAULT_INPUT_SIZE[0],
+                   help="square input size (pixels) of the pretrained model started from "
+                        "(default: the served default model's, %(default)s)")
     p.add_argument("--trainable-stages", type=int, default=None,
                    help="partial mode: backbone stages trained, counted from the last")
     p.add_argument("--augment-views", type=int, default=None,
