@@ -1,6 +1,6 @@
 """Embedding throughput: the default model through a real Triton (tritonclient gRPC) vs plain torch.
 
-    .venv/bin/python bench/bench_embedding.py [--batch-sizes 1 8 32] [--image-size 128]
+    .venv/bin/python bench/bench_embedding.py [--batch-sizes 1 8 32] [--image-size 224]
                                               [--threads N] [--rounds 5] [--seconds 2]
 
 Same model object, same preprocessed input, same image size. Fairness:
@@ -83,7 +83,11 @@ def torch_decode_forward(model: object, spec: object, blobs: list[bytes]) -> obj
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--image-size", type=int, default=128)
+    from reidal.embedding.spec import DEFAULT_INPUT_SIZE
+
+    parser.add_argument("--image-size", type=int, default=DEFAULT_INPUT_SIZE[0],
+                        help="the model's square input size (default: the default model's, "
+                             "%(default)s)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=2.0)

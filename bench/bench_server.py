@@ -317,13 +317,15 @@ def read_load(server: Server, image_ids: list[str], clients: int,
 
 
 def ingest(data_dir: Path, n: int, rounds: int = 3, per_message: int = 16,
-           batch: int = 32) -> dict[str, object]:
+           batch: int = 32, input_size: int | None = None) -> dict[str, object]:
     """AddImages against bench_embedding's two images/s figures, side by side on the same
     server, machine and images: ``rounds`` alternating blocks of (1) ``n`` images streamed
     through AddImages ``per_message`` a message into a new collection, (2) the same images
     sent to the server's own EmbeddingService (Embed, ``batch`` a request: nothing
     stored), (3) plain torch in this process decoding and embedding them ``batch`` at a
-    time with the same model; the median of each, and the load average around them."""
+    time with the same model; the median of each, and the load average around them.
+    ``input_size``: the served model's (square) input, written into the server's new
+    repository (None: the default model's, reidal.embedding.spec.DEFAULT_INPUT_SIZE)."""
     import io
     import statistics
 
@@ -333,6 +335,7 @@ def ingest(data_dir: Path, n: int, rounds: int = 3, per_message: int = 16,
     from reidal.data.synthetic_images import SyntheticConfig, iter_samples
     from reidal.embedding.model import build_default_model
     from reidal.embedding.spec import default_spec
+    from reidal.embedding.triton_repo import write_model_repository
     from reidal.v1 import embedding_pb2, embedding_pb2_grpc
 
     cfg = SyntheticConfig.tiny(n_individuals=max(2, n // 8), images_per_individual=(8, 8),
@@ -343,7 +346,10 @@ def ingest(data_dir: Path, n: int, rounds: int = 3, per_message: int = 16,
         s.image.save(buf, format="PNG")
         pics.append((s.image_id, buf.getvalue()))
     pics = pics[:n]
-    spec = default_spec()
+    spec = default_spec() if input_size is None else default_spec(
+        input_size=(input_size, input_size))
+    # what `reidal serve` would write into a new repository, at the size asked for
+    write_model_repository(data_dir / "model_repository", spec=spec)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     model = build_default_model(input_size=spec.input_size)
     blobs = [d for _, d in pics]
@@ -389,7 +395,7 @@ def ingest(data_dir: Path, n: int, rounds: int = 3, per_message: int = 16,
             "ingest_vs_torch": med["ingest"] / med["torch"],
             "ingest_rounds": runs, "ingest_per_message": per_message, "embed_batch": batch,
             "load_before": load_before, "load_after": os.getloadavg(),
-            "server_start_s": started}
+            "server_start_s": started, "input_size": list(spec.input_size)}
 
 
 # --------------------------------------------------------------------------- main
@@ -408,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="alternating rounds of ingest / Embed / torch")
     ap.add_argument("--ingest-per-message", type=int, default=16,
                     help="images per AddImages message")
+    ap.add_argument("--input-size", type=int, default=None, metavar="PX",
+                    help="the served model's square input size for the ingest figures "
+                         "(default: the default model's)")
     ap.add_argument("--ingest-only", action="store_true",
                     help="only the ingest figures (no answers, no reads)")
     ap.add_argument("--reads-only", action="store_true",
@@ -428,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
         if args.ingest_only:
             result["ingest"] = ingest(Path(tmp) / "ingest", args.ingest, args.ingest_rounds,
-                                      args.ingest_per_message)
+                                      args.ingest_per_message, input_size=args.input_size)
             print(json.dumps(result, sort_keys=True))
             return 0
         data = Path(tmp) / "data"
@@ -459,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         if args.ingest:
             result["ingest"] = ingest(Path(tmp) / "ingest", args.ingest, args.ingest_rounds,
-                                      args.ingest_per_message)
+                                      args.ingest_per_message, input_size=args.input_size)
             print(f"ingest: {json.dumps(result['ingest'])}", flush=True)
     line = json.dumps(result, sort_keys=True)
     if args.out:

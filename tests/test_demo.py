@@ -4,6 +4,7 @@ import csv
 
 import numpy as np
 import pytest
+from _model_support import write_test_model
 
 from reidal.cli import main
 from reidal.core.aas import AmbiguityAwareSampler
@@ -17,6 +18,9 @@ from reidal.store import Store
 
 def test_demo_runs_the_whole_loop(tmp_path, capsys):
     out = tmp_path / "demo"
+    # any model will do here: the default model at the tests' input size, written where the
+    # demo's server would write its own (the 224 px default: tests/test_serve.py)
+    write_test_model(out / "server")
     assert main(["demo", "--out", str(out), "--cycles", "2", "--individuals", "8",
                  "--budget", "40"]) == 0
     printed = capsys.readouterr().out

@@ -83,8 +83,9 @@ class BenchSchedule:
     docs/results/README.md ("Issue 13 at 224 px", zebra-rapid, 20 pairs x 5 cycles, 4
     seeds): 224 px lifts the frozen backbone itself (zero-shot mAP 58.8 -> 63.9) and AAS
     with it (59.4 -> 72.2); at 224 px the loss on the answers adds +2.4 to AAS and +4.1 to
-    NIS (3 and 4 of 4 seeds). The served default model stays 128 px
-    (reidal.embedding.spec.default_spec: a served input size is a new model).
+    NIS (3 and 4 of 4 seeds). The served default model is 224 px too in new model
+    repositories (reidal.embedding.spec.DEFAULT_INPUT_SIZE; an existing repository keeps
+    its 128 px model: a served input size is a new model, docs/deployment.md).
     ``clustering`` (OURS): "fixed" (the parameters above) or "calibrated" (chosen per cycle
     from the data and the answers, reidal.core.calibration; ``clustering_pinned`` = the
     parameters given explicitly, which stay as given: TrainConfig.clustering).
