@@ -29,6 +29,9 @@ applied incrementally (the constraint set does it).
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import threading
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -50,6 +53,8 @@ class AnswerState:
     excluded: frozenset[str]
     items: dict[str, int]
     constraints: ConstraintSet
+    #: The max seq of the snapshot this state was loaded from or last wrote (-1: none).
+    snapshot_seq: int = -1
 
     @property
     def max_seq(self) -> int:
@@ -57,24 +62,40 @@ class AnswerState:
 
     @classmethod
     def load(cls, store: Store, collection_id: str, version: AnswerLogVersion) -> AnswerState:
-        """Build from the store's current answers (once per process, or after a reload)."""
+        """Build from the store's current answers (once per process, or after a reload),
+        as integer columns (:meth:`~reidal.store.answers.Answers.constraint_columns`)."""
         excluded = frozenset(store.images.excluded(collection_id))
         # answers newer than ``version`` (committed since it was read, when this runs
         # outside a transaction: :meth:`AnswerStates.prepare`) are left to catch_up
-        rows = [r for r in store.answers.rows(collection_id) if r.seq <= version.max_seq
-                and r.label != "UNSURE" and r.image_a not in excluded
-                and r.image_b not in excluded]
-        seq, a_ids, b_ids, labels = (list(col) for col in zip(*rows, strict=True)) \
-            if rows else ([], [], [], [])
-        items: dict[str, int] = {}
-        # one dict step per answer end, once per process
-        a = np.array([items.setdefault(x, len(items)) for x in a_ids], dtype=np.int64)
-        b = np.array([items.setdefault(x, len(items)) for x in b_ids], dtype=np.int64)
-        cs = ConstraintSet.from_arrays(len(items), a, b,
-                                       np.array(labels, dtype=object) == "SAME",
-                                       np.array(seq, dtype=np.int64))
+        cols = store.answers.constraint_columns(collection_id, version.max_seq)
+        return cls._of(version, excluded, cols.image_ids, cols.a, cols.b, cols.same, cols.seqs)
+
+    @classmethod
+    def _of(cls, version: AnswerLogVersion, excluded: frozenset[str], items: list[str],
+            a: np.ndarray, b: np.ndarray, same: np.ndarray, seqs: np.ndarray,
+            snapshot_seq: int = -1) -> AnswerState:
+        cs = ConstraintSet.from_arrays(len(items), a, b, same, seqs)
         cs.warm()
-        return cls(version, excluded, items, cs)
+        return cls(version, excluded, dict(zip(items, range(len(items)), strict=True)), cs,
+                   snapshot_seq)
+
+    def encode(self) -> bytes:
+        """The state as bytes (an ``.npz``: the answers' columns, the image ids of the
+        item indices and the excluded images, as JSON), for
+        :meth:`~reidal.store.answers.Answers.put_snapshot`; :meth:`decode` reads it."""
+        seqs, a, b, same = self.constraints.answer_arrays()
+        buf = io.BytesIO()
+        np.savez(buf, seqs=seqs, a=a.astype(np.int32), b=b.astype(np.int32), same=same,
+                 items=_json_bytes(list(self.items)), excluded=_json_bytes(sorted(self.excluded)))
+        return buf.getvalue()
+
+    @classmethod
+    def decode(cls, version: AnswerLogVersion, data: bytes) -> AnswerState:
+        """The state :meth:`encode` wrote at ``version``."""
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return cls._of(version, frozenset(json.loads(z["excluded"].tobytes())),
+                           json.loads(z["items"].tobytes()), z["a"], z["b"], z["same"],
+                           z["seqs"], snapshot_seq=version.max_seq)
 
     def _item(self, image_id: str) -> int:
         k = self.items.get(image_id)
@@ -131,6 +152,18 @@ class AnswerState:
         return [c for c in self.constraints.contradictions if mine.intersection(c.answer_ids)]
 
 
+#: A process keeps a snapshot of a collection's answer state in the store once this many
+#: answers came since the last one (OURS): a restart then loads the snapshot and fetches
+#: at most about this many answers, where a full load fetches them all (seconds at a
+#: million, docs/benchmarks.md); each write costs one blob of ~17 bytes an answer.
+SNAPSHOT_EVERY = 20_000
+#: ... and only for states of at least this many answers (smaller ones load in well under
+#: a second without one).
+SNAPSHOT_MIN_ANSWERS = 10_000
+
+log = logging.getLogger("reidal.answer_state")
+
+
 class AnswerStates:
     """The :class:`AnswerState` of each collection of one store, for this process."""
 
@@ -167,9 +200,10 @@ class AnswerStates:
         version = store.answers.log_version(collection_id)
         with self._guard:
             state = self._states.get(collection_id)
-        if _deletions_since(store, collection_id, state, version) is not None:
+        if state is not None and _deletions_since(store, collection_id, state.version,
+                                                  version) is not None:
             return None
-        state = AnswerState.load(store, collection_id, version)
+        state, _ = _load(store, collection_id, version)
         with self._guard:
             self._states[collection_id] = state
         return state
@@ -185,10 +219,11 @@ class AnswerStates:
             raise
         with self._guard:
             state = self._states.get(collection_id)
-        deletions = _deletions_since(store, collection_id, state, version)
+        deletions = (None if state is None
+                     else _deletions_since(store, collection_id, state.version, version))
         if state is None or deletions is None:
-            state = AnswerState.load(store, collection_id, version)
-        elif state.max_seq < version.max_seq or deletions:
+            state, deletions = _load(store, collection_id, version)
+        if state.max_seq < version.max_seq or deletions:
             back = [d.restored for d in deletions if d.restored is not None]
             state.catch_up(store.answers.rows(collection_id, after_seq=state.max_seq),
                            store.answers.supersessions_after(collection_id, state.max_seq), version,
@@ -200,26 +235,65 @@ class AnswerStates:
             self._states[collection_id] = state
         return state
 
+    def snapshot_if_due(self, store: Store, collection_id: str) -> bool:
+        """Keep a snapshot of the collection's state in the store when it holds at least
+        :data:`SNAPSHOT_MIN_ANSWERS` answers and :data:`SNAPSHOT_EVERY` answers came since
+        the last one; True when it wrote one. Call it inside :meth:`writing` after the
+        write transaction committed (the state is then exactly the committed answers).
+        A restarted process loads the snapshot and catches up from it (:func:`_load`).
+        A snapshot is a cache: failing to write one is logged, not raised (the answers
+        are committed already)."""
+        with self._guard:
+            state = self._states.get(collection_id)
+        if (state is None or len(state.constraints) < SNAPSHOT_MIN_ANSWERS
+                or state.max_seq - state.snapshot_seq < SNAPSHOT_EVERY):
+            return False
+        try:
+            store.answers.put_snapshot(collection_id, state.version, state.encode())
+        except Exception:  # noqa: BLE001 - a cache write must not fail a committed submit
+            log.warning("could not keep the answer-state snapshot of collection %r",
+                        collection_id, exc_info=True)
+            return False
+        state.snapshot_seq = state.max_seq
+        return True
+
     def forget(self, collection_id: str) -> None:
         with self._guard:
             self._states.pop(collection_id, None)
 
 
-def _deletions_since(store: Store, collection_id: str, state: AnswerState | None,
+def _load(store: Store, collection_id: str, version: AnswerLogVersion
+          ) -> tuple[AnswerState, list[AnswerDeletion]]:
+    """A new state of the collection and the deletions logged since it: its snapshot when
+    one is usable for ``version`` (it is at an earlier version: catch up from it), else
+    every answer up to ``version`` (no deletions since)."""
+    snapshot = store.answers.snapshot(collection_id)
+    if snapshot is not None:
+        deletions = _deletions_since(store, collection_id, snapshot[0], version)
+        if deletions is not None:
+            return AnswerState.decode(*snapshot), deletions
+    return AnswerState.load(store, collection_id, version), []
+
+
+def _deletions_since(store: Store, collection_id: str, held: AnswerLogVersion,
                      version: AnswerLogVersion) -> list[AnswerDeletion] | None:
-    """What moves ``state`` to ``version`` besides new answers: the deletions logged since
-    its epoch ([] when the epoch is the same), or None when it must be loaded again (no
-    state, a re-created collection, a newer state than the store (a rolled-back write),
-    or an epoch step that logged no deletion: an exclusion, a restore, new vectors)."""
-    if (state is None or state.version.created_at != version.created_at
-            or state.max_seq > version.max_seq):
+    """What moves a state at ``held`` to ``version`` besides new answers: the deletions
+    logged since its epoch ([] when the epoch is the same), or None when it must be
+    loaded again (a re-created collection, a newer state than the store (a rolled-back
+    write), or an epoch step that logged no deletion: an exclusion, a restore, new
+    vectors)."""
+    if held.created_at != version.created_at or held.max_seq > version.max_seq:
         return None
-    if state.version.epoch == version.epoch:
+    if held.epoch == version.epoch:
         return []
-    log = [d for d in store.answers.deletions(collection_id, state.version.epoch)
+    log = [d for d in store.answers.deletions(collection_id, held.epoch)
            if d.epoch <= version.epoch]
-    steps = set(range(state.version.epoch + 1, version.epoch + 1))
+    steps = set(range(held.epoch + 1, version.epoch + 1))
     return log if {d.epoch for d in log} == steps else None
+
+
+def _json_bytes(value: object) -> np.ndarray:
+    return np.frombuffer(json.dumps(value).encode(), dtype=np.uint8)
 
 
 _STATES: weakref.WeakKeyDictionary[Store, AnswerStates] = weakref.WeakKeyDictionary()

@@ -183,6 +183,8 @@ def submit(store: Store, collection_id: str, submissions: Sequence[AnswerSubmiss
                     superseded=store.answers.count_superseded_by(collection_id, seqs),
                     contradictions=states.sync(store, collection_id).contradictions_with(seqs))
                 tx.record_response(request_id, _record(print_, outcome))
+        if record is None:  # committed: the state is exactly the stored answers
+            states.snapshot_if_due(store, collection_id)
     if record is not None:
         if record.get("fingerprint") != print_:
             raise AlreadyExists(

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from reidal import answer_state
 from reidal.answer_state import answer_states
 from reidal.answers import AnswerSubmission, current_contradictions, submit
 from reidal.store import AnswerIn, ImageRecord, Store
@@ -242,3 +243,75 @@ def test_relabels_and_deletes_move_the_state_without_reloading_it(store, store_t
         assert kept.constraints.local_rebuilds > 0 and contradicted > 5
     finally:
         other.close()
+
+
+def test_a_restarted_process_loads_the_snapshot_and_catches_up(store, store_target,
+                                                               monkeypatch):
+    """Once enough answers came, a submit keeps a snapshot of the state in the store; a
+    new process (another store handle) builds its state from that snapshot, not from
+    every answer, and catches up with the answers, relabels and deletions stored since,
+    reporting what a rebuild reports. An exclusion since makes the snapshot unusable."""
+    monkeypatch.setattr(answer_state, "SNAPSHOT_EVERY", 4)
+    monkeypatch.setattr(answer_state, "SNAPSHOT_MIN_ANSWERS", 4)
+    cid = new_collection(store)
+    submit(store, cid, as_submissions([(0, 1, "SAME"), (1, 1, "SAME"), (3, 1, "DIFFERENT")]))
+    assert store.answers.snapshot(cid) is None  # 3 answers: not due yet
+    last = submit(store, cid, as_submissions([(4, 1, "SAME"), (0, 2, "DIFFERENT")]))
+    snapshot_version, _ = store.answers.snapshot(cid)
+    assert snapshot_version.max_seq == max(last.seqs)
+    relabel = submit(store, cid, as_submissions([(0, 1, "DIFFERENT")]))  # after the snapshot
+    store.answers.delete(cid, last.seqs[0])
+    restarted = Store.open(store_target)
+    try:
+        states = answer_states(restarted)
+        built = states.prepare(restarted, cid)
+        assert built is not None and built.snapshot_seq == snapshot_version.max_seq
+        assert built.version == snapshot_version  # from the snapshot: it catches up next
+        mine = submit(restarted, cid, as_submissions([(2, 3, "SAME"), (0, 2, "SAME")]))
+        assert reported(mine) == reference(restarted, cid, mine.seqs)
+        assert states.sync(restarted, cid) is built
+        assert state_of(restarted, cid) == [(c.answer_ids, c.dropped_answer_id)
+                                            for c in current_contradictions(restarted, cid)]
+        assert relabel.seqs[0] in built.constraints
+        restarted.images.exclude(cid, "i6", "blurred")  # an unlogged epoch step
+    finally:
+        restarted.close()
+    again = Store.open(store_target)
+    try:
+        rebuilt = answer_states(again).prepare(again, cid)
+        assert rebuilt is not None and rebuilt.snapshot_seq == -1  # loaded every answer
+    finally:
+        again.close()
+
+
+def test_the_columnar_load_reads_every_current_answer_whatever_the_image_ids(store,
+                                                                           store_target):
+    """A restarted process loads the answers as columns (store.answers.constraint_columns): the
+    same contradictions as a rebuild, UNSURE, superseded, deleted and excluded answers
+    left out, also when an image id holds the column separator (stored directly; the
+    API refuses control characters) and the load reads row by row instead."""
+    for images in (IMAGES, [f"odd\x1f{k}" for k in range(7)]):
+        cid = f"cols{next(_names)}"
+        store.collections.create(cid)
+        store.images.add(cid, [ImageRecord(i) for i in images])
+        pairs = [(0, 1, "SAME"), (1, 2, "SAME"), (0, 2, "DIFFERENT"), (3, 4, "UNSURE"),
+                 (4, 5, "SAME"), (5, 6, "DIFFERENT"), (2, 3, "SAME"), (2, 3, "DIFFERENT")]
+        out = submit(store, cid, [AnswerSubmission(lab, image_a=images[a], image_b=images[b])
+                                  for a, b, lab in pairs])
+        store.answers.delete(cid, out.seqs[4])
+        store.images.exclude(cid, images[6], "blurred")
+        restarted = Store.open(store_target)
+        try:
+            cols = restarted.answers.constraint_columns(cid, max(out.seqs))
+            got = sorted(zip(cols.seqs.tolist(), (cols.image_ids[k] for k in cols.a),
+                             (cols.image_ids[k] for k in cols.b), cols.same.tolist(),
+                             strict=True))
+            kept = [0, 1, 2, 7]  # not UNSURE, superseded, deleted, excluded
+            assert got == [(out.seqs[k], *sorted((images[pairs[k][0]], images[pairs[k][1]])),
+                            pairs[k][2] == "SAME") for k in kept]
+            state = answer_states(restarted).sync(restarted, cid)
+            assert [(c.answer_ids, c.dropped_answer_id) for c in state.constraints.contradictions] \
+                == [(c.answer_ids, c.dropped_answer_id)
+                    for c in current_contradictions(restarted, cid)] != []
+        finally:
+            restarted.close()

@@ -745,6 +745,11 @@ class ConstraintSet:
         return tuple(Answer(a, b, s, k) for k, a, b, s in zip(
             ids.tolist(), i.tolist(), j.tolist(), same.tolist(), strict=True))
 
+    def answer_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, i, j, same) of every answer given, applied or not, by id: what
+        :meth:`from_arrays` takes to build this set again."""
+        return self._table.live()
+
     def _applied_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(ids, i, j, same) of the applied answers, by id."""
         ids, i, j, same = self._table.live()

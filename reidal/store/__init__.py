@@ -64,6 +64,7 @@ from reidal.store.records import (
     BatchDraft,
     BatchRecord,
     Collection,
+    ConstraintColumns,
     ImageRecord,
     ImageRow,
     ImageSource,
@@ -133,7 +134,7 @@ class Store:
 __all__ = [
     "ANSWERS_EPOCH", "JOB_CANCELLED", "JOB_FAILED", "JOB_FINAL_STATES", "JOB_QUEUED",
     "JOB_RUNNING", "JOB_SUCCEEDED", "LABELS", "OPERATION_STATES", "SCHEMA_VERSION",
-    "AnswerDeletion", "AnswerIn", "AnswerLogVersion", "AnswerRow", "BatchDraft", "BatchRecord", "Collection",
+    "AnswerDeletion", "AnswerIn", "AnswerLogVersion", "AnswerRow", "BatchDraft", "BatchRecord", "Collection", "ConstraintColumns",
     "ImageRecord", "ImageRow", "ImageSource", "OperationRecord", "PairRecord", "Store",
     "StoredAnswer", "TrainingJobRecord", "is_database_url", "redact_url",
 ]

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
+
 from reidal.errors import InvalidArgument, NotFound
 from reidal.store.backend import Tx
 from reidal.store.collections import Collections
@@ -25,9 +27,13 @@ from reidal.store.records import (
     AnswerIn,
     AnswerLogVersion,
     AnswerRow,
+    ConstraintColumns,
     StoredAnswer,
 )
 
+#: Between the image ids of one aggregated column (:meth:`AnswersStore.constraint_columns`):
+#: a control character, which image ids may not hold (reidal.collection_state.check_id).
+_ID_SEPARATOR = "\x1f"
 _RESPONSE_OF = "SELECT response FROM requests WHERE collection_id = ? AND request_id = ?"
 
 
@@ -260,6 +266,70 @@ class Answers:
         rows = self._db.query("SELECT seq, image_a, image_b, label FROM answers"
                               f" WHERE collection_id = ?{sql} ORDER BY seq", (collection_id, *args))
         return [AnswerRow._make(r) for r in rows]
+
+    def constraint_columns(self, collection_id: str, max_seq: int) -> ConstraintColumns:
+        """The current SAME / DIFFERENT answers up to ``max_seq`` between images not
+        excluded, in seq order, as integer columns (see :class:`ConstraintColumns`): what
+        a process's first answer state loads when it finds no snapshot
+        (:meth:`snapshot`). The filters run in SQL, and each column comes back as
+        one string (``group_concat``; PostgreSQL's ``string_agg``), split in C, so no
+        Python object is made per row; image ids become indices by one C-level dict
+        lookup each."""
+        image_ids = [r[0] for r in self._db.query(  # first: a later deletion retires answers
+            "SELECT image_id FROM images WHERE collection_id = ? ORDER BY seq", (collection_id,))]
+        where = (" FROM answers WHERE collection_id = ? AND seq <= ? AND superseded_by IS NULL"
+                 " AND deleted_at IS NULL AND label != 'UNSURE'"
+                 " AND image_a NOT IN (SELECT image_id FROM images"
+                 "  WHERE collection_id = ? AND excluded_reason IS NOT NULL)"
+                 " AND image_b NOT IN (SELECT image_id FROM images"
+                 "  WHERE collection_id = ? AND excluded_reason IS NOT NULL)")
+        args = (collection_id, int(max_seq), collection_id, collection_id)
+        # the four aggregates read the same rows in the same order: the columns align
+        seqs, a, b, same = self._db.query(
+            "SELECT group_concat(CAST(seq AS TEXT), ','), group_concat(image_a, ?),"
+            " group_concat(image_b, ?),"
+            " group_concat(CASE WHEN label = 'SAME' THEN '1' ELSE '0' END, '')" + where,
+            (_ID_SEPARATOR, _ID_SEPARATOR, *args))[0]
+        seq_col = np.array(seqs.split(","), dtype=np.int64) if seqs else np.empty(0, np.int64)
+        a_ids, b_ids = (a.split(_ID_SEPARATOR), b.split(_ID_SEPARATOR)) if seqs else ([], [])
+        if not len(a_ids) == len(b_ids) == len(seq_col):  # an id holding the separator
+            rows = self._db.query("SELECT seq, image_a, image_b,"
+                               " CASE WHEN label = 'SAME' THEN '1' ELSE '0' END" + where, args)
+            seq_col = np.array([r[0] for r in rows], dtype=np.int64)
+            a_ids, b_ids = [r[1] for r in rows], [r[2] for r in rows]
+            same = "".join(r[3] for r in rows)
+        index = dict(zip(image_ids, range(len(image_ids)), strict=True)).__getitem__
+        return ConstraintColumns(
+            image_ids, seq_col,
+            np.fromiter(map(index, a_ids), dtype=np.int64, count=len(a_ids)),
+            np.fromiter(map(index, b_ids), dtype=np.int64, count=len(b_ids)),
+            np.frombuffer((same or "").encode(), dtype=np.uint8) == ord("1"))
+
+    def snapshot(self, collection_id: str) -> tuple[AnswerLogVersion, bytes] | None:
+        """The last answer-state snapshot kept for the collection (None: none), with the
+        version of the answers it holds (:meth:`put_snapshot`)."""
+        rows = self._db.query("SELECT created_at, epoch, max_seq, data FROM answer_snapshots"
+                           " WHERE collection_id = ?", (collection_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        return (AnswerLogVersion(float(r[0]), int(r[1]), int(r[2])), bytes(r[3]))
+
+    def put_snapshot(self, collection_id: str, version: AnswerLogVersion,
+                            data: bytes) -> None:
+        """Keep ``data`` (an encoded answer state, reidal.answer_state) as the snapshot of
+        the collection's answers at ``version``, replacing the one before. A cache: the
+        answers themselves are the truth; a snapshot of a re-created collection or an
+        unlogged epoch step is never used. Its own transaction, not the collection's."""
+        with self._db.tx() as db:
+            db.execute(
+                "INSERT INTO answer_snapshots (collection_id, created_at, epoch, max_seq, data,"
+                " written_at) SELECT id, ?, ?, ?, ?, ? FROM collections WHERE id = ?"
+                " ON CONFLICT (collection_id) DO UPDATE SET created_at = excluded.created_at,"
+                " epoch = excluded.epoch, max_seq = excluded.max_seq, data = excluded.data,"
+                " written_at = excluded.written_at",
+                (version.created_at, version.epoch, version.max_seq, data, timestamp(),
+                 collection_id))
 
     def deletions(self, collection_id: str, after_epoch: int) -> list[AnswerDeletion]:
         """The answers retired at the epochs after ``after_epoch``, by epoch (an epoch

@@ -47,8 +47,9 @@ def postgres_schema(sql: str) -> str:
 @functools.lru_cache(maxsize=1024)
 def postgres_sql(sql: str) -> str:
     """A query from ``?`` placeholders to psycopg's ``%s`` (the store's SQL has no ``%``
-    and no ``?`` inside literals)."""
-    return sql.replace("?", "%s")
+    and no ``?`` inside literals), and SQLite's ``group_concat(text, separator)`` to
+    PostgreSQL's ``string_agg``."""
+    return sql.replace("?", "%s").replace("group_concat(", "string_agg(")
 
 
 def _row_factory(cursor: Any) -> Callable[[Sequence[Any]], Row]:

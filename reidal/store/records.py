@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
+
 LABELS = ("SAME", "DIFFERENT", "UNSURE")
 #: Counter moved by every write that changes the current answers of a collection other
 #: than by inserting new ones (a deletion, an exclusion or restore of an image): a cached
@@ -123,6 +125,18 @@ class AnswerDeletion(NamedTuple):
     epoch: int
     seq: int
     restored: int | None
+
+
+class ConstraintColumns(NamedTuple):
+    """A collection's current SAME / DIFFERENT answers as columns: answer k joins images
+    ``image_ids[a[k]]`` and ``image_ids[b[k]]`` (the collection's images in ingest
+    order), is a SAME when ``same[k]``, and has the store's seq ``seqs[k]``."""
+
+    image_ids: list[str]
+    seqs: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    same: np.ndarray
 
 
 class AnswerRow(NamedTuple):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from reidal.store.backend import Tx
 
 #: Version of the schema below, recorded in ``meta``; a newer store opens an older file.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -163,6 +163,17 @@ CREATE TABLE IF NOT EXISTS answer_deletions (
     seq INTEGER NOT NULL,
     restored INTEGER,
     PRIMARY KEY (collection_id, epoch, seq)
+);
+-- Schema 8: the last snapshot of a collection's answer state (a cache: the arrays of its
+-- current SAME / DIFFERENT answers at one answers version), so a restarted process loads
+-- it and catches up instead of fetching every answer (reidal.answer_state).
+CREATE TABLE IF NOT EXISTS answer_snapshots (
+    collection_id TEXT PRIMARY KEY REFERENCES collections(id) ON DELETE CASCADE,
+    created_at REAL NOT NULL,
+    epoch INTEGER NOT NULL,
+    max_seq INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    written_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS images_by_seq ON images (collection_id, seq);
 CREATE INDEX IF NOT EXISTS batch_pairs_by_batch ON batch_pairs (collection_id, batch_id, position);
