@@ -22,6 +22,7 @@ from reidal.benchmark.report import (
 from reidal.core.aas import AmbiguityAwareSampler
 from reidal.core.clustering import DBSCANJaccard
 from reidal.core.constraints import Answer, ConstraintSet
+from reidal.core.baselines import UncertaintySampler
 from reidal.core.continuation import AASContinuation
 from reidal.core.sampling import Sampler, pair_keys
 from reidal.simulation.oracle import SimulatedOracle
@@ -145,3 +146,15 @@ def test_results_csv_keeps_rows_stored_before_the_clustering_columns():
     back = read_results_csv(results_csv([new, old]))
     assert back[0]["k1"] == 5 and back[0]["eps_source"] == "rho" and back[0]["eps"] == 0.5
     assert back[1]["k1"] is None and back[1]["eps"] is None
+
+
+def test_the_continuation_on_the_aas_graph_asks_what_it_asks_alone(emb):
+    """Given AAS's (exact, uncut) graph, the boundary sampler picks the very pairs it picks
+    from its own kNN search and Jaccard matrix; with too few kNN columns it searches again."""
+    X, _ = emb
+    aas = AmbiguityAwareSampler(dbscan=DBSCANJaccard(k1=8, k2=2, min_samples=2))
+    graph = aas.neighbour_graph(X, max_distance=1.0)[:2]
+    for k in (None, 12):
+        unc = UncertaintySampler(eps=0.6, k1=8, k2=2, k=k)
+        alone = unc.sample(X, None, 60, seed=2)
+        assert unc.sample(X, None, 60, seed=2, graph=graph).pairs == alone.pairs

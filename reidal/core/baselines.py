@@ -167,13 +167,23 @@ class UncertaintySampler(ParamsMixin):
         *,
         seed: int = 0,
         exclude_pairs: np.ndarray | None = None,
+        graph: tuple[tuple[np.ndarray, np.ndarray], sp.csr_matrix] | None = None,
     ) -> SampleResult:
+        """The top ``budget`` kNN edges by |Jaccard distance - eps|.
+
+        ``graph``: (kNN result, uncut Jaccard matrix of this sampler's k1 / k2) already
+        computed for X (AASContinuation passes its AAS's, from the cycle's cache); without
+        it, or when it has fewer kNN columns than needed, exact search builds them here.
+        """
         X, n_budget, excl = check_sample_inputs(X, constraints, budget, exclude_pairs)
         n = X.shape[0]
         rng = make_rng(seed)
         k = max(self.k1, self.k or 0, 2)
-        knn_result = knn(X, k)
-        D = jaccard_distance(X, k1=self.k1, k2=self.k2, knn_result=knn_result)
+        if graph is not None and graph[0][1].shape[1] >= min(k, n):
+            knn_result, D = graph
+        else:
+            knn_result = knn(X, k)
+            D = jaccard_distance(X, k1=self.k1, k2=self.k2, knn_result=knn_result)
         idx = knn_result[1][:, : (self.k or self.k1)]
         pairs = _knn_edges(idx)
         pairs = pairs[unresolved_mask(pairs, n, constraints, excl)]

@@ -13,7 +13,9 @@ DBSCAN's eps (:class:`reidal.core.baselines.UncertaintySampler` on AAS's own DBS
 parameters, so with a calibrated eps, reidal.core.calibration, the boundary moves with the
 answers): the pairs whose answer decides whether DBSCAN links two neighbourhoods, where
 either answer changes the clustering. Pairs already answered, implied by the answers,
-excluded or in AAS's part are never asked.
+excluded or in AAS's part are never asked. The continuation reads AAS's neighbour graph (the
+cycle's one kNN search: exact below 10k items, the recall-calibrated IVF above), with the
+Jaccard matrix uncut, since it ranks every kNN edge by its distance.
 """
 
 from __future__ import annotations
@@ -79,9 +81,14 @@ class AASContinuation(ParamsMixin):
             stats["continuation_pairs"] = 0
             return SampleResult(first.pairs, n_budget, first.reason, stats)
         taken = first.as_array()
+        # AAS's graph (same k1 / k2), uncut: the margins |d - eps| of every kNN edge as the
+        # continuation alone would compute them, but from the cycle's one kNN search (the
+        # cache recomputes only the Jaccard when it held a narrower cut).
+        knn_result, D, _ = self._aas().neighbour_graph(X, max_distance=1.0)
         more = self.continuation().sample(
             X, constraints, rest, seed=seed,
-            exclude_pairs=np.concatenate([excl, taken]) if len(taken) else excl)
+            exclude_pairs=np.concatenate([excl, taken]) if len(taken) else excl,
+            graph=(knn_result, D))
         pairs = first.pairs + more.pairs
         stats["continuation_pairs"] = len(more.pairs)
         stats["continuation_candidates"] = more.stats.get("n_candidates", 0)
