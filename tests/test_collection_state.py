@@ -158,3 +158,48 @@ def test_load_view_picks_rows_vectors_and_refuses_missing_vectors(tmp_path):
         np.testing.assert_array_equal(north.X, X[:2])
     finally:
         store.close()
+
+
+def test_load_view_reuses_the_rows_of_an_unchanged_image_state_and_follows_every_change(
+        tmp_path):
+    store = Store(tmp_path)
+    try:
+        rng = np.random.default_rng(1)
+        X = rng.normal(size=(6, 3)).astype(np.float32)
+        store.collections.create("c", model_name="m", model_version="1")
+        store.images.add("c", [ImageRecord(i, metadata={"site": s})
+                               for i, s in zip("abcd", "nnsn", strict=True)])
+        store.images.put_vectors("c", "m", "1", list("abcd"), X[:4])
+        first = load_view(store, "c")
+        again = load_view(store, "c")
+        assert again.X is first.X and not first.X.flags.writeable  # shared, read-only
+        store.answers.submit("c", [AnswerIn("a", "b", "SAME")])
+        answered = load_view(store, "c")  # an answer changes no row: the same rows
+        assert answered.X is first.X and answered.answers.constraints.implied(0, 1) is True
+        store.images.add("c", [ImageRecord("e", metadata={"site": "n"})])
+        # a new image without its vector: refused, and only when it is among the rows
+        with pytest.raises(FailedPrecondition, match="1 of 5 image.*'e'"):
+            load_view(store, "c")
+        assert load_view(store, "c", ImageFilter(metadata={"site": "s"})).image_ids == ["c"]
+        store.images.put_vectors("c", "m", "1", ["e"], X[4:5])
+        view = load_view(store, "c")
+        assert view.image_ids == list("abcde")
+        np.testing.assert_array_equal(view.X, X[:5])
+        store.images.exclude("c", "b", "blurred")
+        assert load_view(store, "c").image_ids == list("acde")
+        store.images.restore("c", "b")
+        assert load_view(store, "c").image_ids == list("abcde")
+        store.images.add_vectors("c", "m", "1", ["a"], X[5:6])  # a replaced vector
+        np.testing.assert_array_equal(load_view(store, "c").X, np.vstack([X[5:6], X[1:5]]))
+        store.images.delete("c", "d")
+        assert load_view(store, "c").image_ids == list("abce")
+        north = load_view(store, "c", ImageFilter(metadata={"site": "n"}))
+        assert north.image_ids == list("abe")
+        np.testing.assert_array_equal(north.X, np.vstack([X[5:6], X[1:2], X[4:5]]))
+        store.collections.delete("c")
+        store.collections.create("c", model_name="m", model_version="1")
+        store.images.add("c", [ImageRecord(i) for i in "abce"])
+        store.images.put_vectors("c", "m", "1", list("abce"), X[:4])
+        np.testing.assert_array_equal(load_view(store, "c").X, X[:4])  # a new collection
+    finally:
+        store.close()
