@@ -22,8 +22,9 @@ considered now (an excluded image leaves its identity without changing its id).
 
 from __future__ import annotations
 
+import json
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
@@ -149,20 +150,66 @@ def summarize(image_ids: Sequence[str], identity_of: Sequence[str], names: Seque
     return out
 
 
+class ClusteringCache:
+    """DBSCAN labels of the last few (vectors, clustering) pairs identities ran on.
+
+    After an answer only NP3's input changes: the rows (:class:`RowsCache` hands every view
+    of an unchanged image state the same read-only vectors), the parameters and, in mode
+    "fixed", the clustering choice stay, and so do the DBSCAN labels (~15 ms at n = 2,000,
+    most of a recomputation). Keyed by the vectors' identity (an entry holds them, so the
+    identity cannot be reused while it lives; writable vectors are never keyed) and by
+    everything else DBSCAN reads. Bounded to ``maxsize`` entries and thread-safe.
+    """
+
+    def __init__(self, maxsize: int = 2) -> None:
+        self.maxsize = int(maxsize)
+        self._entries: OrderedDict[tuple[int, str], tuple[np.ndarray, np.ndarray]]
+        self._entries = OrderedDict()
+        self._lock = threading.Lock()
+
+    def labels(self, X: np.ndarray, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """``compute()`` (a copy of it), or a copy of what it gave for these vectors and key."""
+        if X.flags.writeable:
+            return compute()
+        entry = (id(X), key)
+        with self._lock:
+            hit = self._entries.get(entry)
+            if hit is not None and hit[0] is X:
+                self._entries.move_to_end(entry)
+                return hit[1].copy()
+        labels = np.asarray(compute(), dtype=np.int64)
+        with self._lock:
+            self._entries[entry] = (X, labels.copy())
+            while len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+        return labels
+
+
+#: The clusterings of this process's identity computations.
+_CLUSTERINGS = ClusteringCache()
+
+
 def refined_labels(view: CollectionView) -> np.ndarray:
     """DBSCAN labels of the view's vectors, made consistent with its answers by NP3.
 
     The Jaccard graph is the sampler's (:meth:`AmbiguityAwareSampler.neighbour_graph`,
     cached per vectors): identities after a cycle cost DBSCAN + NP3 only, and use the
-    same neighbours (the same kNN index) as the questions did.
+    same neighbours (the same kNN index) as the questions did. The DBSCAN labels of
+    unchanged vectors and clustering come from :class:`ClusteringCache`: after an answer,
+    NP3 only.
     """
     if view.n < 2:
         return np.full(view.n, -1, dtype=np.int64)
     params = view.collection.params
     cs = view.answers.constraints
     _, choice = clustering_choice(params, view.X, cs)
-    _, D, _ = make_aas(params, choice).neighbour_graph(view.X)
-    labels = np.asarray(make_dbscan(params, choice)(view.X, distance=D), dtype=np.int64)
+
+    def dbscan() -> np.ndarray:
+        _, D, _ = make_aas(params, choice).neighbour_graph(view.X)
+        return np.asarray(make_dbscan(params, choice)(view.X, distance=D), dtype=np.int64)
+
+    key = json.dumps([params, choice.to_dict()], sort_keys=True, default=str)
+    labels = _CLUSTERINGS.labels(view.X, key, dbscan)
     if len(cs.ml_pairs()) or len(cs.cl_pairs()):
         labels = NP3()(labels, view.X, cs).labels
     return labels

@@ -6,14 +6,17 @@ answer, an excluded or restored image, a new sampling cycle) shows in the very n
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from _services_support import Stubs, by_images
 
-from reidal.collection_state import effective_params
+from reidal.collection_state import effective_params, load_view
+from reidal.identities import refined_labels
 from reidal.serve import serve
 from reidal.simulation.synthetic import make_reid_embeddings
-from reidal.store import ImageRecord, Store
+from reidal.store import AnswerIn, ImageRecord, Store
 from reidal.v1 import collections_pb2, constraints_pb2, sampling_pb2
 
 C, K, S = collections_pb2, constraints_pb2, sampling_pb2
@@ -118,3 +121,28 @@ def test_identities_do_not_wait_for_a_sampling_cycle(served, tmp_path):
     finally:
         other.close()
     assert fresh.applied_answers == 1
+
+
+def test_identities_from_kept_clusterings_equal_a_fresh_computation(tmp_path):
+    """refined_labels on a view of shared (cached) rows equals the same computation on a
+    private copy of the vectors, which no cache serves, after every answer."""
+    data = make_reid_embeddings(n_identities=8, dim=16, seed=1)
+    ids = [f"img{k:03d}" for k in range(data.X.shape[0])]
+    store = Store(tmp_path)
+    try:
+        store.collections.create(CID, model_name="m", model_version="1",
+                                 params=effective_params({"k1": 6, "k2": 2,
+                                                          "min_samples": 2}, None))
+        store.images.add(CID, [ImageRecord(i) for i in ids])
+        store.images.put_vectors(CID, "m", "1", ids, data.X.astype(np.float32))
+        rng = np.random.default_rng(0)
+        for step in range(6):
+            view = load_view(store, CID)
+            assert not view.X.flags.writeable  # the shared rows
+            fresh = refined_labels(replace(view, X=view.X.copy()))
+            np.testing.assert_array_equal(refined_labels(view), fresh)
+            a, b = rng.choice(len(ids), 2, replace=False)
+            store.answers.submit(CID, [AnswerIn(ids[a], ids[b],
+                                                 "SAME" if step % 2 else "DIFFERENT")])
+    finally:
+        store.close()
