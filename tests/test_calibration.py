@@ -7,10 +7,13 @@ where identities end: the answer-calibrated eps must cluster better than the fix
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 
 from reidal.core.aas import AmbiguityAwareSampler
+from reidal.core import clustering
 from reidal.core.calibration import (
     ClusteringCalibrator,
     answered_pairs,
@@ -223,3 +226,15 @@ def test_finch_levels_on_the_shared_graph_are_computed_ones(data):
         assert level(p).tolist() == direct[min(p, top)].tolist()
     level(1)[:] = -5
     assert level(1).tolist() == direct[1].tolist()
+
+
+def test_the_kept_finch_hierarchy_goes_with_its_graph(data):
+    X, _ = data
+    idx = np.array(AmbiguityAwareSampler().neighbour_graph(X)[0][1])  # a graph of our own
+    idx.flags.writeable = False
+    sims = np.ones(idx.shape, dtype=np.float32)
+    finch_levels(X, knn_result=(sims, idx), max_level=1)
+    assert any(entry[0]() is idx for entry in clustering._LAST_HIERARCHY)
+    del idx
+    gc.collect()
+    assert clustering._LAST_HIERARCHY == []

@@ -352,6 +352,11 @@ def finch_levels(
                               ensure_early_exit=ensure_early_exit, max_level=max_level)
     if shared:
         with _HIERARCHY_LOCK:
-            _LAST_HIERARCHY[:] = [(weakref.ref(idx), key, max_level,
+            _LAST_HIERARCHY[:] = [(weakref.ref(idx, _forget_hierarchy), key, max_level,
                                    [lv.copy() for lv in levels])]
     return levels
+
+
+def _forget_hierarchy(ref: weakref.ref) -> None:
+    """Drop the kept hierarchy once its graph is gone (the cache evicted it)."""
+    _LAST_HIERARCHY[:] = [entry for entry in _LAST_HIERARCHY if entry[0] is not ref]
