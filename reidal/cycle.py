@@ -176,6 +176,19 @@ class CycleRunner:
                     del self._active[collection_id]
 
 
+def knn_stats(report: dict[str, Any] | None) -> dict[str, Any]:
+    """The kNN graph's report (KNNReport.as_stats, the sampler's ``stats["knn"]``) as the
+    batch's flat ``knn_*`` stats (BatchStats in sampling.proto); {} without one."""
+    if not report:
+        return {}
+    params = report.get("params") or {}
+    return {"knn_index": report["index"], "knn_k": report["k"],
+            "knn_recall": report["recall"], "knn_recall_se": report["recall_se"],
+            "knn_recall_rows": report["n_queries"],
+            "knn_target_recall": report["target_recall"] or 0.0,
+            "knn_nlist": int(params.get("nlist", 0)), "knn_nprobe": int(params.get("nprobe", 0))}
+
+
 def run_cycle(store: Store, collection_id: str, request: CycleRequest,
               progress: Progress | None = None) -> tuple[BatchRecord, bool]:
     """Run one cycle and store its batch; returns ``(batch, created)``.
@@ -237,6 +250,7 @@ def run_cycle(store: Store, collection_id: str, request: CycleRequest,
         "sampler": sampling_param(params, "sampler"),
         "aas_pairs": st.get("aas_pairs", len(pairs)),
         "continuation_pairs": st.get("continuation_pairs", 0),
+        **knn_stats(st.get("knn")),
     }
     if key is not None:
         stats["state_key"] = key

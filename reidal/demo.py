@@ -84,9 +84,10 @@ class DemoCycleReport(CycleReport):
 
 
 #: The per-cycle clustering columns of cycles.csv: the benchmark's results.csv names
-#: (reidal.benchmark.methods.CLUSTERING_KEYS) and the rest of BatchStats.clustering.
+#: (reidal.benchmark.methods.CLUSTERING_KEYS), the rest of BatchStats.clustering, and the
+#: kNN graph's index and measured recall (BatchStats.knn_index, knn_recall).
 CLUSTERING_COLUMNS = ("clustering_mode", "eps", "k1", "k2", "min_samples", "finch_level",
-                      "eps_source", "finch_source", "sampler")
+                      "eps_source", "finch_source", "sampler", "knn_index", "knn_recall")
 
 
 def clustering_columns(batch: Any) -> dict[str, Any]:
@@ -97,7 +98,9 @@ def clustering_columns(batch: Any) -> dict[str, Any]:
     return {"clustering_mode": ch.mode, "eps": ch.dbscan_eps, "k1": ch.k1, "k2": ch.k2,
             "min_samples": ch.min_samples, "finch_level": ch.finch_level,
             "eps_source": ch.eps_source, "finch_source": ch.finch_source,
-            "sampler": batch.stats.get("sampler", "aas")}
+            "sampler": batch.stats.get("sampler", "aas"),
+            "knn_index": batch.stats.get("knn_index", ""),
+            "knn_recall": batch.stats.get("knn_recall", "")}
 
 
 @dataclass

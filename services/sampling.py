@@ -32,7 +32,8 @@ _POOLS = {"U_os": sampling_pb2.POOL_OVERSEGMENTATION,
           "uncertainty": sampling_pb2.POOL_CONTINUATION}  # aas-continued's own pairs
 _STATS = ("clusters_a", "outliers_a", "clusters_b", "regions", "images_in_regions",
           "pool_oversegmentation", "pool_undersegmentation", "resolved", "seconds",
-          "sampler", "aas_pairs", "continuation_pairs")
+          "sampler", "aas_pairs", "continuation_pairs", "knn_index", "knn_k", "knn_recall",
+          "knn_recall_se", "knn_recall_rows", "knn_target_recall", "knn_nlist", "knn_nprobe")
 
 
 def clustering_choice_pb(stored: dict) -> sampling_pb2.ClusteringChoice:

@@ -241,3 +241,19 @@ def test_the_review_page_explains_a_continuation_pair():
     assert "threshold" in why_asked(pair)
     assert why_asked(pair) != why_asked(QueryPair("p", "a", "b", 0.4, "", -1, 1.0, ModelRef(),
                                                   False))
+
+
+def test_a_batch_reports_its_knn_graph_and_recall(client):
+    """BatchStats carries how the cycle's kNN graph was searched and the recall it
+    reached: these 60 images are below the exact-search threshold, so exact search
+    (recall 1, no sample rows) with the collection's k1, kept with the stored batch."""
+    from reidal.core.neighbors import KNN_EXACT_BELOW
+
+    _collection(client, "knn", clustering=ClusteringParams(k1=6, k2=2, min_samples=2))
+    batch = client.get_query_pairs("knn", budget=10)
+    assert N_ID * PER_ID < KNN_EXACT_BELOW
+    assert (batch.stats["knn_index"], batch.stats["knn_k"], batch.stats["knn_recall"]) == \
+        ("flat", 6, 1.0)
+    assert batch.stats.get("knn_recall_rows", 0) == 0 and "knn_nprobe" not in batch.stats
+    again = client.get_query_pairs("knn", budget=10)  # unchanged: the stored open batch
+    assert again.batch_id == batch.batch_id and again.stats == batch.stats

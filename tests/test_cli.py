@@ -132,6 +132,7 @@ def test_cli_end_to_end(server, photos, capsys, monkeypatch, tmp_path):
     # printed pairs
     code, out, _ = run(capsys, "pairs", "herd", "--budget", "3")
     assert code == 0 and out.splitlines()[0].startswith("batch c3-")
+    assert "kNN graph flat: recall@" in out and " 1.000 +- 0.000 on 0 sample rows" in out
 
     # identities: table and CSV
     code, out, _ = run(capsys, "identities", "herd", "--all")

@@ -176,3 +176,19 @@ def test_concurrent_calls_on_one_state_share_one_cycle(store):
     for t in threads:
         t.join()
     assert len(got) == 4 and len(set(got)) == 1 and store.collections.get("c").cycle == 1
+
+
+def test_knn_stats_flatten_an_ivf_report_for_batch_stats():
+    """The kNN report of an IVF graph (its recall measured on sample rows) becomes the
+    batch's flat knn_* stats (BatchStats), every number carried over."""
+    from reidal.core.neighbors import knn_search
+    from reidal.cycle import knn_stats
+
+    X = np.random.default_rng(0).normal(size=(1500, 8)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    _, _, report = knn_search(X, 5, index="ivf", nlist=12, nprobe=3, n_queries=200)
+    stats = knn_stats(report.as_stats())
+    assert stats["knn_index"] == "ivf" and (stats["knn_nlist"], stats["knn_nprobe"]) == (12, 3)
+    assert stats["knn_k"] == 5 and stats["knn_recall_rows"] == 200
+    assert 0 < stats["knn_recall"] < 1 and stats["knn_recall_se"] > 0
+    assert stats["knn_recall"] == round(report.recall, 4) and knn_stats(None) == {}

@@ -40,6 +40,12 @@ def _pairs(args: argparse.Namespace) -> int:
         out(f"clustering {ch.mode}: eps={ch.dbscan_eps:.3g} ({ch.eps_source}) k1={ch.k1} "
              f"k2={ch.k2} min_samples={ch.min_samples} finch_level={ch.finch_level} "
              f"({ch.finch_source}); sampler {batch.stats.get('sampler', 'aas')}")
+    st = batch.stats
+    if st.get("knn_index"):
+        target = f", target {st['knn_target_recall']:.3g}" if st.get("knn_target_recall") else ""
+        out(f"kNN graph {st['knn_index']}: recall@{st.get('knn_k', 0)} "
+            f"{st.get('knn_recall', 0.0):.3f} +- {st.get('knn_recall_se', 0.0):.3f} on "
+            f"{st.get('knn_recall_rows', 0)} sample rows{target}")
     if batch.finished:
         out("nothing left to ask for now")
     if args.out:
