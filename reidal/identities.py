@@ -264,7 +264,7 @@ class LatestIdentities:
     wait for that computation. So a result may lag answers committed while another call was
     computing; its ``applied_answers`` and ``cycle`` say which state it is. A call that
     starts after a change committed (a client's submit, then its GetIdentities) finds a
-    new key, so it computes or waits: never a result older than its own change.
+    new key, so unless another call is computing it computes: the change shows in it.
 
     The cycle number is no input of the computation (a sampling cycle changes no answer,
     image or parameter), so a new cycle re-labels the kept result with the current number
