@@ -232,6 +232,8 @@ class _RpcObserver(grpc.ServerInterceptor):
         level = logging.DEBUG if service in QUIET_SERVICES else logging.INFO
         if code in ("INTERNAL", "UNKNOWN", "DATA_LOSS"):
             level = logging.ERROR
+        if not rpc_log.isEnabledFor(level):  # the call's line is not wanted: skip its fields
+            return
         fields: dict[str, object] = {"service": service, "method": method, "code": code,
                                      "ms": round(seconds * 1000.0, 2), "peer": context.peer()}
         if code != "OK":
