@@ -348,8 +348,9 @@ def constraints_from_answers(row_ids: Sequence[str],
 def state_key(store: Store, collection_id: str, request: Mapping[str, Any]) -> str:
     """A digest of everything a computation over the collection reads, with ``request``
     (what the caller asked): the collection (and its re-creation), its model version and
-    parameters, its images (count, newest position), its answers (newest seq, and the
-    epoch that deletions, exclusions and restores move). Equal keys: the same inputs, so
+    parameters, its images (newest position: an added image raises it), its answers
+    (newest seq, and the epoch that deletions of answers or images, exclusions, restores
+    and replaced vectors move). Equal keys: the same inputs, so
     the same result (a cached one may be served). A few indexed lookups, no answer read.
     NotFound when the collection does not exist.
     """
@@ -364,7 +365,7 @@ def keyed_collection(store: Store, collection_id: str,
     col = store.collections.get(collection_id)
     version = store.answers.log_version(collection_id)
     payload = [col.created_at, col.model_name, col.model_version, col.params,
-               store.images.count(collection_id), version.epoch, version.max_seq, request]
+               store.images.newest(collection_id), version.epoch, version.max_seq, request]
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32], col
 
@@ -398,11 +399,12 @@ class RowsCache:
     sampling cycle's or an identity computation's own time once the neighbour graph is
     cached), and every answer starts one or the other; the rows change far less often.
     They depend on the collection (its re-creation), its model version, its images
-    (count, newest position) and the answers epoch, which every exclusion, restore, image
-    deletion and replaced vector moves (:meth:`Store.add_vectors`): that is the key, read
-    with two indexed lookups. Vectors are otherwise only ever added for images that lack
-    one of the version (ingest, EmbedCollection), and only rows that all have their vector
-    are kept, so a kept entry is never stale. The vectors are read-only (shared by every
+    (newest position: an added image raises it) and the answers epoch, which every
+    exclusion, restore, image deletion and replaced vector moves
+    (``store.images.add_vectors``): that is the key, read with two index lookups.
+    Vectors are otherwise only ever added for images that lack one of the version
+    (ingest, EmbedCollection), and only rows that all have their vector are kept, so a
+    kept entry is never stale. The vectors are read-only (shared by every
     view of the state); bounded to ``maxsize`` entries and thread-safe.
     """
 
@@ -418,7 +420,7 @@ class RowsCache:
         ``col``'s rows; a missing vector's row of ``vectors`` is zeros."""
         cid = col.id
         key = (store.owner, cid, col.created_at, col.model_name, col.model_version,
-               store.images.count(cid), store.answers.log_version(cid).epoch)
+               store.images.newest(cid), store.answers.log_version(cid).epoch)
         with self._lock:
             hit = self._entries.get(key)
             if hit is not None:

@@ -191,7 +191,9 @@ def test_load_view_reuses_the_rows_of_an_unchanged_image_state_and_follows_every
         assert load_view(store, "c").image_ids == list("abcde")
         store.images.add_vectors("c", "m", "1", ["a"], X[5:6])  # a replaced vector
         np.testing.assert_array_equal(load_view(store, "c").X, np.vstack([X[5:6], X[1:5]]))
-        store.images.delete("c", "d")
+        newest = store.images.newest("c")
+        store.images.delete("c", "d")  # not the newest image: the answers epoch tells
+        assert store.images.newest("c") == newest
         assert load_view(store, "c").image_ids == list("abce")
         north = load_view(store, "c", ImageFilter(metadata={"site": "n"}))
         assert north.image_ids == list("abe")

@@ -154,6 +154,15 @@ class Images:
                            " WHERE collection_id = ?", (collection_id,))[0]
         return int(r[0]), int(r[1])
 
+    def newest(self, collection_id: str) -> int:
+        """The newest image position (-1 when none): one index lookup, however many images.
+        An added image raises it and every removal moves the answers epoch
+        (:meth:`delete`), so the two together tell that the images changed (state keys
+        read them on every call; :meth:`count` scans the collection's images)."""
+        r = self._db.query("SELECT MAX(seq) FROM images WHERE collection_id = ?",
+                           (collection_id,))[0]
+        return -1 if r[0] is None else int(r[0])
+
     def present(self, collection_id: str, image_ids: Iterable[str]) -> set[str]:
         """The ids among ``image_ids`` that are images of the collection."""
         out: set[str] = set()
