@@ -76,7 +76,10 @@ class BenchSchedule:
     for AAS on either set). ``aas_os_similarity``: TrainConfig's (Jaccard, the paper's).
     ``mode``: "head" or "partial" (TrainConfig.mode; partial also trains the last
     ``trainable_stages`` backbone stages on ``augment_views`` cached augmented views per
-    image); ``image_size``: the model's square input size in pixels (the features of every
+    image; head stays the default: partial lifted every method's mAP on zebra-rapid but
+    not the share of the gap AAS closes, at 8-15x the time, docs/results/README.md
+    "Partial mode at the Done-when budgets"; ``--mode partial`` takes PARTIAL_SCHEDULE's
+    steps an epoch); ``image_size``: the model's square input size in pixels (the features of every
     method, zero-shot included, are computed at it); ``pair_loss_weight``: TrainConfig's
     contrastive loss on the answers (0: SpCL's loss alone). Both defaults (224 px and
     weight 1; 128 px and 0 before 2026-12-07, see VARIANT_DEFAULTS) are what paid in
