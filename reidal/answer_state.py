@@ -243,10 +243,26 @@ class AnswerStates:
         A restarted process loads the snapshot and catches up from it (:func:`_load`).
         A snapshot is a cache: failing to write one is logged, not raised (the answers
         are committed already)."""
+        return self._snapshot(store, collection_id, SNAPSHOT_EVERY)
+
+    def snapshot_all(self, store: Store) -> int:
+        """Keep a snapshot of every state this process holds that is newer than its last
+        one (of at least :data:`SNAPSHOT_MIN_ANSWERS` answers); how many it wrote. For a
+        clean shutdown (:meth:`reidal.runtime.Runtime.close`, after the server stopped
+        taking calls): the next start then has nothing to catch up."""
+        with self._guard:
+            collection_ids = list(self._states)
+        written = 0
+        for collection_id in collection_ids:
+            with self.writing(collection_id):
+                written += self._snapshot(store, collection_id, 1)
+        return written
+
+    def _snapshot(self, store: Store, collection_id: str, every: int) -> bool:
         with self._guard:
             state = self._states.get(collection_id)
         if (state is None or len(state.constraints) < SNAPSHOT_MIN_ANSWERS
-                or state.max_seq - state.snapshot_seq < SNAPSHOT_EVERY):
+                or state.max_seq - state.snapshot_seq < every):
             return False
         try:
             store.answers.put_snapshot(collection_id, state.version, state.encode())

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from reidal.answer_state import answer_states
 from reidal.blobs import BlobStore
 from reidal.embedding.embedder import Embedder
 from reidal.embedding.images import SERVER_LIMITS, ImageLimits
@@ -333,5 +334,7 @@ class Runtime:
         self.notifier.close()
         if self.operations is not None:
             self.operations.close(wait=True)
+        # a clean stop leaves the answer states as snapshots: the next start catches up nothing
+        answer_states(self.store).snapshot_all(self.store)
         if self.notifications is not None:
             self.notifications.close()

@@ -315,3 +315,25 @@ def test_the_columnar_load_reads_every_current_answer_whatever_the_image_ids(sto
                     for c in current_contradictions(restarted, cid)] != []
         finally:
             restarted.close()
+
+
+def test_a_clean_stop_leaves_every_state_as_a_snapshot_and_keeps_the_newest(store,
+                                                                           store_target,
+                                                                           monkeypatch):
+    """snapshot_all (Runtime.close) writes every held state newer than its snapshot, not
+    waiting for SNAPSHOT_EVERY; a process holding an older state does not replace a newer
+    snapshot another one wrote."""
+    monkeypatch.setattr(answer_state, "SNAPSHOT_MIN_ANSWERS", 2)
+    cid = new_collection(store)
+    other = Store.open(store_target)  # a process that will hold an older state
+    try:
+        submit(other, cid, as_submissions([(0, 1, "SAME"), (1, 1, "SAME")]))
+        last = submit(store, cid, as_submissions([(3, 1, "DIFFERENT")]))
+        assert store.answers.snapshot(cid) is None  # not due
+        assert answer_states(store).snapshot_all(store) == 1
+        assert answer_states(store).snapshot_all(store) == 0  # nothing newer since
+        assert store.answers.snapshot(cid)[0].max_seq == last.seqs[0]
+        assert answer_states(other).snapshot_all(other) == 1  # its state is older ...
+        assert store.answers.snapshot(cid)[0].max_seq == last.seqs[0]  # ... and not kept
+    finally:
+        other.close()

@@ -318,16 +318,20 @@ class Answers:
     def put_snapshot(self, collection_id: str, version: AnswerLogVersion,
                             data: bytes) -> None:
         """Keep ``data`` (an encoded answer state, reidal.answer_state) as the snapshot of
-        the collection's answers at ``version``, replacing the one before. A cache: the
-        answers themselves are the truth; a snapshot of a re-created collection or an
-        unlogged epoch step is never used. Its own transaction, not the collection's."""
+        the collection's answers at ``version``, replacing the one before unless that one
+        is newer (another process's). A cache: the answers themselves are the truth; a
+        snapshot of a re-created collection or an unlogged epoch step is never used. Its
+        own transaction, not the collection's."""
         with self._db.tx() as db:
             db.execute(
                 "INSERT INTO answer_snapshots (collection_id, created_at, epoch, max_seq, data,"
                 " written_at) SELECT id, ?, ?, ?, ?, ? FROM collections WHERE id = ?"
                 " ON CONFLICT (collection_id) DO UPDATE SET created_at = excluded.created_at,"
                 " epoch = excluded.epoch, max_seq = excluded.max_seq, data = excluded.data,"
-                " written_at = excluded.written_at",
+                " written_at = excluded.written_at"
+                " WHERE answer_snapshots.created_at != excluded.created_at"
+                " OR (answer_snapshots.max_seq, answer_snapshots.epoch)"
+                " <= (excluded.max_seq, excluded.epoch)",
                 (version.created_at, version.epoch, version.max_seq, data, timestamp(),
                  collection_id))
 
