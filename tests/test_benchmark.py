@@ -314,11 +314,13 @@ def test_bench_schedule_keeps_stored_run_keys_at_defaults():
     assert c.question_rounds == 3 and c.aas_os_similarity == "cosine"
 
 
-def test_partial_mode_inputs_are_cached_once_and_match_a_direct_cache():
+def test_partial_mode_inputs_are_cached_once_and_match_a_direct_cache(monkeypatch):
     """The benchmark caches partial mode's lower-stage maps once per dataset: the pool's
-    rows (clean + views) and every image's clean map, numbered as in the whole set."""
+    rows (clean + views) and every image's clean map, numbered as in the whole set; in
+    chunks (here of 2 images, to have several) that change nothing."""
     import torch
 
+    from reidal.benchmark import datasets, methods
     from reidal.benchmark.budget import parse_budget_spec
     from reidal.benchmark.datasets import BenchDataset
     from reidal.benchmark.methods import RunContext, _training_inputs
@@ -335,6 +337,8 @@ def test_partial_mode_inputs_are_cached_once_and_match_a_direct_cache():
     schedule = BenchSchedule(mode="partial", augment_views=1)
     ctx = RunContext(model, schedule, parse_budget_spec("2x1"), 0.0, progress=lambda _: None)
     config = schedule.train_config(1, ctx.budget, 0, "none")
+    monkeypatch.setattr(datasets, "FEATURE_CHUNK", 1)
+    monkeypatch.setattr(methods, "LOWER_CACHE_BATCH", 4)
     pool, every = _training_inputs(data, ctx, config)
     assert _training_inputs(data, ctx, config)[0] is pool  # cached on the dataset
     assert len(pool) == data.pool.size and len(every) == len(images) and every.views is None
@@ -373,6 +377,8 @@ def test_partial_mode_maps_are_kept_on_disk_between_invocations(tmp_path):
 
     (pool, every), lines = load(1)
     assert any("stored in" in x for x in lines) and len(list(tmp_path.glob("lower-*.pt"))) == 1
+    total = split.train_idx.size * 2 + len(images) - split.train_idx.size
+    assert any(f"inputs: {total}/{total} maps" in x for x in lines)  # progress while caching
     (pool2, every2), lines = load(1)
     assert [x for x in lines if "caching" in x] == [] and "read from" in lines[-1]
     assert torch.equal(pool.clean, pool2.clean) and torch.equal(pool.views, pool2.views)

@@ -353,27 +353,54 @@ def _lower_maps(data: BenchDataset, ctx: RunContext, config: Any, first: int
     clean map (the pool's included, for evaluation)."""
     import torch
 
-    from reidal.training.partial import cache_lower_features
-
     t = time.perf_counter()
-    ctx.progress(f"    caching the input of backbone block {first} (once per dataset): "
-                 f"{data.pool.size} pool images x {1 + config.augment_views} views, "
-                 f"{len(data.images) - data.pool.size} others x 1")
-    pool = cache_lower_features(ctx.model, [data.images[i] for i in data.pool], first,
-                                views=config.augment_views, seed=VIEW_SEED,
-                                crop_scale=config.crop_scale, jitter=config.color_jitter,
-                                indices=data.pool)
+    views = config.augment_views
     rest = np.setdiff1d(np.arange(len(data.images)), data.pool)
+    total = data.pool.size * (1 + views) + rest.size
+    ctx.progress(f"    caching the input of backbone block {first} (once per dataset): "
+                 f"{data.pool.size} pool images x {1 + views} views, {rest.size} others x 1")
+    done = [0]
+    pool = _lower_in_chunks(data, ctx, config, first, data.pool, views, done, total, t)
     clean = torch.empty((len(data.images), *pool.clean.shape[1:]))
     clean[torch.from_numpy(data.pool)] = pool.clean
     if rest.size:
-        clean[torch.from_numpy(rest)] = cache_lower_features(
-            ctx.model, [data.images[i] for i in rest], first, indices=rest).clean
+        clean[torch.from_numpy(rest)] = _lower_in_chunks(data, ctx, config, first, rest, 0,
+                                                         done, total, t).clean
     ctx.progress(f"    cached in {time.perf_counter() - t:.0f} s")
     out = {"pool_clean": pool.clean, "clean": clean}
     if pool.views is not None:
         out["pool_views"] = pool.views
     return out
+
+
+#: Images a forward pass of the lower-stage cache holds, views included
+#: (cache_lower_features' ``batch``).
+LOWER_CACHE_BATCH = 32
+
+
+def _lower_in_chunks(data: BenchDataset, ctx: RunContext, config: Any, first: int,
+                     idx: np.ndarray, views: int, done: list[int], total: int, t0: float
+                     ) -> Any:
+    """cache_lower_features over ``idx`` in chunks of about FEATURE_CHUNK images, a progress
+    line each (thousands of images take tens of minutes on a busy CPU). Each chunk is a whole
+    number of the forward batches one call would make, and the views are seeded by the
+    images' numbers, so the maps are those of one call."""
+    from reidal.benchmark.datasets import FEATURE_CHUNK
+    from reidal.training.partial import LowerFeatures, cache_lower_features
+
+    step = max(1, LOWER_CACHE_BATCH // (1 + views))
+    chunk = step * max(1, FEATURE_CHUNK // step)
+    parts = []
+    for s in range(0, idx.size, chunk):
+        sub = idx[s:s + chunk]
+        parts.append(cache_lower_features(
+            ctx.model, [data.images[i] for i in sub], first, views=views, seed=VIEW_SEED,
+            crop_scale=config.crop_scale, jitter=config.color_jitter, indices=sub,
+            batch=LOWER_CACHE_BATCH))
+        done[0] += sub.size * (1 + views)
+        rate = done[0] / max(time.perf_counter() - t0, 1e-9)
+        ctx.progress(f"    block {first} inputs: {done[0]}/{total} maps ({rate:.1f}/s)")
+    return LowerFeatures.concat(parts)
 
 
 def _initial_pool_vectors(model: Any, data: BenchDataset) -> np.ndarray:
