@@ -2,11 +2,14 @@
 
     .venv/bin/python bench/probe_answer_state_load.py [--answers 1000000]
 
-The first write to a collection in a process builds its answer state
-(:meth:`reidal.answer_state.AnswerState.load`) inside the write transaction. This fills a
+The first write to a collection in a process builds its answer state, before the write
+transaction (:meth:`reidal.answer_state.AnswerStates.prepare`): from a snapshot kept in the
+store when there is one, else from every answer (:meth:`AnswerState.load`). This fills a
 SQLite store the way bench_server.py does (one collection of 20,000 images, ``--answers``
 agreeing answers by one INSERT), opens it again as a fresh process would, and times each
-part of the load one after the other, then the whole load once more. With ``--server``
+part one after the other: the old load's fetch (one row object an answer) beside the
+columnar fetch, the constraint algebra, the whole load, then writing a snapshot, reading
+it back and building the state from it. With ``--server``
 it then starts ``reidal serve`` on that store and sends the first SubmitConstraints of the
 big collection while another client keeps submitting one answer a call to a second,
 empty collection: the first call's time, and the other client's calls during it (how
@@ -52,35 +55,34 @@ def main(argv: list[str] | None = None) -> int:
         parts: dict[str, float] = {}
         t = time.perf_counter()
         version = store.answers.log_version("a")
-        excluded = frozenset(store.images.excluded("a"))
+        store.images.excluded("a")
         parts["version + excluded images"] = time.perf_counter() - t
         t = time.perf_counter()
-        store.db.query(  # the bare SQL of answers.rows, to split its cost
-            "SELECT seq, image_a, image_b, label FROM answers WHERE collection_id = ?"
-            " AND superseded_by IS NULL AND deleted_at IS NULL ORDER BY seq", ("a",))
-        parts["SQL fetch of the current answers"] = time.perf_counter() - t
+        store.answers.rows("a")
+        parts["answers.rows: one AnswerRow each (the old load's fetch)"] = time.perf_counter() - t
         t = time.perf_counter()
-        rows = store.answers.rows("a")
-        parts["answers.rows (SQL + one AnswerRow each)"] = time.perf_counter() - t
+        cols = store.answers.constraint_columns("a", version.max_seq)
+        parts["answers.constraint_columns (the columnar fetch)"] = time.perf_counter() - t
         t = time.perf_counter()
-        kept = [r for r in rows if r.label != "UNSURE"
-                and r.image_a not in excluded and r.image_b not in excluded]
-        seq, a_ids, b_ids, labels = (list(c) for c in zip(*kept, strict=True))
-        items: dict[str, int] = {}
-        a = np.array([items.setdefault(x, len(items)) for x in a_ids], dtype=np.int64)
-        b = np.array([items.setdefault(x, len(items)) for x in b_ids], dtype=np.int64)
-        parts["filter + item index (a dict step per end)"] = time.perf_counter() - t
-        t = time.perf_counter()
-        cs = ConstraintSet.from_arrays(len(items), a, b,
-                                       np.array(labels, dtype=object) == "SAME",
-                                       np.array(seq, dtype=np.int64))
-        parts["ConstraintSet.from_arrays"] = time.perf_counter() - t
-        t = time.perf_counter()
+        cs = ConstraintSet.from_arrays(len(cols.image_ids), cols.a, cols.b, cols.same, cols.seqs)
         cs.warm()
-        parts["ConstraintSet.warm"] = time.perf_counter() - t
+        parts["ConstraintSet.from_arrays + warm"] = time.perf_counter() - t
         t = time.perf_counter()
-        AnswerState.load(store, "a", version)
-        parts["AnswerState.load, whole, again"] = time.perf_counter() - t
+        state = AnswerState.load(store, "a", version)
+        parts["AnswerState.load, whole (no snapshot)"] = time.perf_counter() - t
+        t = time.perf_counter()
+        data = state.encode()
+        parts[f"AnswerState.encode ({len(data) / 1e6:.1f} MB)"] = time.perf_counter() - t
+        t = time.perf_counter()
+        store.answers.put_snapshot("a", version, data)
+        parts["answers.put_snapshot"] = time.perf_counter() - t
+        t = time.perf_counter()
+        snapshot = store.answers.snapshot("a")
+        parts["answers.snapshot (read it back)"] = time.perf_counter() - t
+        t = time.perf_counter()
+        assert snapshot is not None
+        AnswerState.decode(*snapshot)
+        parts["AnswerState.decode (the state from the snapshot)"] = time.perf_counter() - t
         for name, seconds in parts.items():
             print(f"{name:44s} {seconds:7.2f} s")
         print(f"load average {os.getloadavg()}")
