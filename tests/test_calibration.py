@@ -12,8 +12,8 @@ import gc
 import numpy as np
 import pytest
 
-from reidal.core.aas import AmbiguityAwareSampler
 from reidal.core import clustering
+from reidal.core.aas import AmbiguityAwareSampler
 from reidal.core.calibration import (
     ClusteringCalibrator,
     answered_pairs,

@@ -259,7 +259,9 @@ def test_add_rejects_a_repeated_id():
         cs.add(Answer(1, 2, False, 4))
 
 
-def test_ten_thousand_answers_on_100k_items_is_fast():
+def test_ten_thousand_answers_on_100k_items():
+    """A history with hundreds of contradictions on a large collection builds and answers
+    implied queries (its time is printed; speed targets live in bench/, not in tests)."""
     rng = np.random.default_rng(0)
     n, m = 100_000, 10_000
     # Half the answers touch only 2000 items with random labels: long ML chains and
@@ -276,7 +278,6 @@ def test_ten_thousand_answers_on_100k_items_is_fast():
     print(f"\nConstraintSet: {len(answers)} answers on {n} items: {elapsed:.3f} s, "
           f"{len(cs.contradictions)} contradictions")
     assert len(cs.contradictions) > 100
-    assert elapsed < 3.0  # target well under 1 s; slack for a shared CI machine
 
 
 @settings(max_examples=100, deadline=None)

@@ -20,9 +20,9 @@ from reidal.benchmark.report import (
     results_csv,
 )
 from reidal.core.aas import AmbiguityAwareSampler
+from reidal.core.baselines import UncertaintySampler
 from reidal.core.clustering import DBSCANJaccard
 from reidal.core.constraints import Answer, ConstraintSet
-from reidal.core.baselines import UncertaintySampler
 from reidal.core.continuation import AASContinuation
 from reidal.core.sampling import Sampler, pair_keys
 from reidal.simulation.oracle import SimulatedOracle
