@@ -13,6 +13,7 @@ not installable here), and the test skips with that reason.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -29,8 +30,21 @@ LOG = REPO / "build" / "image-build.log"
 #: build-image.sh's exit status when podman / debootstrap are missing and not installable.
 EX_UNAVAILABLE = 69
 IMAGE_TESTS = "test_image.py"
+
+
+def _image_name() -> str:
+    """$REIDAL_IMAGE; else, when `make test` builds it, a tag of this checkout's own
+    (several checkouts' `make test` on one machine share podman's storage, and must not
+    run or remove each other's image); else `make image`'s reidal:dev."""
+    if "REIDAL_IMAGE" in os.environ:
+        return os.environ["REIDAL_IMAGE"]
+    if os.environ.get(BUILD_ENV) == "1":
+        return f"localhost/reidal:test-{hashlib.sha256(str(REPO).encode()).hexdigest()[:8]}"
+    return "reidal:dev"
+
+
 #: The image test_image.py runs, and that the session's build tags.
-IMAGE = os.environ.get("REIDAL_IMAGE", "reidal:dev")
+IMAGE = _image_name()
 
 
 @dataclass

@@ -10,7 +10,8 @@ the image as its user, so the image's Python, packages and Triton are what serve
 `podman run` is not used: its OCI runtime cannot start containers on this project's CI
 machines (setrlimit is refused), while mount + chroot needs only root.
 
-The image is $REIDAL_IMAGE (default reidal:dev). `make test` builds it: conftest.py starts
+The image is $REIDAL_IMAGE; by default reidal:dev, or under `make test` a tag of the
+checkout's own (tests/_image_build.py). `make test` builds it: conftest.py starts
 `make image` in the background when collection ends and runs these tests last, after
 waiting for it (tests/_image_build.py; docs/deployment.md, "Building the image"). A failed
 build fails the test. Skipped, with the reason, when not root, when podman / debootstrap
