@@ -69,12 +69,11 @@ $(VENV)/bin/kubectl: | $(STAMP)
 
 deploy-tools: $(VENV)/bin/kubectl
 
-# The image is not built here yet: tests/test_image.py runs an image `make image` built,
-# and skips saying so without one. With REIDAL_IMAGE_BUILD=1 the session runs `make image`
-# in the background, beside the suite, and test_image.py (run last) waits for it (log:
-# build/image-build.log; tests/_image_build.py).
+# REIDAL_IMAGE_BUILD=1: the session runs `make image` in the background, beside the suite,
+# and tests/test_image.py (run last) waits for it and runs the image (log:
+# build/image-build.log; tests/_image_build.py). Skipped where podman cannot be installed.
 test: setup protoc sysdeps node-deps deploy-tools
-	$(PY) -m pytest -q
+	REIDAL_IMAGE_BUILD=1 $(PY) -m pytest -q
 
 # The container image (deploy/docker/Dockerfile) with podman, from a Debian base made with
 # debootstrap (no container registry needed), the local CPU torch wheel when pip finds one;
