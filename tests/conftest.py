@@ -4,10 +4,15 @@ no fake Triton anywhere.
 
 Heavy imports (torch, tritonclient) happen inside the fixtures, so test files that use none
 of them do not pay for them.
+
+``REIDAL_TEST_ORDER=reverse`` runs each module's tests in reverse order (modules in their
+usual order), so a test that only passes after an earlier one created some state (a
+collection, a file, a server setting) fails; see the README's "Testing".
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,16 +23,30 @@ import pytest
 from _image_build import BUILD_KEY, IMAGE, ImageBuild, image_tests_last, wanted
 from _model_support import TEST_INPUT_SIZE
 
+#: Environment variable choosing the test order: unset or "" = as written, "reverse" =
+#: each module's tests backwards.
+ORDER_ENV = "REIDAL_TEST_ORDER"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With $REIDAL_TEST_ORDER=reverse, reverse the tests within each module in place; then
+    test_image.py's tests go last (they wait for the image build started beside the suite)."""
+    order = os.environ.get(ORDER_ENV, "").strip()
+    if order not in ("", "reverse"):
+        raise pytest.UsageError(f"{ORDER_ENV} must be 'reverse' or unset, got {order!r}")
+    if order == "reverse":
+        by_module: dict[str, list[pytest.Item]] = {}
+        for item in items:
+            by_module.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+        items[:] = [item for group in by_module.values() for item in reversed(group)]
+    image_tests_last(items)
+
 if TYPE_CHECKING:
     from PIL import Image
 
     from reidal.embedding.model import EmbeddingNet
     from reidal.embedding.spec import ModelSpec
     from reidal.embedding.triton_server import TritonServer
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    image_tests_last(items)
-
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start `make image` now when `make test` asked for it (REIDAL_IMAGE_BUILD=1), so it
