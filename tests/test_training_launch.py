@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from reidal.benchmark.train import main as questions_main
+from reidal.embedding.spec import DEFAULT_INPUT_SIZE
 from reidal.training.launch import main
 
 SMALL = ["--k1", "5", "--k2", "2", "--min-samples", "2", "--num-identities", "4",
@@ -140,7 +141,7 @@ def test_collection_run_trains_on_stored_answers_and_records_the_version(tmp_pat
                  "--out", str(out), *SMALL]) == 0, capsys.readouterr()
     assert (repo / "m" / "2" / "model.onnx").is_file() and repository_format(repo, "m") == "onnx"
     trained = load_model(repo / "m" / "2")  # a later job can start from it
-    assert trained.arch["input_size"] == [128, 128]
+    assert trained.arch["input_size"] == list(DEFAULT_INPUT_SIZE)  # the repository's model's
     store = Store(data)
     try:
         jobs = store.jobs.all("z")
