@@ -37,7 +37,7 @@ DEFAULT_MODEL_NAME = "reidal_embedder"
 #: Input size (height, width) of the default model written into a *new* model repository.
 #: 224 px since 2026-12-08 (128 px before): on zebra-rapid the frozen backbone's zero-shot
 #: mAP is 63.9 % at 224 px against 58.8 % at 128 px (docs/results/README.md, "Issue 13 at
-#: 224 px", 4 seeds), for about 3.5x the embedding time on CPU (docs/benchmarks.md). A
+#: 224 px", 4 seeds), for 2.5-5.5x the forward pass's time on CPU (docs/benchmarks.md). A
 #: repository that already holds the default model keeps it at the size it was written with
 #: (Triton refuses a version of another input shape under one model name): moving a
 #: collection to 224 px is a new model name, see docs/deployment.md, "Upgrading the
